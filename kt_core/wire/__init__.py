@@ -1,0 +1,1 @@
+"""Generated protobuf/gRPC stubs (from proto/ktfed/v1 by `make proto`) and the helpers around them."""

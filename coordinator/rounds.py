@@ -1,0 +1,356 @@
+"""The round state machine: select, push task, collect, aggregate, persist, next.
+
+Plain threads and a condition variable; no gRPC objects. The servicers call `connect`,
+`disconnect`, `check_upload`, `submit` and `state_for`; the engine's own thread drives rounds.
+Refusals are raised as `Refusal(code, message)` and turned into gRPC statuses by the servicer.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Mapping
+
+import grpc
+import numpy as np
+
+from coordinator.store import Store, UploadRecord
+from coordinator.strategy import Strategy
+from kt_core import codec
+from kt_core.config import RunConfig
+from kt_core.wire import convert
+from kt_core.wire import federation_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+MAX_METRICS = 32
+
+
+class Refusal(Exception):
+    """A request the coordinator will not act on; `code` becomes the gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class Session:
+    """One participant's open task stream. `None` on the queue ends the stream."""
+
+    participant_id: str
+    queue: "queue.Queue[pb.Task | None]" = field(default_factory=queue.Queue)
+    open: bool = True
+
+
+@dataclass
+class Attempt:
+    """One try at a round. An aborted round is retried as a new attempt with a new task id."""
+
+    round: int
+    task_id: bytes
+    selected: frozenset[str]
+    deadline: float            # time.monotonic()
+    deadline_unix_ms: int
+    started: float
+    uploads: dict[str, UploadRecord] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    dropped: set[str] = field(default_factory=set)
+    closed: bool = False
+
+    def awaiting(self) -> set[str]:
+        return set(self.selected) - set(self.uploads) - self.dropped
+
+
+@dataclass
+class ParticipantInfo:
+    connected: bool = False
+    rounds_contributed: int = 0
+    bytes_uploaded: int = 0
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+
+class RoundEngine:
+    def __init__(self, store: Store, run_id: str, config: RunConfig, shared_specs: Mapping[str, tuple[str, tuple[int, ...]]],
+                 strategy: Strategy, *, on_round: Callable[[int], None] | None = None):
+        self.store = store
+        self.run_id = run_id
+        self.config = config
+        self.fed = config.federation
+        self.shared_specs = dict(shared_specs)   # name -> (dtype, shape), the SHARED part of the manifest
+        self.strategy = strategy
+        self.on_round = on_round
+        self.rounds_completed, state, self.global_digest = store.last_round(run_id)
+        self._set_global(state, self.global_digest)
+        self.state = "running"
+        self.sessions: dict[str, Session] = {}
+        self.participants: dict[str, ParticipantInfo] = {s: ParticipantInfo() for s in self.fed.sites}
+        for upload in store.uploads(run_id):
+            info = self.participants.setdefault(upload["participant_id"], ParticipantInfo())
+            info.rounds_contributed += 1
+            info.bytes_uploaded += upload["bytes"]
+        self.attempt: Attempt | None = None
+        self._cond = threading.Condition()
+        self._stop = threading.Event()
+
+    # -- the global state ----------------------------------------------------------------------
+    def _set_global(self, state: Mapping[str, np.ndarray], digest: str) -> None:
+        self.global_state = dict(state)
+        self.global_digest = digest
+        # Encoded once per round: every download of this state streams the same bytes.
+        self._encoded = codec.encode(self.global_state)
+
+    def state_for(self, digest: str) -> list[tuple[codec.TensorSpec, bytes]]:
+        with self._cond:
+            if digest != self.global_digest:
+                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"state {digest[:16]}… is not the current global state {self.global_digest[:16]}…")
+            return self._encoded
+
+    # -- sessions ------------------------------------------------------------------------------
+    def connect(self, participant_id: str) -> Session:
+        with self._cond:
+            if self.state != "running":
+                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, f"run {self.run_id} is {self.state}")
+            old = self.sessions.get(participant_id)
+            if old is not None:  # a reconnect replaces the stale stream
+                old.open = False
+                old.queue.put(None)
+            session = Session(participant_id)
+            self.sessions[participant_id] = session
+            self.participants.setdefault(participant_id, ParticipantInfo()).connected = True
+            attempt = self.attempt
+            if attempt and not attempt.closed and participant_id in attempt.selected \
+                    and participant_id not in attempt.uploads:
+                attempt.dropped.discard(participant_id)  # back in time: it may still contribute
+                session.queue.put(self._task(attempt))
+            self._cond.notify_all()
+            log.info("participant %s connected (%d connected)", participant_id, len(self.sessions))
+            return session
+
+    def disconnect(self, session: Session) -> None:
+        with self._cond:
+            session.open = False
+            if self.sessions.get(session.participant_id) is not session:
+                return  # already replaced by a newer stream
+            del self.sessions[session.participant_id]
+            self.participants[session.participant_id].connected = False
+            attempt = self.attempt
+            if attempt and not attempt.closed and session.participant_id in attempt.awaiting():
+                attempt.dropped.add(session.participant_id)
+                log.warning("participant %s dropped out of round %d", session.participant_id, attempt.round)
+            self._cond.notify_all()
+            log.info("participant %s disconnected (%d connected)", session.participant_id, len(self.sessions))
+
+    # -- uploads -------------------------------------------------------------------------------
+    def check_upload(self, participant_id: str, header: pb.UploadHeader) -> Attempt:
+        """Everything that can be refused before a byte of tensor data is accepted."""
+        with self._cond:
+            attempt = self.attempt
+            if attempt is None or attempt.closed:
+                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, "no round is collecting updates")
+            round_no = header.header.round
+            if round_no < attempt.round:
+                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"stale round {round_no}: round {attempt.round} is in progress")
+            if round_no > attempt.round:
+                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"round {round_no} has not started: round {attempt.round} is in progress")
+            if participant_id not in attempt.selected:
+                raise Refusal(grpc.StatusCode.PERMISSION_DENIED,
+                              f"{participant_id} was not selected for round {attempt.round}")
+            if header.task_id != attempt.task_id:
+                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"task id does not belong to the current attempt of round {attempt.round} "
+                              f"(a replayed or superseded upload)")
+            if participant_id in attempt.uploads:
+                raise Refusal(grpc.StatusCode.ALREADY_EXISTS,
+                              f"{participant_id} already uploaded its update for round {attempt.round} (replay)")
+            if time.monotonic() > attempt.deadline:
+                raise Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, f"round {attempt.round} is past its deadline")
+        if header.base_state_digest != self.global_digest:
+            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                          "update computed from a global state other than the current one")
+        if header.num_samples <= 0:
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "num_samples must be positive")
+        self._check_metrics(header.metrics)
+        self._check_specs([convert.spec_from_pb(s) for s in header.tensors])
+        return attempt
+
+    def _check_specs(self, specs: list[codec.TensorSpec]) -> None:
+        names = [s.name for s in specs]
+        for spec in specs:
+            if spec.name not in self.shared_specs:
+                raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"tensor {spec.name!r} is not declared shared in the factor manifest")
+            dtype, shape = self.shared_specs[spec.name]
+            if spec.dtype != dtype:
+                raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"tensor {spec.name!r}: dtype {spec.dtype} but the manifest declares {dtype}")
+            if tuple(spec.shape) != tuple(shape):
+                raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                              f"tensor {spec.name!r}: shape {list(spec.shape)} but the manifest declares {list(shape)}")
+        if len(set(names)) != len(names):
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "a tensor is declared twice")
+        missing = sorted(set(self.shared_specs) - set(names))
+        if missing:
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"update lacks shared tensor {missing[0]!r}")
+
+    @staticmethod
+    def _check_metrics(metrics: Mapping[str, float]) -> None:
+        if len(metrics) > MAX_METRICS:
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"more than {MAX_METRICS} metrics")
+        for key, value in metrics.items():
+            if not key or len(key) > 64 or not math.isfinite(value):
+                raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"metric {key[:64]!r} is invalid or not finite")
+
+    def submit(self, attempt: Attempt, record: UploadRecord, update: Mapping[str, np.ndarray],
+               metrics: Mapping[str, float]) -> None:
+        """Fold a fully received and validated update into the round's aggregate."""
+        with self._cond:
+            if attempt is not self.attempt or attempt.closed:
+                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"round {attempt.round} closed while the update was in flight")
+            if record.participant_id in attempt.uploads:
+                raise Refusal(grpc.StatusCode.ALREADY_EXISTS,
+                              f"{record.participant_id} already uploaded for round {attempt.round} (replay)")
+            self.strategy.add(update, record.num_samples)
+            attempt.uploads[record.participant_id] = record
+            attempt.dropped.discard(record.participant_id)
+            for key, value in metrics.items():
+                attempt.metrics[f"{record.participant_id}/{key}"] = float(value)
+            self._cond.notify_all()
+            log.info("round %d: update from %s (%d samples, %d bytes)", attempt.round,
+                     record.participant_id, record.num_samples, record.bytes)
+
+    # -- the engine's own loop ------------------------------------------------------------------
+    def stop(self, reason: str = "stopped") -> None:
+        with self._cond:
+            if self.state == "running":
+                self.state = reason
+            self._stop.set()
+            self._cond.notify_all()
+
+    def run(self) -> None:
+        """Drive rounds until the run's round count is reached or `stop()` is called."""
+        while not self._stop.is_set() and self.rounds_completed < self.fed.rounds:
+            attempt = self._start_attempt()
+            if attempt is None:
+                break
+            self._collect(attempt)
+            if self._stop.is_set():
+                break
+            if len(attempt.uploads) >= self.fed.min_participants:
+                self._complete(attempt)
+            else:
+                self._abort(attempt, f"only {len(attempt.uploads)} update(s), "
+                                     f"{self.fed.min_participants} required")
+        with self._cond:
+            if self.rounds_completed >= self.fed.rounds:
+                self.state = "finished"
+                self.store.set_run_state(self.run_id, "finished")
+                log.info("run %s finished after %d rounds", self.run_id, self.rounds_completed)
+            if self.state in ("finished", "stopped"):
+                self._broadcast_finished(self.state)
+            else:  # shutting down: end the streams without a verdict, so participants reconnect
+                for session in self.sessions.values():
+                    session.queue.put(None)
+
+    def _start_attempt(self) -> Attempt | None:
+        with self._cond:
+            while len(self.sessions) < self.fed.min_participants and not self._stop.is_set():
+                self._cond.wait(timeout=0.5)
+            if self._stop.is_set():
+                return None
+            selected = frozenset(sorted(self.sessions)[: self.fed.max_participants])
+            now = time.monotonic()
+            attempt = Attempt(round=self.rounds_completed + 1, task_id=os.urandom(16), selected=selected,
+                              deadline=now + self.fed.round_timeout_s,
+                              deadline_unix_ms=int((time.time() + self.fed.round_timeout_s) * 1000), started=now)
+            self.strategy.begin(self.global_state)
+            self.attempt = attempt
+            task = self._task(attempt)
+            for pid in selected:
+                self.sessions[pid].queue.put(task)
+            log.info("round %d started with %s", attempt.round, ", ".join(sorted(selected)))
+            return attempt
+
+    def _task(self, attempt: Attempt) -> pb.Task:
+        train = self.config.train
+        return pb.Task(round=pb.RoundTask(
+            header=convert.header(self.run_id, attempt.round),
+            task_id=attempt.task_id, global_state_digest=self.global_digest,
+            train=pb.TrainSettings(local_epochs=train.epochs, batch_size=train.batch_size,
+                                   learning_rate=train.lr, max_steps=train.max_steps or 0,
+                                   seed=self.fed.seed * 100_003 + attempt.round),
+            deadline_unix_ms=attempt.deadline_unix_ms))
+
+    def _collect(self, attempt: Attempt) -> None:
+        with self._cond:
+            while attempt.awaiting() and not self._stop.is_set():
+                left = attempt.deadline - time.monotonic()
+                if left <= 0:
+                    late = sorted(attempt.awaiting())
+                    log.warning("round %d deadline: leaving out %s", attempt.round, ", ".join(late))
+                    attempt.dropped.update(late)
+                    break
+                self._cond.wait(timeout=min(left, 0.5))
+            attempt.closed = True
+
+    def _complete(self, attempt: Attempt) -> None:
+        new_state = self.strategy.finish()
+        seconds = time.monotonic() - attempt.started
+        digest = self.store.complete_round(self.run_id, attempt.round, new_state, attempt.uploads.values(),
+                                           attempt.dropped, seconds, attempt.metrics)
+        with self._cond:
+            self._set_global(new_state, digest)
+            self.rounds_completed = attempt.round
+            for pid, record in attempt.uploads.items():
+                info = self.participants.setdefault(pid, ParticipantInfo())
+                info.rounds_contributed += 1
+                info.bytes_uploaded += record.bytes
+                info.last_metrics = {k.split("/", 1)[1]: v for k, v in attempt.metrics.items()
+                                     if k.startswith(pid + "/")}
+            self.attempt = None
+        log.info("round %d completed in %.3fs: %d update(s), dropped %s", attempt.round, seconds,
+                 len(attempt.uploads), sorted(attempt.dropped) or "none")
+        if self.on_round:
+            self.on_round(attempt.round)
+
+    def _abort(self, attempt: Attempt, reason: str) -> None:
+        self.store.record_abort(self.run_id, attempt.round, attempt.task_id.hex(), reason)
+        log.warning("round %d aborted: %s; it will be retried", attempt.round, reason)
+        with self._cond:
+            self.attempt = None
+
+    def _broadcast_finished(self, reason: str) -> None:
+        finished = pb.Task(finished=pb.RunFinished(header=convert.header(self.run_id, self.rounds_completed),
+                                                   reason=reason))
+        for session in self.sessions.values():
+            session.queue.put(finished)
+
+    # -- status ---------------------------------------------------------------------------------
+    def status(self) -> pb.RunStatus:
+        with self._cond:
+            attempt = self.attempt
+            status = pb.RunStatus(
+                header=convert.header(self.run_id, self.rounds_completed), state=self.state,
+                rounds_completed=self.rounds_completed, rounds_total=self.fed.rounds,
+                round_in_progress=attempt.round if attempt and not attempt.closed else 0,
+                global_state_digest=self.global_digest,
+                aborted_attempts=self.store.aborted_count(self.run_id))
+            for pid in sorted(self.participants):
+                info = self.participants[pid]
+                status.participants.add(participant_id=pid, connected=pid in self.sessions,
+                                        rounds_contributed=info.rounds_contributed,
+                                        bytes_uploaded=info.bytes_uploaded, last_metrics=info.last_metrics)
+        for rec in self.store.rounds(self.run_id):
+            status.rounds.add(round=rec.round, contributors=rec.contributors, dropped=rec.dropped,
+                              bytes_received=rec.bytes_received, seconds=rec.seconds,
+                              global_state_digest=rec.state_digest, metrics=rec.metrics,
+                              bytes_by_participant=rec.bytes_by_participant)
+        return status

@@ -1,0 +1,95 @@
+"""Bootstrap of the coordinator process: store, core, servicers, mTLS server, health, signals."""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from coordinator.auth import Authenticator
+from coordinator.coordinator import Coordinator
+from coordinator.service import OperatorServicer, ParticipantServicer, generic_handler
+from coordinator.store import Store
+from kt_core.config import RunConfig
+from kt_core.wire import transport
+from security.pki import RevocationWatcher
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    listen: str
+    state_dir: Path
+    tls: transport.TLSFiles | None      # None only with insecure
+    crl: Path | None = None
+    insecure: bool = False
+    max_workers: int = 64               # each connected participant holds one task stream
+
+
+class CoordinatorServer:
+    def __init__(self, settings: ServerSettings):
+        self.settings = settings
+        self.store = Store(settings.state_dir)
+        self.coordinator = Coordinator(self.store)
+        revocations = None
+        if settings.crl is not None and not settings.insecure:
+            revocations = RevocationWatcher(settings.crl, settings.tls.ca_cert)
+        self.auth = Authenticator(revocations, insecure=settings.insecure)
+        self.health = health.HealthServicer()
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_workers,
+                                                             thread_name_prefix="grpc"),
+                                  options=transport.SERVER_OPTIONS)
+        record = self.store.record_refusal
+        self.server.add_generic_rpc_handlers((
+            generic_handler("ParticipantService", ParticipantServicer(self.coordinator, self.auth), record),
+            generic_handler("OperatorService", OperatorServicer(self.coordinator, self.auth), record),
+        ))
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        if settings.insecure:
+            log.warning("listening WITHOUT TLS on %s (--insecure): for local debugging only", settings.listen)
+            self.port = self.server.add_insecure_port(settings.listen)
+        else:
+            self.port = self.server.add_secure_port(settings.listen, transport.server_credentials(settings.tls))
+        if self.port == 0:
+            raise OSError(f"cannot listen on {settings.listen}")
+        self._stopped = threading.Event()
+
+    def _set_health(self, status) -> None:
+        for service in ("", "ktfed.v1.ParticipantService", "ktfed.v1.OperatorService"):
+            self.health.set(service, status)
+
+    def start(self, config: RunConfig | None = None) -> None:
+        """Listen, resume an unfinished run (or start `config`'s), then report SERVING."""
+        self.server.start()
+        log.info("coordinator listening on %s (mTLS %s)", self.settings.listen,
+                 "off" if self.settings.insecure else "on")
+        if not self.coordinator.resume() and config is not None:
+            self.coordinator.start_run(config)
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.coordinator.stop("shutdown")
+        self.server.stop(grace).wait()
+        self.store.close()
+        log.info("coordinator stopped")
+
+    def wait(self) -> None:
+        """Block until SIGTERM or SIGINT, then shut down cleanly (the run resumes at the next start)."""
+        signalled = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, _frame: signalled.set())
+        while not signalled.wait(0.5):
+            pass
+        log.info("signal received: shutting down")
+        self.stop()

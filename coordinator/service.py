@@ -1,0 +1,245 @@
+"""gRPC servicers: parse, check, hand off. The logic lives in Coordinator and RoundEngine.
+
+Requests arrive as raw bytes and are parsed here, so a message that is not valid protobuf gets a
+precise INVALID_ARGUMENT (gRPC's own deserializer would answer a vague INTERNAL). Every refusal
+is logged and recorded in the store before the status goes back.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import queue
+from typing import Callable, Iterator
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from coordinator.auth import Authenticator
+from coordinator.coordinator import Coordinator
+from coordinator.rounds import Refusal
+from coordinator.store import UploadRecord
+from kt_core import codec
+from kt_core.config import ConfigError, load_toml
+from kt_core.wire import convert
+from kt_core.wire import federation_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 5.0
+
+
+def _check_version(header: pb.Header) -> None:
+    if header.protocol_version != convert.PROTOCOL_VERSION:
+        raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                      f"protocol version {header.protocol_version} is not supported "
+                      f"(this coordinator speaks {convert.PROTOCOL_VERSION})")
+
+
+class ParticipantServicer:
+    def __init__(self, coordinator: Coordinator, auth: Authenticator):
+        self.coordinator = coordinator
+        self.auth = auth
+
+    def _caller(self, context, header: pb.Header) -> str:
+        caller = self.auth.caller(context, "participant", header.participant_id)
+        _check_version(header)
+        return caller.name
+
+    def Join(self, request: pb.JoinRequest, context) -> pb.JoinReply:
+        pid = self._caller(context, request.header)
+        engine = self.coordinator.current()
+        if request.header.run_id and request.header.run_id != engine.run_id:
+            raise Refusal(grpc.StatusCode.NOT_FOUND, f"unknown run id {request.header.run_id!r}")
+        if pid not in engine.fed.sites:
+            raise Refusal(grpc.StatusCode.PERMISSION_DENIED, f"{pid} is not a site of run {engine.run_id}")
+        if engine.state != "running":
+            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, f"run {engine.run_id} is {engine.state}")
+        manifest = self.coordinator.manifest
+        reply = pb.JoinReply(header=convert.header(engine.run_id, engine.rounds_completed, pid),
+                             run_config_json=engine.config.to_json(), manifest_digest=manifest.digest(),
+                             max_chunk_bytes=engine.fed.max_chunk_bytes)
+        for e in manifest.entries:
+            reply.manifest.add(name=e.name, role=convert.ROLE_TO_PB[e.role.value], dtype=e.dtype, shape=e.shape)
+        log.info("%s joined run %s (%s, %d cpus)", pid, engine.run_id,
+                 request.capabilities.software_version or "?", request.capabilities.cpu_count)
+        return reply
+
+    def Tasks(self, request: pb.TaskStreamRequest, context) -> Iterator[pb.Task]:
+        pid = self._caller(context, request.header)
+        engine = self.coordinator.engine_for(request.header.run_id)
+        session = engine.connect(pid)
+        context.add_callback(lambda: engine.disconnect(session))
+        while context.is_active():
+            try:
+                task = session.queue.get(timeout=HEARTBEAT_S)
+            except queue.Empty:
+                yield pb.Task(heartbeat=pb.Heartbeat(unix_ms=0))
+                continue
+            if task is None:
+                return
+            yield task
+            if task.HasField("finished"):
+                return
+
+    def DownloadState(self, request: pb.StateRequest, context) -> Iterator[pb.StateChunk]:
+        pid = self._caller(context, request.header)
+        engine = self.coordinator.engine_for(request.header.run_id)
+        encoded = engine.state_for(request.global_state_digest)
+        yield pb.StateChunk(header=pb.StateHeader(
+            header=convert.header(engine.run_id, engine.rounds_completed, pid),
+            global_state_digest=request.global_state_digest,
+            tensors=[convert.spec_to_pb(spec) for spec, _ in encoded]))
+        for chunk in convert.tensor_chunks(encoded, engine.fed.max_chunk_bytes):
+            yield pb.StateChunk(chunk=chunk)
+
+    def Upload(self, request_iterator: Iterator[pb.UploadChunk], context) -> pb.UploadReceipt:
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "an upload must start with an UploadHeader")
+        head = first.header
+        pid = self._caller(context, head.header)
+        engine = self.coordinator.engine_for(head.header.run_id)
+        attempt = engine.check_upload(pid, head)
+        fed = engine.fed
+        try:
+            assembler = codec.TensorAssembler([convert.spec_from_pb(s) for s in head.tensors],
+                                              max_chunk_bytes=fed.max_chunk_bytes)
+            for message in request_iterator:
+                if not message.HasField("chunk"):
+                    raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "a second UploadHeader inside one upload")
+                assembler.add(message.chunk.name, message.chunk.offset, message.chunk.data)
+            update = assembler.finish()
+        except codec.WireError as err:
+            raise Refusal(_WIRE_CODES.get(err.reason, grpc.StatusCode.INVALID_ARGUMENT), str(err)) from None
+        specs = tuple(convert.spec_from_pb(s) for s in head.tensors)
+        digest = codec.state_digest(specs)
+        record = UploadRecord(pid, head.task_id.hex(), head.num_samples, specs, assembler.bytes_received, digest)
+        engine.submit(attempt, record, update, dict(head.metrics))
+        return pb.UploadReceipt(header=convert.header(engine.run_id, attempt.round, pid),
+                                bytes_received=assembler.bytes_received, update_digest=digest)
+
+    def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveReply:
+        pid = self._caller(context, request.header)
+        log.info("%s left: %s", pid, request.reason[:200] or "no reason given")
+        return pb.LeaveReply()
+
+
+_WIRE_CODES = {
+    "chunk_too_large": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "size_limit": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "digest_mismatch": grpc.StatusCode.DATA_LOSS,
+}
+
+
+class OperatorServicer:
+    def __init__(self, coordinator: Coordinator, auth: Authenticator):
+        self.coordinator = coordinator
+        self.auth = auth
+
+    def StartRun(self, request: pb.StartRunRequest, context) -> pb.RunStatus:
+        caller = self.auth.caller(context, "operator")
+        _check_version(request.header)
+        try:
+            config = load_toml(request.run_config_toml, "run config")
+        except ConfigError as err:
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
+        run_id = self.coordinator.start_run(config)
+        log.info("operator %s started run %s", caller.name, run_id)
+        return self.coordinator.current().status()
+
+    def GetRunStatus(self, request: pb.RunStatusRequest, context) -> pb.RunStatus:
+        self.auth.caller(context, "operator")
+        _check_version(request.header)
+        if request.header.run_id:
+            return self.coordinator.engine_for(request.header.run_id).status()
+        return self.coordinator.current().status()
+
+    def StopRun(self, request: pb.StopRunRequest, context) -> pb.RunStatus:
+        caller = self.auth.caller(context, "operator")
+        _check_version(request.header)
+        engine = self.coordinator.engine_for(request.header.run_id)
+        log.info("operator %s stops run %s: %s", caller.name, engine.run_id, request.reason[:200])
+        self.coordinator.stop("stopped")
+        return engine.status()
+
+
+# -- handler plumbing ---------------------------------------------------------------------------
+
+def _peer_name(context) -> str:
+    try:
+        names = context.auth_context().get("x509_common_name")
+    except Exception:  # noqa: BLE001 - a broken context must not hide the original refusal
+        names = None
+    return names[0].decode(errors="replace") if names else context.peer()
+
+
+def _refusing(method: str, record: Callable[[str, str, str, str], None], fn):
+    """Turn a Refusal into a logged, recorded gRPC status; works for unary and streaming responses."""
+
+    def refuse(err: Refusal, context):
+        peer = _peer_name(context)
+        log.warning("refused %s from %s: %s %s", method, peer, err.code.name, err)
+        record(peer, method, err.code.name, str(err))
+        context.abort(err.code, str(err))
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def stream(request, context):
+            try:
+                yield from fn(request, context)
+            except Refusal as err:
+                refuse(err, context)
+        return stream
+
+    @functools.wraps(fn)
+    def unary(request, context):
+        try:
+            return fn(request, context)
+        except Refusal as err:
+            refuse(err, context)
+    return unary
+
+
+def _parser(method: str, cls):
+    def parse(raw: bytes):
+        message = cls()
+        try:
+            message.ParseFromString(raw)
+        except DecodeError as err:
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{method}: request is not a valid {cls.DESCRIPTOR.full_name}: {err}") from None
+        return message
+    return parse
+
+
+def generic_handler(service_name: str, servicer, record) -> grpc.GenericRpcHandler:
+    service = pb.DESCRIPTOR.services_by_name[service_name]
+    handlers = {}
+    for method in service.methods:
+        request_cls = _message_class(method.input_type)
+        response_cls = _message_class(method.output_type)
+        parse = _parser(method.name, request_cls)
+        fn = getattr(servicer, method.name)
+        if method.client_streaming:
+            def wrapped(request_iterator, context, fn=fn, parse=parse):
+                return fn((parse(raw) for raw in request_iterator), context)
+        elif method.server_streaming:
+            def wrapped(raw, context, fn=fn, parse=parse):
+                yield from fn(parse(raw), context)
+        else:
+            def wrapped(raw, context, fn=fn, parse=parse):
+                return fn(parse(raw), context)
+        wrapped = _refusing(f"{service_name}.{method.name}", record, wrapped)
+        make = {(False, False): grpc.unary_unary_rpc_method_handler,
+                (False, True): grpc.unary_stream_rpc_method_handler,
+                (True, False): grpc.stream_unary_rpc_method_handler,
+                (True, True): grpc.stream_stream_rpc_method_handler}[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = make(wrapped, request_deserializer=None,
+                                     response_serializer=response_cls.SerializeToString)
+    return grpc.method_handlers_generic_handler(f"ktfed.v1.{service_name}", handlers)
+
+
+def _message_class(descriptor):
+    return getattr(pb, descriptor.name)
+

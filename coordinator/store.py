@@ -1,0 +1,247 @@
+"""The coordinator's persistent state: SQLite (WAL) for records, safetensors files for tensors.
+
+Crash safety rests on two atomic steps per completed round:
+1. the new global state is written to a temporary file, fsynced, and renamed into place;
+2. one SQLite transaction records the round (its digest and file) and its uploads.
+A crash before (2) leaves at most an unreferenced file, which startup removes; a crash after
+(2) is a completed round. So a restart resumes at the last completed round, never counts a
+round twice, and never reads a half-written file. On startup every referenced file is checked
+against its recorded digest; a mismatch stops the coordinator and names the file.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from kt_core import codec
+
+log = logging.getLogger(__name__)
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, config_json TEXT NOT NULL, manifest_json TEXT NOT NULL,
+    state TEXT NOT NULL, created_at REAL NOT NULL, finished_at REAL);
+CREATE TABLE IF NOT EXISTS rounds (
+    run_id TEXT NOT NULL, round INTEGER NOT NULL, state_file TEXT NOT NULL, state_digest TEXT NOT NULL,
+    contributors_json TEXT NOT NULL, dropped_json TEXT NOT NULL, bytes_received INTEGER NOT NULL,
+    seconds REAL NOT NULL, metrics_json TEXT NOT NULL, completed_at REAL NOT NULL,
+    PRIMARY KEY (run_id, round));
+CREATE TABLE IF NOT EXISTS uploads (
+    run_id TEXT NOT NULL, round INTEGER NOT NULL, participant_id TEXT NOT NULL, task_id TEXT NOT NULL,
+    num_samples INTEGER NOT NULL, tensors_json TEXT NOT NULL, bytes INTEGER NOT NULL,
+    update_digest TEXT NOT NULL, received_at REAL NOT NULL,
+    PRIMARY KEY (run_id, round, participant_id));
+CREATE TABLE IF NOT EXISTS aborted_rounds (
+    run_id TEXT NOT NULL, round INTEGER NOT NULL, task_id TEXT NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS refusals (
+    at REAL NOT NULL, peer TEXT NOT NULL, method TEXT NOT NULL, code TEXT NOT NULL, reason TEXT NOT NULL);
+"""
+
+
+class CorruptStateError(RuntimeError):
+    """A state file that does not match its record: the coordinator refuses to start."""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    config_json: str
+    manifest_json: str
+    state: str  # running | finished | stopped
+
+
+@dataclass(frozen=True)
+class UploadRecord:
+    participant_id: str
+    task_id: str
+    num_samples: int
+    specs: tuple[codec.TensorSpec, ...]
+    bytes: int
+    update_digest: str
+
+    def tensors_json(self) -> str:
+        return json.dumps([{"name": s.name, "dtype": s.dtype, "shape": list(s.shape),
+                            "sha256": s.sha256.hex(), "nbytes": s.nbytes} for s in self.specs])
+
+
+@dataclass(frozen=True)
+class RoundRecord:
+    round: int
+    state_digest: str
+    contributors: tuple[str, ...]
+    dropped: tuple[str, ...]
+    bytes_received: int
+    seconds: float
+    metrics: dict[str, float]
+    bytes_by_participant: dict[str, int]
+
+
+class Store:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self.db = sqlite3.connect(self.root / "coordinator.sqlite3", check_same_thread=False,
+                                  isolation_level=None)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self.db.close()
+
+    # -- runs ---------------------------------------------------------------------------------
+    def create_run(self, run_id: str, config_json: str, manifest_json: str,
+                   initial_state: Mapping[str, np.ndarray]) -> str:
+        """Persist a new run with its round-0 state; returns the state digest."""
+        path, digest = self._write_state(run_id, 0, initial_state)
+        with self._lock, self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("INSERT INTO runs VALUES (?, ?, ?, 'running', ?, NULL)",
+                            (run_id, config_json, manifest_json, time.time()))
+            self.db.execute("INSERT INTO rounds VALUES (?, 0, ?, ?, '[]', '[]', 0, 0, '{}', ?)",
+                            (run_id, path.name, digest, time.time()))
+        return digest
+
+    def active_run(self) -> RunRecord | None:
+        row = self.db.execute("SELECT run_id, config_json, manifest_json, state FROM runs "
+                              "WHERE state = 'running' ORDER BY created_at DESC LIMIT 1").fetchone()
+        return RunRecord(*row) if row else None
+
+    def run(self, run_id: str) -> RunRecord | None:
+        row = self.db.execute("SELECT run_id, config_json, manifest_json, state FROM runs WHERE run_id = ?",
+                              (run_id,)).fetchone()
+        return RunRecord(*row) if row else None
+
+    def latest_run(self) -> RunRecord | None:
+        row = self.db.execute("SELECT run_id, config_json, manifest_json, state FROM runs "
+                              "ORDER BY created_at DESC LIMIT 1").fetchone()
+        return RunRecord(*row) if row else None
+
+    def set_run_state(self, run_id: str, state: str) -> None:
+        with self._lock, self.db:
+            self.db.execute("UPDATE runs SET state = ?, finished_at = ? WHERE run_id = ?",
+                            (state, time.time(), run_id))
+
+    # -- rounds -------------------------------------------------------------------------------
+    def last_round(self, run_id: str) -> tuple[int, dict[str, np.ndarray], str]:
+        """The last completed round, its global state (verified against its digest) and digest."""
+        row = self.db.execute("SELECT round, state_file, state_digest FROM rounds WHERE run_id = ? "
+                              "ORDER BY round DESC LIMIT 1", (run_id,)).fetchone()
+        if row is None:
+            raise CorruptStateError(f"run {run_id} has no recorded state (database {self.root / 'coordinator.sqlite3'})")
+        round_no, name, digest = row
+        return round_no, self.load_state(run_id, name, digest), digest
+
+    def load_state(self, run_id: str, name: str, digest: str) -> dict[str, np.ndarray]:
+        path = self._run_dir(run_id) / name
+        try:
+            tensors = load_file(str(path))
+        except (OSError, SafetensorError, ValueError) as err:
+            raise CorruptStateError(f"state file {path} cannot be read: {err}") from None
+        actual = codec.state_digest(codec.spec_of(n, a) for n, a in tensors.items())
+        if actual != digest:
+            raise CorruptStateError(f"state file {path} does not match its recorded digest "
+                                    f"({actual[:16]}… != {digest[:16]}…)")
+        return tensors
+
+    def rounds(self, run_id: str) -> list[RoundRecord]:
+        rows = self.db.execute("SELECT round, state_digest, contributors_json, dropped_json, bytes_received, "
+                               "seconds, metrics_json FROM rounds WHERE run_id = ? AND round > 0 ORDER BY round",
+                               (run_id,)).fetchall()
+        sent: dict[int, dict[str, int]] = {}
+        for r, pid, b in self.db.execute("SELECT round, participant_id, bytes FROM uploads WHERE run_id = ?", (run_id,)):
+            sent.setdefault(r, {})[pid] = b
+        return [RoundRecord(r, d, tuple(json.loads(c)), tuple(json.loads(x)), b, s, json.loads(m), sent.get(r, {}))
+                for r, d, c, x, b, s, m in rows]
+
+    def complete_round(self, run_id: str, round_no: int, state: Mapping[str, np.ndarray],
+                       uploads: Iterable[UploadRecord], dropped: Iterable[str], seconds: float,
+                       metrics: Mapping[str, float]) -> str:
+        uploads = list(uploads)
+        path, digest = self._write_state(run_id, round_no, state)
+        pause = float(os.environ.get("KTFED_FAULT_PAUSE_BEFORE_COMMIT_S", "0") or 0)
+        if pause:  # fault-injection point for the crash-during-save tests
+            log.warning("fault injection: pausing %.1fs between state file and commit", pause)
+            time.sleep(pause)
+        now = time.time()
+        with self._lock, self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("INSERT INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (run_id, round_no, path.name, digest,
+                             json.dumps(sorted(u.participant_id for u in uploads)), json.dumps(sorted(dropped)),
+                             sum(u.bytes for u in uploads), seconds, json.dumps(dict(metrics)), now))
+            self.db.executemany("INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                                [(run_id, round_no, u.participant_id, u.task_id, u.num_samples,
+                                  u.tensors_json(), u.bytes, u.update_digest, now) for u in uploads])
+        return digest
+
+    def record_abort(self, run_id: str, round_no: int, task_id: str, reason: str) -> None:
+        with self._lock, self.db:
+            self.db.execute("INSERT INTO aborted_rounds VALUES (?, ?, ?, ?, ?)",
+                            (run_id, round_no, task_id, reason, time.time()))
+
+    def aborted_count(self, run_id: str) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM aborted_rounds WHERE run_id = ?", (run_id,)).fetchone()[0]
+
+    def record_refusal(self, peer: str, method: str, code: str, reason: str) -> None:
+        with self._lock, self.db:
+            self.db.execute("INSERT INTO refusals VALUES (?, ?, ?, ?, ?)", (time.time(), peer, method, code, reason))
+
+    def uploads(self, run_id: str) -> list[dict]:
+        rows = self.db.execute("SELECT round, participant_id, num_samples, tensors_json, bytes, update_digest "
+                               "FROM uploads WHERE run_id = ? ORDER BY round, participant_id", (run_id,)).fetchall()
+        return [dict(round=r, participant_id=p, num_samples=n, tensors=json.loads(t), bytes=b, update_digest=d)
+                for r, p, n, t, b, d in rows]
+
+    # -- files --------------------------------------------------------------------------------
+    def _run_dir(self, run_id: str) -> Path:
+        return self.root / "runs" / run_id
+
+    def _write_state(self, run_id: str, round_no: int, state: Mapping[str, np.ndarray]) -> tuple[Path, str]:
+        directory = self._run_dir(run_id)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / f"round-{round_no:05d}.safetensors"
+        tmp = path.with_suffix(".safetensors.tmp")
+        tensors = {n: np.ascontiguousarray(a) for n, a in state.items()}
+        save_file(tensors, str(tmp), metadata={"run_id": run_id, "round": str(round_no)})
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(directory)
+        return path, codec.state_digest(codec.spec_of(n, a) for n, a in tensors.items())
+
+    def sweep(self, run_id: str) -> list[Path]:
+        """Remove temporaries and files of rounds that never committed (a crash between the two steps)."""
+        directory = self._run_dir(run_id)
+        if not directory.is_dir():
+            return []
+        known = {r[0] for r in self.db.execute("SELECT state_file FROM rounds WHERE run_id = ?", (run_id,))}
+        removed = []
+        for path in directory.iterdir():
+            if path.name.endswith(".tmp") or (path.suffix == ".safetensors" and path.name not in known):
+                path.unlink()
+                removed.append(path)
+        if removed:
+            log.warning("removed %d uncommitted state file(s): %s", len(removed), ", ".join(p.name for p in removed))
+        return removed
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

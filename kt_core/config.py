@@ -1,0 +1,188 @@
+"""The run configuration: one TOML file, validated field by field.
+
+The coordinator loads it (from a file or an operator's StartRun), resolves what depends on the
+data set, and hands the resulting JSON to every participant at join, so all sites build the same
+model from the same seed. Every error names the offending field, e.g. `train.lr: must be > 0`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kt_core.data import PartitionSpec
+from kt_core.models import ModelConfig
+from kt_core.train import TrainConfig
+
+# Input and output sizes of the image tasks, so the coordinator can build the model without data.
+DATASET_SHAPES = {"fashion-mnist": (784, 10), "digits": (64, 10)}
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message starts with the dotted name of the field."""
+
+
+@dataclass(frozen=True)
+class FederationSettings:
+    rounds: int = 5
+    min_participants: int = 2
+    max_participants: int = 100
+    round_timeout_s: float = 120.0
+    # The sites of this run, in order: only these may join, and the data partition is laid out over them.
+    sites: tuple[str, ...] = ("site-a", "site-b", "site-c")
+    seed: int = 0
+    max_chunk_bytes: int = 1024 * 1024
+    server_lr: float = 1.0
+
+    def validate(self) -> None:
+        if self.rounds < 1:
+            raise ValueError("rounds: must be >= 1")
+        if not 1 <= self.min_participants <= self.max_participants:
+            raise ValueError("min_participants: must be between 1 and max_participants")
+        if self.round_timeout_s <= 0:
+            raise ValueError("round_timeout_s: must be > 0")
+        if not self.sites or len(set(self.sites)) != len(self.sites):
+            raise ValueError("sites: must be a non-empty list of distinct names")
+        if self.min_participants > len(self.sites):
+            raise ValueError("min_participants: larger than the number of sites")
+        if not 1024 <= self.max_chunk_bytes <= 4 * 1024 * 1024:
+            raise ValueError("max_chunk_bytes: must be between 1 KiB and 4 MiB")
+        if self.server_lr <= 0:
+            raise ValueError("server_lr: must be > 0")
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    dataset: str = "auto"          # auto | fashion-mnist | digits
+    partition: PartitionSpec = field(default_factory=PartitionSpec)
+    max_train: int = 0             # per data set before partitioning; 0 = all
+    max_test: int = 0
+
+    def validate(self) -> None:
+        if self.dataset not in ("auto", *DATASET_SHAPES):
+            raise ValueError(f"dataset: unknown data set {self.dataset!r} "
+                             f"(choose auto, {', '.join(DATASET_SHAPES)})")
+        if self.max_train < 0 or self.max_test < 0:
+            raise ValueError("max_train: must be >= 0")
+        self.partition.validate()
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    federation: FederationSettings = field(default_factory=FederationSettings)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataSettings = field(default_factory=DataSettings)
+
+    def resolved(self) -> "RunConfig":
+        """Fix what 'auto' means and size the model for the data set."""
+        name = self.data.dataset
+        if name == "auto":
+            name = "fashion-mnist" if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file() else "digits"
+        input_dim, num_classes = DATASET_SHAPES[name]
+        return dataclasses.replace(
+            self, data=dataclasses.replace(self.data, dataset=name),
+            model=dataclasses.replace(self.model, input_dim=input_dim, num_classes=num_classes))
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "RunConfig":
+        try:
+            table = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"run config JSON: {err}") from None
+        return from_table(table)
+
+
+SECTIONS = {"federation": FederationSettings, "model": ModelConfig, "train": TrainConfig, "data": DataSettings}
+
+
+def from_table(table: Any) -> RunConfig:
+    if not isinstance(table, dict):
+        raise ConfigError("<root>: expected a table")
+    unknown = set(table) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"{sorted(unknown)[0]}: unknown section (expected one of {', '.join(SECTIONS)})")
+    parts = {name: _build(cls, table.get(name, {}), name) for name, cls in SECTIONS.items()}
+    return RunConfig(**parts)
+
+
+def load_toml(text: str, source: str = "<config>") -> RunConfig:
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{source}: not valid TOML: {err}") from None
+    try:
+        return from_table(table)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def load_file(path: Path) -> RunConfig:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: cannot read: {err}") from None
+    return load_toml(text, str(path))
+
+
+def _build(cls: type, table: Any, where: str):
+    """Build dataclass `cls` from a TOML table, checking every key and type against its fields."""
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where}: expected a table, got {type(table).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(table) - fields
+    if unknown:
+        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown field (known: {', '.join(sorted(fields))})")
+    values = {key: _coerce(hints[key], value, f"{where}.{key}") for key, value in table.items()}
+    obj = cls(**values)
+    try:
+        obj.validate()
+    except ValueError as err:
+        message = str(err)
+        # The sections' own checks say "field: problem"; qualify it with the section.
+        raise ConfigError(message if message.startswith(where) else f"{where}.{message}") from None
+    return obj
+
+
+def _coerce(hint: Any, value: Any, where: str):
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, where)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(options[0], value, where)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        item = typing.get_args(hint)[0]
+        return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported field type {hint}")

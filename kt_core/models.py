@@ -1,0 +1,177 @@
+"""The image-task model: an MLP whose linear layers are adapters, plus the state a site moves.
+
+shared_state is what may leave a site (the egress guard checks it against the manifest);
+private_state is what a site keeps on disk; frozen tensors are rebuilt from the seed everywhere.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kt_core.factorized import ADAPTERS, Adapter
+from kt_core.manifest import Role, dtype_name, manifest_of
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_pos_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v > 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    mode: str = "waffle"            # waffle | lora | ffa_lora | dense
+    input_dim: int = 784
+    hidden: tuple[int, ...] = (256, 128)
+    num_classes: int = 10
+    n_factors: int = 16
+    ibp_alpha: float = 4.0
+    temperature: float = 0.67
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    seed: int = 0
+
+    def __post_init__(self):
+        # a config that went through JSON comes back with a list
+        if isinstance(self.hidden, list):
+            object.__setattr__(self, "hidden", tuple(self.hidden))
+
+    def validate(self) -> None:
+        if self.mode not in ADAPTERS:
+            raise ValueError(f"mode: {self.mode!r} is not one of {sorted(ADAPTERS)}")
+        if not _is_int(self.input_dim) or self.input_dim < 1:
+            raise ValueError(f"input_dim: must be a positive integer, got {self.input_dim!r}")
+        if not isinstance(self.hidden, tuple) or not all(_is_int(h) and h >= 1 for h in self.hidden):
+            raise ValueError(f"hidden: must be a tuple of positive integers, got {self.hidden!r}")
+        if not _is_int(self.num_classes) or self.num_classes < 2:
+            raise ValueError(f"num_classes: must be an integer >= 2, got {self.num_classes!r}")
+        if not _is_int(self.n_factors) or self.n_factors < 1:
+            raise ValueError(f"n_factors: must be a positive integer, got {self.n_factors!r}")
+        for name in ("ibp_alpha", "temperature", "lora_alpha"):
+            if not _is_pos_number(getattr(self, name)):
+                raise ValueError(f"{name}: must be a finite number > 0, got {getattr(self, name)!r}")
+        if not _is_int(self.lora_rank) or self.lora_rank < 1:
+            raise ValueError(f"lora_rank: must be a positive integer, got {self.lora_rank!r}")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ValueError(f"seed: must be a non-negative integer, got {self.seed!r}")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"ModelConfig: unknown field(s) {sorted(unknown)}")
+        cfg = cls(**d)
+        cfg.validate()
+        return cfg
+
+
+def layer_seed(seed: int, index: int) -> int:
+    # independent streams per layer: layer 1 of seed 0 must not be layer 0 of seed 1
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0])
+
+
+def make_adapter(cfg: ModelConfig, in_features: int, out_features: int, seed: int,
+                 base: Tensor | None = None, base_bias: Tensor | None = None) -> Adapter:
+    kw = {}
+    if cfg.mode == "waffle":
+        kw = dict(n_factors=cfg.n_factors, ibp_alpha=cfg.ibp_alpha, temperature=cfg.temperature)
+    elif cfg.mode in ("lora", "ffa_lora"):
+        kw = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha)
+    return ADAPTERS[cfg.mode](in_features, out_features, base=base, base_bias=base_bias, seed=seed, **kw)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        dims = (cfg.input_dim, *cfg.hidden, cfg.num_classes)
+        self.layers = nn.ModuleList(
+            make_adapter(cfg, d_in, d_out, layer_seed(cfg.seed, i))
+            for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.flatten(1)
+        for layer in self.layers[:-1]:
+            x = F.relu(layer(x))
+        return self.layers[-1](x)
+
+
+def build_model(cfg: ModelConfig) -> MLP:
+    cfg.validate()
+    return MLP(cfg)
+
+
+def kl_divergence(model: nn.Module) -> Tensor:
+    terms = [m.kl_divergence() for m in model.modules() if isinstance(m, Adapter)]
+    if not terms:
+        return torch.zeros(())
+    return torch.stack(terms).sum()
+
+
+# ---------------------------------------------------------------------------------------------
+# moving state by role
+# ---------------------------------------------------------------------------------------------
+
+def _tensors(model: nn.Module) -> dict[str, Tensor]:
+    named = dict(model.named_parameters())
+    named.update(model.named_buffers())
+    return named
+
+
+def _state_of(model: nn.Module, role: Role) -> dict[str, Tensor]:
+    tensors = _tensors(model)
+    manifest = manifest_of(model)
+    return {e.name: tensors[e.name].detach().cpu().clone()
+            for e in manifest.entries if e.role is role}
+
+
+def _load_state_of(model: nn.Module, role: Role, state: dict[str, Tensor]) -> None:
+    tensors = _tensors(model)
+    expected = {e.name: e for e in manifest_of(model).entries if e.role is role}
+    for name in sorted(set(expected) - set(state)):
+        raise ValueError(f"{role.value} tensor {name!r} is missing from the state")
+    for name in sorted(set(state) - set(expected)):
+        raise ValueError(f"tensor {name!r} is not a {role.value} tensor of this model")
+    # check everything before touching the model, so a bad state leaves it unchanged
+    for name, entry in sorted(expected.items()):
+        value = state[name]
+        if not isinstance(value, Tensor):
+            raise ValueError(f"tensor {name!r}: expected a torch.Tensor, got {type(value).__name__}")
+        if tuple(value.shape) != entry.shape:
+            raise ValueError(f"tensor {name!r}: shape {tuple(value.shape)}, expected {entry.shape}")
+        if dtype_name(value) != entry.dtype:
+            raise ValueError(f"tensor {name!r}: dtype {dtype_name(value)}, expected {entry.dtype}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"tensor {name!r}: contains non-finite values")
+    with torch.no_grad():
+        for name in expected:
+            tensors[name].copy_(state[name])
+
+
+def shared_state(model: nn.Module) -> dict[str, Tensor]:
+    """Detached CPU copies of the SHARED tensors, keyed by full name."""
+    return _state_of(model, Role.SHARED)
+
+
+def load_shared_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Strict: exactly the shared names, exact shapes and dtypes, finite values."""
+    _load_state_of(model, Role.SHARED, state)
+
+
+def private_state(model: nn.Module) -> dict[str, Tensor]:
+    return _state_of(model, Role.PRIVATE)
+
+
+def load_private_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    _load_state_of(model, Role.PRIVATE, state)

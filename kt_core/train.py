@@ -1,0 +1,160 @@
+"""The local training recipe: a plain loop minimizing the per-sample negative ELBO.
+
+    loss = cross_entropy(batch) + kl_weight * KL(q || prior) / num_samples
+
+The KL term is the whole model's (zero for the non-Bayesian adapters), spread over the local data
+set so that one epoch of mini-batches adds up to one ELBO.
+"""
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kt_core.models import kl_divergence
+
+OPTIMIZERS = ("sgd", "adam")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    batch_size: int = 64
+    lr: float = 0.05
+    optimizer: str = "sgd"          # sgd | adam
+    momentum: float = 0.9
+    kl_weight: float = 1.0
+    max_steps: int | None = None
+    seed: int = 0
+    # optional global gradient-norm clip: products of factors (WAFFLe, LoRA) under momentum SGD
+    # can diverge on wide uncentred inputs at learning rates a dense layer takes
+    max_grad_norm: float | None = None
+
+    def validate(self) -> None:
+        def pos_int(name):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {v!r}")
+
+        def number(name, lo, lo_open, hi=math.inf):
+            v = getattr(self, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            ok = ok and (v > lo if lo_open else v >= lo) and v < hi
+            if not ok:
+                raise ValueError(f"{name}: must be a finite number {'>' if lo_open else '>='} {lo}"
+                                 f"{f' and < {hi}' if hi != math.inf else ''}, got {v!r}")
+
+        pos_int("epochs")
+        pos_int("batch_size")
+        number("lr", 0, lo_open=True)
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer: {self.optimizer!r} is not one of {list(OPTIMIZERS)}")
+        number("momentum", 0, lo_open=False, hi=1)
+        number("kl_weight", 0, lo_open=False)
+        if self.max_steps is not None:
+            pos_int("max_steps")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"seed: must be a non-negative integer, got {self.seed!r}")
+        if self.max_grad_norm is not None:
+            number("max_grad_norm", 0, lo_open=True)
+
+
+@dataclass
+class TrainResult:
+    num_samples: int
+    steps: int
+    loss: float         # mean training loss over the steps taken
+    seconds: float
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+
+
+def elbo_loss(model: nn.Module, logits: Tensor, y: Tensor, num_samples: int, kl_weight: float) -> Tensor:
+    loss = F.cross_entropy(logits, y)
+    if kl_weight:
+        loss = loss + kl_weight * kl_divergence(model).to(loss.device) / num_samples
+    return loss
+
+
+def _as_tensors(x, y) -> tuple[Tensor, Tensor]:
+    x = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x, dtype=torch.float32)
+    y = torch.as_tensor(np.asarray(y) if not isinstance(y, Tensor) else y, dtype=torch.int64)
+    if x.ndim < 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
+        raise ValueError(f"x must be N x ... and y of length N, got {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError("no samples")
+    return x, y
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def train_local(model: nn.Module, x, y, cfg: TrainConfig,
+                progress: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Train in place. Deterministic given cfg.seed: batch order and the adapters' gate and
+    stick-breaking samples come from an RNG seeded here, and the caller's global RNG is left as
+    it was. `progress(step, loss)` is called after every step."""
+    cfg.validate()
+    x, y = _as_tensors(x, y)
+    n = x.shape[0]
+    device = _device_of(model)
+    optimizer = make_optimizer(model, cfg)
+    was_training = model.training
+    model.train()
+    steps, loss_sum = 0, 0.0
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        torch.manual_seed(cfg.seed)
+        order_rng = torch.Generator().manual_seed(cfg.seed)
+        for _epoch in range(cfg.epochs):
+            perm = torch.randperm(n, generator=order_rng)
+            for i in range(0, n, cfg.batch_size):
+                if cfg.max_steps is not None and steps >= cfg.max_steps:
+                    break
+                idx = perm[i:i + cfg.batch_size]
+                xb, yb = x[idx].to(device), y[idx].to(device)
+                loss = elbo_loss(model, model(xb), yb, n, cfg.kl_weight)
+                if not torch.isfinite(loss):
+                    # a diverged update must never reach the aggregate
+                    raise FloatingPointError(f"training loss became {loss.item()} at step {steps}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                steps += 1
+                loss_sum += loss.item()
+                if progress is not None:
+                    progress(steps, loss.item())
+    model.train(was_training)
+    return TrainResult(num_samples=n, steps=steps, loss=loss_sum / max(steps, 1),
+                       seconds=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x, y, batch_size: int = 1024) -> dict[str, float]:
+    """Accuracy and mean cross-entropy in eval mode (WAFFLe gates at their posterior mode)."""
+    x, y = _as_tensors(x, y)
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for i in range(0, x.shape[0], batch_size):
+        xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+        logits = model(xb)
+        loss_sum += F.cross_entropy(logits, yb, reduction="sum").item()
+        correct += int((logits.argmax(1) == yb).sum())
+    model.train(was_training)
+    return {"accuracy": correct / x.shape[0], "loss": loss_sum / x.shape[0]}

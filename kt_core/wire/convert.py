@@ -1,0 +1,54 @@
+"""Translation between protobuf messages and the plain values the rest of the code works with.
+
+Both services use these, so a field is mapped in exactly one place.
+"""
+from __future__ import annotations
+
+from typing import Iterator, Mapping
+
+import numpy as np
+
+from kt_core import codec
+from kt_core.wire import federation_pb2 as pb
+
+PROTOCOL_VERSION = pb.PROTOCOL_VERSION_1
+
+
+def header(run_id: str = "", round: int = 0, participant_id: str = "") -> pb.Header:
+    return pb.Header(protocol_version=PROTOCOL_VERSION, run_id=run_id, round=round,
+                     participant_id=participant_id)
+
+
+def spec_to_pb(spec: codec.TensorSpec) -> pb.TensorSpec:
+    return pb.TensorSpec(name=spec.name, dtype=spec.dtype, shape=list(spec.shape),
+                         sha256=spec.sha256, nbytes=spec.nbytes)
+
+
+def spec_from_pb(msg: pb.TensorSpec) -> codec.TensorSpec:
+    return codec.TensorSpec(msg.name, msg.dtype, tuple(int(d) for d in msg.shape),
+                            bytes(msg.sha256), int(msg.nbytes))
+
+
+def tensor_chunks(encoded: list[tuple[codec.TensorSpec, bytes]], chunk_bytes: int) -> Iterator[pb.TensorChunk]:
+    for spec, raw in encoded:
+        for offset, data in codec.iter_chunks(raw, chunk_bytes):
+            yield pb.TensorChunk(name=spec.name, offset=offset, data=data)
+
+
+def upload_messages(upload_header: pb.UploadHeader, tensors: Mapping[str, np.ndarray],
+                    chunk_bytes: int) -> tuple[list[codec.TensorSpec], Iterator[pb.UploadChunk]]:
+    """Specs (for logging what leaves) and the message stream of one update."""
+    encoded = codec.encode(tensors)
+    upload_header.tensors.extend(spec_to_pb(s) for s, _ in encoded)
+
+    def stream() -> Iterator[pb.UploadChunk]:
+        yield pb.UploadChunk(header=upload_header)
+        for chunk in tensor_chunks(encoded, chunk_bytes):
+            yield pb.UploadChunk(chunk=chunk)
+
+    return [s for s, _ in encoded], stream()
+
+
+ROLE_TO_PB = {"shared": pb.ManifestEntry.SHARED, "private": pb.ManifestEntry.PRIVATE,
+              "frozen": pb.ManifestEntry.FROZEN}
+ROLE_FROM_PB = {v: k for k, v in ROLE_TO_PB.items()}

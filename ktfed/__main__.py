@@ -1,0 +1,4 @@
+from ktfed.cli import main
+import sys
+
+sys.exit(main())

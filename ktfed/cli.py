@@ -1,0 +1,271 @@
+"""The `ktfed` command line: one entry point for operators, sites and the demo.
+
+    ktfed pki init|issue|revoke          the federation's certificates
+    ktfed coordinator serve              run the coordinator service
+    ktfed participant run                run a site's participant agent
+    ktfed run start|status|stop          operate runs on a coordinator
+    ktfed config check FILE              validate a run configuration
+    ktfed demo                           a whole federation on this machine
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def _setup_logging(level: str, log_file: str | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers = [logging.FileHandler(log_file)]
+    logging.basicConfig(level=getattr(logging, level.upper()), handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _tls(args, name: str):
+    from kt_core.wire.transport import TLSFiles
+
+    if args.insecure:
+        return None
+    if args.cert or args.key or args.ca:
+        if not (args.cert and args.key and args.ca):
+            raise SystemExit("error: --cert, --key and --ca go together")
+        return TLSFiles(Path(args.ca), Path(args.cert), Path(args.key))
+    if not args.pki:
+        raise SystemExit("error: give --pki DIR (or --ca/--cert/--key); plaintext needs --insecure")
+    return TLSFiles.from_pki(Path(args.pki), name)
+
+
+def _add_tls_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--pki", help="PKI folder made by `ktfed pki` (uses ca.crt and issued/NAME.*)")
+    parser.add_argument("--ca", help="CA certificate (instead of --pki)")
+    parser.add_argument("--cert", help="this process's certificate (instead of --pki)")
+    parser.add_argument("--key", help="this process's private key (instead of --pki)")
+    parser.add_argument("--insecure", action="store_true", help="plaintext, no authentication: local debugging only")
+
+
+# -- pki ----------------------------------------------------------------------------------------
+
+def cmd_pki(args) -> int:
+    from security.pki import PKIError, init_ca, issue, revoke
+
+    pki_dir = Path(args.dir)
+    try:
+        if args.pki_command == "init":
+            path = init_ca(pki_dir, force=args.force)
+            print(f"federation CA written to {path}")
+        elif args.pki_command == "issue":
+            cert = issue(pki_dir, args.name, args.role, days=args.days, sans=args.san or ())
+            print(f"issued {cert.role} certificate for {cert.name}: {cert.cert_path} "
+                  f"(key {cert.key_path}, serial {cert.serial:x}, sha256 {cert.fingerprint})")
+        elif args.pki_command == "revoke":
+            serials = revoke(pki_dir, args.name)
+            print(f"revoked {args.name}: serial(s) {', '.join(f'{s:x}' for s in serials)}; CRL updated")
+    except PKIError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+# -- coordinator --------------------------------------------------------------------------------
+
+def cmd_coordinator(args) -> int:
+    from coordinator.server import CoordinatorServer, ServerSettings
+    from coordinator.store import CorruptStateError
+    from kt_core.config import ConfigError, load_file
+
+    _setup_logging(args.log_level, args.log_file)
+    log = logging.getLogger("ktfed.coordinator")
+    try:
+        config = load_file(Path(args.config)) if args.config else None
+    except ConfigError as err:
+        print(f"error: invalid config: {err}", file=sys.stderr)
+        return 2
+    tls = _tls(args, args.name)
+    crl = Path(args.crl) if args.crl else (Path(args.pki) / "crl.pem" if args.pki else None)
+    try:
+        server = CoordinatorServer(ServerSettings(args.listen, Path(args.state), tls, crl, args.insecure))
+        server.start(config)
+    except CorruptStateError as err:
+        log.error("refusing to start: %s", err)
+        print(f"error: refusing to start: {err}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as err:
+        log.error("cannot start: %s", err)
+        print(f"error: cannot start the coordinator: {err}", file=sys.stderr)
+        return 2
+    server.wait()
+    return 0
+
+
+# -- participant --------------------------------------------------------------------------------
+
+def cmd_participant(args) -> int:
+    import torch
+
+    from participant.agent import AgentSettings, ParticipantAgent
+
+    _setup_logging(args.log_level, args.log_file)
+    torch.set_num_threads(args.threads)
+    agent = ParticipantAgent(AgentSettings(
+        site=args.site, coordinator=args.coordinator, tls=_tls(args, args.site), state_dir=Path(args.state),
+        data_root=Path(args.data_root) if args.data_root else None, insecure=args.insecure,
+        backoff_max_s=args.backoff_max))
+    import signal
+
+    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+    try:
+        return agent.run()
+    except (ValueError, RuntimeError) as err:
+        logging.getLogger("ktfed.participant").error("%s: %s", args.site, err)
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+# -- operator -----------------------------------------------------------------------------------
+
+def cmd_run(args) -> int:
+    import grpc
+
+    from ktfed.operator import OperatorClient, format_status
+    from kt_core.config import ConfigError, load_file
+
+    client = OperatorClient(args.coordinator, _tls(args, args.name), insecure=args.insecure)
+    try:
+        if args.run_command == "start":
+            try:
+                load_file(Path(args.config))  # fail here, naming the field, before any network call
+            except ConfigError as err:
+                print(f"error: invalid config: {err}", file=sys.stderr)
+                return 2
+            status = client.start(Path(args.config).read_text())
+        elif args.run_command == "status":
+            status = client.status(args.run_id or "")
+        else:
+            status = client.stop(args.run_id, args.reason)
+    except grpc.RpcError as err:
+        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    finally:
+        client.close()
+    print(json.dumps(format_status(status), indent=2) if args.json else format_status(status, text=True))
+    return 0
+
+
+def cmd_config(args) -> int:
+    from kt_core.config import ConfigError, load_file
+
+    try:
+        config = load_file(Path(args.file))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(json.loads(config.resolved().to_json()), indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from ktfed.launcher import DemoSettings, run_demo
+
+    return run_demo(DemoSettings(workdir=Path(args.workdir), rounds=args.rounds, mode=args.mode,
+                                 sites=args.sites, port=args.port, keep=args.keep))
+
+
+# -- parser -------------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ktfed", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    pki = sub.add_parser("pki", help="the federation's certificate authority")
+    pki_sub = pki.add_subparsers(dest="pki_command", required=True)
+    p = pki_sub.add_parser("init", help="create the federation CA")
+    p.add_argument("--dir", default="pki")
+    p.add_argument("--force", action="store_true", help="replace an existing CA")
+    p = pki_sub.add_parser("issue", help="issue a certificate")
+    p.add_argument("--dir", default="pki")
+    p.add_argument("--role", required=True, choices=["participant", "coordinator", "operator"])
+    p.add_argument("--name", required=True)
+    p.add_argument("--san", action="append", help="extra DNS name or IP (coordinator certificates)")
+    p.add_argument("--days", type=int, default=365)
+    p = pki_sub.add_parser("revoke", help="revoke every certificate of NAME and update the CRL")
+    p.add_argument("--dir", default="pki")
+    p.add_argument("name")
+    pki.set_defaults(func=cmd_pki)
+
+    coord = sub.add_parser("coordinator", help="the coordinator service")
+    coord_sub = coord.add_subparsers(dest="coordinator_command", required=True)
+    p = coord_sub.add_parser("serve", help="serve participants and operators")
+    p.add_argument("--listen", default=DEFAULT_ADDRESS)
+    p.add_argument("--state", default="coordinator-state", help="folder for SQLite and state files")
+    p.add_argument("--name", default="coordinator", help="certificate name under --pki")
+    p.add_argument("--config", help="run config (TOML) to start if no run is unfinished")
+    p.add_argument("--crl", help="revocation list (default: PKI/crl.pem)")
+    _add_tls_args(p)
+    _add_log_args(p)
+    coord.set_defaults(func=cmd_coordinator)
+
+    part = sub.add_parser("participant", help="a site's participant agent")
+    part_sub = part.add_subparsers(dest="participant_command", required=True)
+    p = part_sub.add_parser("run", help="join the federation and train on each task")
+    p.add_argument("--site", required=True, help="this site's name (its certificate's subject)")
+    p.add_argument("--coordinator", default=DEFAULT_ADDRESS)
+    p.add_argument("--state", default="participant-state", help="site-local folder (private factors)")
+    p.add_argument("--data-root", help="folder of the data set files (default: the system's)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--backoff-max", type=float, default=5.0, help="cap of the reconnect backoff (s)")
+    _add_tls_args(p)
+    _add_log_args(p)
+    part.set_defaults(func=cmd_participant)
+
+    run = sub.add_parser("run", help="operate runs on a coordinator")
+    run_sub = run.add_subparsers(dest="run_command", required=True)
+    for name, text in (("start", "start a run"), ("status", "show a run"), ("stop", "stop a run")):
+        p = run_sub.add_parser(name, help=text)
+        p.add_argument("--coordinator", default=DEFAULT_ADDRESS)
+        p.add_argument("--name", default="operator", help="operator certificate name under --pki")
+        p.add_argument("--json", action="store_true")
+        _add_tls_args(p)
+        if name == "start":
+            p.add_argument("--config", required=True)
+        elif name == "status":
+            p.add_argument("--run-id")
+        else:
+            p.add_argument("--run-id", required=True)
+            p.add_argument("--reason", default="stopped by operator")
+    run.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("config", help="validate configuration files")
+    config_sub = p.add_subparsers(dest="config_command", required=True)
+    c = config_sub.add_parser("check", help="validate a run config and print it resolved")
+    c.add_argument("file")
+    p.set_defaults(func=cmd_config)
+
+    p = sub.add_parser("demo", help="a real federation on this machine (coordinator + sites as processes)")
+    p.add_argument("--workdir", default="ktfed-demo")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--sites", type=int, default=3)
+    p.add_argument("--mode", default="waffle", choices=["waffle", "lora", "ffa_lora", "dense"])
+    p.add_argument("--port", type=int, default=0, help="0 = pick a free port")
+    p.add_argument("--keep", action="store_true", help="keep an earlier work folder's state")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _add_log_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-file", help="write logs here instead of stderr")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

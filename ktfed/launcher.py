@@ -1,0 +1,216 @@
+"""Start a whole federation on this machine: a CA, a coordinator and N sites, each its own process.
+
+What `ktfed demo` (and so `make demo`) runs. Every process talks gRPC with mutual TLS on
+127.0.0.1, exactly as they would across sites; only the launcher's convenience is local.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kt_core.wire.transport import TLSFiles
+
+MARKER = ".ktfed-demo"
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    workdir: Path
+    rounds: int = 5
+    sites: int = 3
+    mode: str = "waffle"
+    port: int = 0
+    keep: bool = False
+    round_timeout_s: float = 60.0
+
+
+@dataclass
+class Federation:
+    """Handles on the processes of a local federation."""
+
+    workdir: Path
+    address: str
+    coordinator: subprocess.Popen | None = None
+    participants: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    @property
+    def pki(self) -> Path:
+        return self.workdir / "pki"
+
+    def coordinator_command(self, config: Path | None = None) -> list[str]:
+        cmd = [sys.executable, "-m", "ktfed", "coordinator", "serve", "--listen", self.address,
+               "--state", str(self.workdir / "coordinator"), "--pki", str(self.pki),
+               "--log-file", str(self.workdir / "logs" / "coordinator.log")]
+        return cmd + (["--config", str(config)] if config else [])
+
+    def participant_command(self, site: str) -> list[str]:
+        return [sys.executable, "-m", "ktfed", "participant", "run", "--site", site, "--coordinator", self.address,
+                "--pki", str(self.pki), "--state", str(self.workdir / "sites" / site),
+                "--backoff-max", "1.0", "--log-file", str(self.workdir / "logs" / f"{site}.log")]
+
+    def start_coordinator(self, config: Path | None = None, env: dict | None = None) -> subprocess.Popen:
+        self.coordinator = _spawn(self.coordinator_command(config), self.workdir / "logs" / "coordinator.out", env)
+        return self.coordinator
+
+    def start_participant(self, site: str, env: dict | None = None) -> subprocess.Popen:
+        self.participants[site] = _spawn(self.participant_command(site), self.workdir / "logs" / f"{site}.out", env)
+        return self.participants[site]
+
+    def operator_tls(self) -> TLSFiles:
+        return TLSFiles.from_pki(self.pki, "operator")
+
+    def shutdown(self, timeout: float = 15) -> None:
+        procs = list(self.participants.values()) + ([self.coordinator] if self.coordinator else [])
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def _spawn(cmd: list[str], out: Path, env: dict | None) -> subprocess.Popen:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    with open(out, "ab") as fh:
+        return subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env, start_new_session=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def make_pki(pki_dir: Path, sites: list[str]) -> None:
+    from security.pki import init_ca, issue
+
+    init_ca(pki_dir)
+    issue(pki_dir, "coordinator", "coordinator")
+    issue(pki_dir, "operator", "operator")
+    for site in sites:
+        issue(pki_dir, site, "participant")
+
+
+def demo_config(settings: DemoSettings, sites: list[str]) -> str:
+    names = ", ".join(f'"{s}"' for s in sites)
+    return f"""# Written by `ktfed demo`; see README for every field.
+[federation]
+rounds = {settings.rounds}
+min_participants = {max(1, len(sites) - 1)}
+round_timeout_s = {settings.round_timeout_s}
+sites = [{names}]
+seed = 7
+
+[model]
+mode = "{settings.mode}"
+hidden = [256, 128]
+n_factors = 16
+
+[train]
+epochs = 1
+batch_size = 64
+lr = 0.05
+
+[data]
+dataset = "auto"
+max_train = 12000
+max_test = 3000
+
+[data.partition]
+scheme = "dirichlet"
+alpha = 0.5
+seed = 7
+"""
+
+
+def prepare_workdir(workdir: Path, keep: bool) -> None:
+    if workdir.exists() and not keep:
+        if not (workdir / MARKER).exists() and any(workdir.iterdir()):
+            raise SystemExit(f"error: {workdir} exists and was not made by `ktfed demo`; choose another --workdir")
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).touch()
+
+
+def run_demo(settings: DemoSettings) -> int:
+    from ktfed.operator import OperatorClient
+    from ktfed.report import RoundTable, summary
+
+    workdir = settings.workdir.resolve()
+    prepare_workdir(workdir, settings.keep)
+    sites = [f"site-{chr(ord('a') + i)}" for i in range(settings.sites)]
+    address = f"127.0.0.1:{settings.port or free_port()}"
+    fed = Federation(workdir, address)
+    started = time.monotonic()
+    if not (fed.pki / "ca.crt").exists():
+        make_pki(fed.pki, sites)
+    config_path = workdir / "run.toml"
+    config_path.write_text(demo_config(settings, sites))
+    print(f"ktfed demo: CA and certificates in {fed.pki}; coordinator on {address} (mTLS); "
+          f"{len(sites)} sites: {', '.join(sites)}")
+    client = None
+    try:
+        fed.start_coordinator(config_path)
+        client = OperatorClient(address, fed.operator_tls())
+        _wait_until(lambda: client.serving(), 60, "the coordinator to become healthy", fed)
+        for site in sites:
+            fed.start_participant(site)
+        table = RoundTable(sites)
+        status = client.status()
+        print(f"run {status.header.run_id}: {status.rounds_total} rounds of {settings.mode} adaptation; "
+              f"logs in {workdir / 'logs'}\n")
+        print(table.header())
+        shown = 0
+        while True:
+            status = client.status()
+            for record in status.rounds[shown:]:
+                print(table.row(record), flush=True)
+                shown += 1
+            if status.state != "running":
+                break
+            if fed.coordinator.poll() is not None:
+                print(f"error: the coordinator exited; see {workdir / 'logs'}", file=sys.stderr)
+                return 1
+            if all(p.poll() is not None for p in fed.participants.values()):
+                print(f"error: every participant exited before the run finished; see {workdir / 'logs'}",
+                      file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+        for proc in fed.participants.values():
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        print()
+        print(summary(status, table, settings, workdir, time.monotonic() - started))
+        return 0 if status.state == "finished" else 1
+    except KeyboardInterrupt:
+        print("\ninterrupted: stopping the federation", file=sys.stderr)
+        return 130
+    finally:
+        if client is not None:
+            client.close()
+        fed.shutdown()
+
+
+def _wait_until(predicate, timeout: float, what: str, fed: Federation) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if fed.coordinator is not None and fed.coordinator.poll() is not None:
+            raise SystemExit(f"error: the coordinator exited while waiting for {what}; "
+                             f"see {fed.workdir / 'logs' / 'coordinator.out'}")
+        if time.monotonic() > deadline:
+            raise SystemExit(f"error: timed out waiting for {what}")
+        time.sleep(0.1)

@@ -1,0 +1,189 @@
+"""The participant agent: join, hold the task stream, train on each task, upload the update.
+
+If the coordinator goes away the agent reconnects by itself with capped exponential backoff; it
+exits when the run finishes or when the coordinator refuses its identity.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from kt_core import codec
+from kt_core.config import RunConfig
+from kt_core.wire import convert, transport
+from kt_core.wire import federation_pb2 as pb
+from kt_core.wire.federation_pb2_grpc import ParticipantServiceStub
+from participant.trainer import LocalTrainer
+from security.egress import EgressGuard, EgressRefused
+
+log = logging.getLogger(__name__)
+
+SOFTWARE_VERSION = "ktfed 0.1.0"
+# Refusals of who we are: retrying cannot help, an operator must act.
+FATAL_CODES = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED}
+# Refusals of one upload: the round goes on without us, the stream stays open.
+ROUND_CODES = {grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.DEADLINE_EXCEEDED,
+               grpc.StatusCode.ALREADY_EXISTS}
+
+
+@dataclass(frozen=True)
+class AgentSettings:
+    site: str
+    coordinator: str
+    tls: transport.TLSFiles | None
+    state_dir: Path
+    data_root: Path | None = None
+    insecure: bool = False
+    backoff_initial_s: float = 0.2
+    backoff_max_s: float = 5.0
+    rpc_timeout_s: float = 120.0
+
+
+def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
+    """Capped exponential backoff with full jitter (so restarting sites do not stampede)."""
+    return rng.uniform(0, min(cap, initial * (2 ** attempt)))
+
+
+class ParticipantAgent:
+    def __init__(self, settings: AgentSettings):
+        self.settings = settings
+        self.site = settings.site
+        self.run_id = ""
+        self.trainer: LocalTrainer | None = None
+        self.guard: EgressGuard | None = None
+        self.chunk_bytes = codec.MAX_CHUNK_BYTES
+        self.cached: tuple[str, dict[str, np.ndarray]] | None = None  # (digest, global shared state)
+        self.finished = False
+        self._stop = threading.Event()
+        self._rng = random.Random()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> int:
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                with transport.open_channel(self.settings.coordinator, self.settings.tls,
+                                            insecure=self.settings.insecure) as channel:
+                    joined = self._session(ParticipantServiceStub(channel))
+                if self.finished:
+                    return 0
+                failures = 0 if joined else failures + 1
+            except grpc.RpcError as err:
+                if err.code() in FATAL_CODES:
+                    log.error("%s: coordinator refused us: %s %s", self.site, err.code().name, err.details())
+                    return 3
+                log.warning("%s: coordinator unreachable or stream lost (%s: %s)", self.site,
+                            err.code().name, err.details())
+                failures += 1
+            delay = backoff_delay(failures, self.settings.backoff_initial_s, self.settings.backoff_max_s, self._rng)
+            log.info("%s: reconnecting in %.2fs", self.site, delay)
+            self._stop.wait(delay)
+        return 0
+
+    # -- one connection -------------------------------------------------------------------------
+    def _session(self, stub: ParticipantServiceStub) -> bool:
+        reply = stub.Join(pb.JoinRequest(
+            header=convert.header(participant_id=self.site),
+            capabilities=pb.Capabilities(software_version=SOFTWARE_VERSION, cpu_count=os.cpu_count() or 1)),
+            timeout=self.settings.rpc_timeout_s)
+        self._prepare(reply)
+        log.info("%s: joined run %s at round %d", self.site, self.run_id, reply.header.round)
+        stream = stub.Tasks(pb.TaskStreamRequest(header=convert.header(self.run_id, participant_id=self.site)))
+        try:
+            for task in stream:
+                if self._stop.is_set():
+                    break
+                kind = task.WhichOneof("kind")
+                if kind == "finished":
+                    log.info("%s: run %s finished (%s)", self.site, self.run_id, task.finished.reason)
+                    self.finished = True
+                    self.trainer.save_private()
+                    stub.Leave(pb.LeaveRequest(header=convert.header(self.run_id, participant_id=self.site),
+                                               reason="run finished"), timeout=10)
+                    return True
+                if kind == "round":
+                    self._round(stub, task.round)
+        finally:
+            stream.cancel()
+        log.warning("%s: task stream ended without a verdict; the coordinator is going away", self.site)
+        return True
+
+    def _prepare(self, reply: pb.JoinReply) -> None:
+        """On the first join of a run: build the site's model and check it matches the manifest."""
+        if reply.header.run_id == self.run_id and self.trainer is not None:
+            return
+        config = RunConfig.from_json(reply.run_config_json)
+        self.run_id = reply.header.run_id
+        self.chunk_bytes = reply.max_chunk_bytes or codec.MAX_CHUNK_BYTES
+        self.trainer = LocalTrainer(self.site, self.run_id, config, self.settings.state_dir, self.settings.data_root)
+        if self.trainer.manifest.digest() != reply.manifest_digest:
+            raise RuntimeError("the coordinator's factor manifest differs from the model this site builds "
+                               "(incompatible software versions)")
+        roles = {e.name: convert.ROLE_FROM_PB[e.role] for e in reply.manifest}
+        self.guard = EgressGuard(roles, self.site)
+        self.cached = None
+
+    def _download(self, stub: ParticipantServiceStub, task: pb.RoundTask) -> dict[str, np.ndarray]:
+        digest = task.global_state_digest
+        if self.cached and self.cached[0] == digest:
+            return self.cached[1]
+        responses = stub.DownloadState(pb.StateRequest(header=convert.header(self.run_id, task.header.round, self.site),
+                                                       global_state_digest=digest),
+                                       timeout=self.settings.rpc_timeout_s)
+        first = next(responses)
+        specs = [convert.spec_from_pb(s) for s in first.header.tensors]
+        if codec.state_digest(specs) != digest:
+            raise RuntimeError("the global state's header does not match the digest the task named")
+        assembler = codec.TensorAssembler(specs, max_chunk_bytes=self.chunk_bytes)
+        for message in responses:
+            assembler.add(message.chunk.name, message.chunk.offset, message.chunk.data)
+        state = assembler.finish()
+        self.cached = (digest, state)
+        return state
+
+    def _round(self, stub: ParticipantServiceStub, task: pb.RoundTask) -> None:
+        round_no = task.header.round
+        state = self._download(stub, task)
+        started = time.perf_counter()  # local compute from here: the framework's overhead is the rest
+        trainer = self.trainer
+        trainer.load_global(state)
+        before = trainer.evaluate()
+        t = task.train
+        result = trainer.train(t.local_epochs, t.batch_size, t.learning_rate, t.max_steps, t.seed)
+        after = trainer.evaluate()
+        trainer.save_private()
+        update = trainer.update(state)
+        if os.environ.get("KTFED_FAULT_LEAK_PRIVATE") == "1":  # fault injection: the guard must stop this
+            update.update(trainer.private_tensors())
+        try:
+            self.guard.check(update, destination=f"coordinator {self.settings.coordinator}")
+        except EgressRefused:
+            log.error("%s: round %d: update not sent (egress guard)", self.site, round_no)
+            return
+        metrics = {"accuracy_before": before["accuracy"], "accuracy": after["accuracy"],
+                   "loss": result.loss, "train_seconds": result.seconds,
+                   "compute_seconds": time.perf_counter() - started}
+        header = pb.UploadHeader(header=convert.header(self.run_id, round_no, self.site), task_id=task.task_id,
+                                 base_state_digest=task.global_state_digest, num_samples=trainer.num_samples,
+                                 metrics=metrics)
+        specs, messages = convert.upload_messages(header, update, self.chunk_bytes)
+        try:
+            receipt = stub.Upload(messages, timeout=self.settings.rpc_timeout_s)
+        except grpc.RpcError as err:
+            if err.code() in ROUND_CODES:
+                log.warning("%s: round %d: update refused: %s %s", self.site, round_no, err.code().name, err.details())
+                return
+            raise
+        log.info("%s: round %d: accuracy %.3f -> %.3f, loss %.3f, sent %d bytes in %d shared tensors (%.2fs)",
+                 self.site, round_no, before["accuracy"], after["accuracy"], result.loss,
+                 receipt.bytes_received, len(specs), time.perf_counter() - started)

@@ -1,0 +1,126 @@
+"""Shared fixtures: a real PKI, real coordinator and participant processes on 127.0.0.1."""
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from ktfed.launcher import Federation, free_port, make_pki
+from ktfed.operator import OperatorClient
+
+SITES = ["site-a", "site-b", "site-c"]
+
+
+def fast_config(rounds: int = 3, min_participants: int = 2, timeout: float = 60, sites=SITES,
+                mode: str = "waffle", epochs: int = 2, max_chunk_bytes: int = 1 << 20, extra: str = "") -> str:
+    """A run on sklearn digits: small enough that a round takes a fraction of a second."""
+    names = ", ".join(f'"{s}"' for s in sites)
+    return f"""
+[federation]
+rounds = {rounds}
+min_participants = {min_participants}
+round_timeout_s = {timeout}
+sites = [{names}]
+max_chunk_bytes = {max_chunk_bytes}
+seed = 3
+
+[model]
+mode = "{mode}"
+hidden = [64]
+n_factors = 8
+seed = 3
+
+[train]
+epochs = {epochs}
+batch_size = 32
+lr = 0.05
+
+[data]
+dataset = "digits"
+
+[data.partition]
+scheme = "dirichlet"
+alpha = 1.0
+seed = 3
+{extra}
+"""
+
+
+@pytest.fixture(scope="session")
+def pki_dir(tmp_path_factory) -> Path:
+    """One federation CA for the whole session, with the usual cast of certificates."""
+    path = tmp_path_factory.mktemp("pki") / "pki"
+    make_pki(path, SITES + ["site-x"])
+    return path
+
+
+class LocalFederation(Federation):
+    """A Federation whose PKI is shared across tests and which knows how to wait for things."""
+
+    def __init__(self, workdir: Path, pki: Path):
+        super().__init__(workdir, f"127.0.0.1:{free_port()}")
+        self._pki = pki
+        self._client: OperatorClient | None = None
+
+    @property
+    def pki(self) -> Path:  # type: ignore[override]
+        return self._pki
+
+    def write_config(self, text: str) -> Path:
+        path = self.workdir / "run.toml"
+        path.write_text(text)
+        return path
+
+    @property
+    def client(self) -> OperatorClient:
+        if self._client is None:
+            self._client = OperatorClient(self.address, self.operator_tls())
+        return self._client
+
+    def wait_serving(self, timeout: float = 60) -> None:
+        self.wait_for(lambda: self.client.serving(), timeout, "the coordinator to serve")
+
+    def wait_for(self, predicate, timeout: float, what: str):
+        deadline = time.monotonic() + timeout
+        while True:
+            value = predicate()
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{self.tail_logs()}")
+            time.sleep(0.1)
+
+    def status(self):
+        return self.client.status()
+
+    def wait_rounds(self, n: int, timeout: float = 120):
+        return self.wait_for(lambda: (s := self.status()).rounds_completed >= n and s, timeout,
+                             f"{n} completed rounds")
+
+    def db(self) -> sqlite3.Connection:
+        return sqlite3.connect(self.workdir / "coordinator" / "coordinator.sqlite3")
+
+    def log(self, name: str = "coordinator") -> str:
+        path = self.workdir / "logs" / f"{name}.log"
+        return path.read_text() if path.exists() else ""
+
+    def tail_logs(self, lines: int = 15) -> str:
+        out = []
+        for path in sorted((self.workdir / "logs").glob("*")):
+            out.append(f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(out)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+        self.shutdown()
+
+
+@pytest.fixture
+def federation(tmp_path, pki_dir):
+    fed = LocalFederation(tmp_path, pki_dir)
+    yield fed
+    fed.close()
