@@ -4,7 +4,7 @@ VENV    := .venv
 VPY     := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
 
-.PHONY: demo test test-fast test-all bench proto clean venv
+.PHONY: demo test test-slow test-all bench proto clean venv
 
 venv: $(STAMP)
 
@@ -23,6 +23,9 @@ demo: $(STAMP)
 # The fast default suite; `make test-all` adds the cases marked slow.
 test: $(STAMP)
 	$(VPY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: $(STAMP)
+	$(VPY) -m pytest -m slow $(PYTEST_ARGS)
 
 test-all: $(STAMP)
 	$(VPY) -m pytest $(PYTEST_ARGS)

@@ -262,10 +262,19 @@ class RoundEngine:
 
     def _start_attempt(self) -> Attempt | None:
         with self._cond:
-            while len(self.sessions) < self.fed.min_participants and not self._stop.is_set():
-                self._cond.wait(timeout=0.5)
-            if self._stop.is_set():
-                return None
+            while True:
+                while len(self.sessions) < self.fed.min_participants and not self._stop.is_set():
+                    self._cond.wait(timeout=0.5)
+                # Enough sites to run, but give the others a short window to connect: starting
+                # without a site that is seconds away would leave it out of a whole round.
+                gather_until = time.monotonic() + self.fed.gather_timeout_s
+                while (len(self.sessions) < len(self.fed.sites) and not self._stop.is_set()
+                       and (left := gather_until - time.monotonic()) > 0):
+                    self._cond.wait(timeout=min(left, 0.5))
+                if self._stop.is_set():
+                    return None
+                if len(self.sessions) >= self.fed.min_participants:
+                    break
             selected = frozenset(sorted(self.sessions)[: self.fed.max_participants])
             now = time.monotonic()
             attempt = Attempt(round=self.rounds_completed + 1, task_id=os.urandom(16), selected=selected,

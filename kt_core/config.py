@@ -34,6 +34,8 @@ class FederationSettings:
     min_participants: int = 2
     max_participants: int = 100
     round_timeout_s: float = 120.0
+    # How long a round waits for the run's other sites once min_participants are connected.
+    gather_timeout_s: float = 5.0
     # The sites of this run, in order: only these may join, and the data partition is laid out over them.
     sites: tuple[str, ...] = ("site-a", "site-b", "site-c")
     seed: int = 0
@@ -47,6 +49,8 @@ class FederationSettings:
             raise ValueError("min_participants: must be between 1 and max_participants")
         if self.round_timeout_s <= 0:
             raise ValueError("round_timeout_s: must be > 0")
+        if self.gather_timeout_s < 0:
+            raise ValueError("gather_timeout_s: must be >= 0")
         if not self.sites or len(set(self.sites)) != len(self.sites):
             raise ValueError("sites: must be a non-empty list of distinct names")
         if self.min_participants > len(self.sites):

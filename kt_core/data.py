@@ -64,9 +64,11 @@ def read_idx(path: str | os.PathLike, ndim: int, dtype_code: int = 0x08) -> np.n
     if len(raw) < 4:
         raise DatasetError(f"{path}: truncated header ({len(raw)} bytes)")
     if raw[0] != 0 or raw[1] != 0:
-        raise DatasetError(f"{path}: bad magic number 0x{raw[:4].hex()} (an idx file starts with two zero bytes)")
+        raise DatasetError(f"{path}: bad magic number 0x{raw[:4].hex()} "
+                           f"(an idx file starts with two zero bytes)")
     if raw[2] != dtype_code:
-        raise DatasetError(f"{path}: dtype code 0x{raw[2]:02x} in the magic number, expected 0x{dtype_code:02x}")
+        raise DatasetError(f"{path}: dtype code 0x{raw[2]:02x} in the magic number, "
+                           f"expected 0x{dtype_code:02x}")
     if raw[3] != ndim:
         raise DatasetError(f"{path}: {raw[3]} dimensions in the magic number, expected {ndim}")
     header = 4 + 4 * ndim
@@ -153,7 +155,8 @@ def load_dataset(name: str = "auto", root: str | os.PathLike | None = None,
     elif name == "digits":
         ds = _load_digits()
     else:
-        raise ValueError(f"name: unknown dataset {name!r} (expected 'auto', 'fashion-mnist' or 'digits')")
+        raise ValueError(f"name: unknown dataset {name!r} "
+                         f"(expected 'auto', 'fashion-mnist' or 'digits')")
     train = subsample_indices(ds.train_y, max_train, seed)
     test = subsample_indices(ds.test_y, max_test, seed + 1)
     return Dataset(ds.name, ds.train_x[train], ds.train_y[train], ds.test_x[test], ds.test_y[test],
@@ -179,7 +182,8 @@ class PartitionSpec:
             raise ValueError(f"alpha: must be a finite number > 0, got {self.alpha!r}")
         if not isinstance(self.classes_per_site, int) or isinstance(self.classes_per_site, bool) \
                 or self.classes_per_site < 1:
-            raise ValueError(f"classes_per_site: must be a positive integer, got {self.classes_per_site!r}")
+            raise ValueError(f"classes_per_site: must be a positive integer, "
+                             f"got {self.classes_per_site!r}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"seed: must be a non-negative integer, got {self.seed!r}")
 
@@ -249,7 +253,8 @@ def site_indices(labels: np.ndarray, num_classes: int, sites: Sequence[str], sit
         raise ValueError(f"site {site!r} is not one of the sites {names}")
     labels = np.asarray(labels)
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"labels: must be a 1-d integer array, got {labels.dtype} with shape {labels.shape}")
+        raise ValueError(f"labels: must be a 1-d integer array, "
+                         f"got {labels.dtype} with shape {labels.shape}")
     if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
         raise ValueError(f"labels: values must lie in [0, {num_classes})")
     P = proportion_matrix(num_classes, names, spec)

@@ -140,7 +140,8 @@ def _entry_from_json(i: int, raw) -> TensorEntry:
     if not isinstance(raw, dict):
         raise ManifestError(f"{where}: must be an object")
     if set(raw) != {"name", "role", "shape", "dtype"}:
-        raise ManifestError(f"{where}: expected keys ['dtype', 'name', 'role', 'shape'], got {sorted(raw)}")
+        raise ManifestError(f"{where}: expected keys ['dtype', 'name', 'role', 'shape'], "
+                            f"got {sorted(raw)}")
     name, role, shape, dtype = raw["name"], raw["role"], raw["shape"], raw["dtype"]
     if not isinstance(name, str) or not name:
         raise ManifestError(f"{where}.name: must be a non-empty string, got {name!r}")

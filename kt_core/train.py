@@ -91,7 +91,8 @@ def _as_tensors(x, y) -> tuple[Tensor, Tensor]:
     x = torch.as_tensor(np.asarray(x) if not isinstance(x, Tensor) else x, dtype=torch.float32)
     y = torch.as_tensor(np.asarray(y) if not isinstance(y, Tensor) else y, dtype=torch.int64)
     if x.ndim < 2 or y.ndim != 1 or x.shape[0] != y.shape[0]:
-        raise ValueError(f"x must be N x ... and y of length N, got {tuple(x.shape)} and {tuple(y.shape)}")
+        raise ValueError(f"x must be N x ... and y of length N, "
+                         f"got {tuple(x.shape)} and {tuple(y.shape)}")
     if x.shape[0] == 0:
         raise ValueError("no samples")
     return x, y

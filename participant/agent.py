@@ -177,6 +177,10 @@ class ParticipantAgent:
                                  base_state_digest=task.global_state_digest, num_samples=trainer.num_samples,
                                  metrics=metrics)
         specs, messages = convert.upload_messages(header, update, self.chunk_bytes)
+        pause = float(os.environ.get("KTFED_FAULT_PAUSE_BEFORE_UPLOAD_S", "0") or 0)
+        if pause:  # fault-injection point for the tests that kill a site mid-round
+            log.warning("%s: fault injection: pausing %.1fs before uploading round %d", self.site, pause, round_no)
+            self._stop.wait(pause)
         try:
             receipt = stub.Upload(messages, timeout=self.settings.rpc_timeout_s)
         except grpc.RpcError as err:

@@ -5,6 +5,7 @@ import sqlite3
 import time
 from pathlib import Path
 
+import grpc
 import pytest
 
 from ktfed.launcher import Federation, free_port, make_pki
@@ -85,7 +86,12 @@ class LocalFederation(Federation):
     def wait_for(self, predicate, timeout: float, what: str):
         deadline = time.monotonic() + timeout
         while True:
-            value = predicate()
+            try:
+                value = predicate()
+            except grpc.RpcError as err:  # a coordinator that is (re)starting is not an answer yet
+                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                value = None
             if value:
                 return value
             if time.monotonic() > deadline:

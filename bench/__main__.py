@@ -1,0 +1,58 @@
+"""python -m bench [overhead] [bytes] [waffle] [--quick] [--rounds N] ..."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from pathlib import Path
+
+from bench import BENCHMARKS
+from bench.common import RESULTS, Options, say, table, write_json
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
+    parser.add_argument("--quick", action="store_true", help="a much smaller version of each (smoke test, < 60 s in all)")
+    parser.add_argument("--rounds", type=int, help="rounds per run (overrides each benchmark's default)")
+    parser.add_argument("--max-train", type=int, help="waffle: training samples before partitioning (0 = all)")
+    parser.add_argument("--epochs", type=int, help="waffle: local epochs per round")
+    parser.add_argument("--dataset", default="auto", choices=["auto", "fashion-mnist", "digits"],
+                        help="waffle: data set (auto = fashion-mnist when installed)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default: bench/results)")
+    parser.add_argument("--keep", action="store_true", help="keep the federations' work folders and logs")
+    args = parser.parse_args(argv)
+    names = args.names or list(BENCHMARKS)
+    unknown = [n for n in names if n not in BENCHMARKS]
+    if unknown:
+        parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    opts = Options(quick=args.quick, rounds=args.rounds, max_train=args.max_train, dataset=args.dataset,
+                   epochs=args.epochs, keep=args.keep, out=args.out)
+
+    timings, failed = [], []
+    started = time.monotonic()
+    for name in names:
+        module = importlib.import_module(f"bench.{name}")
+        say(f"\n=== {name}{' (quick)' if opts.quick else ''}: {module.DESCRIPTION}")
+        t0 = time.monotonic()
+        try:
+            data = module.run(opts)
+        except Exception as err:  # noqa: BLE001 - report and go on with the other benchmarks
+            failed.append(name)
+            say(f"[{name}] FAILED: {type(err).__name__}: {err}")
+            timings.append([name, f"{time.monotonic() - t0:.1f}", "FAILED"])
+            continue
+        elapsed = time.monotonic() - t0
+        data = {"benchmark": name, "quick": opts.quick, "wall_s": elapsed, **data}
+        path = write_json(opts.out, name, data)
+        timings.append([name, f"{elapsed:.1f}", str(path)])
+    say("\n" + table(["benchmark", "wall s", "results"], timings,
+                     title=f"=== done in {time.monotonic() - started:.1f} s"))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""The `ktfed` command line, run as a real subprocess: PKI, config checks, refusing bad state."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+
+from tests.conftest import SITES, fast_config
+
+
+def ktfed(*args, cwd=None, timeout=120):
+    return subprocess.run([sys.executable, "-m", "ktfed", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, timeout=timeout)
+
+
+def test_pki_commands(tmp_path):
+    pki = tmp_path / "pki"
+    assert ktfed("pki", "init", "--dir", pki).returncode == 0
+    again = ktfed("pki", "init", "--dir", pki)
+    assert again.returncode == 2 and "error:" in again.stderr
+    out = ktfed("pki", "issue", "--dir", pki, "--role", "participant", "--name", "site-q")
+    assert out.returncode == 0 and "issued participant certificate for site-q" in out.stdout
+    assert stat.S_IMODE(os.stat(pki / "issued" / "site-q.key").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(pki / "ca.key").st_mode) == 0o600
+    bad = ktfed("pki", "issue", "--dir", pki, "--role", "participant", "--name", "Bad Name")
+    assert bad.returncode == 2 and "Bad Name" in bad.stderr
+    bad_role = ktfed("pki", "issue", "--dir", pki, "--role", "admin", "--name", "x")
+    assert bad_role.returncode == 2 and "invalid choice: 'admin'" in bad_role.stderr
+    revoked = ktfed("pki", "revoke", "--dir", pki, "site-q")
+    assert revoked.returncode == 0 and "revoked site-q" in revoked.stdout
+    unknown = ktfed("pki", "revoke", "--dir", pki, "nobody")
+    assert unknown.returncode == 2 and "nobody" in unknown.stderr
+
+
+def test_config_check_names_the_bad_field(tmp_path):
+    good = tmp_path / "good.toml"
+    good.write_text(fast_config())
+    out = ktfed("config", "check", good)
+    assert out.returncode == 0 and '"dataset": "digits"' in out.stdout
+    cases = {
+        "lr = 0.05": ("lr = \"fast\"", "train.lr: expected a number"),
+        "rounds = 3": ("rounds = 0", "federation.rounds: must be >= 1"),
+        "mode = \"waffle\"": ("mode = \"sparse\"", "model.mode"),
+        "[data]": ("[data]\ncolour = 1", "data.colour: unknown field"),
+        "scheme = \"dirichlet\"": ("scheme = \"random\"", "data.partition.scheme"),
+    }
+    for original, (replacement, message) in cases.items():
+        bad = tmp_path / "bad.toml"
+        bad.write_text(fast_config().replace(original, replacement, 1))
+        out = ktfed("config", "check", bad)
+        assert out.returncode == 2, (replacement, out.stdout)
+        assert message in out.stderr and str(bad) in out.stderr, (message, out.stderr)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[federation\nrounds = 3")
+    out = ktfed("config", "check", broken)
+    assert out.returncode == 2 and "not valid TOML" in out.stderr
+
+
+def test_coordinator_refuses_an_invalid_config_file(tmp_path, pki_dir):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(fast_config().replace("min_participants = 2", "min_participants = 9"))
+    out = ktfed("coordinator", "serve", "--listen", "127.0.0.1:0", "--state", tmp_path / "state",
+                "--pki", pki_dir, "--config", bad)
+    assert out.returncode == 2
+    assert "federation.min_participants" in out.stderr and str(bad) in out.stderr
+
+
+def test_coordinator_refuses_a_corrupted_checkpoint_and_names_it(federation):
+    config = federation.write_config(fast_config(rounds=30, min_participants=3))
+    federation.start_coordinator(config)
+    federation.wait_serving()
+    for site in SITES:
+        federation.start_participant(site)
+    federation.wait_rounds(2)
+    federation.shutdown()
+    run_dir = next((federation.workdir / "coordinator" / "runs").iterdir())
+    last = sorted(run_dir.glob("round-*.safetensors"))[-1]
+    data = bytearray(last.read_bytes())
+    data[-5] ^= 0xFF  # one flipped bit pattern in the tensor payload
+    last.write_bytes(bytes(data))
+    out = ktfed(*federation.coordinator_command()[3:])
+    assert out.returncode == 2
+    assert "refusing to start" in out.stderr and str(last) in out.stderr and "digest" in out.stderr
+    last.write_bytes(b"not a safetensors file")
+    out = ktfed(*federation.coordinator_command()[3:])
+    assert out.returncode == 2 and str(last) in out.stderr and "cannot be read" in out.stderr
+
+
+def test_participant_needs_credentials_or_insecure(tmp_path):
+    out = ktfed("participant", "run", "--site", "site-a", "--coordinator", "127.0.0.1:1")
+    assert out.returncode != 0 and "--insecure" in out.stderr
