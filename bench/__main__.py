@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
 
     timings, failed = [], []
     started = time.monotonic()
+    # the host is shared (2 cores here): say how busy it was, since every time below depends on it
+    say(f"python -m bench {' '.join(names)}{' --quick' if opts.quick else ''}: {os.cpu_count()} CPUs, "
+        f"load average {os.getloadavg()[0]:.2f} at start")
     for name in names:
         module = importlib.import_module(f"bench.{name}")
         say(f"\n=== {name}{' (quick)' if opts.quick else ''}: {module.DESCRIPTION}")
@@ -46,11 +50,12 @@ def main(argv: list[str] | None = None) -> int:
             timings.append([name, f"{time.monotonic() - t0:.1f}", "FAILED"])
             continue
         elapsed = time.monotonic() - t0
-        data = {"benchmark": name, "quick": opts.quick, "wall_s": elapsed, **data}
+        data = {"benchmark": name, "quick": opts.quick, "wall_s": elapsed, "cpus": os.cpu_count(),
+                "load_average_1min_at_end": os.getloadavg()[0], **data}
         path = write_json(opts.out, name, data)
         timings.append([name, f"{elapsed:.1f}", str(path)])
     say("\n" + table(["benchmark", "wall s", "results"], timings,
-                     title=f"=== done in {time.monotonic() - started:.1f} s"))
+                     title=f"=== done in {time.monotonic() - started:.1f} s (load average {os.getloadavg()[0]:.2f})"))
     return 1 if failed else 0
 
 

@@ -61,7 +61,8 @@ def run(opts: Options) -> dict:
     measured_rows = []
     try:
         for mode in MODES:
-            result = find_run(mode=mode, hidden=tuple(hidden), dataset=dataset, n_factors=N_FACTORS)
+            meta = dict(mode=mode, hidden=tuple(hidden), dataset=dataset, n_factors=N_FACTORS, chunk=1 << 20)
+            result = find_run(**meta)
             if result is not None:
                 say(f"[bytes] {mode}: reusing the {result.label} run of this invocation "
                     f"({len(result.rounds)} rounds x {len(result.rounds[0]['contributors'])} sites)")
@@ -74,8 +75,7 @@ def run(opts: Options) -> dict:
                                         n_factors=N_FACTORS, lora_rank=LORA_RANK, epochs=1, batch_size=32,
                                         lr=0.01, max_steps=1)
                 result = run_federation(f"bytes-{mode}", pki, sites, cfg, rounds, keep=opts.keep,
-                                        meta=dict(mode=mode, hidden=tuple(hidden), dataset=dataset,
-                                                  n_factors=N_FACTORS),
+                                        meta=meta,
                                         on_round=lambda r, m=mode: say(
                                             f"  {m} round {r['round']}: {r['bytes_by_participant']}"))
             per = [b for r in result.rounds for b in r["bytes_by_participant"].values()]

@@ -111,7 +111,7 @@ def mib(n: float) -> str:
 def federation_config(*, sites: Sequence[str], rounds: int, mode: str, hidden: Sequence[int],
                       dataset: str = "digits", n_factors: int = 16, lora_rank: int = 8, epochs: int = 1, batch_size: int = 32,
                       lr: float = 0.01, max_steps: int | None = None, timeout_s: float = 120,
-                      scheme: str = "iid", seed: int = 1) -> str:
+                      scheme: str = "iid", seed: int = 1, max_chunk_bytes: int = 1 << 20) -> str:
     names = ", ".join(f'"{s}"' for s in sites)
     steps = f"max_steps = {max_steps}\n" if max_steps else ""
     return f"""# written by bench
@@ -121,6 +121,7 @@ min_participants = {len(sites)}
 round_timeout_s = {timeout_s}
 sites = [{names}]
 seed = {seed}
+max_chunk_bytes = {max_chunk_bytes}
 
 [model]
 mode = "{mode}"

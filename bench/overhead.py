@@ -10,8 +10,17 @@ state (safetensors + fsync + SQLite), which happens after `seconds` is taken; th
 """
 from __future__ import annotations
 
+import tempfile
+import time
+
+import numpy as np
+
+from coordinator.strategy import FedAvg
+from kt_core import codec
 from kt_core.manifest import manifest_of
-from kt_core.models import ModelConfig, build_model
+from kt_core.models import ModelConfig, build_model, shared_state
+from kt_core.wire import convert
+from kt_core.wire import federation_pb2 as pb
 
 from bench.common import (Options, PKI, fmt, federation_config, mib, percentiles, pyplot, run_federation, say,
                           site_names, table)
@@ -24,17 +33,106 @@ HIDDEN = (1024, 896)    # with digits' 64 inputs: ~1.0M shared parameters when d
 DATASET = "digits"
 
 
-def variants() -> list[dict]:
-    return [
-        dict(label="dense-1M", mode="dense", hidden=HIDDEN, n_factors=16),
-        dict(label="waffle", mode="waffle", hidden=HIDDEN, n_factors=16),
+def variants(quick: bool = False) -> list[dict]:
+    out = [
+        dict(label="dense-1M", mode="dense", hidden=HIDDEN, n_factors=16, chunk=1 << 20),
+        dict(label="waffle", mode="waffle", hidden=HIDDEN, n_factors=16, chunk=1 << 20),
     ]
+    if not quick:  # the same dense model with the largest chunk the wire allows (default: 1 MiB)
+        out.append(dict(label="dense-1M-4MiB-chunks", mode="dense", hidden=HIDDEN, n_factors=16, chunk=4 << 20))
+    return out
 
 
 def shared_size(v: dict) -> tuple[int, int]:
     cfg = ModelConfig(mode=v["mode"], input_dim=64, hidden=tuple(v["hidden"]), n_factors=v["n_factors"])
     m = manifest_of(build_model(cfg))
     return m.shared_numel(), m.shared_nbytes()
+
+
+def cpu_breakdown(v: dict, n_sites: int = N_SITES, repeat: int = 3) -> dict:
+    """Single-thread CPU cost of the per-round steps that the wire and the aggregate need, with the
+    product's own functions on this model's shared state (median of `repeat`). The coordinator is
+    one Python process, so its part of a round runs one step at a time."""
+    cfg = ModelConfig(mode=v["mode"], input_dim=64, hidden=tuple(v["hidden"]), n_factors=v["n_factors"])
+    state = {n: t.numpy() for n, t in shared_state(build_model(cfg)).items()}
+    update = {n: (a * 1e-3).astype(a.dtype) for n, a in state.items()}
+    chunk = v["chunk"]
+
+    def upload_wire():
+        header = pb.UploadHeader(header=convert.header("run", 1, "site"), num_samples=1)
+        _, messages = convert.upload_messages(header, update, chunk)
+        return [m.SerializeToString() for m in messages]
+
+    wire = upload_wire()
+    encoded = codec.encode(state)
+
+    def receive_upload():
+        msgs = [pb.UploadChunk.FromString(raw) for raw in wire]
+        asm = codec.TensorAssembler([convert.spec_from_pb(t) for t in msgs[0].header.tensors], max_chunk_bytes=chunk)
+        for m in msgs[1:]:
+            asm.add(m.chunk.name, m.chunk.offset, m.chunk.data)
+        out = asm.finish()
+        codec.state_digest(convert.spec_from_pb(t) for t in msgs[0].header.tensors)
+        return out
+
+    def serve_download():
+        return [pb.StateChunk(chunk=c).SerializeToString() for c in convert.tensor_chunks(encoded, chunk)]
+
+    served = serve_download()
+
+    def assemble_download():
+        msgs = [pb.StateChunk.FromString(raw) for raw in served]
+        asm = codec.TensorAssembler([s for s, _ in encoded], max_chunk_bytes=chunk)
+        for m in msgs:
+            asm.add(m.chunk.name, m.chunk.offset, m.chunk.data)
+        return asm.finish()
+
+    received = receive_upload()
+    strategy = FedAvg()
+
+    def fedavg_add():
+        strategy.begin(state)
+        strategy.add(received, 100)
+
+    def fedavg_finish():
+        return strategy.finish()
+
+    def persist():
+        from safetensors.numpy import save_file
+        import os
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "round.safetensors")
+            save_file({n: np.ascontiguousarray(a) for n, a in state.items()}, path)
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+
+    def timed(fn) -> float:
+        times = []
+        for _ in range(repeat):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1000)
+        return float(np.median(times))
+
+    fedavg_add()
+    steps = [
+        ("participant", "assemble the downloaded global state (parse, SHA-256, copies, finiteness)", assemble_download),
+        ("participant", "encode + chunk + serialize its upload (to_bytes, SHA-256, protobuf)", upload_wire),
+        ("coordinator", "serve one download (chunk + serialize the pre-encoded state)", serve_download),
+        ("coordinator", "receive one upload (parse, assemble, SHA-256, finiteness, digest)", receive_upload),
+        ("coordinator", "FedAvg.begin + add of one update (float64 accumulate)", fedavg_add),
+        ("coordinator", "FedAvg.finish", fedavg_finish),
+        ("coordinator", "encode the new global state (to_bytes, SHA-256), between rounds", lambda: codec.encode(state)),
+        ("coordinator", "persist: safetensors write + fsync (approximation of the store's), between rounds",
+         persist),
+    ]
+    rows = [{"side": side, "step": what, "ms": timed(fn)} for side, what, fn in steps]
+    per_site = [rows[2]["ms"], rows[3]["ms"], rows[4]["ms"]]
+    coordinator_in_round = n_sites * sum(per_site) + rows[5]["ms"]
+    return {"steps": rows, "sites": n_sites,
+            "coordinator_cpu_in_round_ms": coordinator_in_round,
+            "participant_cpu_outside_compute_ms": rows[0]["ms"] + rows[1]["ms"],
+            "coordinator_cpu_between_rounds_ms": rows[6]["ms"] + rows[7]["ms"]}
 
 
 def analyse(result) -> list[dict]:
@@ -64,10 +162,11 @@ def run(opts: Options) -> dict:
            "transport": "gRPC, mutual TLS, 127.0.0.1", "train": "1 local epoch capped at 2 steps of 32",
            "variants": {}}
     try:
-        for v in variants():
+        for v in variants(opts.quick):
             numel, nbytes = shared_size(v)
             say(f"[overhead] {v['label']}: {v['mode']} {list(v['hidden'])} on {DATASET}, {numel:,} shared "
-                f"parameters ({mib(nbytes)} per upload), {N_SITES} participant processes, {rounds} rounds")
+                f"parameters ({mib(nbytes)} per upload, {mib(v['chunk'])} chunks), {N_SITES} participant "
+                f"processes, {rounds} rounds")
 
             def progress(r, label=v["label"]):
                 compute = r["compute_seconds"]
@@ -76,11 +175,15 @@ def run(opts: Options) -> dict:
                     f"{slowest * 1000:7.1f} ms, overhead {(r['seconds'] - slowest) * 1000:6.1f} ms")
 
             cfg = federation_config(sites=sites, rounds=rounds, mode=v["mode"], hidden=v["hidden"], dataset=DATASET,
-                                    n_factors=v["n_factors"], epochs=1, batch_size=32, lr=0.01, max_steps=2)
-            meta = dict(mode=v["mode"], hidden=tuple(v["hidden"]), dataset=DATASET, n_factors=v["n_factors"])
+                                    n_factors=v["n_factors"], epochs=1, batch_size=32, lr=0.01, max_steps=2,
+                                    max_chunk_bytes=v["chunk"])
+            meta = dict(mode=v["mode"], hidden=tuple(v["hidden"]), dataset=DATASET, n_factors=v["n_factors"],
+                        chunk=v["chunk"])
             result = run_federation(f"overhead-{v['label']}", pki, sites, cfg, rounds, keep=opts.keep,
                                     meta=meta, on_round=progress)
             rows = analyse(result)
+            cpu = cpu_breakdown(v)
+            _print_rounds(v["label"], rows)
             steady = [r["overhead_ms"] for r in rows if r["round"] >= 2] or [r["overhead_ms"] for r in rows]
             stats = percentiles(steady)
             stats_all = percentiles([r["overhead_ms"] for r in rows])
@@ -88,16 +191,18 @@ def run(opts: Options) -> dict:
             round_ms = percentiles([r["round_ms"] for r in rows if r["round"] >= 2] or [r["round_ms"] for r in rows])
             out["variants"][v["label"]] = {
                 "mode": v["mode"], "hidden": list(v["hidden"]), "n_factors": v["n_factors"],
+                "max_chunk_bytes": v["chunk"],
                 "shared_params": numel, "shared_bytes": nbytes,
                 "overhead_ms_steady": stats, "overhead_ms_all_rounds": stats_all, "round_ms_steady": round_ms,
-                "gap_ms": gaps, "target_met": stats["median"] < TARGET_MS,
+                "gap_ms": gaps, "target_met": stats["median"] < TARGET_MS, "cpu_breakdown": cpu,
                 "startup_s": result.startup_s, "wall_s": result.wall_s, "rounds": rows}
-            say(table(["round", "round ms", "slowest compute ms", "slowest site", "overhead ms", "gap ms"],
-                      [[r["round"], f"{r['round_ms']:.1f}", f"{r['slowest_compute_ms']:.1f}", r["slowest_site"],
-                        f"{r['overhead_ms']:.1f}", fmt(r["gap_ms"], ".1f")] for r in rows],
-                      title=f"\n{v['label']}: per round (gap = time between commits not inside `seconds`: "
-                            f"persisting + starting the next round)"))
-            say()
+            say(table(["side", "step", "ms"], [[r["side"], r["step"], f"{r['ms']:.1f}"] for r in cpu["steps"]],
+                      title=f"\n{v['label']}: where the overhead can go: single-thread CPU per step, measured "
+                            f"in-process on this state"))
+            say(f"  coordinator CPU inside a round ({N_SITES} sites x (serve download + receive upload + add) "
+                f"+ finish): {cpu['coordinator_cpu_in_round_ms']:.1f} ms; per participant outside its compute: "
+                f"{cpu['participant_cpu_outside_compute_ms']:.1f} ms; coordinator between rounds: "
+                f"{cpu['coordinator_cpu_between_rounds_ms']:.1f} ms\n")
     finally:
         pki.close()
 
@@ -117,6 +222,14 @@ def run(opts: Options) -> dict:
             f"{verdict} ({dense['overhead_ms_steady']['median']:.1f} ms)")
     _plot(out, opts)
     return out
+
+
+def _print_rounds(label: str, rows: list[dict]) -> None:
+    say(table(["round", "round ms", "slowest compute ms", "slowest site", "overhead ms", "gap ms"],
+              [[r["round"], f"{r['round_ms']:.1f}", f"{r['slowest_compute_ms']:.1f}", r["slowest_site"],
+                f"{r['overhead_ms']:.1f}", fmt(r["gap_ms"], ".1f")] for r in rows],
+              title=f"\n{label}: per round (gap = time between two commits not inside `seconds`: persisting "
+                    f"+ starting the next round)"))
 
 
 def _plot(out: dict, opts: Options) -> None:

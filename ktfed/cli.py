@@ -79,7 +79,10 @@ def cmd_coordinator(args) -> int:
     from coordinator.store import CorruptStateError
     from kt_core.config import ConfigError, load_file
 
+    import torch
+
     _setup_logging(args.log_level, args.log_file)
+    torch.set_num_threads(1)  # the coordinator only builds the initial model; keep the cores for sites
     log = logging.getLogger("ktfed.coordinator")
     try:
         config = load_file(Path(args.config)) if args.config else None

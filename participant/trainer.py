@@ -4,6 +4,7 @@ The private factors (WAFFLe's factor selection) live here and on the site's disk
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -17,7 +18,7 @@ from kt_core.config import RunConfig
 from kt_core.data import load_dataset, site_split
 from kt_core.manifest import manifest_of
 from kt_core.models import build_model, load_private_state, load_shared_state, private_state, shared_state
-from kt_core.train import TrainConfig, TrainResult, evaluate, train_local
+from kt_core.train import TrainResult, evaluate, train_local
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +57,9 @@ class LocalTrainer:
         return evaluate(self.model, self.test_x, self.test_y)
 
     def train(self, epochs: int, batch_size: int, lr: float, max_steps: int, seed: int) -> TrainResult:
-        base = self.config.train
-        cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=base.optimizer,
-                          momentum=base.momentum, kl_weight=base.kl_weight,
-                          max_steps=max_steps or None, seed=seed)
+        # The coordinator chooses these per round; everything else comes from the run config.
+        cfg = dataclasses.replace(self.config.train, epochs=epochs, batch_size=batch_size, lr=lr,
+                                  max_steps=max_steps or None, seed=seed)
         cfg.validate()
         return train_local(self.model, self.train_x, self.train_y, cfg)
 

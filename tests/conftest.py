@@ -7,11 +7,15 @@ from pathlib import Path
 
 import grpc
 import pytest
+import torch
 
 from ktfed.launcher import Federation, free_port, make_pki
 from ktfed.operator import OperatorClient
 
 SITES = ["site-a", "site-b", "site-c"]
+
+# Two shared cores: torch's own threads would fight the coordinator and participant processes.
+torch.set_num_threads(1)
 
 
 def fast_config(rounds: int = 3, min_participants: int = 2, timeout: float = 60, sites=SITES,

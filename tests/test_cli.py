@@ -90,3 +90,45 @@ def test_coordinator_refuses_a_corrupted_checkpoint_and_names_it(federation):
 def test_participant_needs_credentials_or_insecure(tmp_path):
     out = ktfed("participant", "run", "--site", "site-a", "--coordinator", "127.0.0.1:1")
     assert out.returncode != 0 and "--insecure" in out.stderr
+
+
+def test_operator_starts_a_run_and_reads_its_status(federation):
+    federation.start_coordinator()  # no run yet: the operator starts one
+    federation.wait_serving()
+    args = ["--coordinator", federation.address, "--pki", federation.pki]
+    out = ktfed("run", "status", *args)
+    assert out.returncode == 1 and "UNAVAILABLE: no run has been started" in out.stderr
+    config = federation.write_config(fast_config(rounds=2, min_participants=3))
+    out = ktfed("run", "start", "--config", config, *args)
+    assert out.returncode == 0 and "0/2 rounds" in out.stdout, out.stderr
+    for site in SITES:
+        federation.start_participant(site)
+    federation.wait_rounds(2)
+    out = ktfed("run", "status", "--json", *args)
+    assert out.returncode == 0
+    import json
+    status = json.loads(out.stdout)
+    assert status["state"] == "finished" and [r["round"] for r in status["rounds"]] == [1, 2]
+    assert {p["id"]: p["rounds_contributed"] for p in status["participants"]} == {s: 2 for s in SITES}
+    bad = federation.write_config(fast_config().replace("epochs = 2", "epochs = 0"))
+    out = ktfed("run", "start", "--config", bad, *args)
+    assert out.returncode == 2 and "train.epochs" in out.stderr
+
+
+def test_insecure_mode_runs_without_certificates(tmp_path):
+    from ktfed.launcher import free_port
+    import subprocess as sp
+    address = f"127.0.0.1:{free_port()}"
+    config = tmp_path / "run.toml"
+    config.write_text(fast_config(rounds=1, min_participants=1, sites=["site-a"]))
+    coord = sp.Popen([sys.executable, "-m", "ktfed", "coordinator", "serve", "--insecure", "--listen", address,
+                      "--state", str(tmp_path / "c"), "--config", str(config)], stderr=sp.PIPE, text=True)
+    try:
+        out = ktfed("participant", "run", "--insecure", "--site", "site-a", "--coordinator", address,
+                    "--state", tmp_path / "p", "--backoff-max", "0.5")
+        assert out.returncode == 0, out.stderr
+        assert "plaintext channel" in out.stderr
+    finally:
+        coord.terminate()
+        _, err = coord.communicate(timeout=20)
+    assert "WITHOUT TLS" in err
