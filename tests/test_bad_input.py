@@ -51,6 +51,14 @@ class Site:
         head.tensors.extend(convert.spec_to_pb(codec.spec_of(n, a)) for n, a in sorted(tensors.items()))
         return head
 
+    def download(self, task: pb.RoundTask) -> dict:
+        chunks = list(self.stub.DownloadState(pb.StateRequest(header=self.header(round_no=task.header.round),
+                                                              global_state_digest=task.global_state_digest)))
+        assembler = codec.TensorAssembler([convert.spec_from_pb(s) for s in chunks[0].header.tensors])
+        for message in chunks[1:]:
+            assembler.add(message.chunk.name, message.chunk.offset, message.chunk.data)
+        return assembler.finish()
+
     def upload(self, head: pb.UploadHeader, tensors, chunk=CHUNK):
         encoded = [(codec.spec_of(n, a), codec.to_bytes(a)) for n, a in sorted(tensors.items())]
         messages = [pb.UploadChunk(header=head)] + [pb.UploadChunk(chunk=c)
@@ -85,12 +93,7 @@ def sites(fed):
         out[name] = site
     for site in out.values():
         site.task = next(t.round for t in site.stream if t.HasField("round"))
-        chunks = list(site.stub.DownloadState(pb.StateRequest(header=site.header(),
-                                                              global_state_digest=site.task.global_state_digest)))
-        assembler = codec.TensorAssembler([convert.spec_from_pb(s) for s in chunks[0].header.tensors])
-        for message in chunks[1:]:
-            assembler.add(message.chunk.name, message.chunk.offset, message.chunk.data)
-        site.state = assembler.finish()
+        site.state = site.download(site.task)
     yield out
     for site in out.values():
         site.stream.cancel()
@@ -296,13 +299,7 @@ def test_valid_updates_give_exactly_the_expected_aggregate(fed, sites):
     status = fed.wait_rounds(1, timeout=30)
     assert list(status.rounds[0].contributors) == ["site-a", "site-x"]
     # Sample-weighted mean of the deltas: (1*1 + 3*4) / 4 = 3.25, added to the old global state.
-    task2 = next(t.round for t in x.stream if t.HasField("round"))
-    chunks = list(x.stub.DownloadState(pb.StateRequest(header=x.header(round_no=2),
-                                                       global_state_digest=task2.global_state_digest)))
-    assembler = codec.TensorAssembler([convert.spec_from_pb(s) for s in chunks[0].header.tensors])
-    for message in chunks[1:]:
-        assembler.add(message.chunk.name, message.chunk.offset, message.chunk.data)
-    new_state = assembler.finish()
+    new_state = x.download(next(t.round for t in x.stream if t.HasField("round")))
     for name, old in x.state.items():
         np.testing.assert_allclose(new_state[name], old + np.float32(3.25), rtol=0, atol=1e-6)
     # A replay of round 1's upload during round 2 is stale.
