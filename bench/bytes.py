@@ -130,7 +130,10 @@ def _plot(out: dict, opts: Options) -> None:
     ax.set_xticklabels(archs, fontsize=7)
     ax.set_yscale("log")
     ax.set_ylabel("bytes uploaded per round per participant")
-    ax.set_title("shared-state size by adapter (manifest; measured runs match it)")
+    measured = out["measured"].values()
+    agree = "measured runs match it" if measured and all(m["matches_manifest"] for m in measured) else \
+        "a measured run DIFFERS, see the JSON"
+    ax.set_title(f"shared-state size by adapter (manifest; {agree})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     opts.out.mkdir(parents=True, exist_ok=True)

@@ -53,13 +53,16 @@ def fmt(value, spec: str = "") -> str:
     return format(value, spec) if spec else str(value)
 
 
-def table(headers: Sequence[str], rows: Iterable[Sequence], title: str | None = None) -> str:
-    """A plain text table: first column left-aligned, the others right-aligned."""
+def table(headers: Sequence[str], rows: Iterable[Sequence], title: str | None = None, align: str = "") -> str:
+    """A plain text table. `align` has one letter per column, l or r; by default the first column
+    is left-aligned and the others right-aligned."""
     rows = [[str(c) for c in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    align = align or "l" + "r" * (len(headers) - 1)
 
     def line(cells):
-        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join(c.ljust(w) if align[i] == "l" else c.rjust(w)
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     out = [title] if title else []
     out += [line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows]

@@ -198,7 +198,7 @@ def run(opts: Options) -> dict:
                 "startup_s": result.startup_s, "wall_s": result.wall_s, "rounds": rows}
             say(table(["side", "step", "ms"], [[r["side"], r["step"], f"{r['ms']:.1f}"] for r in cpu["steps"]],
                       title=f"\n{v['label']}: where the overhead can go: single-thread CPU per step, measured "
-                            f"in-process on this state"))
+                            f"in-process on this state", align="llr"))
             say(f"  coordinator CPU inside a round ({N_SITES} sites x (serve download + receive upload + add) "
                 f"+ finish): {cpu['coordinator_cpu_in_round_ms']:.1f} ms; per participant outside its compute: "
                 f"{cpu['participant_cpu_outside_compute_ms']:.1f} ms; coordinator between rounds: "
@@ -237,8 +237,10 @@ def _plot(out: dict, opts: Options) -> None:
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, d in out["variants"].items():
         rows = d["rounds"]
-        ax.plot([r["round"] for r in rows], [r["overhead_ms"] for r in rows], marker="o", label=f"{label} overhead")
-        ax.plot([r["round"] for r in rows], [r["round_ms"] for r in rows], ls=":", alpha=0.6, label=f"{label} round")
+        (line,) = ax.plot([r["round"] for r in rows], [r["overhead_ms"] for r in rows], marker="o",
+                          label=f"{label} overhead")
+        ax.plot([r["round"] for r in rows], [r["round_ms"] for r in rows], ls=":", alpha=0.7, color=line.get_color(),
+                label=f"{label} whole round")
     ax.axhline(TARGET_MS, color="red", lw=0.8, ls="--", label=f"target {TARGET_MS:.0f} ms")
     ax.set_xlabel("round")
     ax.set_ylabel("ms")
