@@ -39,7 +39,6 @@ LR = 0.05
 MAX_GRAD_NORM = 1.0
 METHODS = ("waffle", "fedavg", "local")
 MODE = {"waffle": "waffle", "fedavg": "dense", "local": "dense"}
-GATE_INIT = 3.0     # FactorizedLinear's default initial gate logit
 
 
 def settings(opts: Options) -> dict:
@@ -91,10 +90,12 @@ def run(opts: Options) -> dict:
                     f"({data.name}, each site's own 2 classes; after aggregation)"))
     w, f = out["methods"]["waffle"], out["methods"]["fedavg"]
     g = w["private_gates"]
-    patterns = sorted({tuple(v) for v in g["on_per_layer"].values()})
-    say(f"\nWAFFLe private factor selection after the last round: gates on per layer (of {g['of']}) "
-        f"{', '.join(str(list(p)) for p in patterns)} across sites; gate logits moved "
-        f"{g['mean_abs_logit_change']:.3f} on average (max {g['max_abs_logit_change']:.3f}) from {GATE_INIT}")
+    say(f"\nWAFFLe private factor selection after the last round: gates on per layer (of {g['of']}) per site: "
+        f"{'; '.join(f'{s} {v}' for s, v in g['on_per_layer'].items())}")
+    say(f"  {g['fraction_on']:.2f} of all gates on; {g['distinct_patterns']} distinct selections over {N_SITES} sites, "
+        f"mean pairwise Hamming distance {g['mean_pairwise_hamming']:.3f} (0 = identical); gate logits moved "
+        f"{g['mean_abs_logit_change']:.3f} on average (max layer mean {g['max_abs_logit_change']:.3f}) from their "
+        f"initial values (mean {g['initial_logit_mean']:.2f})")
     if w["bytes_up_per_round_per_site"]:
         say(f"\nbytes per round per site: WAFFLe {mib(w['bytes_up_per_round_per_site'])} vs FedAvg "
             f"{mib(f['bytes_up_per_round_per_site'])} up, the same again down "
@@ -116,6 +117,8 @@ def simulate(method: str, input_dim: int, splits: dict, cfg: dict) -> dict:
     model_cfg = ModelConfig(mode=MODE[method], input_dim=input_dim, hidden=HIDDEN, num_classes=10,
                             n_factors=N_FACTORS, seed=0)
     models = {s: build_model(model_cfg) for s in sites}
+    initial_gates = {s: [m.gate_logits.detach().clone() for m in mod.modules() if hasattr(m, "gate_logits")]
+                     for s, mod in models.items()}
     manifest = manifest_of(models[sites[0]])
     tensors = {s: (torch.from_numpy(v[0]), torch.from_numpy(v[1]), torch.from_numpy(v[2]), torch.from_numpy(v[3]))
                for s, v in splits.items()}
@@ -165,20 +168,28 @@ def simulate(method: str, input_dim: int, splits: dict, cfg: dict) -> dict:
             "final_per_site": dict(zip(sites, curve[-1])),
             "curve_mean": [float(np.mean(c)) for c in curve], "curve_std": [float(np.std(c)) for c in curve],
             "curve_after_local_training_mean": [float(np.mean(c)) for c in curve_pre],
-            "private_gates": _gates(models) if method == "waffle" else None,
+            "private_gates": _gates(models, initial_gates) if method == "waffle" else None,
             "wall_s": time.monotonic() - started}
 
 
-def _gates(models: dict) -> dict:
+def _gates(models: dict, initial: dict) -> dict:
     """What each site's private factor selection looks like: gates on (posterior mode) per layer,
-    and how far the gate logits moved from their initial value."""
-    on, moved = {}, []
+    how far the gate logits moved from their initial values, and how different the sites'
+    selections are (Hamming distance between two sites' on/off patterns over all layers)."""
+    on, moved, patterns = {}, [], []
     for site, model in models.items():
         layers = [m for m in model.modules() if hasattr(m, "gate_logits")]
         on[site] = [int((m.gate_logits > 0).sum()) for m in layers]
-        moved += [float((m.gate_logits.detach() - GATE_INIT).abs().mean()) for m in layers]
-    return {"on_per_layer": on, "of": N_FACTORS, "mean_abs_logit_change": float(np.mean(moved)),
-            "max_abs_logit_change": float(np.max(moved))}
+        moved += [float((m.gate_logits.detach() - g0).abs().mean()) for m, g0 in zip(layers, initial[site])]
+        patterns.append(np.concatenate([(m.gate_logits.detach() > 0).numpy() for m in layers]))
+    p = np.stack(patterns)
+    ham = [float(np.mean(p[i] != p[j])) for i in range(len(p)) for j in range(i + 1, len(p))]
+    init = np.concatenate([g.numpy() for g in next(iter(initial.values()))])
+    return {"on_per_layer": on, "of": N_FACTORS, "fraction_on_per_site": {s: float(v.mean()) for s, v in zip(on, p)},
+            "fraction_on": float(p.mean()), "mean_pairwise_hamming": float(np.mean(ham)) if ham else 0.0,
+            "distinct_patterns": len({tuple(v) for v in p.tolist()}),
+            "initial_logit_mean": float(init.mean()),
+            "mean_abs_logit_change": float(np.mean(moved)), "max_abs_logit_change": float(np.max(moved))}
 
 
 def _plot(out: dict, opts: Options) -> None:

@@ -65,9 +65,14 @@ def encode(tensors: Mapping[str, np.ndarray]) -> list[tuple[TensorSpec, bytes]]:
 def iter_chunks(raw: bytes, chunk_bytes: int) -> Iterator[tuple[int, bytes]]:
     if chunk_bytes <= 0:
         raise ValueError("chunk_bytes must be positive")
-    view = memoryview(raw)
-    for offset in range(0, len(raw), chunk_bytes):
-        yield offset, bytes(view[offset:offset + chunk_bytes])
+    if len(raw) <= chunk_bytes and isinstance(raw, bytes):
+        if raw:
+            yield 0, raw          # one chunk: the bytes themselves, no copy
+    else:
+        view = memoryview(raw)
+        for offset in range(0, len(raw), chunk_bytes):
+            # protobuf's bytes fields take only `bytes`, so each slice is copied exactly once here
+            yield offset, bytes(view[offset:offset + chunk_bytes])
     if not raw:  # an empty tensor still gets one (empty) chunk so the receiver sees it complete
         yield 0, b""
 
@@ -117,7 +122,13 @@ class TensorAssembler:
             self.specs[spec.name] = spec
         self.max_chunk_bytes = max_chunk_bytes
         self.require_finite = require_finite
-        self._buffers = {name: bytearray() for name in self.specs}
+        # allocated at full declared size on a tensor's first chunk (sizes are bounded by check_spec),
+        # then filled in place: no regrowth copies, and finish() wraps the buffer without copying
+        self._buffers: dict[str, bytearray] = {}
+        # hashed chunk by chunk on arrival, while the chunk is still in cache (and, in a server,
+        # with the GIL released by hashlib), rather than re-reading the whole tensor in finish()
+        self._hashes = {name: hashlib.sha256() for name in self.specs}
+        self._filled = {name: 0 for name in self.specs}
         self.bytes_received = 0
 
     def add(self, name: str, offset: int, data: bytes) -> None:
@@ -127,24 +138,32 @@ class TensorAssembler:
         if len(data) > self.max_chunk_bytes:
             raise WireError("chunk_too_large", f"chunk of {len(data)} bytes for {name!r} exceeds "
                                                f"the chunk limit of {self.max_chunk_bytes}")
-        buf = self._buffers[name]
-        if offset != len(buf):
-            raise WireError("offset", f"chunk for {name!r} at offset {offset}, expected {len(buf)}")
-        if len(buf) + len(data) > spec.nbytes:
+        filled = self._filled[name]
+        if offset != filled:
+            raise WireError("offset", f"chunk for {name!r} at offset {offset}, expected {filled}")
+        end = filled + len(data)
+        if end > spec.nbytes:
             raise WireError("size", f"tensor {name!r} receives more than its declared {spec.nbytes} bytes")
-        buf += data
+        buf = self._buffers.get(name)
+        if buf is None:
+            buf = self._buffers[name] = bytearray(spec.nbytes)
+        buf[filled:end] = data
+        self._hashes[name].update(data)
+        self._filled[name] = end
         self.bytes_received += len(data)
 
     def finish(self) -> dict[str, np.ndarray]:
         out = {}
         for name, spec in self.specs.items():
-            buf = self._buffers[name]
-            if len(buf) != spec.nbytes:
-                raise WireError("incomplete", f"tensor {name!r}: got {len(buf)} of {spec.nbytes} bytes")
-            if hashlib.sha256(buf).digest() != spec.sha256:
+            filled = self._filled[name]
+            if filled != spec.nbytes:
+                raise WireError("incomplete", f"tensor {name!r}: got {filled} of {spec.nbytes} bytes")
+            buf = self._buffers.get(name, bytearray())
+            if self._hashes[name].digest() != spec.sha256:
                 raise WireError("digest_mismatch", f"tensor {name!r}: SHA-256 of the received bytes "
                                                    f"does not match the declared digest")
-            array = np.frombuffer(bytes(buf), dtype=np.dtype(spec.dtype).newbyteorder("<"))
+            # wraps the assembler's own buffer (writable, owned by the array from here on): no copy
+            array = np.frombuffer(buf, dtype=np.dtype(spec.dtype).newbyteorder("<"))
             array = array.astype(spec.dtype, copy=False).reshape(spec.shape)
             if self.require_finite and array.dtype.kind == "f" and not np.isfinite(array).all():
                 raise WireError("nonfinite", f"tensor {name!r} contains NaN or Inf")

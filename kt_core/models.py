@@ -5,6 +5,8 @@ private_state is what a site keeps on disk; frozen tensors are rebuilt from the 
 """
 from __future__ import annotations
 
+import math
+
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -33,6 +35,10 @@ class ModelConfig:
     n_factors: int = 16
     ibp_alpha: float = 4.0
     temperature: float = 0.67
+    # Where the private gates start and how much faster than the dictionary they learn (see
+    # FactorizedLinear.GATE_INIT / GATE_LR_SCALE for why the defaults are what they are).
+    gate_init: float = 1.0
+    gate_lr_scale: float = 30.0
     lora_rank: int = 8
     lora_alpha: float = 16.0
     seed: int = 0
@@ -53,7 +59,10 @@ class ModelConfig:
             raise ValueError(f"num_classes: must be an integer >= 2, got {self.num_classes!r}")
         if not _is_int(self.n_factors) or self.n_factors < 1:
             raise ValueError(f"n_factors: must be a positive integer, got {self.n_factors!r}")
-        for name in ("ibp_alpha", "temperature", "lora_alpha"):
+        if not isinstance(self.gate_init, (int, float)) or isinstance(self.gate_init, bool) \
+                or not math.isfinite(self.gate_init):
+            raise ValueError(f"gate_init: must be a finite number, got {self.gate_init!r}")
+        for name in ("ibp_alpha", "temperature", "lora_alpha", "gate_lr_scale"):
             if not _is_pos_number(getattr(self, name)):
                 raise ValueError(f"{name}: must be a finite number > 0, got {getattr(self, name)!r}")
         if not _is_int(self.lora_rank) or self.lora_rank < 1:
@@ -85,7 +94,8 @@ def make_adapter(cfg: ModelConfig, in_features: int, out_features: int, seed: in
                  base: Tensor | None = None, base_bias: Tensor | None = None) -> Adapter:
     kw = {}
     if cfg.mode == "waffle":
-        kw = dict(n_factors=cfg.n_factors, ibp_alpha=cfg.ibp_alpha, temperature=cfg.temperature)
+        kw = dict(n_factors=cfg.n_factors, ibp_alpha=cfg.ibp_alpha, temperature=cfg.temperature,
+                  gate_init=cfg.gate_init, gate_lr_scale=cfg.gate_lr_scale)
     elif cfg.mode in ("lora", "ffa_lora"):
         kw = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha)
     return ADAPTERS[cfg.mode](in_features, out_features, base=base, base_bias=base_bias, seed=seed, **kw)

@@ -1,0 +1,47 @@
+# syntax=docker/dockerfile:1
+# The ktfed coordinator (CPU). Build from the repository root:
+#   docker build -f k8s/images/coordinator.Dockerfile -t registry.example.org/ktfed/coordinator:0.1.0 .
+# No certificate, key or run config is baked in: Kubernetes mounts them (k8s/README.md). Writable
+# paths are volumes only (/var/lib/ktfed/state, /tmp), so the root filesystem can be read-only.
+
+FROM python:3.11.13-slim-bookworm AS build
+ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
+RUN python -m venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# torch first, pinned, from the CPU index: letting a later requirement resolve torch pulls a
+# multi-GB CUDA build.
+RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+WORKDIR /src
+# Named folders only (never `COPY .`): a PKI or key in the working tree cannot end up in a layer.
+COPY pyproject.toml README.md ./
+COPY kt_core ./kt_core
+COPY security ./security
+COPY coordinator ./coordinator
+COPY participant ./participant
+COPY ktfed ./ktfed
+RUN pip install . && python -m compileall -q /opt/venv/lib
+
+FROM python:3.11.13-slim-bookworm
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    HOME=/tmp \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    KTFED_TLS_DIR=/etc/ktfed/tls
+RUN groupadd --system --gid 10001 ktfed \
+ && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
+      --shell /usr/sbin/nologin ktfed \
+ && mkdir -p /var/lib/ktfed/state /etc/ktfed/tls /etc/ktfed/crl /etc/ktfed/config \
+ && chown 10001:10001 /var/lib/ktfed/state
+COPY --from=build /opt/venv /opt/venv
+USER 10001:10001
+WORKDIR /var/lib/ktfed
+VOLUME ["/var/lib/ktfed/state"]
+EXPOSE 50051
+# The gRPC port is mTLS-only, so the check dials the health service with the mounted certificate.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=120s --retries=3 \
+  CMD ["python", "-m", "ktfed.k8s", "probe", "grpc", "--address=127.0.0.1:50051", "--service=ktfed.v1.ParticipantService"]
+ENTRYPOINT ["ktfed"]
+CMD ["coordinator", "serve", "--listen=0.0.0.0:50051", "--state=/var/lib/ktfed/state", \
+     "--ca=/etc/ktfed/tls/ca.crt", "--cert=/etc/ktfed/tls/tls.crt", "--key=/etc/ktfed/tls/tls.key", \
+     "--crl=/etc/ktfed/crl/crl.pem", "--config=/etc/ktfed/config/run.toml"]
