@@ -6,6 +6,8 @@ Refusals are raised as `Refusal(code, message)` and turned into gRPC statuses by
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import os
@@ -19,6 +21,8 @@ import grpc
 import numpy as np
 
 from coordinator.store import Store, UploadRecord
+from security.dp import accounting as dp_accounting
+from security.dp import user_level
 from coordinator.strategy import Strategy
 from kt_core import codec
 from kt_core.config import RunConfig
@@ -60,10 +64,11 @@ class Attempt:
     uploads: dict[str, UploadRecord] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     dropped: set[str] = field(default_factory=set)
+    declined: dict[str, str] = field(default_factory=dict)   # participant -> reason
     closed: bool = False
 
     def awaiting(self) -> set[str]:
-        return set(self.selected) - set(self.uploads) - self.dropped
+        return set(self.selected) - set(self.uploads) - self.dropped - set(self.declined)
 
 
 @dataclass
@@ -72,6 +77,16 @@ class ParticipantInfo:
     rounds_contributed: int = 0
     bytes_uploaded: int = 0
     last_metrics: dict[str, float] = field(default_factory=dict)
+    privacy_status: str = ""
+    epsilon_spent: float = 0.0
+    epsilon_budget: float = 0.0
+    decline_reason: str = ""
+
+    def note_privacy(self, metrics: Mapping[str, float]) -> None:
+        if "epsilon" in metrics:
+            self.epsilon_spent = float(metrics["epsilon"])
+            self.epsilon_budget = float(metrics.get("epsilon_budget", self.epsilon_budget))
+            self.privacy_status = "ok"
 
 
 class RoundEngine:
@@ -93,6 +108,17 @@ class RoundEngine:
             info = self.participants.setdefault(upload["participant_id"], ParticipantInfo())
             info.rounds_contributed += 1
             info.bytes_uploaded += upload["bytes"]
+        # restart: each site's last reported epsilon and its declines come back from the store
+        for rec in store.rounds(run_id):
+            for pid in rec.contributors:
+                self.participants.setdefault(pid, ParticipantInfo()).note_privacy(
+                    {k.split("/", 1)[1]: v for k, v in rec.metrics.items() if k.startswith(pid + "/")})
+        for d in store.declines(run_id):
+            self._note_decline(d["participant_id"], d["code"], d["reason"], d["epsilon_spent"], d["epsilon_budget"])
+        self.privacy = config.privacy
+        if self.privacy.enabled:
+            store.record_privacy_params(run_id, json.dumps(dataclasses.asdict(self.privacy), sort_keys=True),
+                                        self.privacy.accountant, dp_accounting.accountant_version())
         self.attempt: Attempt | None = None
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -181,6 +207,50 @@ class RoundEngine:
         self._check_specs([convert.spec_from_pb(s) for s in header.tensors])
         return attempt
 
+    # -- declines -----------------------------------------------------------------------------
+    def decline(self, participant_id: str, request: pb.DeclineRequest) -> Attempt:
+        """A selected site will not train this round (e.g. its privacy budget): it is out of this
+        round at once, the coordinator records why and goes on with the others."""
+        with self._cond:
+            attempt = self.attempt
+            if attempt is None or attempt.closed:
+                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, "no round is collecting updates")
+            round_no = request.header.round
+            if round_no != attempt.round:
+                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"{'stale' if round_no < attempt.round else 'future'} round {round_no}: "
+                              f"round {attempt.round} is in progress")
+            if participant_id not in attempt.selected:
+                raise Refusal(grpc.StatusCode.PERMISSION_DENIED,
+                              f"{participant_id} was not selected for round {attempt.round}")
+            if request.task_id != attempt.task_id:
+                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"task id does not belong to the current attempt of round {attempt.round} "
+                              f"(a replayed or superseded decline)")
+            if participant_id in attempt.uploads or participant_id in attempt.declined:
+                raise Refusal(grpc.StatusCode.ALREADY_EXISTS,
+                              f"{participant_id} already answered round {attempt.round}")
+            code = request.code[:64] or "declined"
+            reason = request.reason[:500]
+            for value in (request.epsilon_spent, request.epsilon_budget, request.epsilon_would_be):
+                if not math.isfinite(value):
+                    raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "decline: epsilon figures must be finite")
+            attempt.declined[participant_id] = f"{code}: {reason}"
+            attempt.dropped.discard(participant_id)
+            self._note_decline(participant_id, code, reason, request.epsilon_spent, request.epsilon_budget)
+            self._cond.notify_all()
+        self.store.record_decline(self.run_id, attempt.round, participant_id, attempt.task_id.hex(), code, reason,
+                                  request.epsilon_spent, request.epsilon_budget, request.epsilon_would_be)
+        log.warning("round %d: %s declined (%s): %s", attempt.round, participant_id, code, reason)
+        return attempt
+
+    def _note_decline(self, pid: str, code: str, reason: str, spent: float, budget: float) -> None:
+        info = self.participants.setdefault(pid, ParticipantInfo())
+        info.privacy_status = code if code == "budget_exhausted" else f"declined:{code}"
+        info.decline_reason = reason
+        if spent or budget:
+            info.epsilon_spent, info.epsilon_budget = spent, budget
+
     def _check_specs(self, specs: list[codec.TensorSpec]) -> None:
         names = [s.name for s in specs]
         for spec in specs:
@@ -218,8 +288,11 @@ class RoundEngine:
             if record.participant_id in attempt.uploads:
                 raise Refusal(grpc.StatusCode.ALREADY_EXISTS,
                               f"{record.participant_id} already uploaded for round {attempt.round} (replay)")
-            self.strategy.add(update, record.num_samples)
+            user_level_dp = self.privacy.enabled and self.privacy.mode in ("central", "distributed")
+            # user-level DP-FedAvg: equal weights, so one site's clipped update moves the mean by <= S/n
+            self.strategy.add(update, 1 if user_level_dp else record.num_samples)
             attempt.uploads[record.participant_id] = record
+            self.participants.setdefault(record.participant_id, ParticipantInfo()).note_privacy(metrics)
             attempt.dropped.discard(record.participant_id)
             for key, value in metrics.items():
                 attempt.metrics[f"{record.participant_id}/{key}"] = float(value)
@@ -312,6 +385,8 @@ class RoundEngine:
 
     def _complete(self, attempt: Attempt) -> None:
         new_state = self.strategy.finish()
+        if self.privacy.enabled and self.privacy.mode in ("central", "distributed"):
+            new_state = self._user_level_noise(attempt, new_state)
         seconds = time.monotonic() - attempt.started
         digest = self.store.complete_round(self.run_id, attempt.round, new_state, attempt.uploads.values(),
                                            attempt.dropped, seconds, attempt.metrics)
@@ -329,6 +404,22 @@ class RoundEngine:
                  len(attempt.uploads), sorted(attempt.dropped) or "none")
         if self.on_round:
             self.on_round(attempt.round)
+
+    def _user_level_noise(self, attempt: Attempt, new_state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """DP-FedAvg: central mode adds N(0, (z S / n)^2) to the mean (times the server lr, as the
+        mean is); distributed mode adds nothing here, the sites added their shares. The user-level
+        epsilon of the rounds so far is recorded for the auditor."""
+        p = self.privacy
+        n = len(attempt.uploads)
+        std = 0.0
+        if p.mode == "central":
+            std = user_level.central_noise_std(p.user_noise_multiplier, p.update_clip_norm, n) * self.fed.server_lr
+            new_state = user_level.add_gaussian_noise(new_state, std)
+        eps = dp_accounting.epsilons([user_level.user_level_spend(p.user_noise_multiplier, attempt.round)], p.delta)
+        self.store.record_privacy_round(self.run_id, attempt.round, p.mode, p.user_noise_multiplier,
+                                        p.update_clip_norm, n, std, p.delta, eps["prv"], eps["rdp"],
+                                        dp_accounting.accountant_version())
+        return new_state
 
     def _abort(self, attempt: Attempt, reason: str) -> None:
         self.store.record_abort(self.run_id, attempt.round, attempt.task_id.hex(), reason)
@@ -356,10 +447,16 @@ class RoundEngine:
                 info = self.participants[pid]
                 status.participants.add(participant_id=pid, connected=pid in self.sessions,
                                         rounds_contributed=info.rounds_contributed,
-                                        bytes_uploaded=info.bytes_uploaded, last_metrics=info.last_metrics)
+                                        bytes_uploaded=info.bytes_uploaded, last_metrics=info.last_metrics,
+                                        privacy_status=info.privacy_status, epsilon_spent=info.epsilon_spent,
+                                        epsilon_budget=info.epsilon_budget, decline_reason=info.decline_reason)
+        declined: dict[int, set[str]] = {}
+        for d in self.store.declines(self.run_id):
+            declined.setdefault(d["round"], set()).add(d["participant_id"])
         for rec in self.store.rounds(self.run_id):
             status.rounds.add(round=rec.round, contributors=rec.contributors, dropped=rec.dropped,
                               bytes_received=rec.bytes_received, seconds=rec.seconds,
                               global_state_digest=rec.state_digest, metrics=rec.metrics,
-                              bytes_by_participant=rec.bytes_by_participant)
+                              bytes_by_participant=rec.bytes_by_participant,
+                              declined=sorted(declined.get(rec.round, ())))
         return status

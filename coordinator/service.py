@@ -119,6 +119,12 @@ class ParticipantServicer:
         return pb.UploadReceipt(header=convert.header(engine.run_id, attempt.round, pid),
                                 bytes_received=assembler.bytes_received, update_digest=digest)
 
+    def Decline(self, request: pb.DeclineRequest, context) -> pb.DeclineReply:
+        pid = self._caller(context, request.header)
+        engine = self.coordinator.engine_for(request.header.run_id)
+        attempt = engine.decline(pid, request)
+        return pb.DeclineReply(header=convert.header(engine.run_id, attempt.round, pid))
+
     def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveReply:
         pid = self._caller(context, request.header)
         log.info("%s left: %s", pid, request.reason[:200] or "no reason given")

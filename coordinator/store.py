@@ -44,6 +44,18 @@ CREATE TABLE IF NOT EXISTS uploads (
     PRIMARY KEY (run_id, round, participant_id));
 CREATE TABLE IF NOT EXISTS aborted_rounds (
     run_id TEXT NOT NULL, round INTEGER NOT NULL, task_id TEXT NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS declines (
+    run_id TEXT NOT NULL, round INTEGER NOT NULL, participant_id TEXT NOT NULL, task_id TEXT NOT NULL,
+    code TEXT NOT NULL, reason TEXT NOT NULL, epsilon_spent REAL NOT NULL, epsilon_budget REAL NOT NULL,
+    epsilon_would_be REAL NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS privacy_params (
+    run_id TEXT PRIMARY KEY, params_json TEXT NOT NULL, accountant TEXT NOT NULL,
+    accountant_version TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS privacy_rounds (
+    run_id TEXT NOT NULL, round INTEGER NOT NULL, mode TEXT NOT NULL, noise_multiplier REAL NOT NULL,
+    clip_norm REAL NOT NULL, contributors INTEGER NOT NULL, noise_std REAL NOT NULL, delta REAL NOT NULL,
+    epsilon_prv REAL NOT NULL, epsilon_rdp REAL NOT NULL, accountant_version TEXT NOT NULL,
+    PRIMARY KEY (run_id, round));
 CREATE TABLE IF NOT EXISTS refusals (
     at REAL NOT NULL, peer TEXT NOT NULL, method TEXT NOT NULL, code TEXT NOT NULL, reason TEXT NOT NULL);
 """
@@ -192,6 +204,43 @@ class Store:
         with self._lock, self.db:
             self.db.execute("INSERT INTO aborted_rounds VALUES (?, ?, ?, ?, ?)",
                             (run_id, round_no, task_id, reason, time.time()))
+
+    # -- privacy --------------------------------------------------------------------------------
+    def record_privacy_params(self, run_id: str, params_json: str, accountant: str, version: str) -> None:
+        """The run's DP parameters and the accountant (with its version) an auditor recomputes with."""
+        with self._lock, self.db:
+            self.db.execute("INSERT OR IGNORE INTO privacy_params VALUES (?, ?, ?, ?, ?)",
+                            (run_id, params_json, accountant, version, time.time()))
+
+    def record_decline(self, run_id: str, round_no: int, participant_id: str, task_id: str, code: str,
+                       reason: str, spent: float, budget: float, would_be: float) -> None:
+        with self._lock, self.db:
+            self.db.execute("INSERT INTO declines VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (run_id, round_no, participant_id, task_id, code, reason, spent, budget, would_be,
+                             time.time()))
+
+    def declines(self, run_id: str) -> list[dict]:
+        rows = self.db.execute("SELECT round, participant_id, task_id, code, reason, epsilon_spent, epsilon_budget, "
+                               "epsilon_would_be FROM declines WHERE run_id = ? ORDER BY at", (run_id,)).fetchall()
+        keys = ("round", "participant_id", "task_id", "code", "reason", "epsilon_spent", "epsilon_budget",
+                "epsilon_would_be")
+        return [dict(zip(keys, r)) for r in rows]
+
+    def record_privacy_round(self, run_id: str, round_no: int, mode: str, noise_multiplier: float, clip_norm: float,
+                             contributors: int, noise_std: float, delta: float, eps_prv: float, eps_rdp: float,
+                             version: str) -> None:
+        with self._lock, self.db:
+            self.db.execute("INSERT OR REPLACE INTO privacy_rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                            (run_id, round_no, mode, noise_multiplier, clip_norm, contributors, noise_std, delta,
+                             eps_prv, eps_rdp, version))
+
+    def privacy_rounds(self, run_id: str) -> list[dict]:
+        rows = self.db.execute("SELECT round, mode, noise_multiplier, clip_norm, contributors, noise_std, delta, "
+                               "epsilon_prv, epsilon_rdp FROM privacy_rounds WHERE run_id = ? ORDER BY round",
+                               (run_id,)).fetchall()
+        keys = ("round", "mode", "noise_multiplier", "clip_norm", "contributors", "noise_std", "delta",
+                "epsilon_prv", "epsilon_rdp")
+        return [dict(zip(keys, r)) for r in rows]
 
     def aborted_count(self, run_id: str) -> int:
         return self.db.execute("SELECT COUNT(*) FROM aborted_rounds WHERE run_id = ?", (run_id,)).fetchone()[0]

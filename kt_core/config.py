@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 import types
 import typing
@@ -77,12 +78,102 @@ class DataSettings:
         self.partition.validate()
 
 
+PRIVACY_MODES = ("dp_sgd", "central", "distributed")
+GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch")
+ACCOUNTANTS = ("prv", "rdp")
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """`[privacy]`: differential privacy (off unless `enabled`). See README "Differential privacy".
+
+    mode "dp_sgd": record-level DP-SGD at every site (Opacus), each site accounting its own epsilon
+    in its ledger and refusing rounds past its budget. "central" / "distributed": user-level
+    DP-FedAvg, sites clip their whole update to `update_clip_norm`; the noise (multiplier
+    `user_noise_multiplier`) is added by the coordinator (central) or as shares by the sites
+    (distributed; a guarantee only with secure aggregation, see security/dp/user_level.py).
+    """
+    enabled: bool = False
+    mode: str = "dp_sgd"
+    # give either target_epsilon (over the whole run, at delta; each site derives its noise
+    # multiplier from its own N) or noise_multiplier
+    target_epsilon: float | None = None
+    noise_multiplier: float | None = None
+    delta: float = 1e-5                      # must be < 1/N at every site (checked there)
+    max_grad_norm: float = 1.0               # per-sample clip norm
+    grad_sample_mode: str = "hooks"          # hooks | ew | functorch
+    accountant: str = "prv"                  # primary; the other one is the cross-check
+    # the budget every site enforces (default: target_epsilon); a site may set a stricter one
+    # locally (`ktfed participant run --epsilon-budget`), and the stricter one wins
+    epsilon_budget: float | None = None
+    site_budgets: dict[str, float] = field(default_factory=dict)
+    poisson_sampling: bool = True
+    # fixed shuffled batches void the Poisson accounting: refused unless acknowledged here
+    acknowledge_unaccounted_sampling: bool = False
+    max_physical_batch_size: int = 128       # BatchMemoryManager split of the logical batch
+    # user-level (central / distributed)
+    update_clip_norm: float = 1.0
+    user_noise_multiplier: float = 1.0
+    min_survivors: int = 2                   # distributed: honest survivors the noise is calibrated for
+
+    def validate(self) -> None:
+        def positive(name, value):
+            if value is None or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
+
+        if self.mode not in PRIVACY_MODES:
+            raise ValueError(f"mode: {self.mode!r} is not one of {list(PRIVACY_MODES)}")
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"grad_sample_mode: {self.grad_sample_mode!r} is not one of {list(GRAD_SAMPLE_MODES)}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant: {self.accountant!r} is not one of {list(ACCOUNTANTS)}")
+        if not (isinstance(self.delta, float) and 0 < self.delta < 1):
+            raise ValueError(f"delta: must be in (0, 1) and far below 1/N of every site, got {self.delta!r}")
+        positive("max_grad_norm", self.max_grad_norm)
+        positive("update_clip_norm", self.update_clip_norm)
+        positive("user_noise_multiplier", self.user_noise_multiplier)
+        if isinstance(self.max_physical_batch_size, bool) or self.max_physical_batch_size < 1:
+            raise ValueError("max_physical_batch_size: must be a positive integer")
+        if isinstance(self.min_survivors, bool) or self.min_survivors < 1:
+            raise ValueError("min_survivors: must be a positive integer")
+        for site, budget in self.site_budgets.items():
+            positive(f"site_budgets.{site}", budget)
+        if self.epsilon_budget is not None:
+            positive("epsilon_budget", self.epsilon_budget)
+        if not self.enabled:
+            return
+        if self.mode == "dp_sgd":
+            if (self.target_epsilon is None) == (self.noise_multiplier is None):
+                raise ValueError("target_epsilon: give exactly one of target_epsilon and noise_multiplier")
+            if self.target_epsilon is not None:
+                positive("target_epsilon", self.target_epsilon)
+            if self.noise_multiplier is not None:
+                positive("noise_multiplier", self.noise_multiplier)
+                if self.epsilon_budget is None and not self.site_budgets:
+                    raise ValueError("epsilon_budget: required when noise_multiplier is given "
+                                     "(the budget each site enforces)")
+            if not self.poisson_sampling and not self.acknowledge_unaccounted_sampling:
+                raise ValueError("poisson_sampling: false voids the accountants' guarantee (they assume "
+                                 "Poisson sampling); set acknowledge_unaccounted_sampling = true to train anyway")
+
+    def budget_for(self, site: str, local: float | None = None) -> float | None:
+        """The budget `site` enforces: the run's (its per-site entry, else epsilon_budget, else
+        target_epsilon) and the site's own local one: the stricter wins."""
+        run_budget = self.site_budgets.get(site)
+        if run_budget is None:
+            run_budget = self.epsilon_budget if self.epsilon_budget is not None else self.target_epsilon
+        budgets = [b for b in (run_budget, local) if b is not None]
+        return min(budgets) if budgets else None
+
+
 @dataclass(frozen=True)
 class RunConfig:
     federation: FederationSettings = field(default_factory=FederationSettings)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataSettings = field(default_factory=DataSettings)
+    privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
     def resolved(self) -> "RunConfig":
         """Fix what 'auto' means and size the model for the data set."""
@@ -106,7 +197,8 @@ class RunConfig:
         return from_table(table)
 
 
-SECTIONS = {"federation": FederationSettings, "model": ModelConfig, "train": TrainConfig, "data": DataSettings}
+SECTIONS = {"federation": FederationSettings, "model": ModelConfig, "train": TrainConfig, "data": DataSettings,
+            "privacy": PrivacySettings}
 
 
 def from_table(table: Any) -> RunConfig:
@@ -168,6 +260,11 @@ def _coerce(hint: Any, value: Any, where: str):
         if value is None:
             return None
         return _coerce(options[0], value, where)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
+        key_type, item = typing.get_args(hint)
+        return {str(k): _coerce(item, v, f"{where}.{k}") for k, v in value.items()}
     if origin is tuple:
         if not isinstance(value, list):
             raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")

@@ -5,6 +5,7 @@
     ktfed participant run                run a site's participant agent
     ktfed run start|status|stop          operate runs on a coordinator
     ktfed config check FILE              validate a run configuration
+    ktfed privacy ledger|plan            a site's privacy ledger; plan a privacy budget
     ktfed demo                           a whole federation on this machine
 """
 from __future__ import annotations
@@ -118,7 +119,7 @@ def cmd_participant(args) -> int:
     agent = ParticipantAgent(AgentSettings(
         site=args.site, coordinator=args.coordinator, tls=_tls(args, args.site), state_dir=Path(args.state),
         data_root=Path(args.data_root) if args.data_root else None, insecure=args.insecure,
-        backoff_max_s=args.backoff_max))
+        backoff_max_s=args.backoff_max, epsilon_budget=args.epsilon_budget))
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
@@ -172,6 +173,37 @@ def cmd_config(args) -> int:
     return 0
 
 
+def cmd_privacy(args) -> int:
+    if args.privacy_command == "ledger":
+        from security.dp.ledger import LEDGER_FILE, PrivacyLedger
+
+        path = Path(args.state) / LEDGER_FILE
+        if not path.is_file():
+            print(f"error: no privacy ledger at {path} (give the site's --state folder)", file=sys.stderr)
+            return 2
+        ledger = PrivacyLedger(path, args.site)
+        try:
+            if args.json:
+                print(json.dumps({"site": args.site, "path": str(path),
+                                  "entries": [e.to_dict() for e in ledger.entries()],
+                                  "declines": ledger.declines()}, indent=2))
+            else:
+                print(ledger.table())
+        finally:
+            ledger.close()
+        return 0
+    from ktfed.privacy_plan import PlanError, plan
+
+    try:
+        result = plan(samples=args.samples, batch=args.batch, rounds=args.rounds, epochs=args.epochs,
+                      epsilon=args.epsilon, delta=args.delta, accountant=args.accountant)
+    except PlanError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(result, indent=2) if args.json else result["text"])
+    return 0
+
+
 def cmd_demo(args) -> int:
     from ktfed.launcher import DemoSettings, run_demo
 
@@ -222,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", help="folder of the data set files (default: the system's)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--backoff-max", type=float, default=5.0, help="cap of the reconnect backoff (s)")
+    p.add_argument("--epsilon-budget", type=_positive_float, default=None,
+                   help="this site's own privacy budget (epsilon); the stricter of it and the run's wins")
     _add_tls_args(p)
     _add_log_args(p)
     part.set_defaults(func=cmd_participant)
@@ -249,6 +283,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("file")
     p.set_defaults(func=cmd_config)
 
+    p = sub.add_parser("privacy", help="differential privacy: a site's ledger, planning a budget")
+    privacy_sub = p.add_subparsers(dest="privacy_command", required=True)
+    c = privacy_sub.add_parser("ledger", help="print a site's privacy ledger")
+    c.add_argument("--site", required=True)
+    c.add_argument("--state", default="participant-state", help="the site's state folder")
+    c.add_argument("--json", action="store_true")
+    c = privacy_sub.add_parser("plan", help="noise multiplier and expected accuracy cost for a budget")
+    c.add_argument("--samples", type=int, required=True, help="records at the site (N)")
+    c.add_argument("--batch", type=int, required=True, help="expected batch size")
+    c.add_argument("--rounds", type=int, required=True)
+    c.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    c.add_argument("--epsilon", type=_positive_float, required=True)
+    c.add_argument("--delta", type=float, default=None, help="default: 1 / (10 N)")
+    c.add_argument("--accountant", default="prv", choices=["prv", "rdp"])
+    c.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_privacy)
+
     p = sub.add_parser("demo", help="a real federation on this machine (coordinator + sites as processes)")
     p.add_argument("--workdir", default="ktfed-demo")
     p.add_argument("--rounds", type=int, default=5)
@@ -257,7 +308,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0, help="0 = pick a free port")
     p.add_argument("--keep", action="store_true", help="keep an earlier work folder's state")
     p.set_defaults(func=cmd_demo)
+
+    from ktfed.k8s import add_k8s_commands  # standard library only at import: cheap
+
+    add_k8s_commands(sub)
     return parser
+
+
+def _positive_float(text: str) -> float:
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
 
 
 def _add_log_args(parser: argparse.ArgumentParser) -> None:

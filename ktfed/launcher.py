@@ -161,6 +161,8 @@ def run_demo(settings: DemoSettings) -> int:
     print(f"ktfed demo: CA and certificates in {fed.pki}; coordinator on {address} (mTLS); "
           f"{len(sites)} sites: {', '.join(sites)}")
     client = None
+    # A SIGTERM to the launcher must still stop the federation it started (see `finally`).
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         fed.start_coordinator(config_path)
         client = OperatorClient(address, fed.operator_tls())
@@ -203,6 +205,10 @@ def run_demo(settings: DemoSettings) -> int:
         if client is not None:
             client.close()
         fed.shutdown()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _wait_until(predicate, timeout: float, what: str, fed: Federation) -> None:

@@ -46,9 +46,12 @@ def format_status(status: pb.RunStatus, text: bool = False):
         "global_state_digest": status.global_state_digest,
         "participants": [{"id": p.participant_id, "connected": p.connected,
                           "rounds_contributed": p.rounds_contributed, "bytes_uploaded": p.bytes_uploaded,
-                          "last_metrics": dict(p.last_metrics)} for p in status.participants],
+                          "last_metrics": dict(p.last_metrics), "privacy_status": p.privacy_status,
+                          "epsilon_spent": p.epsilon_spent, "epsilon_budget": p.epsilon_budget,
+                          "decline_reason": p.decline_reason} for p in status.participants],
         "rounds": [{"round": r.round, "contributors": list(r.contributors), "dropped": list(r.dropped),
-                    "bytes_received": r.bytes_received, "seconds": round(r.seconds, 3)} for r in status.rounds],
+                    "bytes_received": r.bytes_received, "seconds": round(r.seconds, 3),
+                    "declined": list(r.declined)} for r in status.rounds],
     }
     if not text:
         return data
@@ -59,5 +62,7 @@ def format_status(status: pb.RunStatus, text: bool = False):
         acc = p["last_metrics"].get("accuracy")
         lines.append(f"  {p['id']:<16} {'connected' if p['connected'] else 'away':<10} "
                      f"{p['rounds_contributed']:>3} rounds {p['bytes_uploaded']:>12,} bytes"
-                     + (f"  accuracy {acc:.3f}" if acc is not None else ""))
+                     + (f"  accuracy {acc:.3f}" if acc is not None else "")
+                     + (f"  epsilon {p['epsilon_spent']:.3f}/{p['epsilon_budget']:.3g} {p['privacy_status']}"
+                        if p["privacy_status"] else ""))
     return "\n".join(lines)

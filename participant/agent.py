@@ -21,7 +21,7 @@ from kt_core.config import RunConfig
 from kt_core.wire import convert, transport
 from kt_core.wire import federation_pb2 as pb
 from kt_core.wire.federation_pb2_grpc import ParticipantServiceStub
-from participant.trainer import LocalTrainer
+from participant.trainer import BudgetExceeded, LocalTrainer
 from security.egress import EgressGuard, EgressRefused
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ class AgentSettings:
     backoff_initial_s: float = 0.2
     backoff_max_s: float = 5.0
     rpc_timeout_s: float = 120.0
+    # this site's own privacy budget; the stricter of it and the run's wins
+    epsilon_budget: float | None = None
 
 
 def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
@@ -125,7 +127,8 @@ class ParticipantAgent:
         config = RunConfig.from_json(reply.run_config_json)
         self.run_id = reply.header.run_id
         self.chunk_bytes = reply.max_chunk_bytes or codec.MAX_CHUNK_BYTES
-        self.trainer = LocalTrainer(self.site, self.run_id, config, self.settings.state_dir, self.settings.data_root)
+        self.trainer = LocalTrainer(self.site, self.run_id, config, self.settings.state_dir, self.settings.data_root,
+                                    epsilon_budget=self.settings.epsilon_budget)
         if self.trainer.manifest.digest() != reply.manifest_digest:
             raise RuntimeError("the coordinator's factor manifest differs from the model this site builds "
                                "(incompatible software versions)")
@@ -151,6 +154,26 @@ class ParticipantAgent:
         self.cached = (digest, state)
         return state
 
+    def _decline(self, stub: ParticipantServiceStub, task: pb.RoundTask, err: BudgetExceeded) -> None:
+        """Refuse the round (the hard stop): record it in the ledger, tell the coordinator why."""
+        round_no = task.header.round
+        accountant = self.trainer.privacy.accountant
+        self.trainer.ledger.record_decline(run_id=self.run_id, round_no=round_no, task_id=task.task_id.hex(),
+                                           reason=str(err), spent=err.spent, would_be=err.would_be,
+                                           budget=err.budget, accountant=accountant)
+        log.warning("%s: round %d declined: %s", self.site, round_no, err)
+        try:
+            stub.Decline(pb.DeclineRequest(header=convert.header(self.run_id, round_no, self.site),
+                                           task_id=task.task_id, code="budget_exhausted", reason=str(err),
+                                           epsilon_spent=err.spent, epsilon_budget=err.budget,
+                                           epsilon_would_be=err.would_be), timeout=self.settings.rpc_timeout_s)
+        except grpc.RpcError as rpc_err:
+            if rpc_err.code() in ROUND_CODES:
+                log.warning("%s: round %d: decline refused: %s %s", self.site, round_no, rpc_err.code().name,
+                            rpc_err.details())
+                return
+            raise
+
     def _round(self, stub: ParticipantServiceStub, task: pb.RoundTask) -> None:
         round_no = task.header.round
         state = self._download(stub, task)
@@ -159,7 +182,12 @@ class ParticipantAgent:
         trainer.load_global(state)
         before = trainer.evaluate()
         t = task.train
-        result = trainer.train(t.local_epochs, t.batch_size, t.learning_rate, t.max_steps, t.seed)
+        try:
+            result = trainer.train(t.local_epochs, t.batch_size, t.learning_rate, t.max_steps, t.seed,
+                                   round_no=round_no, task_id=task.task_id.hex())
+        except BudgetExceeded as err:
+            self._decline(stub, task, err)
+            return
         after = trainer.evaluate()
         trainer.save_private()
         update = trainer.update(state)
@@ -172,7 +200,7 @@ class ParticipantAgent:
             return
         metrics = {"accuracy_before": before["accuracy"], "accuracy": after["accuracy"],
                    "loss": result.loss, "train_seconds": result.seconds,
-                   "compute_seconds": time.perf_counter() - started}
+                   "compute_seconds": time.perf_counter() - started, **trainer.privacy_metrics()}
         header = pb.UploadHeader(header=convert.header(self.run_id, round_no, self.site), task_id=task.task_id,
                                  base_state_digest=task.global_state_digest, num_samples=trainer.num_samples,
                                  metrics=metrics)

@@ -230,6 +230,30 @@ class UploadReceipt(_message.Message):
     update_digest: str
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., bytes_received: _Optional[int] = ..., update_digest: _Optional[str] = ...) -> None: ...
 
+class DeclineRequest(_message.Message):
+    __slots__ = ("header", "task_id", "code", "reason", "epsilon_spent", "epsilon_budget", "epsilon_would_be")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_WOULD_BE_FIELD_NUMBER: _ClassVar[int]
+    header: Header
+    task_id: bytes
+    code: str
+    reason: str
+    epsilon_spent: float
+    epsilon_budget: float
+    epsilon_would_be: float
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., task_id: _Optional[bytes] = ..., code: _Optional[str] = ..., reason: _Optional[str] = ..., epsilon_spent: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., epsilon_would_be: _Optional[float] = ...) -> None: ...
+
+class DeclineReply(_message.Message):
+    __slots__ = ("header",)
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    header: Header
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ...) -> None: ...
+
 class LeaveRequest(_message.Message):
     __slots__ = ("header", "reason")
     HEADER_FIELD_NUMBER: _ClassVar[int]
@@ -265,7 +289,7 @@ class StopRunRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ParticipantStatus(_message.Message):
-    __slots__ = ("participant_id", "connected", "rounds_contributed", "bytes_uploaded", "last_metrics")
+    __slots__ = ("participant_id", "connected", "rounds_contributed", "bytes_uploaded", "last_metrics", "privacy_status", "epsilon_spent", "epsilon_budget", "decline_reason")
     class LastMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -278,15 +302,23 @@ class ParticipantStatus(_message.Message):
     ROUNDS_CONTRIBUTED_FIELD_NUMBER: _ClassVar[int]
     BYTES_UPLOADED_FIELD_NUMBER: _ClassVar[int]
     LAST_METRICS_FIELD_NUMBER: _ClassVar[int]
+    PRIVACY_STATUS_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
+    EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    DECLINE_REASON_FIELD_NUMBER: _ClassVar[int]
     participant_id: str
     connected: bool
     rounds_contributed: int
     bytes_uploaded: int
     last_metrics: _containers.ScalarMap[str, float]
-    def __init__(self, participant_id: _Optional[str] = ..., connected: _Optional[bool] = ..., rounds_contributed: _Optional[int] = ..., bytes_uploaded: _Optional[int] = ..., last_metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    privacy_status: str
+    epsilon_spent: float
+    epsilon_budget: float
+    decline_reason: str
+    def __init__(self, participant_id: _Optional[str] = ..., connected: _Optional[bool] = ..., rounds_contributed: _Optional[int] = ..., bytes_uploaded: _Optional[int] = ..., last_metrics: _Optional[_Mapping[str, float]] = ..., privacy_status: _Optional[str] = ..., epsilon_spent: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., decline_reason: _Optional[str] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round", "contributors", "dropped", "bytes_received", "seconds", "global_state_digest", "metrics", "bytes_by_participant")
+    __slots__ = ("round", "contributors", "dropped", "bytes_received", "seconds", "global_state_digest", "metrics", "bytes_by_participant", "declined")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -309,6 +341,7 @@ class RoundSummary(_message.Message):
     GLOBAL_STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     BYTES_BY_PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
+    DECLINED_FIELD_NUMBER: _ClassVar[int]
     round: int
     contributors: _containers.RepeatedScalarFieldContainer[str]
     dropped: _containers.RepeatedScalarFieldContainer[str]
@@ -317,7 +350,8 @@ class RoundSummary(_message.Message):
     global_state_digest: str
     metrics: _containers.ScalarMap[str, float]
     bytes_by_participant: _containers.ScalarMap[str, int]
-    def __init__(self, round: _Optional[int] = ..., contributors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., bytes_received: _Optional[int] = ..., seconds: _Optional[float] = ..., global_state_digest: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., bytes_by_participant: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    declined: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, round: _Optional[int] = ..., contributors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., bytes_received: _Optional[int] = ..., seconds: _Optional[float] = ..., global_state_digest: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., bytes_by_participant: _Optional[_Mapping[str, int]] = ..., declined: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RunStatus(_message.Message):
     __slots__ = ("header", "state", "rounds_completed", "rounds_total", "round_in_progress", "participants", "rounds", "global_state_digest", "manifest_digest", "aborted_attempts")

@@ -60,6 +60,11 @@ class ParticipantServiceStub:
                 request_serializer=ktfed_dot_v1_dot_federation__pb2.LeaveRequest.SerializeToString,
                 response_deserializer=ktfed_dot_v1_dot_federation__pb2.LeaveReply.FromString,
                 _registered_method=True)
+        self.Decline = channel.unary_unary(
+                '/ktfed.v1.ParticipantService/Decline',
+                request_serializer=ktfed_dot_v1_dot_federation__pb2.DeclineRequest.SerializeToString,
+                response_deserializer=ktfed_dot_v1_dot_federation__pb2.DeclineReply.FromString,
+                _registered_method=True)
 
 
 class ParticipantServiceServicer:
@@ -96,6 +101,12 @@ class ParticipantServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Decline(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParticipantServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -123,6 +134,11 @@ def add_ParticipantServiceServicer_to_server(servicer, server):
                     servicer.Leave,
                     request_deserializer=ktfed_dot_v1_dot_federation__pb2.LeaveRequest.FromString,
                     response_serializer=ktfed_dot_v1_dot_federation__pb2.LeaveReply.SerializeToString,
+            ),
+            'Decline': grpc.unary_unary_rpc_method_handler(
+                    servicer.Decline,
+                    request_deserializer=ktfed_dot_v1_dot_federation__pb2.DeclineRequest.FromString,
+                    response_serializer=ktfed_dot_v1_dot_federation__pb2.DeclineReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -260,6 +276,33 @@ class ParticipantService:
             '/ktfed.v1.ParticipantService/Leave',
             ktfed_dot_v1_dot_federation__pb2.LeaveRequest.SerializeToString,
             ktfed_dot_v1_dot_federation__pb2.LeaveReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Decline(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/ktfed.v1.ParticipantService/Decline',
+            ktfed_dot_v1_dot_federation__pb2.DeclineRequest.SerializeToString,
+            ktfed_dot_v1_dot_federation__pb2.DeclineReply.FromString,
             options,
             channel_credentials,
             insecure,

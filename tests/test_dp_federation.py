@@ -1,0 +1,103 @@
+"""Differential privacy with real processes: the budget hard stop, across a SIGKILL and restart."""
+from __future__ import annotations
+
+import signal
+import sqlite3
+
+import pytest
+
+from kt_core.config import load_toml
+from kt_core.data import load_dataset, site_split
+from ktfed.launcher import _spawn
+from security.dp import PrivacyLedger, RoundSpend, epsilon, noise_multiplier_for
+from security.dp.engine import plan_round
+from security.dp.ledger import LEDGER_FILE
+from tests.conftest import fast_config
+
+PRIVACY = """
+[privacy]
+enabled = true
+target_epsilon = 8.0
+delta = 1e-4
+max_grad_norm = 1.0
+"""
+
+
+def _start_site(federation, site: str, budget: float | None = None, env: dict | None = None):
+    cmd = federation.participant_command(site)
+    if budget is not None:
+        cmd += ["--epsilon-budget", str(budget)]
+    federation.participants[site] = _spawn(cmd, federation.workdir / "logs" / f"{site}.out", env)
+    return federation.participants[site]
+
+
+def _ledger(federation, site: str) -> PrivacyLedger:
+    return PrivacyLedger(federation.workdir / "sites" / site / LEDGER_FILE, site)
+
+
+@pytest.mark.slow
+def test_small_budget_site_stops_others_continue_and_it_still_refuses_after_sigkill(federation):
+    rounds = 5
+    text = fast_config(rounds=rounds, min_participants=2, epochs=1, extra=PRIVACY)
+    # site-a's own budget is stricter than the run's (8.0 over all rounds): it fits two rounds
+    n = len(site_split(load_dataset("digits"), ["site-a", "site-b", "site-c"], "site-a",
+                       load_toml(text).data.partition)[1])
+    plan = plan_round(n, 32, 1)
+    sigma = noise_multiplier_for(8.0, 1e-4, plan.sample_rate, plan.steps * rounds)
+    eps = [epsilon([RoundSpend(plan.sample_rate, sigma, plan.steps * k)], 1e-4) for k in (2, 3)]
+    budget = round((eps[0] + eps[1]) / 2, 3)
+    federation.start_coordinator(federation.write_config(text))
+    federation.wait_serving()
+    # the others pause before each upload, so rounds last long enough for site-a to restart in one
+    slow = {"KTFED_FAULT_PAUSE_BEFORE_UPLOAD_S": "2.5"}
+    _start_site(federation, "site-a", budget=budget)
+    _start_site(federation, "site-b", env=slow)
+    _start_site(federation, "site-c", env=slow)
+    federation.wait_for(lambda: "declined" in federation.log("site-a"), 180, "site-a to decline a round")
+
+    ledger = _ledger(federation, "site-a")
+    entries = ledger.entries()
+    assert entries and all(e.state == "spent" for e in entries)
+    last = entries[-1]
+    assert last.eps_cum_prv <= budget + 1e-9 and last.budget == budget
+    declines = ledger.declines()
+    assert declines and declines[0]["eps_would_be"] > budget            # the next round would not fit
+    assert declines[0]["round"] == len(entries) + 1
+    fitted = len(entries)
+    assert fitted == 2
+
+    # SIGKILL the exhausted site and start it again: its ledger is on disk, it still refuses
+    federation.participants["site-a"].send_signal(signal.SIGKILL)
+    federation.participants["site-a"].wait(10)
+    log_before = len(federation.log("site-a"))
+    _start_site(federation, "site-a", budget=budget)
+    federation.wait_for(lambda: "declined" in federation.log("site-a")[log_before:], 120,
+                        "the restarted site-a to decline a round")
+    status = federation.wait_rounds(rounds, timeout=240)
+    assert status.state == "finished"
+    restarted_log = federation.log("site-a")[log_before:]
+    assert "spent so far" in restarted_log and "past this site's budget" in restarted_log
+    assert len(_ledger(federation, "site-a").entries()) == fitted     # nothing trained after the restart
+
+    # the others trained every round, site-a only the rounds that fit
+    for rec in status.rounds:
+        assert {"site-b", "site-c"} <= set(rec.contributors)
+        assert ("site-a" in rec.contributors) == (rec.round <= fitted)
+        if rec.round > fitted and "site-a" in rec.declined:
+            assert "site-a" not in rec.dropped
+    info = {p.participant_id: p for p in status.participants}
+    assert info["site-a"].privacy_status == "budget_exhausted"
+    assert info["site-a"].epsilon_budget == pytest.approx(budget)
+    assert info["site-a"].epsilon_spent == pytest.approx(last.eps_cum_prv, rel=1e-6)
+    assert "privacy budget" in info["site-a"].decline_reason
+    for site in ("site-b", "site-c"):
+        assert info[site].privacy_status == "ok"
+        assert 0 < info[site].epsilon_spent <= 8.0 + 1e-6
+        assert len(_ledger(federation, site).entries()) == rounds
+    # uploads carry epsilon in their metrics; the coordinator recorded the declines and the DP parameters
+    assert "site-b/epsilon" in status.rounds[-1].metrics
+    db = federation.db()
+    assert db.execute("SELECT COUNT(*) FROM declines WHERE participant_id = 'site-a' "
+                      "AND code = 'budget_exhausted'").fetchone()[0] >= 2   # before the kill and after
+    (params,) = db.execute("SELECT params_json FROM privacy_params").fetchone()
+    assert '"target_epsilon": 8.0' in params
