@@ -5,6 +5,7 @@ exits when the run finishes or when the coordinator refuses its identity.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -47,6 +48,7 @@ class AgentSettings:
     rpc_timeout_s: float = 120.0
     # this site's own privacy budget; the stricter of it and the run's wins
     epsilon_budget: float | None = None
+    heartbeat_s: float = 10.0          # <state>/heartbeat.json, read by the Kubernetes probes
 
 
 def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
@@ -66,11 +68,42 @@ class ParticipantAgent:
         self.finished = False
         self._stop = threading.Event()
         self._rng = random.Random()
+        self.status = "starting"  # connecting | connected | training | finished | stopped
+        self.round = 0
 
     def stop(self) -> None:
         self._stop.set()
 
+    def _beat(self) -> None:
+        """Write <state>/heartbeat.json (temp file + rename): the Kubernetes probes read its age
+        (liveness) and status (readiness: connected or training)."""
+        path = Path(self.settings.state_dir) / "heartbeat.json"
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({"site": self.site, "status": self.status, "round": self.round,
+                                       "time": time.time()}))
+            os.replace(tmp, path)
+        except OSError as err:
+            log.warning("%s: cannot write the heartbeat file %s: %s", self.site, path, err)
+
+    def _set_status(self, status: str) -> None:
+        self.status = status
+        self._beat()
+
+    def _heartbeat_loop(self) -> None:
+        while not self._stop.wait(self.settings.heartbeat_s):
+            self._beat()
+
     def run(self) -> int:
+        self._set_status("connecting")
+        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+        try:
+            return self._run()
+        finally:
+            self._set_status("finished" if self.finished else "stopped")
+
+    def _run(self) -> int:
         failures = 0
         while not self._stop.is_set():
             try:
@@ -87,6 +120,7 @@ class ParticipantAgent:
                 log.warning("%s: coordinator unreachable or stream lost (%s: %s)", self.site,
                             err.code().name, err.details())
                 failures += 1
+            self._set_status("connecting")
             delay = backoff_delay(failures, self.settings.backoff_initial_s, self.settings.backoff_max_s, self._rng)
             log.info("%s: reconnecting in %.2fs", self.site, delay)
             self._stop.wait(delay)
@@ -99,6 +133,8 @@ class ParticipantAgent:
             capabilities=pb.Capabilities(software_version=SOFTWARE_VERSION, cpu_count=os.cpu_count() or 1)),
             timeout=self.settings.rpc_timeout_s)
         self._prepare(reply)
+        self.round = reply.header.round
+        self._set_status("connected")
         log.info("%s: joined run %s at round %d", self.site, self.run_id, reply.header.round)
         stream = stub.Tasks(pb.TaskStreamRequest(header=convert.header(self.run_id, participant_id=self.site)))
         try:
@@ -176,6 +212,14 @@ class ParticipantAgent:
 
     def _round(self, stub: ParticipantServiceStub, task: pb.RoundTask) -> None:
         round_no = task.header.round
+        self.round = round_no
+        self._set_status("training")
+        try:
+            self._train_and_upload(stub, task, round_no)
+        finally:
+            self._set_status("connected")
+
+    def _train_and_upload(self, stub: ParticipantServiceStub, task: pb.RoundTask, round_no: int) -> None:
         state = self._download(stub, task)
         started = time.perf_counter()  # local compute from here: the framework's overhead is the rest
         trainer = self.trainer

@@ -56,9 +56,12 @@ def test_three_sites_three_rounds_learn_and_only_shared_factors_cross(federation
         assert len(private) == 1
         assert set(load_file(str(private[0]))) == {e.name for e in manifest.private()}
 
-    # Every participant exits by itself once the run is finished.
-    for proc in federation.participants.values():
+    # Every participant exits by itself once the run is finished, and says so in its heartbeat
+    # file (what the Kubernetes probes read).
+    for site, proc in federation.participants.items():
         assert proc.wait(30) == 0
+        beat = json.loads((federation.workdir / "sites" / site / "heartbeat.json").read_text())
+        assert beat["site"] == site and beat["status"] == "finished" and beat["round"] == 3
 
 
 def test_egress_guard_refuses_private_tensors_and_says_so(federation):
