@@ -65,6 +65,10 @@ class Coordinator:
             log.info("started run %s: %d rounds, sites %s, model %s with %d shared parameters",
                      run_id, config.federation.rounds, ", ".join(config.federation.sites),
                      config.model.mode, manifest.shared_numel())
+            if config.privacy.enabled and config.privacy.mode == "distributed":
+                log.warning("privacy.mode = distributed: the sites' noise shares give their guarantee only "
+                            "under secure aggregation, which this coordinator does not run yet; until it "
+                            "does, each site's update is seen with its own share of the noise only")
             return run_id
 
     def _start_engine(self, run_id: str, config: RunConfig, manifest: FactorManifest) -> None:

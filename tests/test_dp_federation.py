@@ -101,3 +101,33 @@ def test_small_budget_site_stops_others_continue_and_it_still_refuses_after_sigk
                       "AND code = 'budget_exhausted'").fetchone()[0] >= 2   # before the kill and after
     (params,) = db.execute("SELECT params_json FROM privacy_params").fetchone()
     assert '"target_epsilon": 8.0' in params
+
+
+@pytest.mark.slow
+def test_central_dp_fedavg_with_real_processes_records_user_level_epsilon(federation):
+    central = """
+[privacy]
+enabled = true
+mode = "central"
+update_clip_norm = 0.5
+user_noise_multiplier = 1.0
+delta = 1e-3
+"""
+    config = federation.write_config(fast_config(rounds=3, min_participants=3, extra=central))
+    federation.start_coordinator(config)
+    federation.wait_serving()
+    for site in ("site-a", "site-b", "site-c"):
+        federation.start_participant(site)
+    status = federation.wait_rounds(3, timeout=180)
+    assert status.state == "finished"
+    db = sqlite3.connect(federation.workdir / "coordinator" / "coordinator.sqlite3")
+    rows = db.execute("SELECT round, mode, contributors, noise_std, epsilon_prv, epsilon_rdp "
+                      "FROM privacy_rounds ORDER BY round").fetchall()
+    assert [r[0] for r in rows] == [1, 2, 3] and all(r[1] == "central" for r in rows)
+    # N(0, (z S / n)^2) with z = 1, S = 0.5, n = 3 sites, server lr 1
+    assert all(r[2] == 3 and abs(r[3] - 0.5 / 3) < 1e-9 for r in rows)
+    eps = [r[4] for r in rows]
+    assert eps[0] < eps[1] < eps[2]
+    assert all(abs(r[4] - r[5]) / r[5] < 0.5 for r in rows)  # PRV and RDP tell the same story
+    (params,) = db.execute("SELECT COUNT(*) FROM privacy_params").fetchone()
+    assert params == 1
