@@ -18,15 +18,6 @@ FAST = settings(max_examples=30, deadline=None)
 dims = st.integers(1, 12)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # tiny models: on 2 shared cores a second intra-op thread mostly spins against other
-    # processes (10x slower under load), so these tests run single-threaded
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _randomize(layer: nn.Module, seed: int) -> None:
     """Give every parameter a random value, so no test passes thanks to a zero init."""

@@ -13,15 +13,6 @@ MODES = ("waffle", "lora", "ffa_lora", "dense")
 SMALL = dict(input_dim=20, hidden=(16, 8), num_classes=4, n_factors=4, lora_rank=2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # tiny models: on 2 shared cores a second intra-op thread mostly spins against other
-    # processes (10x slower under load), so these tests run single-threaded
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def small(mode="waffle", **kw):
     return build_model(ModelConfig(mode=mode, **{**SMALL, **kw}))

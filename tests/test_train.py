@@ -8,15 +8,6 @@ from kt_core.models import ModelConfig, build_model, kl_divergence, private_stat
 from kt_core.train import TrainConfig, TrainResult, elbo_loss, evaluate, train_local
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # tiny models: on 2 shared cores a second intra-op thread mostly spins against other
-    # processes (10x slower under load), so these tests run single-threaded
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def shard():
