@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import time
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -13,11 +15,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from coordinator.auth import Authenticator
 from coordinator.coordinator import Coordinator
+from coordinator.metrics import Traffic, collect
 from coordinator.service import OperatorServicer, ParticipantServicer, generic_handler
 from coordinator.store import Store
 from kt_core.config import RunConfig
+from kt_core.exposition import MetricsServer
 from kt_core.wire import transport
-from security.pki import RevocationWatcher
+from security.pki import RevocationWatcher, check_key_pair
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,7 @@ class ServerSettings:
     crl: Path | None = None
     insecure: bool = False
     max_workers: int = 64               # each connected participant holds one task stream
+    metrics_listen: str | None = None   # HOST:PORT of the Prometheus endpoint; None = off
 
 
 class CoordinatorServer:
@@ -42,12 +47,14 @@ class CoordinatorServer:
             revocations = RevocationWatcher(settings.crl, settings.tls.ca_cert)
         self.auth = Authenticator(revocations, insecure=settings.insecure)
         self.health = health.HealthServicer()
+        self.traffic = Traffic()
+        self.serving = False
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_workers,
                                                              thread_name_prefix="grpc"),
                                   options=transport.SERVER_OPTIONS)
         record = self.store.record_refusal
         self.server.add_generic_rpc_handlers((
-            generic_handler("ParticipantService", ParticipantServicer(self.coordinator, self.auth), record),
+            generic_handler("ParticipantService", ParticipantServicer(self.coordinator, self.auth, self.traffic), record),
             generic_handler("OperatorService", OperatorServicer(self.coordinator, self.auth), record),
         ))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -56,20 +63,33 @@ class CoordinatorServer:
             log.warning("listening WITHOUT TLS on %s (--insecure): for local debugging only", settings.listen)
             self.port = self.server.add_insecure_port(settings.listen)
         else:
-            self.port = self.server.add_secure_port(settings.listen, transport.server_credentials(settings.tls))
+            # Certificates are re-read when their files change: rotation needs no restart.
+            self.certificates = transport.ReloadingServerCertificates(settings.tls, check=check_key_pair)
+            self.port = self.server.add_secure_port(settings.listen, self.certificates.credentials())
         if self.port == 0:
             raise OSError(f"cannot listen on {settings.listen}")
+        self.metrics = None
+        if settings.metrics_listen:
+            self.metrics = MetricsServer(settings.metrics_listen,
+                                         lambda: collect(self.coordinator, self.traffic, lambda: self.serving))
         self._stopped = threading.Event()
 
     def _set_health(self, status) -> None:
+        self.serving = status == health_pb2.HealthCheckResponse.SERVING
         for service in ("", "ktfed.v1.ParticipantService", "ktfed.v1.OperatorService"):
             self.health.set(service, status)
 
     def start(self, config: RunConfig | None = None) -> None:
         """Listen, resume an unfinished run (or start `config`'s), then report SERVING."""
         self.server.start()
+        if self.metrics is not None:
+            self.metrics.start()
         log.info("coordinator listening on %s (mTLS %s)", self.settings.listen,
                  "off" if self.settings.insecure else "on")
+        pause = float(os.environ.get("KTFED_FAULT_PAUSE_IN_RESUME_S", "0") or 0)
+        if pause:  # fault injection: hold the NOT_SERVING window open for the tests that watch it
+            log.warning("fault injection: pausing %.1fs before resuming (health NOT_SERVING)", pause)
+            time.sleep(pause)
         if not self.coordinator.resume() and config is not None:
             self.coordinator.start_run(config)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -79,8 +99,10 @@ class CoordinatorServer:
             return
         self._stopped.set()
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.coordinator.stop("shutdown")
+        self.coordinator.stop("shutdown")  # the round in progress is abandoned, not half-committed
         self.server.stop(grace).wait()
+        if self.metrics is not None:
+            self.metrics.stop()
         self.store.close()
         log.info("coordinator stopped")
 

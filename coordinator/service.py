@@ -17,6 +17,7 @@ from google.protobuf.message import DecodeError
 
 from coordinator.auth import Authenticator
 from coordinator.coordinator import Coordinator
+from coordinator.metrics import Traffic
 from coordinator.rounds import Refusal
 from coordinator.store import UploadRecord
 from kt_core import codec
@@ -37,9 +38,10 @@ def _check_version(header: pb.Header) -> None:
 
 
 class ParticipantServicer:
-    def __init__(self, coordinator: Coordinator, auth: Authenticator):
+    def __init__(self, coordinator: Coordinator, auth: Authenticator, traffic: Traffic | None = None):
         self.coordinator = coordinator
         self.auth = auth
+        self.traffic = traffic or Traffic()
 
     def _caller(self, context, header: pb.Header) -> str:
         caller = self.auth.caller(context, "participant", header.participant_id)
@@ -92,6 +94,8 @@ class ParticipantServicer:
             tensors=[convert.spec_to_pb(spec) for spec, _ in encoded]))
         for chunk in convert.tensor_chunks(encoded, engine.fed.max_chunk_bytes):
             yield pb.StateChunk(chunk=chunk)
+            self.traffic.sent(len(chunk.data))
+        self.traffic.download_done()
 
     def Upload(self, request_iterator: Iterator[pb.UploadChunk], context) -> pb.UploadReceipt:
         first = next(request_iterator, None)
@@ -110,6 +114,7 @@ class ParticipantServicer:
                     raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "a second UploadHeader inside one upload")
                 assembler.add(message.chunk.name, message.chunk.offset, message.chunk.data)
             update = assembler.finish()
+            self.traffic.received(assembler.bytes_received)
         except codec.WireError as err:
             raise Refusal(_WIRE_CODES.get(err.reason, grpc.StatusCode.INVALID_ARGUMENT), str(err)) from None
         specs = tuple(convert.spec_from_pb(s) for s in head.tensors)

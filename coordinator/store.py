@@ -249,6 +249,11 @@ class Store:
         with self._lock, self.db:
             self.db.execute("INSERT INTO refusals VALUES (?, ?, ?, ?, ?)", (time.time(), peer, method, code, reason))
 
+    def refusal_counts(self) -> list[tuple[str, str, int]]:
+        """(method, code, count) of every refusal recorded, for the metrics endpoint."""
+        return self.db.execute("SELECT method, code, COUNT(*) FROM refusals GROUP BY method, code "
+                               "ORDER BY method, code").fetchall()
+
     def uploads(self, run_id: str) -> list[dict]:
         rows = self.db.execute("SELECT round, participant_id, num_samples, tensors_json, bytes, update_digest "
                                "FROM uploads WHERE run_id = ? ORDER BY round, participant_id", (run_id,)).fetchall()

@@ -19,13 +19,10 @@ from pathlib import Path
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
 
-def _setup_logging(level: str, log_file: str | None) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_file:
-        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
-        handlers = [logging.FileHandler(log_file)]
-    logging.basicConfig(level=getattr(logging, level.upper()), handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _setup_logging(level: str, log_file: str | None, fmt: str = "text") -> None:
+    from ktfed.logs import setup_logging
+
+    setup_logging(level, log_file, fmt)
 
 
 def _tls(args, name: str):
@@ -65,7 +62,7 @@ def cmd_pki(args) -> int:
             print(f"issued {cert.role} certificate for {cert.name}: {cert.cert_path} "
                   f"(key {cert.key_path}, serial {cert.serial:x}, sha256 {cert.fingerprint})")
         elif args.pki_command == "revoke":
-            serials = revoke(pki_dir, args.name)
+            serials = revoke(pki_dir, args.name, serial=args.serial)
             print(f"revoked {args.name}: serial(s) {', '.join(f'{s:x}' for s in serials)}; CRL updated")
     except PKIError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -82,7 +79,7 @@ def cmd_coordinator(args) -> int:
 
     import torch
 
-    _setup_logging(args.log_level, args.log_file)
+    _setup_logging(args.log_level, args.log_file, args.log_format)
     torch.set_num_threads(1)  # the coordinator only builds the initial model; keep the cores for sites
     log = logging.getLogger("ktfed.coordinator")
     try:
@@ -93,7 +90,8 @@ def cmd_coordinator(args) -> int:
     tls = _tls(args, args.name)
     crl = Path(args.crl) if args.crl else (Path(args.pki) / "crl.pem" if args.pki else None)
     try:
-        server = CoordinatorServer(ServerSettings(args.listen, Path(args.state), tls, crl, args.insecure))
+        server = CoordinatorServer(ServerSettings(args.listen, Path(args.state), tls, crl, args.insecure,
+                                                  metrics_listen=args.metrics_listen))
         server.start(config)
     except CorruptStateError as err:
         log.error("refusing to start: %s", err)
@@ -114,12 +112,12 @@ def cmd_participant(args) -> int:
 
     from participant.agent import AgentSettings, ParticipantAgent
 
-    _setup_logging(args.log_level, args.log_file)
+    _setup_logging(args.log_level, args.log_file, args.log_format)
     torch.set_num_threads(args.threads)
     agent = ParticipantAgent(AgentSettings(
         site=args.site, coordinator=args.coordinator, tls=_tls(args, args.site), state_dir=Path(args.state),
         data_root=Path(args.data_root) if args.data_root else None, insecure=args.insecure,
-        backoff_max_s=args.backoff_max, epsilon_budget=args.epsilon_budget))
+        backoff_max_s=args.backoff_max, epsilon_budget=args.epsilon_budget, metrics_listen=args.metrics_listen))
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
@@ -228,8 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True)
     p.add_argument("--san", action="append", help="extra DNS name or IP (coordinator certificates)")
     p.add_argument("--days", type=int, default=365)
-    p = pki_sub.add_parser("revoke", help="revoke every certificate of NAME and update the CRL")
+    p = pki_sub.add_parser("revoke", help="revoke every certificate of NAME (or one --serial) and update the CRL")
     p.add_argument("--dir", default="pki")
+    p.add_argument("--serial", type=_hex_serial, help="revoke only this certificate (hex serial, e.g. after rotation)")
     p.add_argument("name")
     pki.set_defaults(func=cmd_pki)
 
@@ -315,6 +314,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _hex_serial(text: str) -> int:
+    try:
+        return int(text.lower().removeprefix("0x").replace(":", ""), 16)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a hexadecimal serial: {text!r}") from None
+
+
 def _positive_float(text: str) -> float:
     import math
 
@@ -330,6 +336,10 @@ def _positive_float(text: str) -> float:
 def _add_log_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-file", help="write logs here instead of stderr")
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="json: one JSON object per line (time, level, logger, message, fields)")
+    parser.add_argument("--metrics-listen", metavar="HOST:PORT",
+                        help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default)")
 
 
 def main(argv: list[str] | None = None) -> int:

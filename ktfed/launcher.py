@@ -55,12 +55,15 @@ class Federation:
                 "--pki", str(self.pki), "--state", str(self.workdir / "sites" / site),
                 "--backoff-max", "1.0", "--log-file", str(self.workdir / "logs" / f"{site}.log")]
 
-    def start_coordinator(self, config: Path | None = None, env: dict | None = None) -> subprocess.Popen:
-        self.coordinator = _spawn(self.coordinator_command(config), self.workdir / "logs" / "coordinator.out", env)
+    def start_coordinator(self, config: Path | None = None, env: dict | None = None,
+                          args: list[str] | None = None) -> subprocess.Popen:
+        self.coordinator = _spawn(self.coordinator_command(config) + list(args or ()),
+                                  self.workdir / "logs" / "coordinator.out", env)
         return self.coordinator
 
-    def start_participant(self, site: str, env: dict | None = None) -> subprocess.Popen:
-        self.participants[site] = _spawn(self.participant_command(site), self.workdir / "logs" / f"{site}.out", env)
+    def start_participant(self, site: str, env: dict | None = None, args: list[str] | None = None) -> subprocess.Popen:
+        self.participants[site] = _spawn(self.participant_command(site) + list(args or ()),
+                                         self.workdir / "logs" / f"{site}.out", env)
         return self.participants[site]
 
     def operator_tls(self) -> TLSFiles:

@@ -19,6 +19,7 @@ import numpy as np
 
 from kt_core import codec
 from kt_core.config import RunConfig
+from kt_core.exposition import Metric, MetricsServer
 from kt_core.wire import convert, transport
 from kt_core.wire import federation_pb2 as pb
 from kt_core.wire.federation_pb2_grpc import ParticipantServiceStub
@@ -49,6 +50,7 @@ class AgentSettings:
     # this site's own privacy budget; the stricter of it and the run's wins
     epsilon_budget: float | None = None
     heartbeat_s: float = 10.0          # <state>/heartbeat.json, read by the Kubernetes probes
+    metrics_listen: str | None = None  # HOST:PORT of the Prometheus endpoint; None = off
 
 
 def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
@@ -70,6 +72,39 @@ class ParticipantAgent:
         self._rng = random.Random()
         self.status = "starting"  # connecting | connected | training | finished | stopped
         self.round = 0
+        self.rounds_trained = 0
+        self.rounds_declined = 0
+        self.bytes_sent = 0
+        self.bytes_downloaded = 0
+        self.reconnects = 0
+        self.metrics = MetricsServer(settings.metrics_listen, self.collect_metrics) if settings.metrics_listen else None
+
+    STATUSES = ("starting", "connecting", "connected", "training", "finished", "stopped")
+
+    def collect_metrics(self) -> list[Metric]:
+        site = {"site": self.site}
+        status = Metric("ktfed_participant_status", "gauge", "1 for the agent's current status")
+        for name in self.STATUSES:
+            status.add(1 if name == self.status else 0, {**site, "status": name})
+        privacy = self.trainer.privacy_metrics() if self.trainer is not None else {}
+        return [
+            status,
+            Metric("ktfed_participant_round", "gauge", "the last round this site saw").add(self.round, site),
+            Metric("ktfed_participant_rounds_trained_total", "counter", "rounds trained and uploaded").add(
+                self.rounds_trained, site),
+            Metric("ktfed_participant_rounds_declined_total", "counter", "rounds declined (privacy budget)").add(
+                self.rounds_declined, site),
+            Metric("ktfed_participant_bytes_sent_total", "counter", "update bytes accepted by the coordinator").add(
+                self.bytes_sent, site),
+            Metric("ktfed_participant_bytes_received_total", "counter", "global-state bytes downloaded").add(
+                self.bytes_downloaded, site),
+            Metric("ktfed_participant_reconnects_total", "counter", "connections lost and retried").add(
+                self.reconnects, site),
+            Metric("ktfed_participant_epsilon_spent", "gauge", "cumulative epsilon in this site's ledger").add(
+                float(privacy.get("epsilon", 0.0)), site),
+            Metric("ktfed_participant_epsilon_budget", "gauge", "this site's epsilon budget (0: none)").add(
+                float(privacy.get("epsilon_budget", 0.0)), site),
+        ]
 
     def stop(self) -> None:
         self._stop.set()
@@ -98,14 +133,19 @@ class ParticipantAgent:
     def run(self) -> int:
         self._set_status("connecting")
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+        if self.metrics is not None:
+            self.metrics.start()
         try:
             return self._run()
         finally:
             self._set_status("finished" if self.finished else "stopped")
+            if self.metrics is not None:
+                self.metrics.stop()
 
     def _run(self) -> int:
         failures = 0
         while not self._stop.is_set():
+            files = self._tls_stamp()
             try:
                 with transport.open_channel(self.settings.coordinator, self.settings.tls,
                                             insecure=self.settings.insecure) as channel:
@@ -114,17 +154,37 @@ class ParticipantAgent:
                     return 0
                 failures = 0 if joined else failures + 1
             except grpc.RpcError as err:
-                if err.code() in FATAL_CODES:
+                if err.code() in FATAL_CODES and self._tls_stamp() != files:
+                    # Our certificate was rotated (and the old one perhaps revoked) while this
+                    # connection was open: the next connection presents the new one.
+                    log.warning("%s: refused (%s: %s) and the certificate files changed: reconnecting with "
+                                "the new certificate", self.site, err.code().name, err.details())
+                elif err.code() in FATAL_CODES:
                     log.error("%s: coordinator refused us: %s %s", self.site, err.code().name, err.details())
                     return 3
                 log.warning("%s: coordinator unreachable or stream lost (%s: %s)", self.site,
                             err.code().name, err.details())
                 failures += 1
+            self.reconnects += 1
             self._set_status("connecting")
             delay = backoff_delay(failures, self.settings.backoff_initial_s, self.settings.backoff_max_s, self._rng)
             log.info("%s: reconnecting in %.2fs", self.site, delay)
             self._stop.wait(delay)
         return 0
+
+    def _tls_stamp(self):
+        """(inode, mtime) of the certificate files: a rotation replaces them by rename."""
+        tls = self.settings.tls
+        if tls is None:
+            return None
+        out = []
+        for path in (tls.ca_cert, tls.cert, tls.key):
+            try:
+                st = Path(path).stat()
+                out.append((st.st_ino, st.st_mtime_ns))
+            except OSError:
+                out.append(None)
+        return tuple(out)
 
     # -- one connection -------------------------------------------------------------------------
     def _session(self, stub: ParticipantServiceStub) -> bool:
@@ -187,6 +247,7 @@ class ParticipantAgent:
         for message in responses:
             assembler.add(message.chunk.name, message.chunk.offset, message.chunk.data)
         state = assembler.finish()
+        self.bytes_downloaded += assembler.bytes_received
         self.cached = (digest, state)
         return state
 
@@ -197,6 +258,7 @@ class ParticipantAgent:
         self.trainer.ledger.record_decline(run_id=self.run_id, round_no=round_no, task_id=task.task_id.hex(),
                                            reason=str(err), spent=err.spent, would_be=err.would_be,
                                            budget=err.budget, accountant=accountant)
+        self.rounds_declined += 1
         log.warning("%s: round %d declined: %s", self.site, round_no, err)
         try:
             stub.Decline(pb.DeclineRequest(header=convert.header(self.run_id, round_no, self.site),
@@ -260,6 +322,8 @@ class ParticipantAgent:
                 log.warning("%s: round %d: update refused: %s %s", self.site, round_no, err.code().name, err.details())
                 return
             raise
+        self.rounds_trained += 1
+        self.bytes_sent += receipt.bytes_received
         log.info("%s: round %d: accuracy %.3f -> %.3f, loss %.3f, sent %d bytes in %d shared tensors (%.2fs)",
                  self.site, round_no, before["accuracy"], after["accuracy"], result.loss,
                  receipt.bytes_received, len(specs), time.perf_counter() - started)

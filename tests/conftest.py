@@ -122,6 +122,12 @@ class LocalFederation(Federation):
             out.append(f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
         return "\n".join(out)
 
+    def close_client(self) -> None:
+        """Forget the operator channel (e.g. across a coordinator restart)."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
     def close(self) -> None:
         if self._client is not None:
             self._client.close()

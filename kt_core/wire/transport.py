@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import grpc
 
@@ -55,6 +56,51 @@ def server_credentials(tls: TLSFiles) -> grpc.ServerCredentials:
     ca, cert, key = tls.read()
     # require_client_auth: a client without a certificate of this CA never gets past the handshake.
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
+
+
+class ReloadingServerCertificates:
+    """Certificate rotation without a restart: gRPC asks `fetch()` before each new handshake; it
+    stats the CA, certificate and key files and hands gRPC a new configuration only when one of
+    them changed (`ktfed pki issue` replaces files by rename). Connections already open keep the
+    certificate they were made with; new ones get the new one. A half-rotated or unreadable set
+    (key not yet matching, file missing) keeps the last good configuration, with a warning."""
+
+    def __init__(self, tls: TLSFiles, check: Callable[[bytes, bytes], None] | None = None):
+        self.tls = tls
+        self.check = check  # e.g. security.pki.check_key_pair: raises when cert and key do not match
+        self._seen = self._stat()
+        ca, cert, key = tls.read()
+        self.initial = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+        self.reloads = 0
+
+    def _stat(self):
+        out = []
+        for path in (self.tls.ca_cert, self.tls.cert, self.tls.key):
+            try:
+                st = Path(path).stat()
+                out.append((st.st_ino, st.st_size, st.st_mtime_ns))
+            except OSError:
+                out.append(None)
+        return tuple(out)
+
+    def fetch(self):
+        seen = self._stat()
+        if seen == self._seen:
+            return None
+        self._seen = seen
+        try:
+            ca, cert, key = self.tls.read()
+            if self.check is not None:
+                self.check(cert, key)
+        except Exception as err:  # noqa: BLE001 - bad new material must not break handshakes
+            log.warning("new TLS material not loaded, keeping the current one: %s", err)
+            return None
+        self.reloads += 1
+        log.info("TLS certificate files changed: new connections use the new certificate (%s)", self.tls.cert)
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=ca)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        return grpc.dynamic_ssl_server_credentials(self.initial, self.fetch, require_client_authentication=True)
 
 
 def open_channel(address: str, tls: TLSFiles | None, *, insecure: bool = False) -> grpc.Channel:

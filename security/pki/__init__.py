@@ -20,12 +20,13 @@ from .authority import (
     revoke,
 )
 from .errors import PKIError
+from .primitives import check_key_pair
 from .identity import PeerIdentity, identity_from_pem, verify_chain
 from .policy import ROLES, validate_name
 from .revocation import RevocationList, RevocationWatcher
 
 __all__ = [
-    "PKIError", "ROLES", "validate_name",
+    "PKIError", "ROLES", "check_key_pair", "validate_name",
     "init_ca", "issue", "revoke", "refresh_crl", "list_certs", "load_ca_bundle",
     "IssuedCert", "CertRecord",
     "PeerIdentity", "identity_from_pem", "verify_chain",

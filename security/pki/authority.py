@@ -157,8 +157,9 @@ def issue(pki_dir: str | os.PathLike[str], name: str, role: str,
                       cert_path=paths.cert(name), key_path=paths.key(name))
 
 
-def revoke(pki_dir: str | os.PathLike[str], name: str) -> list[int]:
-    """Revoke every live certificate of `name` and publish a new CRL; returns the serials revoked.
+def revoke(pki_dir: str | os.PathLike[str], name: str, serial: int | None = None) -> list[int]:
+    """Revoke every live certificate of `name` (or only the one with `serial`, e.g. the old
+    certificate after a rotation) and publish a new CRL; returns the serials revoked.
 
     The CRL is re-published even when nothing was live, so re-running `revoke` after a crash
     between the registry write and the CRL write still gets the revocation out.
@@ -171,6 +172,10 @@ def revoke(pki_dir: str | os.PathLike[str], name: str) -> list[int]:
         mine = [e for e in registry["certs"] if e["name"] == name]
         if not mine:
             raise PKIError(f"no certificate was ever issued to {name!r} by the CA in {paths.root}")
+        if serial is not None:
+            mine = [e for e in mine if int(e["serial"], 16) == serial]
+            if not mine:
+                raise PKIError(f"{name!r} holds no certificate with serial {serial:x} (see registry.json)")
         now = primitives.utcnow()
         revoked = []
         for entry in mine:

@@ -69,6 +69,16 @@ def load_cert(data: bytes, what: str = "certificate") -> x509.Certificate:
         raise PKIError(f"{what} is not a readable PEM certificate: {err}") from None
 
 
+def check_key_pair(cert_pem: bytes, key_pem: bytes) -> None:
+    """Raise PKIError unless the private key belongs to the certificate (e.g. files caught mid-rotation)."""
+    cert = load_cert(cert_pem)
+    key = load_private_key(key_pem)
+    spki = serialization.PublicFormat.SubjectPublicKeyInfo
+    if (cert.public_key().public_bytes(serialization.Encoding.DER, spki)
+            != key.public_key().public_bytes(serialization.Encoding.DER, spki)):
+        raise PKIError("the certificate and the private key do not belong together")
+
+
 def load_crl(data: bytes, what: str = "CRL") -> x509.CertificateRevocationList:
     try:
         return x509.load_pem_x509_crl(data)
