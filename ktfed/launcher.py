@@ -176,6 +176,8 @@ def run_demo(settings: DemoSettings) -> int:
         status = client.status()
         print(f"run {status.header.run_id}: {status.rounds_total} rounds of {settings.mode} adaptation; "
               f"logs in {workdir / 'logs'}\n")
+        print("acc: each site's local test accuracy after its training in that round "
+              "(round 0: the initial model); kB: update uploaded\n")
         print(table.header())
         shown = 0
         while True:
