@@ -14,7 +14,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from kt_core.data import PartitionSpec
 from kt_core.models import ModelConfig
@@ -211,24 +211,54 @@ def from_table(table: Any) -> RunConfig:
     return RunConfig(**parts)
 
 
-def load_toml(text: str, source: str = "<config>") -> RunConfig:
+ENV_OVERRIDE_PREFIX = "KTFED_RUN__"
+
+
+def load_toml(text: str, source: str = "<config>", environ: Mapping[str, str] | None = None) -> RunConfig:
+    """Parse and validate; with `environ`, `KTFED_RUN__SECTION__FIELD=value` variables override the
+    file's fields (e.g. KTFED_RUN__FEDERATION__ROUNDS=10, KTFED_RUN__DATA__PARTITION__ALPHA=0.3),
+    and are validated exactly like the file."""
     try:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{source}: not valid TOML: {err}") from None
+    overridden = _apply_env_overrides(table, environ or {})
+    if overridden:
+        source = f"{source} (with {', '.join(overridden)})"
     try:
         return from_table(table)
     except ConfigError as err:
         raise ConfigError(f"{source}: {err}") from None
 
 
-def load_file(path: Path) -> RunConfig:
+def _apply_env_overrides(table: dict, environ: Mapping[str, str]) -> list[str]:
+    used = []
+    for var in sorted(v for v in environ if v.startswith(ENV_OVERRIDE_PREFIX)):
+        path = [p.lower() for p in var[len(ENV_OVERRIDE_PREFIX):].split("__")]
+        if len(path) < 2 or not all(path):
+            raise ConfigError(f"{var}: expected {ENV_OVERRIDE_PREFIX}SECTION__FIELD")
+        raw = environ[var]
+        try:  # typed as TOML would type it (10, 0.5, true, ["a", "b"]); else a plain string
+            value = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = raw
+        node = table
+        for key in path[:-1]:
+            node = node.setdefault(key, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{var}: {'.'.join(path[:-1])} is not a table")
+        node[path[-1]] = value
+        used.append(var)
+    return used
+
+
+def load_file(path: Path, environ: Mapping[str, str] | None = None) -> RunConfig:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path}: cannot read: {err}") from None
-    return load_toml(text, str(path))
+    return load_toml(text, str(path), environ)
 
 
 def _build(cls: type, table: Any, where: str):

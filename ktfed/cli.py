@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def cmd_coordinator(args) -> int:
     torch.set_num_threads(1)  # the coordinator only builds the initial model; keep the cores for sites
     log = logging.getLogger("ktfed.coordinator")
     try:
-        config = load_file(Path(args.config)) if args.config else None
+        config = load_file(Path(args.config), os.environ) if args.config else None
     except ConfigError as err:
         print(f"error: invalid config: {err}", file=sys.stderr)
         return 2
@@ -159,11 +160,32 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_status(args) -> int:
+    """One look for operators: is the coordinator healthy, and where is its run."""
+    import grpc
+
+    from ktfed.operator import OperatorClient, format_status
+
+    client = OperatorClient(args.coordinator, _tls(args, args.name), insecure=args.insecure, timeout=10)
+    try:
+        serving = client.serving()
+        print(f"coordinator {args.coordinator}: {'SERVING' if serving else 'NOT SERVING or unreachable'}")
+        try:
+            status = client.status()
+        except grpc.RpcError as err:
+            print(f"run: {err.code().name}: {err.details()}")
+            return 1
+        print(format_status(status, text=True))
+        return 0 if serving else 1
+    finally:
+        client.close()
+
+
 def cmd_config(args) -> int:
     from kt_core.config import ConfigError, load_file
 
     try:
-        config = load_file(Path(args.file))
+        config = load_file(Path(args.file), os.environ)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -276,6 +298,12 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--reason", default="stopped by operator")
     run.set_defaults(func=cmd_run)
 
+    p = sub.add_parser("status", help="the coordinator's health, its run and its participants")
+    p.add_argument("--coordinator", default=DEFAULT_ADDRESS)
+    p.add_argument("--name", default="operator", help="operator certificate name under --pki")
+    _add_tls_args(p)
+    p.set_defaults(func=cmd_status)
+
     p = sub.add_parser("config", help="validate configuration files")
     config_sub = p.add_subparsers(dest="config_command", required=True)
     c = config_sub.add_parser("check", help="validate a run config and print it resolved")
@@ -342,8 +370,41 @@ def _add_log_args(parser: argparse.ArgumentParser) -> None:
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default)")
 
 
+ENV_PREFIX = "KTFED_"
+TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+
+
+def apply_env_defaults(parser: argparse.ArgumentParser, environ=os.environ) -> None:
+    """Let every `--flag-name` of every command default to $KTFED_FLAG_NAME (containers configure
+    services through the environment); a flag given on the command line still wins. A value that
+    the flag would refuse is refused here too, naming the variable."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                apply_env_defaults(sub, environ)
+            continue
+        longs = [o for o in action.option_strings if o.startswith("--") and o != "--help"]
+        if not longs:
+            continue
+        var = ENV_PREFIX + longs[0][2:].replace("-", "_").upper()
+        if var not in environ:
+            continue
+        raw = environ[var]
+        if isinstance(action, argparse._StoreTrueAction):
+            if raw.lower() not in TRUE | FALSE:
+                parser.error(f"{var}={raw!r}: expected true or false")
+            action.default = raw.lower() in TRUE
+        elif action.nargs is None and not isinstance(action, argparse._AppendAction):
+            if action.choices is not None and raw not in action.choices:
+                parser.error(f"{var}={raw!r}: choose from {', '.join(map(str, action.choices))}")
+            action.default = raw  # argparse applies the flag's type to a string default
+            action.required = False
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    apply_env_defaults(parser)
+    args = parser.parse_args(argv)
     return args.func(args)
 
 

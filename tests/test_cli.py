@@ -1,6 +1,7 @@
 """The `ktfed` command line, run as a real subprocess: PKI, config checks, refusing bad state."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -57,6 +58,24 @@ def test_config_check_names_the_bad_field(tmp_path):
     assert out.returncode == 2 and "not valid TOML" in out.stderr
 
 
+def test_config_fields_can_be_overridden_from_the_environment(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(fast_config())
+    env = {**os.environ, "KTFED_RUN__FEDERATION__ROUNDS": "7", "KTFED_RUN__DATA__PARTITION__ALPHA": "0.25",
+           "KTFED_RUN__MODEL__MODE": "lora"}
+    out = subprocess.run([sys.executable, "-m", "ktfed", "config", "check", str(config)], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    resolved = json.loads(out.stdout)
+    assert resolved["federation"]["rounds"] == 7 and resolved["data"]["partition"]["alpha"] == 0.25
+    assert resolved["model"]["mode"] == "lora"
+    env = {**os.environ, "KTFED_RUN__TRAIN__LR": "fast"}
+    out = subprocess.run([sys.executable, "-m", "ktfed", "config", "check", str(config)], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert out.returncode == 2
+    assert "KTFED_RUN__TRAIN__LR" in out.stderr and "train.lr: expected a number" in out.stderr
+
+
 def test_coordinator_refuses_an_invalid_config_file(tmp_path, pki_dir):
     bad = tmp_path / "bad.toml"
     bad.write_text(fast_config().replace("min_participants = 2", "min_participants = 9"))
@@ -110,6 +129,17 @@ def test_operator_starts_a_run_and_reads_its_status(federation):
     status = json.loads(out.stdout)
     assert status["state"] == "finished" and [r["round"] for r in status["rounds"]] == [1, 2]
     assert {p["id"]: p["rounds_contributed"] for p in status["participants"]} == {s: 2 for s in SITES}
+    # The operator's one-look command, configured through the environment as a container would be.
+    env = {**os.environ, "KTFED_COORDINATOR": federation.address, "KTFED_PKI": str(federation.pki)}
+    out = subprocess.run([sys.executable, "-m", "ktfed", "status"], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"coordinator {federation.address}: SERVING" in out.stdout and "finished, 2/2 rounds" in out.stdout
+    assert all(site in out.stdout for site in SITES)
+    env["KTFED_INSECURE"] = "maybe"
+    out = subprocess.run([sys.executable, "-m", "ktfed", "status"], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert out.returncode == 2 and "KTFED_INSECURE='maybe': expected true or false" in out.stderr
     bad = federation.write_config(fast_config().replace("epochs = 2", "epochs = 0"))
     out = ktfed("run", "start", "--config", bad, *args)
     assert out.returncode == 2 and "train.epochs" in out.stderr
