@@ -24,6 +24,7 @@ from kt_core.wire import federation_pb2 as pb
 from kt_core.wire.federation_pb2_grpc import ParticipantServiceStub
 from ktfed.launcher import free_port, make_pki
 from ktfed.logs import JsonFormatter
+from ktfed.operator import OperatorClient
 from security.pki import issue, revoke
 from tests.conftest import SITES, LocalFederation, fast_config
 
@@ -162,10 +163,15 @@ def _watch_health(address: str, tls: transport.TLSFiles, seen: list) -> threadin
 
 
 def _health(federation):
+    # A fresh channel per poll: a long-lived one sits in gRPC's reconnect backoff (seconds, growing)
+    # while the coordinator restarts, and would miss a short NOT_SERVING window.
+    client = OperatorClient(federation.address, federation.operator_tls())
     try:
-        return federation.client.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+        return client.health.Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
     except grpc.RpcError:
         return None
+    finally:
+        client.close()
 
 
 @pytest.mark.slow
@@ -197,7 +203,7 @@ def test_sigterm_mid_round_exits_cleanly_and_restart_resumes(federation):
     federation.participants["site-c"].kill()  # the paused site; the other two reconnect by themselves
     federation.participants["site-c"].wait(10)
     federation.close_client()
-    federation.start_coordinator(env={"KTFED_FAULT_PAUSE_IN_RESUME_S": "3"})
+    federation.start_coordinator(env={"KTFED_FAULT_PAUSE_IN_RESUME_S": "6"})
     statuses = []
     deadline = time.monotonic() + 60
     while SERVING not in statuses and time.monotonic() < deadline:
