@@ -176,26 +176,7 @@ class RoundEngine:
     def check_upload(self, participant_id: str, header: pb.UploadHeader) -> Attempt:
         """Everything that can be refused before a byte of tensor data is accepted."""
         with self._cond:
-            attempt = self.attempt
-            if attempt is None or attempt.closed:
-                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, "no round is collecting updates")
-            round_no = header.header.round
-            if round_no < attempt.round:
-                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"stale round {round_no}: round {attempt.round} is in progress")
-            if round_no > attempt.round:
-                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"round {round_no} has not started: round {attempt.round} is in progress")
-            if participant_id not in attempt.selected:
-                raise Refusal(grpc.StatusCode.PERMISSION_DENIED,
-                              f"{participant_id} was not selected for round {attempt.round}")
-            if header.task_id != attempt.task_id:
-                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"task id does not belong to the current attempt of round {attempt.round} "
-                              f"(a replayed or superseded upload)")
-            if participant_id in attempt.uploads:
-                raise Refusal(grpc.StatusCode.ALREADY_EXISTS,
-                              f"{participant_id} already uploaded its update for round {attempt.round} (replay)")
+            attempt = self._attempt_answered_by(participant_id, header.header.round, header.task_id, "upload")
             if time.monotonic() > attempt.deadline:
                 raise Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, f"round {attempt.round} is past its deadline")
         if header.base_state_digest != self.global_digest:
@@ -207,29 +188,39 @@ class RoundEngine:
         self._check_specs([convert.spec_from_pb(s) for s in header.tensors])
         return attempt
 
+    def _attempt_answered_by(self, participant_id: str, round_no: int, task_id: bytes, what: str) -> Attempt:
+        """The open attempt that an upload or decline answers, or a refusal saying why not.
+        Call with the lock held."""
+        attempt = self.attempt
+        if attempt is None or attempt.closed:
+            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, "no round is collecting updates")
+        if round_no < attempt.round:
+            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"stale round {round_no}: round {attempt.round} is in progress")
+        if round_no > attempt.round:
+            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"round {round_no} has not started: round {attempt.round} is in progress")
+        if participant_id not in attempt.selected:
+            raise Refusal(grpc.StatusCode.PERMISSION_DENIED,
+                          f"{participant_id} was not selected for round {attempt.round}")
+        if task_id != attempt.task_id:
+            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                          f"task id does not belong to the current attempt of round {attempt.round} "
+                          f"(a replayed or superseded {what})")
+        if participant_id in attempt.uploads:
+            raise Refusal(grpc.StatusCode.ALREADY_EXISTS,
+                          f"{participant_id} already uploaded its update for round {attempt.round} (replay)")
+        if participant_id in attempt.declined:
+            raise Refusal(grpc.StatusCode.ALREADY_EXISTS,
+                          f"{participant_id} already declined round {attempt.round}")
+        return attempt
+
     # -- declines -----------------------------------------------------------------------------
     def decline(self, participant_id: str, request: pb.DeclineRequest) -> Attempt:
         """A selected site will not train this round (e.g. its privacy budget): it is out of this
         round at once, the coordinator records why and goes on with the others."""
         with self._cond:
-            attempt = self.attempt
-            if attempt is None or attempt.closed:
-                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, "no round is collecting updates")
-            round_no = request.header.round
-            if round_no != attempt.round:
-                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"{'stale' if round_no < attempt.round else 'future'} round {round_no}: "
-                              f"round {attempt.round} is in progress")
-            if participant_id not in attempt.selected:
-                raise Refusal(grpc.StatusCode.PERMISSION_DENIED,
-                              f"{participant_id} was not selected for round {attempt.round}")
-            if request.task_id != attempt.task_id:
-                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
-                              f"task id does not belong to the current attempt of round {attempt.round} "
-                              f"(a replayed or superseded decline)")
-            if participant_id in attempt.uploads or participant_id in attempt.declined:
-                raise Refusal(grpc.StatusCode.ALREADY_EXISTS,
-                              f"{participant_id} already answered round {attempt.round}")
+            attempt = self._attempt_answered_by(participant_id, request.header.round, request.task_id, "decline")
             code = request.code[:64] or "declined"
             reason = request.reason[:500]
             for value in (request.epsilon_spent, request.epsilon_budget, request.epsilon_would_be):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 from kt_core import codec
+from kt_core.durable import open_durable_sqlite
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +104,7 @@ class Store:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self.db = sqlite3.connect(self.root / "coordinator.sqlite3", check_same_thread=False,
-                                  isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
+        self.db = open_durable_sqlite(self.root / "coordinator.sqlite3", SCHEMA)
 
     def close(self) -> None:
         with self._lock:

@@ -5,7 +5,6 @@ exits when the run finishes or when the coordinator refuses its identity.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -20,6 +19,7 @@ import numpy as np
 from kt_core import codec
 from kt_core.config import RunConfig
 from kt_core.exposition import Metric, MetricsServer
+from kt_core.heartbeat import HEARTBEAT_FILE, write_heartbeat
 from kt_core.wire import convert, transport
 from kt_core.wire import federation_pb2 as pb
 from kt_core.wire.federation_pb2_grpc import ParticipantServiceStub
@@ -110,15 +110,11 @@ class ParticipantAgent:
         self._stop.set()
 
     def _beat(self) -> None:
-        """Write <state>/heartbeat.json (temp file + rename): the Kubernetes probes read its age
-        (liveness) and status (readiness: connected or training)."""
-        path = Path(self.settings.state_dir) / "heartbeat.json"
-        tmp = path.with_name(path.name + ".tmp")
+        """Refresh <state>/heartbeat.json: the Kubernetes probes read its age (liveness) and
+        status (readiness: connected or training)."""
+        path = Path(self.settings.state_dir) / HEARTBEAT_FILE
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_text(json.dumps({"site": self.site, "status": self.status, "round": self.round,
-                                       "time": time.time()}))
-            os.replace(tmp, path)
+            write_heartbeat(path, self.site, self.status, self.round)
         except OSError as err:
             log.warning("%s: cannot write the heartbeat file %s: %s", self.site, path, err)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kt_core.heartbeat import HEARTBEAT_FILE  # noqa: F401 - one name for the file, re-exported
+
 # The Kubernetes version whose schemas the manifests are validated against (kubernetes-validate
 # ships schemas for 1.25 .. 1.37 offline). Raise it together with the clusters we support.
 KUBERNETES_VERSION = "1.32.0"
@@ -14,7 +16,6 @@ DEFAULT_REGISTRY = "registry.example.org/ktfed"
 DEFAULT_TAG = "0.1.0"
 DEFAULT_NAMESPACE = "ktfed"
 DEFAULT_TLS_DIR = "/etc/ktfed/tls"
-HEARTBEAT_FILE = "heartbeat.json"
 # Heartbeat statuses in which the agent holds (or is using) a session with the coordinator.
 CONNECTED_STATUSES = frozenset({"connected", "training"})
 # Objects the manifests reference but that operators create from files they hold (never committed).

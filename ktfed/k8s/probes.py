@@ -7,6 +7,8 @@ import os
 import time
 from pathlib import Path
 
+from kt_core.heartbeat import write_heartbeat  # noqa: F401 - the format's one writer, re-exported
+
 from .common import CONNECTED_STATUSES, DEFAULT_TLS_DIR
 
 
@@ -50,15 +52,6 @@ def probe_grpc(address: str, service: str = "", *, tls_dir: str | None = DEFAULT
     if accept_not_serving:
         return 0, f"alive: {service or '(server)'} is {status}"
     return 1, f"{service or '(server)'}: {status}"
-
-
-def write_heartbeat(path: Path, site: str, status: str, round_no: int = 0) -> None:
-    """The heartbeat file format (the participant agent writes it; the probe reads it): a JSON
-    object written atomically (temp file + rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"site": site, "status": status, "round": round_no, "time": time.time()}))
-    os.replace(tmp, path)
 
 
 def probe_heartbeat(path: str | Path, max_age: float, *, require_connected: bool = False,

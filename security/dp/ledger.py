@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import json
 import math
-import sqlite3
 import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from kt_core.durable import open_durable_sqlite
 from security.dp.accounting import RoundSpend, accountant_version, epsilons
 
 SCHEMA = """
@@ -106,10 +106,7 @@ class PrivacyLedger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.site = site
         self._lock = threading.Lock()
-        self.db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(SCHEMA)
+        self.db = open_durable_sqlite(self.path, SCHEMA)
 
     def close(self) -> None:
         with self._lock:
