@@ -10,10 +10,11 @@ import uuid
 
 import numpy as np
 
+from coordinator import secagg_round
 from coordinator.rounds import Refusal, RoundEngine
 from coordinator.store import CorruptStateError, Store
 from coordinator.strategy import FedAvg
-from kt_core.config import RunConfig
+from kt_core.config import ConfigError, RunConfig
 from kt_core.manifest import FactorManifest, Role, manifest_of
 from kt_core.models import build_model, shared_state
 
@@ -59,16 +60,18 @@ class Coordinator:
                               f"run {self.engine.run_id} is still running; stop it first")
             config = config.resolved()
             manifest, state = initial_state(config)
+            try:
+                secagg_round.check_config(config, shared_specs(manifest))
+            except ConfigError as err:
+                raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
             run_id = "run-" + uuid.uuid4().hex[:12]
             self.store.create_run(run_id, config.to_json(), manifest.to_json(), state)
             self._start_engine(run_id, config, manifest)
             log.info("started run %s: %d rounds, sites %s, model %s with %d shared parameters",
                      run_id, config.federation.rounds, ", ".join(config.federation.sites),
                      config.model.mode, manifest.shared_numel())
-            if config.privacy.enabled and config.privacy.mode == "distributed":
-                log.warning("privacy.mode = distributed: the sites' noise shares give their guarantee only "
-                            "under secure aggregation, which this coordinator does not run yet; until it "
-                            "does, each site's update is seen with its own share of the noise only")
+            if config.secagg.enabled:
+                log.info("run %s: secure aggregation on (%s)", run_id, config.secagg)
             return run_id
 
     def _start_engine(self, run_id: str, config: RunConfig, manifest: FactorManifest) -> None:

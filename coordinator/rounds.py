@@ -19,11 +19,15 @@ from typing import Callable, Mapping
 
 import grpc
 import numpy as np
+from cryptography import x509
 
+from coordinator import secagg_round
+from coordinator.secagg_round import DuplicateSubmission, OutOfPhase, SecAggRound
 from coordinator.store import Store, UploadRecord
+from coordinator.strategy import Strategy
 from security.dp import accounting as dp_accounting
 from security.dp import user_level
-from coordinator.strategy import Strategy
+from security.secagg import SecAggError
 from kt_core import codec
 from kt_core.config import RunConfig
 from kt_core.wire import convert
@@ -66,6 +70,8 @@ class Attempt:
     dropped: set[str] = field(default_factory=set)
     declined: dict[str, str] = field(default_factory=dict)   # participant -> reason
     closed: bool = False
+    secagg: SecAggRound | None = None   # set when the round runs under secure aggregation
+    secagg_summary: dict | None = None  # what secure aggregation did, for the record
 
     def awaiting(self) -> set[str]:
         return set(self.selected) - set(self.uploads) - self.dropped - set(self.declined)
@@ -120,6 +126,7 @@ class RoundEngine:
             store.record_privacy_params(run_id, json.dumps(dataclasses.asdict(self.privacy), sort_keys=True),
                                         self.privacy.accountant, dp_accounting.accountant_version())
         self.attempt: Attempt | None = None
+        self.certificates: dict[str, bytes] = {}   # participant -> PEM it connected with
         self._cond = threading.Condition()
         self._stop = threading.Event()
 
@@ -151,12 +158,19 @@ class RoundEngine:
             self.participants.setdefault(participant_id, ParticipantInfo()).connected = True
             attempt = self.attempt
             if attempt and not attempt.closed and participant_id in attempt.selected \
-                    and participant_id not in attempt.uploads:
+                    and participant_id not in attempt.uploads and self._can_still_answer(attempt, participant_id):
                 attempt.dropped.discard(participant_id)  # back in time: it may still contribute
                 session.queue.put(self._task(attempt))
             self._cond.notify_all()
             log.info("participant %s connected (%d connected)", participant_id, len(self.sessions))
             return session
+
+    @staticmethod
+    def _can_still_answer(attempt: Attempt, participant_id: str) -> bool:
+        """A secure round can take a site back only before it advertised keys: its protocol
+        state did not survive the lost connection."""
+        sa = attempt.secagg
+        return sa is None or (sa.step == "advertise" and participant_id not in sa.received)
 
     def disconnect(self, session: Session) -> None:
         with self._cond:
@@ -177,6 +191,10 @@ class RoundEngine:
         """Everything that can be refused before a byte of tensor data is accepted."""
         with self._cond:
             attempt = self._attempt_answered_by(participant_id, header.header.round, header.task_id, "upload")
+            if attempt.secagg is not None:
+                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"round {attempt.round} runs under secure aggregation: the update travels as "
+                              "masked SecAgg steps (SubmitSecAgg), never as a plain upload")
             if time.monotonic() > attempt.deadline:
                 raise Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, f"round {attempt.round} is past its deadline")
         if header.base_state_digest != self.global_digest:
@@ -214,6 +232,42 @@ class RoundEngine:
             raise Refusal(grpc.StatusCode.ALREADY_EXISTS,
                           f"{participant_id} already declined round {attempt.round}")
         return attempt
+
+    # -- secure aggregation ---------------------------------------------------------------------
+    def check_secagg(self, participant_id: str, round_no: int, task_id: bytes, step: str, size: int) -> Attempt:
+        """Everything that can be refused before a SecAgg payload is read; returns the attempt."""
+        with self._cond:
+            attempt = self._attempt_answered_by(participant_id, round_no, task_id, f"secure aggregation {step}")
+            sa = attempt.secagg
+            if sa is None:
+                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"round {attempt.round} does not run under secure aggregation")
+            try:
+                sa.check_open(participant_id, step)
+            except SecAggError as err:
+                raise _secagg_refusal(err) from None
+            limit = sa.max_payload(step)
+            if not 0 < size <= limit:
+                raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED if size > limit else grpc.StatusCode.INVALID_ARGUMENT,
+                              f"{step}: declared payload of {size} bytes is outside 1..{limit}")
+            return attempt
+
+    def secagg_submit(self, attempt: Attempt, participant_id: str, step: str, payload: bytes,
+                      metrics: Mapping[str, float]) -> None:
+        """Hand one participant's answer to the open SecAgg step."""
+        if step == "masked_input":
+            self._check_metrics(metrics)
+        with self._cond:
+            if attempt is not self.attempt or attempt.closed:
+                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                              f"round {attempt.round} closed while the {step} was in flight")
+            try:
+                attempt.secagg.receive(participant_id, step, payload, metrics)
+            except SecAggError as err:
+                raise _secagg_refusal(err) from None
+            self._cond.notify_all()
+        log.info("round %d: secure aggregation %s from %s (%d bytes)", attempt.round, step, participant_id,
+                 len(payload))
 
     # -- declines -----------------------------------------------------------------------------
     def decline(self, participant_id: str, request: pb.DeclineRequest) -> Attempt:
@@ -305,14 +359,19 @@ class RoundEngine:
             attempt = self._start_attempt()
             if attempt is None:
                 break
-            self._collect(attempt)
+            if attempt.secagg is not None:
+                problem = self._collect_secure(attempt)
+            else:
+                self._collect(attempt)
+                problem = None
             if self._stop.is_set():
                 break
-            if len(attempt.uploads) >= self.fed.min_participants:
+            if problem is None and len(attempt.uploads) < self.fed.min_participants:
+                problem = f"only {len(attempt.uploads)} update(s), {self.fed.min_participants} required"
+            if problem is None:
                 self._complete(attempt)
             else:
-                self._abort(attempt, f"only {len(attempt.uploads)} update(s), "
-                                     f"{self.fed.min_participants} required")
+                self._abort(attempt, problem)
         with self._cond:
             if self.rounds_completed >= self.fed.rounds:
                 self.state = "finished"
@@ -344,6 +403,11 @@ class RoundEngine:
             attempt = Attempt(round=self.rounds_completed + 1, task_id=os.urandom(16), selected=selected,
                               deadline=now + self.fed.round_timeout_s,
                               deadline_unix_ms=int((time.time() + self.fed.round_timeout_s) * 1000), started=now)
+            if self.config.secagg.enabled:
+                attempt.secagg = SecAggRound(self.run_id, attempt.round, tuple(sorted(selected)),
+                                             secagg_round.protocol_settings(self.config), self.shared_specs,
+                                             self.config.secagg_weight_scale(),
+                                             verify_keys=self._verify_keys(selected))
             self.strategy.begin(self.global_state)
             self.attempt = attempt
             task = self._task(attempt)
@@ -354,13 +418,101 @@ class RoundEngine:
 
     def _task(self, attempt: Attempt) -> pb.Task:
         train = self.config.train
-        return pb.Task(round=pb.RoundTask(
+        task = pb.RoundTask(
             header=convert.header(self.run_id, attempt.round),
             task_id=attempt.task_id, global_state_digest=self.global_digest,
             train=pb.TrainSettings(local_epochs=train.epochs, batch_size=train.batch_size,
                                    learning_rate=train.lr, max_steps=train.max_steps or 0,
                                    seed=self.fed.seed * 100_003 + attempt.round),
-            deadline_unix_ms=attempt.deadline_unix_ms))
+            deadline_unix_ms=attempt.deadline_unix_ms)
+        if attempt.secagg is not None:
+            task.secure_aggregation = True
+            task.roster.extend(attempt.secagg.roster)
+            if self.config.secagg.active:
+                for pid in attempt.secagg.roster:
+                    task.peer_certificates[pid] = self.certificates[pid]
+        return pb.Task(round=task)
+
+    # -- secure aggregation rounds ---------------------------------------------------------------
+    def note_certificate(self, participant_id: str, pem: bytes) -> None:
+        """The certificate a participant connected with: SecAgg's active option relays it to the
+        other sites and verifies that site's signatures with it."""
+        with self._cond:
+            self.certificates[participant_id] = pem
+
+    def _verify_keys(self, selected) -> dict | None:
+        if not self.config.secagg.active:
+            return None
+        return {pid: x509.load_pem_x509_certificate(self.certificates[pid]).public_key() for pid in selected}
+
+    def _secagg_task(self, attempt: Attempt, step: str, payload: bytes) -> pb.Task:
+        return pb.Task(secagg=pb.SecAggMessage(header=convert.header(self.run_id, attempt.round),
+                                               task_id=attempt.task_id, step=convert.SECAGG_STEP_TO_PB[step],
+                                               payload=payload))
+
+    def _collect_secure(self, attempt: Attempt) -> str | None:
+        """Drive the SecAgg steps; None when the sum is folded in, else why the attempt aborts.
+
+        The advertise step waits as long as the round (sites advertise once their update is
+        ready); every later step waits `secagg.step_timeout_s`. A site whose stream drops, or that
+        does not answer in time, is a dropout: the protocol recovers its masks if t others remain."""
+        sa = attempt.secagg
+        deadline = attempt.deadline
+        while True:
+            with self._cond:
+                while not self._stop.is_set():
+                    alive = (set(self.sessions) & attempt.selected) - set(attempt.declined)
+                    if not sa.waiting_for(alive) or time.monotonic() >= deadline:
+                        break
+                    self._cond.wait(timeout=min(deadline - time.monotonic(), 0.5))
+                if self._stop.is_set():
+                    attempt.closed = True
+                    return "stopped"
+                if sa.step == "unmask":
+                    attempt.closed = True
+                    break
+                try:
+                    out = sa.close()
+                except SecAggError as err:
+                    attempt.closed = True
+                    return f"secure aggregation: {err}"
+                for pid, (step, payload) in out.items():
+                    if pid in self.sessions:
+                        self.sessions[pid].queue.put(self._secagg_task(attempt, step, payload))
+                deadline = time.monotonic() + self.config.secagg.step_timeout_s
+                log.info("round %d: secure aggregation step %s opened for %d participant(s)",
+                         attempt.round, sa.step, len(out))
+        try:
+            result = sa.finish()
+        except SecAggError as err:
+            return f"secure aggregation: {err}"
+        if result.weight <= 0:
+            return "secure aggregation: the survivors' weights sum to zero"
+        self.strategy.add_aggregate(result.weighted_sum, result.weight)
+        with self._cond:
+            for pid in result.survivors:
+                # what the record holds of a site: the size and digest of its masked vector
+                attempt.uploads[pid] = UploadRecord(pid, attempt.task_id.hex(), 0, (), sa.bytes_in.get(pid, 0),
+                                                    sa.payload_digests[pid])
+                metrics = sa.metrics.get(pid, {})
+                self.participants.setdefault(pid, ParticipantInfo()).note_privacy(metrics)
+                for key, value in metrics.items():
+                    attempt.metrics[f"{pid}/{key}"] = float(value)
+            attempt.dropped = set(attempt.selected) - set(result.survivors) - set(attempt.declined)
+        attempt.secagg_summary = {
+            "roster": list(sa.roster), "threshold": sa.threshold, "neighbours": sa.settings.neighbours,
+            "active": sa.settings.active, "survivors": list(result.survivors),
+            "dropped_after_sharing_keys": list(result.dropped), "responders": list(result.responders),
+            # whose secrets the coordinator reconstructed: the self-mask seeds of the survivors,
+            # the mask keys of those who dropped after sharing keys (never both for one site)
+            "reconstructed_self_mask_of": list(result.survivors),
+            "reconstructed_mask_key_of": list(result.dropped),
+            "steps": [{"step": step, "answered": list(a), "missing": list(m)} for step, a, m in sa.history],
+            "vector_length": sa.length, "bits": sa.settings.bits, "clip_norm": sa.settings.clip_norm,
+            "weight_scale": sa.weight_scale}
+        log.info("round %d: secure aggregation unmasked the sum of %d input(s) (t=%d); masks of %s recovered",
+                 attempt.round, len(result.survivors), sa.threshold, ", ".join(result.dropped) or "nobody")
+        return None
 
     def _collect(self, attempt: Attempt) -> None:
         with self._cond:
@@ -380,7 +532,8 @@ class RoundEngine:
             new_state = self._user_level_noise(attempt, new_state)
         seconds = time.monotonic() - attempt.started
         digest = self.store.complete_round(self.run_id, attempt.round, new_state, attempt.uploads.values(),
-                                           attempt.dropped, seconds, attempt.metrics)
+                                           attempt.dropped, seconds, attempt.metrics,
+                                           secagg=attempt.secagg_summary)
         with self._cond:
             self._set_global(new_state, digest)
             self.rounds_completed = attempt.round
@@ -449,5 +602,14 @@ class RoundEngine:
                               bytes_received=rec.bytes_received, seconds=rec.seconds,
                               global_state_digest=rec.state_digest, metrics=rec.metrics,
                               bytes_by_participant=rec.bytes_by_participant,
-                              declined=sorted(declined.get(rec.round, ())))
+                              declined=sorted(declined.get(rec.round, ())),
+                              secure_aggregation=rec.secagg is not None)
         return status
+
+
+def _secagg_refusal(err: SecAggError) -> Refusal:
+    if isinstance(err, DuplicateSubmission):
+        return Refusal(grpc.StatusCode.ALREADY_EXISTS, f"secure aggregation: {err} (replay)")
+    if isinstance(err, OutOfPhase):
+        return Refusal(grpc.StatusCode.FAILED_PRECONDITION, f"secure aggregation: {err}")
+    return Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"secure aggregation: {err}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import logging
 import queue
 from typing import Callable, Iterator
@@ -70,6 +71,9 @@ class ParticipantServicer:
     def Tasks(self, request: pb.TaskStreamRequest, context) -> Iterator[pb.Task]:
         pid = self._caller(context, request.header)
         engine = self.coordinator.engine_for(request.header.run_id)
+        pems = context.auth_context().get("x509_pem_cert")
+        if pems:
+            engine.note_certificate(pid, pems[0])
         session = engine.connect(pid)
         context.add_callback(lambda: engine.disconnect(session))
         while context.is_active():
@@ -129,6 +133,33 @@ class ParticipantServicer:
         engine = self.coordinator.engine_for(request.header.run_id)
         attempt = engine.decline(pid, request)
         return pb.DeclineReply(header=convert.header(engine.run_id, attempt.round, pid))
+
+    def SubmitSecAgg(self, request_iterator: Iterator[pb.SecAggSubmission], context) -> pb.SecAggReceipt:
+        first = next(request_iterator, None)
+        if first is None or not first.HasField("header"):
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "a SecAgg submission must start with its header")
+        pid = self._caller(context, first.header)
+        engine = self.coordinator.engine_for(first.header.run_id)
+        step = convert.SECAGG_STEP_FROM_PB.get(first.step)
+        if step is None:
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"unknown secure aggregation step {first.step}")
+        attempt = engine.check_secagg(pid, first.header.round, first.task_id, step, first.payload_bytes)
+        # the declared size was checked against the step's bound: read no more than that
+        parts, size = [], 0
+        for message in itertools.chain([first], request_iterator):
+            if message is not first and message.HasField("header"):
+                raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "a second header inside one SecAgg submission")
+            size += len(message.payload_part)
+            if size > first.payload_bytes:
+                raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"{step}: payload exceeds its declared {first.payload_bytes} bytes")
+            parts.append(message.payload_part)
+        if size != first.payload_bytes:
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"{step}: payload holds {size} bytes, {first.payload_bytes} declared")
+        self.traffic.received(size)
+        engine.secagg_submit(attempt, pid, step, b"".join(parts), dict(first.metrics))
+        return pb.SecAggReceipt(header=convert.header(engine.run_id, attempt.round, pid), bytes_received=size)
 
     def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveReply:
         pid = self._caller(context, request.header)

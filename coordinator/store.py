@@ -56,6 +56,11 @@ CREATE TABLE IF NOT EXISTS privacy_rounds (
     clip_norm REAL NOT NULL, contributors INTEGER NOT NULL, noise_std REAL NOT NULL, delta REAL NOT NULL,
     epsilon_prv REAL NOT NULL, epsilon_rdp REAL NOT NULL, accountant_version TEXT NOT NULL,
     PRIMARY KEY (run_id, round));
+-- what secure aggregation did in a round: roster, t, who answered each step, whose secrets were
+-- reconstructed; never an individual update (the coordinator never holds one).
+CREATE TABLE IF NOT EXISTS secagg_rounds (
+    run_id TEXT NOT NULL, round INTEGER NOT NULL, summary_json TEXT NOT NULL,
+    PRIMARY KEY (run_id, round));
 CREATE TABLE IF NOT EXISTS refusals (
     at REAL NOT NULL, peer TEXT NOT NULL, method TEXT NOT NULL, code TEXT NOT NULL, reason TEXT NOT NULL);
 """
@@ -97,6 +102,7 @@ class RoundRecord:
     seconds: float
     metrics: dict[str, float]
     bytes_by_participant: dict[str, int]
+    secagg: dict | None = None            # the secure aggregation summary, for SecAgg rounds
 
 
 class Store:
@@ -172,12 +178,15 @@ class Store:
         sent: dict[int, dict[str, int]] = {}
         for r, pid, b in self.db.execute("SELECT round, participant_id, bytes FROM uploads WHERE run_id = ?", (run_id,)):
             sent.setdefault(r, {})[pid] = b
-        return [RoundRecord(r, d, tuple(json.loads(c)), tuple(json.loads(x)), b, s, json.loads(m), sent.get(r, {}))
+        secure = {r: json.loads(j) for r, j in self.db.execute(
+            "SELECT round, summary_json FROM secagg_rounds WHERE run_id = ?", (run_id,))}
+        return [RoundRecord(r, d, tuple(json.loads(c)), tuple(json.loads(x)), b, s, json.loads(m), sent.get(r, {}),
+                            secure.get(r))
                 for r, d, c, x, b, s, m in rows]
 
     def complete_round(self, run_id: str, round_no: int, state: Mapping[str, np.ndarray],
                        uploads: Iterable[UploadRecord], dropped: Iterable[str], seconds: float,
-                       metrics: Mapping[str, float]) -> str:
+                       metrics: Mapping[str, float], secagg: Mapping | None = None) -> str:
         uploads = list(uploads)
         path, digest = self._write_state(run_id, round_no, state)
         pause = float(os.environ.get("KTFED_FAULT_PAUSE_BEFORE_COMMIT_S", "0") or 0)
@@ -194,6 +203,9 @@ class Store:
             self.db.executemany("INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                                 [(run_id, round_no, u.participant_id, u.task_id, u.num_samples,
                                   u.tensors_json(), u.bytes, u.update_digest, now) for u in uploads])
+            if secagg is not None:
+                self.db.execute("INSERT INTO secagg_rounds VALUES (?, ?, ?)",
+                                (run_id, round_no, json.dumps(dict(secagg), sort_keys=True)))
         return digest
 
     def record_abort(self, run_id: str, round_no: int, task_id: str, reason: str) -> None:

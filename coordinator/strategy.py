@@ -14,6 +14,7 @@ import numpy as np
 class Strategy(Protocol):
     def begin(self, global_state: Mapping[str, np.ndarray]) -> None: ...
     def add(self, update: Mapping[str, np.ndarray], num_samples: int) -> None: ...
+    def add_aggregate(self, weighted_sum: Mapping[str, np.ndarray], weight: int) -> None: ...
     def finish(self) -> dict[str, np.ndarray]: ...
 
 
@@ -40,6 +41,16 @@ class FedAvg:
         for name, delta in update.items():
             self._sum[name] += np.asarray(delta, dtype=np.float64) * num_samples
         self._weight += num_samples
+
+    def add_aggregate(self, weighted_sum: Mapping[str, np.ndarray], weight: int) -> None:
+        """Fold in updates that arrive already summed (secure aggregation): sum of weight_i * update_i."""
+        if weight <= 0:
+            raise ValueError("the aggregate's weight must be positive")
+        if set(weighted_sum) != set(self._sum):
+            raise ValueError("aggregate tensors differ from the global state's")
+        for name, total in weighted_sum.items():
+            self._sum[name] += np.asarray(total, dtype=np.float64)
+        self._weight += weight
 
     @property
     def count_weight(self) -> int:

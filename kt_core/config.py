@@ -168,12 +168,46 @@ class PrivacySettings:
 
 
 @dataclass(frozen=True)
+class SecAggConfig:
+    """`[secagg]`: secure aggregation (Bonawitz et al. 2017; see security/secagg and README).
+
+    The coordinator learns only the sum of the contributors' updates. Each site clips its whole
+    update to `clip_norm` (L2), weights it by min(its sample count, `max_samples_per_site`) /
+    `max_samples_per_site` so the weighted mean is recoverable from the sum, and hides its count
+    inside the masked vector. The protocol's own checks (threshold a strict majority, no overflow
+    in Z_2^32) are made by security.secagg when the run starts and by `ktfed config check`.
+    """
+    enabled: bool = False
+    threshold: int = 0                 # Shamir t; 0 = automatic (strict majority of the holders)
+    neighbours: int = 0                # SecAgg+ neighbour count k; 0 = complete graph
+    clip_norm: float = 10.0            # L2 clip of each whole update
+    bits: int = 16                     # fractional bits of the fixed-point encoding
+    active: bool = False               # signed key advertisements and consistency acks
+    max_samples_per_site: int = 10_000
+    step_timeout_s: float = 30.0       # how long each step after the masked input waits
+
+    def validate(self) -> None:
+        if isinstance(self.max_samples_per_site, bool) or self.max_samples_per_site < 1:
+            raise ValueError("max_samples_per_site: must be a positive integer")
+        if not (math.isfinite(self.step_timeout_s) and self.step_timeout_s > 0):
+            raise ValueError("step_timeout_s: must be > 0")
+        if not (isinstance(self.clip_norm, (int, float)) and math.isfinite(self.clip_norm) and self.clip_norm > 0):
+            raise ValueError(f"clip_norm: must be a finite number > 0, got {self.clip_norm!r}")
+
+    def protocol_settings(self) -> dict:
+        """The fields security.secagg.SecAggSettings takes."""
+        return {"enabled": self.enabled, "threshold": self.threshold, "neighbours": self.neighbours,
+                "clip_norm": float(self.clip_norm), "bits": self.bits, "active": self.active}
+
+
+@dataclass(frozen=True)
 class RunConfig:
     federation: FederationSettings = field(default_factory=FederationSettings)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataSettings = field(default_factory=DataSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
 
     def resolved(self) -> "RunConfig":
         """Fix what 'auto' means and size the model for the data set."""
@@ -188,6 +222,14 @@ class RunConfig:
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
+    def secagg_weight_scale(self) -> int:
+        """Under secure aggregation a site weighs its update by min(N, scale) / scale, carrying
+        min(N, scale) as its hidden count; user-level DP weighs every site equally (scale 1), as its
+        sensitivity analysis assumes."""
+        if self.privacy.enabled and self.privacy.mode in ("central", "distributed"):
+            return 1
+        return self.secagg.max_samples_per_site
+
     @classmethod
     def from_json(cls, text: str) -> "RunConfig":
         try:
@@ -198,7 +240,7 @@ class RunConfig:
 
 
 SECTIONS = {"federation": FederationSettings, "model": ModelConfig, "train": TrainConfig, "data": DataSettings,
-            "privacy": PrivacySettings}
+            "privacy": PrivacySettings, "secagg": SecAggConfig}
 
 
 def from_table(table: Any) -> RunConfig:

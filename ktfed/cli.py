@@ -184,12 +184,16 @@ def cmd_status(args) -> int:
 def cmd_config(args) -> int:
     from kt_core.config import ConfigError, load_file
 
+    from coordinator.coordinator import initial_state, shared_specs
+    from coordinator.secagg_round import check_config
+
     try:
-        config = load_file(Path(args.file), os.environ)
+        config = load_file(Path(args.file), os.environ).resolved()
+        check_config(config, shared_specs(initial_state(config)[0]))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(json.loads(config.resolved().to_json()), indent=2))
+    print(json.dumps(json.loads(config.to_json()), indent=2))
     return 0
 
 
@@ -228,7 +232,7 @@ def cmd_demo(args) -> int:
     from ktfed.launcher import DemoSettings, run_demo
 
     return run_demo(DemoSettings(workdir=Path(args.workdir), rounds=args.rounds, mode=args.mode,
-                                 sites=args.sites, port=args.port, keep=args.keep))
+                                 sites=args.sites, port=args.port, keep=args.keep, secagg=not args.no_secagg))
 
 
 # -- parser -------------------------------------------------------------------------------------
@@ -334,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="waffle", choices=["waffle", "lora", "ffa_lora", "dense"])
     p.add_argument("--port", type=int, default=0, help="0 = pick a free port")
     p.add_argument("--keep", action="store_true", help="keep an earlier work folder's state")
+    p.add_argument("--no-secagg", action="store_true",
+                   help="plain (authenticated, encrypted) uploads instead of secure aggregation")
     p.set_defaults(func=cmd_demo)
 
     from ktfed.k8s import add_k8s_commands  # standard library only at import: cheap

@@ -29,6 +29,7 @@ class DemoSettings:
     port: int = 0
     keep: bool = False
     round_timeout_s: float = 60.0
+    secagg: bool = True
 
 
 @dataclass
@@ -108,10 +109,11 @@ def make_pki(pki_dir: Path, sites: list[str]) -> None:
 
 def demo_config(settings: DemoSettings, sites: list[str]) -> str:
     names = ", ".join(f'"{s}"' for s in sites)
+    secure = settings.secagg and len(sites) >= 2   # a sum of one update would be that update
     return f"""# Written by `ktfed demo`; see README for every field.
 [federation]
 rounds = {settings.rounds}
-min_participants = {max(1, len(sites) - 1)}
+min_participants = {max(2 if secure else 1, len(sites) - 1)}
 round_timeout_s = {settings.round_timeout_s}
 sites = [{names}]
 seed = 7
@@ -135,6 +137,12 @@ max_test = 3000
 scheme = "dirichlet"
 alpha = 0.5
 seed = 7
+
+# The coordinator learns only each round's sum of the sites' updates (Bonawitz et al. 2017).
+[secagg]
+enabled = {str(secure).lower()}
+clip_norm = 100.0
+bits = 16
 """
 
 

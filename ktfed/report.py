@@ -91,6 +91,10 @@ def summary(status: pb.RunStatus, table: RoundTable, settings, workdir: Path, se
     if table.uploaded:
         lines.append(f"bytes uploaded: {table.uploaded:,} in {table.uploads} updates of shared factors; "
                      f"dense FedAvg of the same model would send {dense:,} ({dense / table.uploaded:.1f}x more)")
+    secure = [r.round for r in status.rounds if r.secure_aggregation]
+    if secure:
+        lines.append(f"secure aggregation: on in {len(secure)} of {len(status.rounds)} rounds (t-of-n masking; "
+                     f"the coordinator saw only each round's sum; SecAgg summary per round in its SQLite)")
     png = table.plot(workdir / "accuracy.png", f"ktfed demo: {settings.mode}, {len(table.sites)} sites")
     lines.append(f"coordinator state (SQLite + safetensors): {workdir / 'coordinator'}")
     lines.append(f"site-local state (private factors, never sent): {workdir / 'sites'}")

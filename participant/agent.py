@@ -23,8 +23,11 @@ from kt_core.heartbeat import HEARTBEAT_FILE, write_heartbeat
 from kt_core.wire import convert, transport
 from kt_core.wire import federation_pb2 as pb
 from kt_core.wire.federation_pb2_grpc import ParticipantServiceStub
+from participant.secure_update import SecureUpdate, peer_verify_keys
 from participant.trainer import BudgetExceeded, LocalTrainer
 from security.egress import EgressGuard, EgressRefused
+from security.pki.primitives import load_private_key
+from security.secagg import SecAggError
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,7 @@ class ParticipantAgent:
         self.guard: EgressGuard | None = None
         self.chunk_bytes = codec.MAX_CHUNK_BYTES
         self.cached: tuple[str, dict[str, np.ndarray]] | None = None  # (digest, global shared state)
+        self.secure: SecureUpdate | None = None   # this round's update while SecAgg steps go on
         self.finished = False
         self._stop = threading.Event()
         self._rng = random.Random()
@@ -207,6 +211,8 @@ class ParticipantAgent:
                     return True
                 if kind == "round":
                     self._round(stub, task.round)
+                elif kind == "secagg":
+                    self._secagg_step(stub, task.secagg)
         finally:
             stream.cancel()
         log.warning("%s: task stream ended without a verdict; the coordinator is going away", self.site)
@@ -303,6 +309,9 @@ class ParticipantAgent:
         metrics = {"accuracy_before": before["accuracy"], "accuracy": after["accuracy"],
                    "loss": result.loss, "train_seconds": result.seconds,
                    "compute_seconds": time.perf_counter() - started, **trainer.privacy_metrics()}
+        if task.secure_aggregation:
+            self._begin_secure(stub, task, update, metrics)
+            return
         header = pb.UploadHeader(header=convert.header(self.run_id, round_no, self.site), task_id=task.task_id,
                                  base_state_digest=task.global_state_digest, num_samples=trainer.num_samples,
                                  metrics=metrics)
@@ -323,3 +332,81 @@ class ParticipantAgent:
         log.info("%s: round %d: accuracy %.3f -> %.3f, loss %.3f, sent %d bytes in %d shared tensors (%.2fs)",
                  self.site, round_no, before["accuracy"], after["accuracy"], result.loss,
                  receipt.bytes_received, len(specs), time.perf_counter() - started)
+
+    # -- secure aggregation -----------------------------------------------------------------------
+    def _begin_secure(self, stub: ParticipantServiceStub, task: pb.RoundTask, update: dict[str, np.ndarray],
+                      metrics: dict[str, float]) -> None:
+        """Encode the update and advertise keys; the coordinator opens each later step on the stream."""
+        tls = self.settings.tls
+        config = self.trainer.config
+        try:
+            signer = verify_keys = None
+            if config.secagg.active:
+                if tls is None:
+                    raise SecAggError("the active option needs this site's certificate key (no --insecure)")
+                signer = load_private_key(Path(tls.key).read_bytes(), "site key")
+                verify_keys = peer_verify_keys(task.peer_certificates, task.roster, Path(tls.ca_cert).read_bytes())
+            secure = SecureUpdate(self.site, self.run_id, task.header.round, task.task_id, task.roster,
+                                  task.global_state_digest, config, update, self.trainer.num_samples,
+                                  self.trainer.shared_specs(), metrics=metrics, signer=signer,
+                                  verify_keys=verify_keys)
+        except SecAggError as err:
+            log.error("%s: round %d: not taking part in secure aggregation: %s", self.site, task.header.round, err)
+            return
+        self._export_secure_input(secure)
+        self.secure = secure
+        self._submit_secure(stub, secure, "advertise", secure.advertise())
+
+    def _secagg_step(self, stub: ParticipantServiceStub, message: pb.SecAggMessage) -> None:
+        secure = self.secure
+        step = convert.SECAGG_STEP_FROM_PB.get(message.step, f"unknown({message.step})")
+        if secure is None or message.task_id != secure.task_id or message.header.round != secure.round:
+            log.warning("%s: ignoring a secure aggregation %s message for a round this site is not in",
+                        self.site, step)
+            return
+        try:
+            payload = secure.answer(step, message.payload)
+        except SecAggError as err:
+            # The client refuses whatever would break the protocol's guarantees (e.g. a request for
+            # both secrets of one peer): this site leaves the round rather than comply.
+            log.error("%s: round %d: refusing the coordinator's secure aggregation %s: %s", self.site,
+                      secure.round, step, err)
+            self.secure = None
+            return
+        self._submit_secure(stub, secure, step, payload)
+        if secure.done:
+            self.secure = None
+            self.rounds_trained += 1
+            log.info("%s: round %d: secure aggregation complete (update masked, %d entries)", self.site,
+                     secure.round, secure.encoded.shape[0])
+
+    def _submit_secure(self, stub: ParticipantServiceStub, secure: SecureUpdate, step: str, payload: bytes) -> None:
+        metrics = secure.metrics if step == "masked_input" else None
+        parts = convert.secagg_submission(convert.header(self.run_id, secure.round, self.site), secure.task_id,
+                                          step, payload, self.chunk_bytes, metrics)
+        try:
+            receipt = stub.SubmitSecAgg(parts, timeout=self.settings.rpc_timeout_s)
+        except grpc.RpcError as err:
+            if err.code() in ROUND_CODES or err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                log.warning("%s: round %d: secure aggregation %s refused: %s %s", self.site, secure.round, step,
+                            err.code().name, err.details())
+                self.secure = None
+                return
+            raise
+        self.bytes_sent += receipt.bytes_received
+        if os.environ.get("KTFED_FAULT_EXIT_AFTER_SECAGG_STEP") == step:
+            # fault injection: the tests kill a site at a chosen protocol step
+            log.warning("%s: fault injection: exiting after secure aggregation step %s", self.site, step)
+            os._exit(17)
+
+    def _export_secure_input(self, secure: SecureUpdate) -> None:
+        """Test hook: KTFED_TEST_EXPORT_SECAGG_INPUT=DIR writes this site's plain update and encoded
+        input to DIR (on the site), so a test can check the coordinator's sum and that nothing of
+        the individual update reached the coordinator. Never set in production."""
+        folder = os.environ.get("KTFED_TEST_EXPORT_SECAGG_INPUT")
+        if not folder:
+            return
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        np.save(out / f"{self.site}-round{secure.round}-update.npy", secure.flat, allow_pickle=False)
+        np.save(out / f"{self.site}-round{secure.round}-encoded.npy", secure.encoded, allow_pickle=False)

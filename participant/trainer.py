@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from kt_core.config import RunConfig
 from kt_core.data import load_dataset, site_split
 from kt_core.factorized import ADAPTERS
-from kt_core.manifest import manifest_of
+from kt_core.manifest import Role, manifest_of
 from kt_core.models import (build_model, kl_divergence, load_private_state, load_shared_state, private_state,
                             shared_state)
 from kt_core.train import TrainResult, evaluate, make_optimizer_for, train_local
@@ -192,6 +192,10 @@ class LocalTrainer:
     @property
     def num_samples(self) -> int:
         return len(self.train_y)
+
+    def shared_specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """name -> (dtype, shape) of every tensor the manifest declares shared."""
+        return {e.name: (e.dtype, tuple(e.shape)) for e in self.manifest.entries if e.role == Role.SHARED}
 
     def load_global(self, state: dict[str, np.ndarray]) -> None:
         load_shared_state(self.model, {n: torch.from_numpy(np.array(a)) for n, a in state.items()})

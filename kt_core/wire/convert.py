@@ -52,3 +52,18 @@ def upload_messages(upload_header: pb.UploadHeader, tensors: Mapping[str, np.nda
 ROLE_TO_PB = {"shared": pb.ManifestEntry.SHARED, "private": pb.ManifestEntry.PRIVATE,
               "frozen": pb.ManifestEntry.FROZEN}
 ROLE_FROM_PB = {v: k for k, v in ROLE_TO_PB.items()}
+
+# Secure aggregation steps: one name per step across the proto, the round engine and the library.
+SECAGG_STEP_TO_PB = {"advertise": pb.ADVERTISE, "share_keys": pb.SHARE_KEYS, "masked_input": pb.MASKED_INPUT,
+                     "consistency": pb.CONSISTENCY, "unmask": pb.UNMASK}
+SECAGG_STEP_FROM_PB = {v: k for k, v in SECAGG_STEP_TO_PB.items()}
+
+
+def secagg_submission(header: pb.Header, task_id: bytes, step: str, payload: bytes, part_bytes: int,
+                      metrics: Mapping[str, float] | None = None) -> Iterator[pb.SecAggSubmission]:
+    """A SecAgg answer as a stream of parts of at most `part_bytes` each; the first one declares
+    the payload's total size and carries the header."""
+    yield pb.SecAggSubmission(header=header, task_id=task_id, step=SECAGG_STEP_TO_PB[step],
+                              payload_bytes=len(payload), payload_part=payload[:part_bytes], metrics=metrics or {})
+    for offset in range(part_bytes, len(payload), part_bytes):
+        yield pb.SecAggSubmission(payload_part=payload[offset:offset + part_bytes])

@@ -12,8 +12,23 @@ class ProtocolVersion(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PROTOCOL_VERSION_UNSPECIFIED: _ClassVar[ProtocolVersion]
     PROTOCOL_VERSION_1: _ClassVar[ProtocolVersion]
+
+class SecAggStep(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SECAGG_STEP_UNSPECIFIED: _ClassVar[SecAggStep]
+    ADVERTISE: _ClassVar[SecAggStep]
+    SHARE_KEYS: _ClassVar[SecAggStep]
+    MASKED_INPUT: _ClassVar[SecAggStep]
+    CONSISTENCY: _ClassVar[SecAggStep]
+    UNMASK: _ClassVar[SecAggStep]
 PROTOCOL_VERSION_UNSPECIFIED: ProtocolVersion
 PROTOCOL_VERSION_1: ProtocolVersion
+SECAGG_STEP_UNSPECIFIED: SecAggStep
+ADVERTISE: SecAggStep
+SHARE_KEYS: SecAggStep
+MASKED_INPUT: SecAggStep
+CONSISTENCY: SecAggStep
+UNMASK: SecAggStep
 
 class Header(_message.Message):
     __slots__ = ("protocol_version", "run_id", "round", "participant_id")
@@ -126,18 +141,31 @@ class TrainSettings(_message.Message):
     def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., max_steps: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class RoundTask(_message.Message):
-    __slots__ = ("header", "task_id", "global_state_digest", "train", "deadline_unix_ms")
+    __slots__ = ("header", "task_id", "global_state_digest", "train", "deadline_unix_ms", "roster", "secure_aggregation", "peer_certificates")
+    class PeerCertificatesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     HEADER_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    ROSTER_FIELD_NUMBER: _ClassVar[int]
+    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    PEER_CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
     header: Header
     task_id: bytes
     global_state_digest: str
     train: TrainSettings
     deadline_unix_ms: int
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., task_id: _Optional[bytes] = ..., global_state_digest: _Optional[str] = ..., train: _Optional[_Union[TrainSettings, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ...) -> None: ...
+    roster: _containers.RepeatedScalarFieldContainer[str]
+    secure_aggregation: bool
+    peer_certificates: _containers.ScalarMap[str, bytes]
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., task_id: _Optional[bytes] = ..., global_state_digest: _Optional[str] = ..., train: _Optional[_Union[TrainSettings, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., roster: _Optional[_Iterable[str]] = ..., secure_aggregation: _Optional[bool] = ..., peer_certificates: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class RunFinished(_message.Message):
     __slots__ = ("header", "reason")
@@ -148,14 +176,59 @@ class RunFinished(_message.Message):
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("round", "finished", "heartbeat")
+    __slots__ = ("round", "finished", "heartbeat", "secagg")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
     round: RoundTask
     finished: RunFinished
     heartbeat: Heartbeat
-    def __init__(self, round: _Optional[_Union[RoundTask, _Mapping]] = ..., finished: _Optional[_Union[RunFinished, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ...) -> None: ...
+    secagg: SecAggMessage
+    def __init__(self, round: _Optional[_Union[RoundTask, _Mapping]] = ..., finished: _Optional[_Union[RunFinished, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., secagg: _Optional[_Union[SecAggMessage, _Mapping]] = ...) -> None: ...
+
+class SecAggMessage(_message.Message):
+    __slots__ = ("header", "task_id", "step", "payload")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_FIELD_NUMBER: _ClassVar[int]
+    header: Header
+    task_id: bytes
+    step: SecAggStep
+    payload: bytes
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., task_id: _Optional[bytes] = ..., step: _Optional[_Union[SecAggStep, str]] = ..., payload: _Optional[bytes] = ...) -> None: ...
+
+class SecAggSubmission(_message.Message):
+    __slots__ = ("header", "task_id", "step", "payload_bytes", "payload_part", "metrics")
+    class MetricsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PAYLOAD_PART_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    header: Header
+    task_id: bytes
+    step: SecAggStep
+    payload_bytes: int
+    payload_part: bytes
+    metrics: _containers.ScalarMap[str, float]
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., task_id: _Optional[bytes] = ..., step: _Optional[_Union[SecAggStep, str]] = ..., payload_bytes: _Optional[int] = ..., payload_part: _Optional[bytes] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class SecAggReceipt(_message.Message):
+    __slots__ = ("header", "bytes_received")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    header: Header
+    bytes_received: int
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., bytes_received: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("unix_ms",)
@@ -318,7 +391,7 @@ class ParticipantStatus(_message.Message):
     def __init__(self, participant_id: _Optional[str] = ..., connected: _Optional[bool] = ..., rounds_contributed: _Optional[int] = ..., bytes_uploaded: _Optional[int] = ..., last_metrics: _Optional[_Mapping[str, float]] = ..., privacy_status: _Optional[str] = ..., epsilon_spent: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., decline_reason: _Optional[str] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round", "contributors", "dropped", "bytes_received", "seconds", "global_state_digest", "metrics", "bytes_by_participant", "declined")
+    __slots__ = ("round", "contributors", "dropped", "bytes_received", "seconds", "global_state_digest", "metrics", "bytes_by_participant", "declined", "secure_aggregation")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -342,6 +415,7 @@ class RoundSummary(_message.Message):
     METRICS_FIELD_NUMBER: _ClassVar[int]
     BYTES_BY_PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
     DECLINED_FIELD_NUMBER: _ClassVar[int]
+    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     round: int
     contributors: _containers.RepeatedScalarFieldContainer[str]
     dropped: _containers.RepeatedScalarFieldContainer[str]
@@ -351,7 +425,8 @@ class RoundSummary(_message.Message):
     metrics: _containers.ScalarMap[str, float]
     bytes_by_participant: _containers.ScalarMap[str, int]
     declined: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, round: _Optional[int] = ..., contributors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., bytes_received: _Optional[int] = ..., seconds: _Optional[float] = ..., global_state_digest: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., bytes_by_participant: _Optional[_Mapping[str, int]] = ..., declined: _Optional[_Iterable[str]] = ...) -> None: ...
+    secure_aggregation: bool
+    def __init__(self, round: _Optional[int] = ..., contributors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., bytes_received: _Optional[int] = ..., seconds: _Optional[float] = ..., global_state_digest: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., bytes_by_participant: _Optional[_Mapping[str, int]] = ..., declined: _Optional[_Iterable[str]] = ..., secure_aggregation: _Optional[bool] = ...) -> None: ...
 
 class RunStatus(_message.Message):
     __slots__ = ("header", "state", "rounds_completed", "rounds_total", "round_in_progress", "participants", "rounds", "global_state_digest", "manifest_digest", "aborted_attempts")

@@ -65,6 +65,11 @@ class ParticipantServiceStub:
                 request_serializer=ktfed_dot_v1_dot_federation__pb2.DeclineRequest.SerializeToString,
                 response_deserializer=ktfed_dot_v1_dot_federation__pb2.DeclineReply.FromString,
                 _registered_method=True)
+        self.SubmitSecAgg = channel.stream_unary(
+                '/ktfed.v1.ParticipantService/SubmitSecAgg',
+                request_serializer=ktfed_dot_v1_dot_federation__pb2.SecAggSubmission.SerializeToString,
+                response_deserializer=ktfed_dot_v1_dot_federation__pb2.SecAggReceipt.FromString,
+                _registered_method=True)
 
 
 class ParticipantServiceServicer:
@@ -107,6 +112,12 @@ class ParticipantServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitSecAgg(self, request_iterator, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParticipantServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -139,6 +150,11 @@ def add_ParticipantServiceServicer_to_server(servicer, server):
                     servicer.Decline,
                     request_deserializer=ktfed_dot_v1_dot_federation__pb2.DeclineRequest.FromString,
                     response_serializer=ktfed_dot_v1_dot_federation__pb2.DeclineReply.SerializeToString,
+            ),
+            'SubmitSecAgg': grpc.stream_unary_rpc_method_handler(
+                    servicer.SubmitSecAgg,
+                    request_deserializer=ktfed_dot_v1_dot_federation__pb2.SecAggSubmission.FromString,
+                    response_serializer=ktfed_dot_v1_dot_federation__pb2.SecAggReceipt.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -303,6 +319,33 @@ class ParticipantService:
             '/ktfed.v1.ParticipantService/Decline',
             ktfed_dot_v1_dot_federation__pb2.DeclineRequest.SerializeToString,
             ktfed_dot_v1_dot_federation__pb2.DeclineReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitSecAgg(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/ktfed.v1.ParticipantService/SubmitSecAgg',
+            ktfed_dot_v1_dot_federation__pb2.SecAggSubmission.SerializeToString,
+            ktfed_dot_v1_dot_federation__pb2.SecAggReceipt.FromString,
             options,
             channel_credentials,
             insecure,
