@@ -1,6 +1,7 @@
 """Differential privacy with real processes: the budget hard stop, across a SIGKILL and restart."""
 from __future__ import annotations
 
+import json
 import signal
 import sqlite3
 
@@ -131,3 +132,40 @@ delta = 1e-3
     assert all(abs(r[4] - r[5]) / r[5] < 0.5 for r in rows)  # PRV and RDP tell the same story
     (params,) = db.execute("SELECT COUNT(*) FROM privacy_params").fetchone()
     assert params == 1
+
+
+@pytest.mark.slow
+def test_distributed_noise_shares_under_secure_aggregation(federation):
+    """User-level DP with distributed noise: each site clips its whole update and adds its share
+    of the noise before masking; the coordinator only ever sees the noisy sum, and records the
+    user-level epsilon of every round for the auditor."""
+    extra = """
+[privacy]
+enabled = true
+mode = "distributed"
+update_clip_norm = 1.0
+user_noise_multiplier = 1.0
+min_survivors = 2
+delta = 1e-5
+
+[secagg]
+enabled = true
+clip_norm = 400.0
+bits = 16
+"""
+    text = fast_config(rounds=2, min_participants=3, epochs=1, extra=extra)
+    federation.start_coordinator(federation.write_config(text))
+    federation.wait_serving()
+    for site in ("site-a", "site-b", "site-c"):
+        federation.start_participant(site)
+    status = federation.wait_for(lambda: (s := federation.status()).state == "finished" and s, 180,
+                                 "the run to finish")
+    assert all(r.secure_aggregation for r in status.rounds)
+    rows = federation.db().execute("SELECT round, mode, contributors, noise_std, epsilon_prv, epsilon_rdp "
+                                   "FROM privacy_rounds ORDER BY round").fetchall()
+    assert [r[0] for r in rows] == [1, 2]
+    assert all(r[1] == "distributed" and r[2] == 3 and r[3] == 0.0 for r in rows)  # no central noise
+    assert rows[0][4] < rows[1][4]   # epsilon accumulates over rounds
+    summary = json.loads(federation.db().execute("SELECT summary_json FROM secagg_rounds WHERE round = 1")
+                         .fetchone()[0])
+    assert summary["weight_scale"] == 1   # user-level DP weighs sites equally

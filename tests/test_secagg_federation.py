@@ -169,3 +169,20 @@ def test_config_refuses_min_participants_below_threshold():
 
 def test_config_accepts_defaults():
     _check(fast_config() + secagg_section())
+
+
+@pytest.mark.slow
+def test_active_option_signed_advertisements_with_certificates_relayed_by_the_coordinator(federation):
+    """Each site signs its key advertisement and acknowledgement with its certificate key and
+    checks the others' against the federation CA; the round completes."""
+    text = fast_config(rounds=1, min_participants=3, epochs=1) + secagg_section(active=True)
+    federation.start_coordinator(federation.write_config(text))
+    federation.wait_serving()
+    for site in ("site-a", "site-b", "site-c"):
+        federation.start_participant(site)
+    status = federation.wait_for(lambda: (s := federation.status()).state == "finished" and s, 180,
+                                 "the run to finish")
+    assert status.rounds[0].secure_aggregation
+    assert sorted(status.rounds[0].contributors) == ["site-a", "site-b", "site-c"]
+    summary = json.loads(federation.db().execute("SELECT summary_json FROM secagg_rounds").fetchone()[0])
+    assert summary["active"] is True
