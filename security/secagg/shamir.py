@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Iterable, Sequence
 
 from .errors import SecAggError
@@ -61,17 +62,35 @@ def split(secret: bytes, xs: Sequence[int], t: int) -> dict[int, Share]:
     return out
 
 
-def _lagrange_at(shares: Sequence[Share], at: int) -> int:
-    xs = [s.x for s in shares]
-    total = 0
-    for i, si in enumerate(shares):
+@lru_cache(maxsize=256)
+def _lagrange_coefficients(xs: tuple[int, ...], at: int) -> tuple[int, ...]:
+    """l_i(at) for the interpolation points xs. Cached: the server reconstructs every survivor's
+    self-mask seed from the same responders, so a round needs one set of coefficients, not one per
+    secret (O(t^2) multiplications and t inversions mod a 521-bit prime each: ~7 ms at t = 51).
+    The denominators are inverted together (Montgomery's trick): one pow() instead of t."""
+    nums, dens = [], []
+    for i, xi in enumerate(xs):
         num, den = 1, 1
         for j, xj in enumerate(xs):
             if j != i:
                 num = num * (at - xj) % PRIME
-                den = den * (si.x - xj) % PRIME
-        total = (total + si.y * num * pow(den, -1, PRIME)) % PRIME
-    return total
+                den = den * (xi - xj) % PRIME
+        nums.append(num)
+        dens.append(den)
+    prefix = [1]
+    for d in dens:
+        prefix.append(prefix[-1] * d % PRIME)
+    inv = pow(prefix[-1], -1, PRIME)
+    out = [0] * len(xs)
+    for i in range(len(xs) - 1, -1, -1):
+        out[i] = nums[i] * inv % PRIME * prefix[i] % PRIME
+        inv = inv * dens[i] % PRIME
+    return tuple(out)
+
+
+def _lagrange_at(shares: Sequence[Share], at: int) -> int:
+    coeffs = _lagrange_coefficients(tuple(s.x for s in shares), at)
+    return sum(s.y * c for s, c in zip(shares, coeffs)) % PRIME
 
 
 def reconstruct(shares: Iterable[Share], t: int, verify_extra: bool = False) -> bytes:
