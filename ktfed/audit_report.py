@@ -1,0 +1,353 @@
+"""The auditor's report: what a person who did not run the federation needs to judge it.
+
+`write_report(result, out)` writes, from verified audit logs:
+
+    out/index.html     one self-contained page (inline CSS, plots embedded as base64 PNG, no URLs)
+    out/report.json    the same facts, machine-readable
+    out/epsilon.png    cumulative epsilon per site and round
+    out/bytes.png      bytes that crossed each boundary per round
+
+Only entries that verified are reported; the verification result is at the top of the page.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from security.audit import VerifyResult, as_float
+
+THREAT_MODEL = [
+    ("Who sees what",
+     "Each site trains on its own data and sends only an update of the model's shared factors to the "
+     "coordinator; raw records never leave a site. The factor selection of each site (WAFFLe's gates) "
+     "stays at the site too, so the coordinator never holds any site's actual model."),
+    ("What the coordinator is trusted with",
+     "Nothing beyond running the protocol. It is assumed curious: it may study everything it receives. "
+     "With secure aggregation on, it receives only masked updates and can unmask only their sum over at "
+     "least t sites; it never sees one site's update. Without it, it sees each site's update."),
+    ("What differential privacy promises",
+     "With DP-SGD at a site, whatever anyone learns from that site's updates (coordinator, other sites, "
+     "users of the final model) changes by at most a factor e^epsilon whether or not any single record "
+     "was used, except with probability delta. Smaller epsilon is stronger; it adds up over rounds, and "
+     "each site stops training when its own budget is spent."),
+    ("What this audit log proves",
+     "Every entry is signed with its producer's certificate (issued by the federation CA) and chained to "
+     "the previous one, so an entry cannot be altered, removed, reordered or inserted without the "
+     "verification naming it. Each round the sites countersign the coordinator's chain head and the "
+     "coordinator keeps their countersignatures, so neither side can rewrite history that the other "
+     "has committed to. Messages are logged at both ends with their SHA-256 and must agree."),
+    ("What it does not prove",
+     "A producer can still lie consistently in its own log about things nobody else observed, and can "
+     "cut entries written after the last head a peer countersigned (a log that does not end with a "
+     "close entry is flagged for that reason). The log records what the software reported; whether the "
+     "mechanisms deliver the stated privacy is measured separately by `ktfed audit attack`. Revocation of "
+     "certificates is not checked here, and entry times are the producers' own clocks."),
+]
+
+
+def collect(result: VerifyResult) -> dict:
+    """Everything the report shows, from the verified entries, as plain JSON-ready data."""
+    logs = [v for v in result.logs if v.producer]
+    by_producer = {v.producer: v for v in logs}
+    configs, privacy, secagg, refusals = [], defaultdict(list), [], []
+    countersigns: dict[str, dict] = {}
+    crossings: dict[tuple, dict] = {}
+    per_round: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
+    for v in logs:
+        for e in v.entries:
+            b = e.body
+            if e.kind == "config":
+                configs.append({"producer": v.producer, "seq": e.seq, "time": e.time, "run": b.get("run"),
+                                "config_sha256": b.get("config_sha256"), "versions": b.get("versions", {}),
+                                "git_commit": b.get("git_commit")})
+            elif e.kind == "dp":
+                privacy[b.get("site", v.producer)].append({
+                    "run": b.get("run"), "round": b.get("round"), "level": b.get("level"),
+                    "epsilon_round": as_float(b.get("epsilon_round")),
+                    "epsilon_cumulative": as_float(b.get("epsilon_cumulative")),
+                    "delta": as_float(b.get("delta")), "noise_multiplier": as_float(b.get("noise_multiplier")),
+                    "sample_rate": as_float(b.get("sample_rate")), "steps": b.get("steps"),
+                    "max_grad_norm": as_float(b.get("max_grad_norm")), "budget": as_float(b.get("budget")),
+                    "accountant": b.get("accountant"), "accountant_version": b.get("accountant_version")})
+            elif e.kind == "secagg":
+                secagg.append({"producer": v.producer, **{k: b.get(k) for k in (
+                    "run", "round", "event", "threshold", "roster", "survivors", "dropouts", "reconstructed")}})
+            elif e.kind == "refusal":
+                refusals.append({"producer": v.producer, "seq": e.seq, "time": e.time, **b})
+            elif e.kind == "countersign":
+                c = countersigns.setdefault(v.producer, {"subject": b["subject"], "rounds": [], "last_head": None})
+                c["rounds"].append(b["round"])
+                c["last_head"] = b["subject_head"]
+            elif e.kind == "boundary":
+                # a crossing is counted once: from its sender's log, or its receiver's when the
+                # sender's log was not given
+                own = b.get("direction") == "send" or b.get("sender") not in by_producer
+                if not own:
+                    continue
+                key = (b.get("sender"), b.get("receiver"), b.get("message"))
+                c = crossings.setdefault(key, {"sender": key[0], "receiver": key[1], "message": key[2],
+                                               "count": 0, "bytes": 0, "tensors": {}, "rounds": set()})
+                c["count"] += 1
+                c["bytes"] += _int(b.get("bytes"))
+                c["rounds"].add(b.get("round"))
+                for t in b.get("tensors") or []:
+                    if isinstance(t, dict):
+                        c["tensors"][str(t.get("name"))] = {"shape": t.get("shape"), "dtype": t.get("dtype")}
+                direction = "to coordinator" if by_producer.get(b.get("receiver")) and \
+                    by_producer[b["receiver"]].role == "coordinator" else "from coordinator"
+                per_round[direction][b.get("round")] += _int(b.get("bytes"))
+    for c in crossings.values():
+        c["rounds"] = sorted(r for r in c["rounds"] if r is not None)
+    runs = []
+    for v in logs:
+        runs += [r for r in v.runs() if r not in runs]
+    return {
+        "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "verification": result.to_dict(),
+        "manifest": {"runs": runs, "configs": configs, "producers": [
+            {"producer": v.producer, "role": v.role, "file": v.file, "entries": len(v.entries), "closed": v.closed,
+             "certificates": list(v.certificates.values())} for v in logs]},
+        "threat_model": [{"title": t, "text": x} for t, x in THREAT_MODEL],
+        "privacy": {site: sorted(rows, key=lambda r: (str(r["run"]), r["round"] or 0))
+                    for site, rows in privacy.items()},
+        "boundaries": sorted(crossings.values(),
+                             key=lambda c: (c["sender"] or "", c["receiver"] or "", c["message"] or "")),
+        "bytes_per_round": {d: dict(sorted(rounds.items(), key=lambda kv: kv[0] or 0))
+                            for d, rounds in per_round.items()},
+        "secagg": secagg,
+        "refusals": refusals,
+        "countersignatures": countersigns,
+    }
+
+
+def _int(value) -> int:
+    """A byte count from a signed entry; a producer's malformed value counts as 0 rather than
+    stopping the report (verification has its own say)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
+# ---------------------------------------------------------------- plots
+
+def _plot_epsilon(privacy: dict, path: Path) -> Path | None:
+    if not privacy:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for site, rows in sorted(privacy.items()):
+        ax.plot([r["round"] for r in rows], [r["epsilon_cumulative"] for r in rows], marker="o", label=site)
+    budgets = {r["budget"] for rows in privacy.values() for r in rows if r["budget"]}
+    for b in sorted(budgets):
+        ax.axhline(b, color="grey", linestyle="--", linewidth=0.8)
+    ax.set_xlabel("round")
+    ax.set_ylabel("cumulative epsilon")
+    ax.set_title("Privacy spent per site (dashed: budget)")
+    ax.legend(fontsize=8)
+    return _save(fig, path, plt)
+
+
+def _plot_bytes(per_round: dict, path: Path) -> Path | None:
+    if not per_round:
+        return None
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for direction, rounds in sorted(per_round.items()):
+        xs = [r for r in rounds if r is not None]
+        ax.plot(xs, [rounds[r] / 1e3 for r in xs], marker="o", label=direction)
+    ax.set_xlabel("round")
+    ax.set_ylabel("kB (all sites)")
+    ax.set_title("Bytes that crossed the site boundaries")
+    ax.legend(fontsize=8)
+    return _save(fig, path, plt)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path, plt) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
+    for ax in fig.axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))   # rounds are whole numbers
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------- HTML
+
+CSS = """
+body { font-family: -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1100px;
+       color: #1d2330; line-height: 1.45; padding: 0 1em; background: #fff; }
+h1 { font-size: 1.7em; margin-bottom: 0.2em; }
+h2 { border-bottom: 2px solid #dfe3ea; padding-bottom: 0.2em; margin-top: 1.8em; }
+.banner { padding: 0.9em 1.2em; border-radius: 6px; font-size: 1.15em; font-weight: 600; }
+.ok { background: #e3f5e8; color: #125c2b; border: 1px solid #9fd8b0; }
+.bad { background: #fde7e7; color: #8a1414; border: 1px solid #efaaaa; }
+table { border-collapse: collapse; width: 100%; margin: 0.6em 0; font-size: 0.9em; }
+th, td { border: 1px solid #dfe3ea; padding: 0.3em 0.5em; text-align: left; vertical-align: top; }
+th { background: #f3f5f9; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+code, .mono { font-family: 'SFMono-Regular', Consolas, monospace; font-size: 0.85em; word-break: break-all; }
+.muted { color: #5d6778; } img { max-width: 100%; border: 1px solid #dfe3ea; }
+dt { font-weight: 600; margin-top: 0.6em; } dd { margin-left: 1.2em; }
+"""
+
+
+def _e(value) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def _table(headers: list[str], rows: list[list], numeric: set[int] = frozenset(),
+           empty: str = "(none recorded)") -> str:
+    if not rows:
+        return f'<p class="muted">{_e(empty)}</p>'
+    head = "".join(f"<th>{_e(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f'<td class="num">{_e(c)}</td>' if i in numeric else f"<td>{c}</td>"
+                                    for i, c in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _img(path: Path | None, alt: str) -> str:
+    if path is None or not path.exists():
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<p><img alt="{_e(alt)}" src="data:image/png;base64,{data}"></p>'
+
+
+def _fmt(x, digits: int = 4) -> str:
+    return "-" if x is None else (f"{x:.{digits}g}" if isinstance(x, float) else str(x))
+
+
+def render_html(data: dict, images: dict[str, Path | None], leakage: dict | None = None) -> str:
+    v = data["verification"]
+    if v["ok"]:
+        banner = (f'<div class="banner ok">VERIFIED: {len(v["logs"])} log(s), every chain, signature and '
+                  'cross-check passed.</div>')
+    else:
+        first = v["first"]
+        where = f'{first["file"]}' + (f' seq {first["seq"]}' if first["seq"] is not None else "")
+        banner = (f'<div class="banner bad">VERIFICATION FAILED: {len(v["errors"])} problem(s). First bad entry: '
+                  f'<span class="mono">{_e(where)}</span>: {_e(first["message"])}</div>')
+    m = data["manifest"]
+    parts = [f"<h1>Privacy audit report</h1><p class=\"muted\">Generated {_e(data['generated'])} by "
+             f"<code>ktfed audit report</code> from {len(v['logs'])} audit log(s). Run(s): "
+             f"{_e(', '.join(m['runs']) or 'none recorded')}.</p>", banner]
+    parts.append("<h2>1. Threat model, in plain words</h2><dl>" + "".join(
+        f"<dt>{_e(t['title'])}</dt><dd>{_e(t['text'])}</dd>" for t in data["threat_model"]) + "</dl>")
+    parts.append("<h2>2. Run manifest</h2><h3>Who kept a log, and with which certificate</h3>" + _table(
+        ["producer", "role", "entries", "ends with close", "certificate SHA-256", "serial", "valid until"],
+        [[_e(p["producer"]), _e(p["role"]), _e(p["entries"]), "yes" if p["closed"] else "<b>no</b>",
+          "<br>".join(f'<span class="mono">{_e(c["fingerprint"])}</span>' for c in p["certificates"]),
+          "<br>".join(_e(c["serial"]) for c in p["certificates"]),
+          "<br>".join(_e(c["not_after"][:10]) for c in p["certificates"])] for p in m["producers"]]))
+    parts.append("<h3>Configuration and code</h3>" + _table(
+        ["producer", "run", "config SHA-256", "git commit", "package versions"],
+        [[_e(c["producer"]), _e(c["run"]), f'<span class="mono">{_e(c["config_sha256"])}</span>',
+          f'<span class="mono">{_e(c["git_commit"] or "unknown")}</span>',
+          _e(", ".join(f"{k} {x}" for k, x in sorted(c["versions"].items())))] for c in m["configs"]]))
+    parts.append("<h2>3. Privacy spent (differential privacy)</h2><p>Each site's own accounting, as it logged "
+                 "it: epsilon of the round alone and cumulative over every round so far (composed, not summed), "
+                 "at the stated delta.</p>" + _img(images.get("epsilon"), "cumulative epsilon per site"))
+    rows = []
+    for site, entries in sorted(data["privacy"].items()):
+        for r in entries:
+            rows.append([_e(site), _e(r["run"]), _e(r["round"]), _e(_fmt(r["epsilon_round"])),
+                         _e(_fmt(r["epsilon_cumulative"])), _e(_fmt(r["budget"])), _e(_fmt(r["delta"], 3)),
+                         _e(_fmt(r["noise_multiplier"])), _e(_fmt(r["sample_rate"])), _e(r["steps"]),
+                         _e(_fmt(r["max_grad_norm"])), _e(f'{r["accountant"]} ({r["accountant_version"]})')])
+    parts.append(_table(["site", "run", "round", "epsilon (round)", "epsilon (cumulative)", "budget", "delta",
+                         "noise multiplier", "sample rate", "steps", "clip", "accountant"], rows,
+                        numeric={2, 3, 4, 5, 6, 7, 8, 9, 10}))
+    parts.append("<h2>4. What crossed each boundary</h2><p>Every message between a site and the coordinator, "
+                 "counted once, with the tensors it carried (names, shapes) and its size. Both ends logged its "
+                 "SHA-256; section 7 says whether they agree.</p>" + _img(images.get("bytes"), "bytes per round"))
+    parts.append(_table(["from", "to", "message", "count", "total bytes", "rounds", "tensors (shape, dtype)"],
+                        [[_e(c["sender"]), _e(c["receiver"]), _e(c["message"]), _e(c["count"]), _e(c["bytes"]),
+                          _e(_ranges(c["rounds"])),
+                          "<br>".join(f'<span class="mono">{_e(n)}</span> {_e(t["shape"])} {_e(t["dtype"])}'
+                                      for n, t in sorted(c["tensors"].items())) or "-"]
+                         for c in data["boundaries"]], numeric={3, 4}))
+    parts.append("<h2>5. Secure aggregation</h2><p>Per round: who took part, who dropped out (and at which step), "
+                 "and which secrets the coordinator rebuilt from shares. A self-mask is rebuilt for a site that "
+                 "finished; a key for one that dropped; never both for the same site.</p>" + _table(
+                     ["run", "round", "event", "threshold t", "roster", "survivors", "dropouts", "secrets rebuilt"],
+                     [[_e(s["run"]), _e(s["round"]), _e(s["event"]), _e(s["threshold"]),
+                       _e(", ".join(s["roster"] or [])), _e(", ".join(s["survivors"] or [])),
+                       _e(", ".join(f"{k} ({x})" for k, x in (s["dropouts"] or {}).items()) or "none"),
+                       _e("; ".join(f'{r.get("secret")} of {r.get("of")}' for r in (s["reconstructed"] or []))
+                          or "none")]
+                      for s in data["secagg"]], numeric={1, 3}))
+    parts.append("<h2>6. Refusals and countersignatures</h2><h3>Refused messages</h3>" + _table(
+        ["by", "run", "round", "peer", "message", "reason", "detail"],
+        [[_e(r["producer"]), _e(r.get("run")), _e(r.get("round")), _e(r.get("peer")), _e(r.get("message")),
+          _e(r.get("reason")), _e(r.get("detail"))] for r in data["refusals"]]))
+    parts.append("<h3>Countersignatures of the coordinator's chain</h3>" + _table(
+        ["site", "of", "rounds countersigned", "last head countersigned"],
+        [[_e(site), _e(c["subject"]), _e(_ranges(c["rounds"])),
+          f'seq {_e(c["last_head"]["seq"])} <span class="mono">{_e(c["last_head"]["hash"][:16])}...</span>']
+         for site, c in sorted(data["countersignatures"].items())]))
+    parts.append("<h2>7. Verification</h2>" + banner + _table(
+        ["severity", "file", "seq", "what is wrong"],
+        [[_e(p["severity"]), f'<span class="mono">{_e(p["file"])}</span>', _e(p["seq"]), _e(p["message"])]
+         for p in v["errors"] + v["warnings"]], empty="No errors and no warnings."))
+    if leakage:
+        parts.append(_leakage_html(leakage, images.get("reconstructions")))
+    return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>ktfed privacy audit report"
+            f"</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n")
+
+
+def _leakage_html(leakage: dict, picture: Path | None) -> str:
+    rows = [[_e(r["condition"]), _e(r["description"]), _e(f'{r["analytic_psnr"]:.1f}'), _e(f'{r["dlg_psnr"]:.1f}'),
+             _e(f'{r["dlg_ssim"]:.3f}'), _e(f'{r["recovered"]:.2f}'), _e(f'{r["mia_auc"]:.3f}'),
+             _e(f'{r["mia_tpr_at_1pct_fpr"]:.3f}'), _e(f'{r["epsilon_lower_bound"]:.3f}'),
+             _e(r["epsilon_accountant"] if isinstance(r["epsilon_accountant"], str)
+                else _fmt(r["epsilon_accountant"]))] for r in leakage["rows"]]
+    return ("<h2>8. Empirical leakage tests</h2><p>From <code>ktfed audit attack</code>: what an attacker who sees "
+            "a site's update recovers (image reconstruction PSNR / SSIM, share of images recovered), how well it "
+            "tells members from non-members (AUC; 0.5 = chance), and the epsilon that one run with canaries "
+            "proves at 95% confidence (a lower bound: it must never exceed the accountant's epsilon).</p>"
+            + _table(["condition", "what the attacker sees", "analytic PSNR dB", "inversion PSNR dB", "inversion SSIM",
+                      "recovered", "MIA AUC", "TPR at 1% FPR", "epsilon lower bound", "accountant epsilon"], rows,
+                     numeric={2, 3, 4, 5, 6, 7, 8, 9}) + _img(picture, "reconstructions"))
+
+
+def _ranges(values) -> str:
+    values = sorted({v for v in values if isinstance(v, int)})
+    out, i = [], 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        out.append(str(values[i]) if i == j else f"{values[i]}-{values[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+def write_report(result: VerifyResult, out: Path, leakage_dir: Path | None = None) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    data = collect(result)
+    images = {"epsilon": _plot_epsilon(data["privacy"], out / "epsilon.png"),
+              "bytes": _plot_bytes(data["bytes_per_round"], out / "bytes.png")}
+    leakage = None
+    if leakage_dir is not None:
+        leakage = json.loads((leakage_dir / "leakage.json").read_text())
+        data["leakage"] = leakage
+        picture = out / "reconstructions.png"
+        if (leakage_dir / "reconstructions.png").exists():
+            picture.write_bytes((leakage_dir / "reconstructions.png").read_bytes())
+            images["reconstructions"] = picture
+    (out / "report.json").write_text(json.dumps(data, indent=2, default=str))
+    html_path = out / "index.html"
+    html_path.write_text(render_html(data, images, leakage), encoding="utf-8")
+    files = [out / "report.json"] + [p for p in images.values() if p is not None]
+    return {"html": html_path, "files": files}

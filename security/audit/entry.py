@@ -1,0 +1,195 @@
+"""One audit entry: its fields, its hash, its signature; and the countersignature token.
+
+A line of audit.jsonl is the canonical JSON (see `canonical`) of an object with exactly these
+fields:
+
+    seq        0, 1, 2, ... with no gap
+    time       RFC 3339 UTC, as the producer's clock saw it
+    producer   the site id (= the CN of the certificate that signs)
+    kind       what happened (see `log.KINDS`)
+    body       the details, a JSON object
+    prev_hash  the previous entry's `hash` (64 zeros for seq 0)
+    hash       SHA-256 (hex) of the canonical JSON of the six fields above
+    signature  base64 DER ECDSA-P256-SHA256 signature of ENTRY_DOMAIN + the 32 hash bytes
+
+So each entry commits to every entry before it, and only the holder of the certificate's key can
+make an entry that verifies. The domain strings keep these signatures from being replayed as
+anything else the same key signs (TLS handshakes, countersignatures).
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from .canonical import canonical_bytes, sha256_hex
+from .errors import AuditError
+
+FORMAT = "ktfed-audit/1"
+TOKEN_FORMAT = "ktfed-audit-countersign/1"
+GENESIS_PREV_HASH = "0" * 64
+ENTRY_DOMAIN = b"ktfed-audit/1 entry\x00"
+TOKEN_DOMAIN = b"ktfed-audit/1 countersign\x00"
+CORE_FIELDS = ("seq", "time", "producer", "kind", "body", "prev_hash")
+FIELDS = CORE_FIELDS + ("hash", "signature")
+TOKEN_FIELDS = ("format", "run", "round", "signer", "signer_certificate", "signer_head", "subject",
+                "subject_head", "time", "signature")
+
+
+@dataclass(frozen=True)
+class Head:
+    """A chain head: the last entry's seq and hash (seq -1 for an empty chain)."""
+    seq: int
+    hash: str
+
+    def to_dict(self) -> dict:
+        return {"seq": self.seq, "hash": self.hash}
+
+
+@dataclass(frozen=True)
+class Entry:
+    seq: int
+    time: str
+    producer: str
+    kind: str
+    body: dict
+    prev_hash: str
+    hash: str
+    signature: str
+
+    def core(self) -> dict:
+        return {f: getattr(self, f) for f in CORE_FIELDS}
+
+    def to_dict(self) -> dict:
+        return {f: getattr(self, f) for f in FIELDS}
+
+    def to_line(self) -> bytes:
+        return canonical_bytes(self.to_dict()) + b"\n"
+
+    @property
+    def head(self) -> Head:
+        return Head(self.seq, self.hash)
+
+
+def entry_hash(core: dict) -> str:
+    return sha256_hex(canonical_bytes(core))
+
+
+def sign_hash(key: ec.EllipticCurvePrivateKey, hash_hex: str) -> str:
+    signature = key.sign(ENTRY_DOMAIN + bytes.fromhex(hash_hex), ec.ECDSA(hashes.SHA256()))
+    return base64.b64encode(signature).decode("ascii")
+
+
+def signature_ok(public_key, domain: bytes, message: bytes, signature_b64: str) -> bool:
+    try:
+        signature = base64.b64decode(signature_b64, validate=True)
+    except (binascii.Error, ValueError, TypeError):
+        return False
+    # base64 ignores the spare bits of its last character: without this check a flipped bit there
+    # would leave a line that differs from what was signed and still verifies
+    if base64.b64encode(signature).decode("ascii") != signature_b64:
+        return False
+    try:
+        public_key.verify(signature, domain + message, ec.ECDSA(hashes.SHA256()))
+    except (InvalidSignature, ValueError, TypeError):
+        return False
+    return True
+
+
+def entry_signature_ok(public_key, entry: Entry) -> bool:
+    return signature_ok(public_key, ENTRY_DOMAIN, bytes.fromhex(entry.hash), entry.signature)
+
+
+def parse_line(raw: bytes) -> Entry:
+    """Parse one line (without its newline) into an Entry, checking shape and canonical form.
+
+    Does not check the hash or signature (that needs the chain and the certificate)."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise AuditError("not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise AuditError(f"not valid JSON ({err.msg} at column {err.colno})") from None
+    if not isinstance(data, dict):
+        raise AuditError("not a JSON object")
+    if set(data) != set(FIELDS):
+        missing, extra = sorted(set(FIELDS) - set(data)), sorted(set(data) - set(FIELDS))
+        raise AuditError(f"wrong fields (missing {missing}, unexpected {extra})")
+    for name, kind in (("seq", int), ("time", str), ("producer", str), ("kind", str), ("body", dict),
+                       ("prev_hash", str), ("hash", str), ("signature", str)):
+        value = data[name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise AuditError(f"field {name!r} is a {type(value).__name__}, expected {kind.__name__}")
+    for name in ("prev_hash", "hash"):
+        if not _is_hex64(data[name]):
+            raise AuditError(f"field {name!r} is not 64 lower-case hex digits")
+    try:
+        canonical = canonical_bytes(data)
+    except AuditError as err:
+        raise AuditError(f"not canonical JSON: {err}") from None
+    if canonical != raw:
+        raise AuditError("not in canonical form (bytes differ from the canonical encoding of the same "
+                         "content: the line was edited)")
+    return Entry(**{f: data[f] for f in FIELDS})
+
+
+def _is_hex64(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+# ---------------------------------------------------------------- countersignature tokens
+
+def token_message(token: dict) -> bytes:
+    return canonical_bytes({k: v for k, v in token.items() if k != "signature"})
+
+
+def sign_token(key: ec.EllipticCurvePrivateKey, token_core: dict) -> dict:
+    signature = key.sign(TOKEN_DOMAIN + canonical_bytes(token_core), ec.ECDSA(hashes.SHA256()))
+    return {**token_core, "signature": base64.b64encode(signature).decode("ascii")}
+
+
+def token_signature_ok(public_key, token: dict) -> bool:
+    return signature_ok(public_key, TOKEN_DOMAIN, token_message(token), token.get("signature", ""))
+
+
+def parse_token(data: bytes | dict) -> dict:
+    """A countersignature token from its bytes (or already-parsed dict), checked for shape only."""
+    if isinstance(data, (bytes, bytearray)):
+        try:
+            token = json.loads(bytes(data).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise AuditError("countersignature token is not UTF-8 JSON") from None
+    else:
+        token = data
+    if not isinstance(token, dict) or set(token) != set(TOKEN_FIELDS):
+        raise AuditError(f"countersignature token must have exactly the fields {list(TOKEN_FIELDS)}")
+    if token["format"] != TOKEN_FORMAT:
+        raise AuditError(f"countersignature token format {token['format']!r}, expected {TOKEN_FORMAT!r}")
+    for name in ("run", "signer", "signer_certificate", "subject", "time", "signature"):
+        if not isinstance(token[name], str):
+            raise AuditError(f"countersignature token field {name!r} must be a string")
+    if not isinstance(token["round"], int) or isinstance(token["round"], bool):
+        raise AuditError("countersignature token field 'round' must be an integer")
+    for name in ("signer_head", "subject_head"):
+        head = token[name]
+        if (not isinstance(head, dict) or set(head) != {"seq", "hash"} or not isinstance(head["seq"], int)
+                or isinstance(head["seq"], bool) or not isinstance(head["hash"], str)
+                or not (_is_hex64(head["hash"]) or head["seq"] == -1)):
+            raise AuditError(f"countersignature token field {name!r} must be {{seq, hash}}")
+    return token
+
+
+def head_of(value: Any) -> Head:
+    """A Head from a Head, a (seq, hash) pair or a {seq, hash} mapping."""
+    if isinstance(value, Head):
+        return value
+    if isinstance(value, dict):
+        return Head(int(value["seq"]), str(value["hash"]))
+    seq, hash_hex = value
+    return Head(int(seq), str(hash_hex))
