@@ -207,6 +207,7 @@ class RunResult:
     startup_s: float                # from starting the coordinator to round 1 starting to be timed
     completed_at: dict[int, float]
     meta: dict
+    workdir: Path | None = None     # kept only with keep=True (the caller removes it)
 
 
 # Runs made earlier in this invocation, so that one benchmark can read what another already measured
@@ -274,7 +275,8 @@ def run_federation(label: str, pki: PKI, sites: Sequence[str], config_toml: str,
             raise RuntimeError(f"{label}: run ended {status.state} after {status.rounds_completed} rounds\n"
                                f"{fed.tail_logs()}")
         result = RunResult(label, status, [round_record(r) for r in status.rounds], wall,
-                           (first_round_seen or started) - started, fed.completed_at(), dict(meta or {}))
+                           (first_round_seen or started) - started, fed.completed_at(), dict(meta or {}),
+                           workdir if keep else None)
         _RUNS.append(result)
         ok = True
         return result

@@ -37,6 +37,20 @@ class Traffic:
             self.downloads += 1
 
 
+def process_memory() -> dict[str, int]:
+    """VmRSS and VmHWM of this process in bytes, from /proc/self/status ({} where there is none)."""
+    out = {}
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if key in ("VmRSS", "VmHWM"):
+                    out[key] = int(value.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return {}
+    return out
+
+
 def collect(coordinator: Coordinator, traffic: Traffic, serving) -> list[Metric]:
     store = coordinator.store
     metrics = [
@@ -50,6 +64,13 @@ def collect(coordinator: Coordinator, traffic: Traffic, serving) -> list[Metric]
         Metric("ktfed_state_downloads_total", "counter", "global-state downloads served (this process)").add(
             traffic.downloads),
     ]
+    memory = process_memory()
+    if memory:  # the process's own accounting (Linux): what the streaming aggregation keeps bounded
+        metrics += [
+            Metric("ktfed_coordinator_rss_bytes", "gauge", "resident set size of this process").add(memory["VmRSS"]),
+            Metric("ktfed_coordinator_peak_rss_bytes", "gauge", "peak resident set size of this process (VmHWM)").add(
+                memory["VmHWM"]),
+        ]
     refusals = Metric("ktfed_refusals_total", "counter", "requests refused, by gRPC code and method (persisted)")
     for method, code, count in store.refusal_counts():
         refusals.add(count, {"code": code, "method": method})

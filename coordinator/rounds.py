@@ -7,6 +7,7 @@ Refusals are raised as `Refusal(code, message)` and turned into gRPC statuses by
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -22,8 +23,9 @@ import numpy as np
 from cryptography import x509
 
 from coordinator import secagg_round
+from coordinator.audit_trail import AuditTrail, CountersignatureError
 from coordinator.secagg_round import DuplicateSubmission, OutOfPhase, SecAggRound
-from coordinator.store import Store, UploadRecord
+from coordinator.store import StateFile, Store, UploadRecord
 from coordinator.strategy import Strategy
 from security.dp import accounting as dp_accounting
 from security.dp import user_level
@@ -36,6 +38,7 @@ from kt_core.wire import federation_pb2 as pb
 log = logging.getLogger(__name__)
 
 MAX_METRICS = 32
+MAX_ACCELERATORS = 16
 
 
 class Refusal(Exception):
@@ -72,6 +75,7 @@ class Attempt:
     closed: bool = False
     secagg: SecAggRound | None = None   # set when the round runs under secure aggregation
     secagg_summary: dict | None = None  # what secure aggregation did, for the record
+    audit_head: tuple[int, str] = (0, "")   # the coordinator's audit head the task names
 
     def awaiting(self) -> set[str]:
         return set(self.selected) - set(self.uploads) - self.dropped - set(self.declined)
@@ -87,6 +91,7 @@ class ParticipantInfo:
     epsilon_spent: float = 0.0
     epsilon_budget: float = 0.0
     decline_reason: str = ""
+    capabilities: pb.Capabilities | None = None
 
     def note_privacy(self, metrics: Mapping[str, float]) -> None:
         if "epsilon" in metrics:
@@ -97,7 +102,8 @@ class ParticipantInfo:
 
 class RoundEngine:
     def __init__(self, store: Store, run_id: str, config: RunConfig, shared_specs: Mapping[str, tuple[str, tuple[int, ...]]],
-                 strategy: Strategy, *, on_round: Callable[[int], None] | None = None):
+                 strategy: Strategy, *, on_round: Callable[[int], None] | None = None,
+                 trail: AuditTrail | None = None):
         self.store = store
         self.run_id = run_id
         self.config = config
@@ -105,6 +111,7 @@ class RoundEngine:
         self.shared_specs = dict(shared_specs)   # name -> (dtype, shape), the SHARED part of the manifest
         self.strategy = strategy
         self.on_round = on_round
+        self.trail = trail or AuditTrail(None, "coordinator")
         self.rounds_completed, state, self.global_digest = store.last_round(run_id)
         self._set_global(state, self.global_digest)
         self.state = "running"
@@ -132,17 +139,23 @@ class RoundEngine:
 
     # -- the global state ----------------------------------------------------------------------
     def _set_global(self, state: Mapping[str, np.ndarray], digest: str) -> None:
-        self.global_state = dict(state)
+        # The global state lives in its file only: downloads stream it from there and the next
+        # aggregate reads it block by block, so no copy of the model stays in memory between rounds.
+        self._global_file = state if isinstance(state, StateFile) and state.digest == digest \
+            else self.store.state_file(self.run_id, digest)
         self.global_digest = digest
-        # Encoded once per round: every download of this state streams the same bytes.
-        self._encoded = codec.encode(self.global_state)
 
-    def state_for(self, digest: str) -> list[tuple[codec.TensorSpec, bytes]]:
+    @property
+    def global_state(self) -> StateFile:
+        """The current global state (a mapping that reads its tensors from disk on demand)."""
+        return self._global_file
+
+    def state_for(self, digest: str) -> StateFile:
         with self._cond:
             if digest != self.global_digest:
                 raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
                               f"state {digest[:16]}… is not the current global state {self.global_digest[:16]}…")
-            return self._encoded
+            return self._global_file
 
     # -- sessions ------------------------------------------------------------------------------
     def connect(self, participant_id: str) -> Session:
@@ -150,6 +163,10 @@ class RoundEngine:
             if self.state != "running":
                 raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, f"run {self.run_id} is {self.state}")
             old = self.sessions.get(participant_id)
+            if old is None and len(self.sessions) >= self.fed.max_participants:
+                raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"federation.max_participants: run {self.run_id} already has {len(self.sessions)} "
+                              f"participants connected, the most it allows; {participant_id} is refused")
             if old is not None:  # a reconnect replaces the stale stream
                 old.open = False
                 old.queue.put(None)
@@ -160,6 +177,7 @@ class RoundEngine:
             if attempt and not attempt.closed and participant_id in attempt.selected \
                     and participant_id not in attempt.uploads and self._can_still_answer(attempt, participant_id):
                 attempt.dropped.discard(participant_id)  # back in time: it may still contribute
+                self.trail.sent(self.run_id, attempt.round, participant_id, "task", self.global_digest)
                 session.queue.put(self._task(attempt))
             self._cond.notify_all()
             log.info("participant %s connected (%d connected)", participant_id, len(self.sessions))
@@ -253,7 +271,7 @@ class RoundEngine:
             return attempt
 
     def secagg_submit(self, attempt: Attempt, participant_id: str, step: str, payload: bytes,
-                      metrics: Mapping[str, float]) -> None:
+                      metrics: Mapping[str, float], countersignature: bytes = b"") -> None:
         """Hand one participant's answer to the open SecAgg step."""
         if step == "masked_input":
             self._check_metrics(metrics)
@@ -265,9 +283,23 @@ class RoundEngine:
                 attempt.secagg.receive(participant_id, step, payload, metrics)
             except SecAggError as err:
                 raise _secagg_refusal(err) from None
+            self._audit_received(attempt, participant_id, f"secagg/{step}", hashlib.sha256(payload).hexdigest(),
+                                 countersignature=countersignature, nbytes=len(payload))
             self._cond.notify_all()
         log.info("round %d: secure aggregation %s from %s (%d bytes)", attempt.round, step, participant_id,
                  len(payload))
+
+    def _audit_received(self, attempt: Attempt, pid: str, message: str, sha256: str, specs=(),
+                        countersignature: bytes = b"", nbytes: int | None = None) -> None:
+        try:
+            self.trail.received(self.run_id, attempt.round, pid, message, sha256, specs, nbytes=nbytes,
+                                countersignature=countersignature, certificate=self.certificates.get(pid))
+        except CountersignatureError as err:
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"audit countersignature refused: {err}") from None
+
+    def note_state_sent(self, participant_id: str, round_no: int, digest: str, specs) -> None:
+        """A global state streamed to a site (DownloadState), for the audit log."""
+        self.trail.sent(self.run_id, round_no, participant_id, "state", digest, specs)
 
     # -- declines -----------------------------------------------------------------------------
     def decline(self, participant_id: str, request: pb.DeclineRequest) -> Attempt:
@@ -280,6 +312,8 @@ class RoundEngine:
             for value in (request.epsilon_spent, request.epsilon_budget, request.epsilon_would_be):
                 if not math.isfinite(value):
                     raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "decline: epsilon figures must be finite")
+            self._audit_received(attempt, participant_id, "decline", hashlib.sha256(request.task_id).hexdigest(),
+                                 countersignature=request.audit_countersignature)
             attempt.declined[participant_id] = f"{code}: {reason}"
             attempt.dropped.discard(participant_id)
             self._note_decline(participant_id, code, reason, request.epsilon_spent, request.epsilon_budget)
@@ -324,8 +358,10 @@ class RoundEngine:
                 raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"metric {key[:64]!r} is invalid or not finite")
 
     def submit(self, attempt: Attempt, record: UploadRecord, update: Mapping[str, np.ndarray],
-               metrics: Mapping[str, float]) -> None:
-        """Fold a fully received and validated update into the round's aggregate."""
+               metrics: Mapping[str, float], countersignature: bytes = b"") -> None:
+        """Fold a fully received and validated update into the round's aggregate. The update may
+        be a spooled upload on disk: the strategy reads it block by block. The fold runs under the
+        engine's lock so that an update is counted in the aggregate exactly when it is recorded."""
         with self._cond:
             if attempt is not self.attempt or attempt.closed:
                 raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
@@ -333,6 +369,8 @@ class RoundEngine:
             if record.participant_id in attempt.uploads:
                 raise Refusal(grpc.StatusCode.ALREADY_EXISTS,
                               f"{record.participant_id} already uploaded for round {attempt.round} (replay)")
+            self._audit_received(attempt, record.participant_id, "update", record.update_digest, record.specs,
+                                 countersignature)
             user_level_dp = self.privacy.enabled and self.privacy.mode in ("central", "distributed")
             # user-level DP-FedAvg: equal weights, so one site's clipped update moves the mean by <= S/n
             self.strategy.add(update, 1 if user_level_dp else record.num_samples)
@@ -410,8 +448,10 @@ class RoundEngine:
                                              verify_keys=self._verify_keys(selected))
             self.strategy.begin(self.global_state)
             self.attempt = attempt
+            attempt.audit_head = self.trail.head()
             task = self._task(attempt)
             for pid in selected:
+                self.trail.sent(self.run_id, attempt.round, pid, "task", self.global_digest)
                 self.sessions[pid].queue.put(task)
             log.info("round %d started with %s", attempt.round, ", ".join(sorted(selected)))
             return attempt
@@ -424,7 +464,8 @@ class RoundEngine:
             train=pb.TrainSettings(local_epochs=train.epochs, batch_size=train.batch_size,
                                    learning_rate=train.lr, max_steps=train.max_steps or 0,
                                    seed=self.fed.seed * 100_003 + attempt.round),
-            deadline_unix_ms=attempt.deadline_unix_ms)
+            deadline_unix_ms=attempt.deadline_unix_ms,
+            audit_head_seq=attempt.audit_head[0], audit_head_hash=attempt.audit_head[1])
         if attempt.secagg is not None:
             task.secure_aggregation = True
             task.roster.extend(attempt.secagg.roster)
@@ -432,6 +473,17 @@ class RoundEngine:
                 for pid in attempt.secagg.roster:
                     task.peer_certificates[pid] = self.certificates[pid]
         return pb.Task(round=task)
+
+    def note_capabilities(self, participant_id: str, caps: pb.Capabilities) -> None:
+        """What a site reported at join, bounded before it is kept and shown."""
+        if len(caps.accelerators) > MAX_ACCELERATORS or any(len(a) > 200 for a in caps.accelerators) \
+                or len(caps.software_version) > 100 or len(caps.torch_version) > 100:
+            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"capabilities: at most {MAX_ACCELERATORS} accelerators and short version strings")
+        with self._cond:
+            info = self.participants.setdefault(participant_id, ParticipantInfo())
+            info.capabilities = pb.Capabilities()
+            info.capabilities.CopyFrom(caps)
 
     # -- secure aggregation rounds ---------------------------------------------------------------
     def note_certificate(self, participant_id: str, pem: bytes) -> None:
@@ -478,6 +530,7 @@ class RoundEngine:
                     return f"secure aggregation: {err}"
                 for pid, (step, payload) in out.items():
                     if pid in self.sessions:
+                        self.trail.sent_bytes(self.run_id, attempt.round, pid, f"secagg/{step}", payload)
                         self.sessions[pid].queue.put(self._secagg_task(attempt, step, payload))
                 deadline = time.monotonic() + self.config.secagg.step_timeout_s
                 log.info("round %d: secure aggregation step %s opened for %d participant(s)",
@@ -531,6 +584,7 @@ class RoundEngine:
         if self.privacy.enabled and self.privacy.mode in ("central", "distributed"):
             new_state = self._user_level_noise(attempt, new_state)
         seconds = time.monotonic() - attempt.started
+        self._audit_attempt_end(attempt, "unmasked", "completed")
         digest = self.store.complete_round(self.run_id, attempt.round, new_state, attempt.uploads.values(),
                                            attempt.dropped, seconds, attempt.metrics,
                                            secagg=attempt.secagg_summary)
@@ -563,9 +617,32 @@ class RoundEngine:
         self.store.record_privacy_round(self.run_id, attempt.round, p.mode, p.user_noise_multiplier,
                                         p.update_clip_norm, n, std, p.delta, eps["prv"], eps["rdp"],
                                         dp_accounting.accountant_version())
+        if self.trail.enabled:
+            previous = dp_accounting.epsilons([user_level.user_level_spend(p.user_noise_multiplier,
+                                                                           attempt.round - 1)], p.delta) \
+                if attempt.round > 1 else {"prv": 0.0}
+            self.trail.audit.log_dp(run=self.run_id, round=attempt.round, level="user", sample_rate=1.0,
+                                    noise_multiplier=p.user_noise_multiplier, steps=1,
+                                    max_grad_norm=p.update_clip_norm, delta=p.delta,
+                                    epsilon_round=eps["prv"] - previous["prv"], epsilon_cumulative=eps["prv"],
+                                    epsilon_cumulative_rdp=eps["rdp"], accountant="prv",
+                                    accountant_version=dp_accounting.accountant_version(),
+                                    params={"mode": p.mode, "contributors": n, "central_noise_std": std})
         return new_state
 
+    def _audit_attempt_end(self, attempt: Attempt, secagg_event: str, how: str) -> None:
+        sa = attempt.secagg
+        if sa is not None:
+            missing = {}
+            for step, _answered, absent in sa.history:
+                for pid in absent:
+                    missing.setdefault(pid, step)
+            self.trail.secagg(self.run_id, attempt.round, secagg_event, attempt.secagg_summary, missing,
+                              sa.threshold, sa.roster)
+        self.trail.attempt_closed(attempt.round, how)
+
     def _abort(self, attempt: Attempt, reason: str) -> None:
+        self._audit_attempt_end(attempt, "aborted", f"aborted: {reason}")
         self.store.record_abort(self.run_id, attempt.round, attempt.task_id.hex(), reason)
         log.warning("round %d aborted: %s; it will be retried", attempt.round, reason)
         with self._cond:
@@ -593,7 +670,8 @@ class RoundEngine:
                                         rounds_contributed=info.rounds_contributed,
                                         bytes_uploaded=info.bytes_uploaded, last_metrics=info.last_metrics,
                                         privacy_status=info.privacy_status, epsilon_spent=info.epsilon_spent,
-                                        epsilon_budget=info.epsilon_budget, decline_reason=info.decline_reason)
+                                        epsilon_budget=info.epsilon_budget, decline_reason=info.decline_reason,
+                                        capabilities=info.capabilities)
         declined: dict[int, set[str]] = {}
         for d in self.store.declines(self.run_id):
             declined.setdefault(d["round"], set()).add(d["participant_id"])

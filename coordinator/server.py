@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from coordinator.audit_trail import AuditTrail
 from coordinator.auth import Authenticator
 from coordinator.coordinator import Coordinator
 from coordinator.metrics import Traffic, collect
@@ -21,7 +22,8 @@ from coordinator.store import Store
 from kt_core.config import RunConfig
 from kt_core.exposition import MetricsServer
 from kt_core.wire import transport
-from security.pki import RevocationWatcher, check_key_pair
+from security.audit import AuditLog
+from security.pki import RevocationWatcher, check_key_pair, identity_from_pem
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +35,24 @@ class ServerSettings:
     tls: transport.TLSFiles | None      # None only with insecure
     crl: Path | None = None
     insecure: bool = False
-    max_workers: int = 64               # each connected participant holds one task stream
+    # each connected participant holds one task stream: room for max_participants (100) streams,
+    # max_concurrent_uploads (16) and the short calls
+    max_workers: int = 160
     metrics_listen: str | None = None   # HOST:PORT of the Prometheus endpoint; None = off
+    audit: bool = True                  # keep the audit log (STATE/audit); off only to measure it
 
 
 class CoordinatorServer:
     def __init__(self, settings: ServerSettings):
         self.settings = settings
         self.store = Store(settings.state_dir)
-        self.coordinator = Coordinator(self.store)
+        self.trail = AuditTrail(None, "coordinator")
+        if settings.audit and not settings.insecure:
+            # what crossed every boundary, signed with this coordinator's certificate key
+            name = identity_from_pem(Path(settings.tls.cert).read_bytes()).name
+            self.trail = AuditTrail(AuditLog.open(Path(settings.state_dir) / "audit", name, settings.tls.key,
+                                                  settings.tls.cert, sync="on_head"), name)
+        self.coordinator = Coordinator(self.store, self.trail)
         revocations = None
         if settings.crl is not None and not settings.insecure:
             revocations = RevocationWatcher(settings.crl, settings.tls.ca_cert)
@@ -52,7 +63,7 @@ class CoordinatorServer:
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_workers,
                                                              thread_name_prefix="grpc"),
                                   options=transport.SERVER_OPTIONS)
-        record = self.store.record_refusal
+        record = self._record_refusal
         self.server.add_generic_rpc_handlers((
             generic_handler("ParticipantService", ParticipantServicer(self.coordinator, self.auth, self.traffic), record),
             generic_handler("OperatorService", OperatorServicer(self.coordinator, self.auth), record),
@@ -73,6 +84,12 @@ class CoordinatorServer:
             self.metrics = MetricsServer(settings.metrics_listen,
                                          lambda: collect(self.coordinator, self.traffic, lambda: self.serving))
         self._stopped = threading.Event()
+
+    def _record_refusal(self, peer: str, method: str, code: str, reason: str) -> None:
+        self.store.record_refusal(peer, method, code, reason)
+        engine = self.coordinator.engine
+        run_id, round_no = (engine.run_id, engine.rounds_completed + 1) if engine is not None else ("", 0)
+        self.trail.refusal(run_id, round_no, peer, method, code, reason)
 
     def _set_health(self, status) -> None:
         self.serving = status == health_pb2.HealthCheckResponse.SERVING
@@ -103,6 +120,7 @@ class CoordinatorServer:
         self.server.stop(grace).wait()
         if self.metrics is not None:
             self.metrics.stop()
+        self.trail.close("shutdown")
         self.store.close()
         log.info("coordinator stopped")
 

@@ -18,11 +18,14 @@ from google.protobuf.message import DecodeError
 
 from coordinator.auth import Authenticator
 from coordinator.coordinator import Coordinator
+from coordinator.hosting import HostingError
+from coordinator.limits import Limiter
 from coordinator.metrics import Traffic
 from coordinator.rounds import Refusal
+from coordinator.spool import SPOOL_DIR, SpoolDir, return_freed_buffers_to_the_os
 from coordinator.store import UploadRecord
 from kt_core import codec
-from kt_core.config import ConfigError, load_toml
+from kt_core.config import ConfigError, FederationSettings, load_toml
 from kt_core.wire import convert
 from kt_core.wire import federation_pb2 as pb
 
@@ -43,10 +46,25 @@ class ParticipantServicer:
         self.coordinator = coordinator
         self.auth = auth
         self.traffic = traffic or Traffic()
+        # uploads are received into files here (and leftovers of an earlier process removed)
+        self.spool = SpoolDir(coordinator.store.root / SPOOL_DIR)
+        return_freed_buffers_to_the_os()   # transient chunk buffers must not pile up in malloc's arenas
+        self.limits = Limiter()
+
+    def _federation(self) -> FederationSettings:
+        engine = self.coordinator.engine
+        return engine.fed if engine is not None else FederationSettings()
 
     def _caller(self, context, header: pb.Header) -> str:
         caller = self.auth.caller(context, "participant", header.participant_id)
         _check_version(header)
+        # limits hook: every participant call counts against its caller's allowance until it ends
+        self.limits.admit(caller.name, self._federation(), context.add_callback)
+        # the certificate of this very call: after a rotation, the site signs (audit countersignatures,
+        # SecAgg's active option) with its new key
+        pems = context.auth_context().get("x509_pem_cert")
+        if pems and self.coordinator.engine is not None:
+            self.coordinator.engine.note_certificate(caller.name, pems[0])
         return caller.name
 
     def Join(self, request: pb.JoinRequest, context) -> pb.JoinReply:
@@ -62,18 +80,20 @@ class ParticipantServicer:
         reply = pb.JoinReply(header=convert.header(engine.run_id, engine.rounds_completed, pid),
                              run_config_json=engine.config.to_json(), manifest_digest=manifest.digest(),
                              max_chunk_bytes=engine.fed.max_chunk_bytes)
+        if self.coordinator.backbone is not None:
+            reply.backbone_sha256 = self.coordinator.backbone.sha256
+            reply.backbone_bytes = self.coordinator.backbone.size
         for e in manifest.entries:
             reply.manifest.add(name=e.name, role=convert.ROLE_TO_PB[e.role.value], dtype=e.dtype, shape=e.shape)
-        log.info("%s joined run %s (%s, %d cpus)", pid, engine.run_id,
-                 request.capabilities.software_version or "?", request.capabilities.cpu_count)
+        engine.note_capabilities(pid, request.capabilities)
+        log.info("%s joined run %s (%s, %d cpus%s)", pid, engine.run_id,
+                 request.capabilities.software_version or "?", request.capabilities.cpu_count,
+                 "".join(f", {a}" for a in request.capabilities.accelerators))
         return reply
 
     def Tasks(self, request: pb.TaskStreamRequest, context) -> Iterator[pb.Task]:
         pid = self._caller(context, request.header)
         engine = self.coordinator.engine_for(request.header.run_id)
-        pems = context.auth_context().get("x509_pem_cert")
-        if pems:
-            engine.note_certificate(pid, pems[0])
         session = engine.connect(pid)
         context.add_callback(lambda: engine.disconnect(session))
         while context.is_active():
@@ -91,14 +111,20 @@ class ParticipantServicer:
     def DownloadState(self, request: pb.StateRequest, context) -> Iterator[pb.StateChunk]:
         pid = self._caller(context, request.header)
         engine = self.coordinator.engine_for(request.header.run_id)
-        encoded = engine.state_for(request.global_state_digest)
+        # streamed from the state file by offsets; the digests were computed when it was written
+        state = engine.state_for(request.global_state_digest)
+        engine.note_state_sent(pid, request.header.round, request.global_state_digest, state.specs)
         yield pb.StateChunk(header=pb.StateHeader(
             header=convert.header(engine.run_id, engine.rounds_completed, pid),
             global_state_digest=request.global_state_digest,
-            tensors=[convert.spec_to_pb(spec) for spec, _ in encoded]))
-        for chunk in convert.tensor_chunks(encoded, engine.fed.max_chunk_bytes):
-            yield pb.StateChunk(chunk=chunk)
-            self.traffic.sent(len(chunk.data))
+            tensors=[convert.spec_to_pb(spec) for spec in state.specs]))
+        for name, offset, data in state.chunks(engine.fed.max_chunk_bytes):
+            message = pb.StateChunk()   # filled in place: no intermediate copy of the chunk
+            message.chunk.name, message.chunk.offset, message.chunk.data = name, offset, data
+            sent = len(data)
+            del data                    # only the message holds the chunk while gRPC sends it
+            yield message
+            self.traffic.sent(sent)
         self.traffic.download_done()
 
     def Upload(self, request_iterator: Iterator[pb.UploadChunk], context) -> pb.UploadReceipt:
@@ -110,23 +136,32 @@ class ParticipantServicer:
         engine = self.coordinator.engine_for(head.header.run_id)
         attempt = engine.check_upload(pid, head)
         fed = engine.fed
-        try:
-            assembler = codec.TensorAssembler([convert.spec_from_pb(s) for s in head.tensors],
-                                              max_chunk_bytes=fed.max_chunk_bytes)
-            for message in request_iterator:
-                if not message.HasField("chunk"):
-                    raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "a second UploadHeader inside one upload")
-                assembler.add(message.chunk.name, message.chunk.offset, message.chunk.data)
-            update = assembler.finish()
-            self.traffic.received(assembler.bytes_received)
-        except codec.WireError as err:
-            raise Refusal(_WIRE_CODES.get(err.reason, grpc.StatusCode.INVALID_ARGUMENT), str(err)) from None
         specs = tuple(convert.spec_from_pb(s) for s in head.tensors)
         digest = codec.state_digest(specs)
-        record = UploadRecord(pid, head.task_id.hex(), head.num_samples, specs, assembler.bytes_received, digest)
-        engine.submit(attempt, record, update, dict(head.metrics))
+        # The chunks go to a spool file as they arrive, checked like the assembler checks them;
+        # only a verified upload is folded into the aggregate, read back from disk block by block.
+        with self.limits.upload_slot(fed):
+            try:
+                with self.spool.open(specs, max_chunk_bytes=fed.max_chunk_bytes) as spool:
+                    for message in request_iterator:
+                        if not message.HasField("chunk"):
+                            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "a second UploadHeader inside one upload")
+                        name, offset, data = message.chunk.name, message.chunk.offset, message.chunk.data
+                        del message   # its parsed copy of the chunk goes before the chunk is written
+                        spool.add(name, offset, data)
+                    update = spool.finish()
+                    self.traffic.received(spool.bytes_received)
+                    record = UploadRecord(pid, head.task_id.hex(), head.num_samples, specs, spool.bytes_received,
+                                          digest)
+                    engine.submit(attempt, record, update, dict(head.metrics), head.audit_countersignature)
+            except codec.WireError as err:
+                raise Refusal(_WIRE_CODES.get(err.reason, grpc.StatusCode.INVALID_ARGUMENT), str(err)) from None
+            except OSError as err:
+                log.error("upload from %s could not be buffered: %s", pid, err)
+                raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                              f"the coordinator could not buffer the upload on disk: {err}") from None
         return pb.UploadReceipt(header=convert.header(engine.run_id, attempt.round, pid),
-                                bytes_received=assembler.bytes_received, update_digest=digest)
+                                bytes_received=record.bytes, update_digest=digest)
 
     def Decline(self, request: pb.DeclineRequest, context) -> pb.DeclineReply:
         pid = self._caller(context, request.header)
@@ -158,8 +193,28 @@ class ParticipantServicer:
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
                           f"{step}: payload holds {size} bytes, {first.payload_bytes} declared")
         self.traffic.received(size)
-        engine.secagg_submit(attempt, pid, step, b"".join(parts), dict(first.metrics))
+        engine.secagg_submit(attempt, pid, step, b"".join(parts), dict(first.metrics), first.audit_countersignature)
         return pb.SecAggReceipt(header=convert.header(engine.run_id, attempt.round, pid), bytes_received=size)
+
+    def DownloadBackbone(self, request: pb.BackboneRequest, context) -> Iterator[pb.BackboneChunk]:
+        pid = self._caller(context, request.header)
+        engine = self.coordinator.engine_for(request.header.run_id)
+        hosted = self.coordinator.backbone
+        if hosted is None:
+            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, f"run {engine.run_id} hosts no backbone")
+        if request.sha256 != hosted.sha256:
+            raise Refusal(grpc.StatusCode.NOT_FOUND,
+                          f"backbone {request.sha256[:16]}… is not the run's ({hosted.sha256[:16]}…)")
+        try:
+            for offset, data in hosted.chunks(request.offset, engine.fed.max_chunk_bytes):
+                yield pb.BackboneChunk(offset=offset, data=data)
+                self.traffic.sent(len(data))
+        except HostingError as err:
+            raise Refusal(grpc.StatusCode.DATA_LOSS, str(err)) from None
+        # logged once the whole checkpoint went out (the site logs its receipt once it checked it)
+        engine.trail.sent(engine.run_id, request.header.round, pid, "backbone", hosted.sha256, nbytes=hosted.size,
+                          awaits_answer=False)
+        log.info("%s downloaded the backbone (%d bytes from offset %d)", pid, hosted.size, request.offset)
 
     def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveReply:
         pid = self._caller(context, request.header)
@@ -169,6 +224,7 @@ class ParticipantServicer:
 
 _WIRE_CODES = {
     "chunk_too_large": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "exceeds_declared": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "size_limit": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "digest_mismatch": grpc.StatusCode.DATA_LOSS,
 }

@@ -10,18 +10,18 @@ against its recorded digest; a mismatch stops the coordinator and names the file
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import math
 import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
 
 from kt_core import codec
 from kt_core.durable import open_durable_sqlite
@@ -105,12 +105,178 @@ class RoundRecord:
     secagg: dict | None = None            # the secure aggregation summary, for SecAgg rounds
 
 
+# -- state files: safetensors, written and read by offsets ------------------------------------
+
+# safetensors' names of the dtypes the wire carries (kt_core.codec.DTYPES)
+SAFETENSORS_DTYPES = {"float16": "F16", "float32": "F32", "float64": "F64", "int8": "I8", "int32": "I32",
+                      "int64": "I64", "uint8": "U8", "uint32": "U32"}
+_DTYPE_OF = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+STATE_BLOCK_BYTES = 1 << 20
+MAX_HEADER_BYTES = 64 << 20
+
+
+def state_layout(state: Mapping[str, np.ndarray]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """name -> (dtype, shape) of a state, without reading a streamed one's data."""
+    if hasattr(state, "layout"):
+        return dict(state.layout())
+    return {n: (np.asarray(a).dtype.name, tuple(int(d) for d in np.shape(a))) for n, a in state.items()}
+
+
+def state_blocks(state: Mapping[str, np.ndarray], name: str, block_elems: int) -> Iterator[np.ndarray]:
+    """Tensor `name` of a state, flattened in C order, as consecutive pieces of <= block_elems."""
+    if hasattr(state, "blocks"):
+        yield from state.blocks(name, block_elems)
+        return
+    flat = np.asarray(state[name]).reshape(-1)
+    for start in range(0, flat.size, block_elems):
+        yield flat[start:start + block_elems]
+
+
+class StateFile(Mapping[str, np.ndarray]):
+    """A global state on disk, read by offsets (the safetensors header gives each tensor's byte
+    range): downloads stream it chunk by chunk and the aggregation reads it block by block, so the
+    coordinator keeps no copy of the model in memory. `specs` (with each tensor's SHA-256) were
+    computed when the file was written or verified. Indexing reads a whole tensor."""
+
+    def __init__(self, path: Path, digest: str, specs: Sequence[codec.TensorSpec], offsets: Mapping[str, int]):
+        self.path = Path(path)
+        self.digest = digest
+        self.specs = tuple(sorted(specs, key=lambda s: s.name))
+        self._by_name = {s.name: s for s in self.specs}
+        self.offsets = dict(offsets)
+
+    def layout(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        return {s.name: (s.dtype, s.shape) for s in self.specs}
+
+    def chunks(self, chunk_bytes: int) -> Iterator[tuple[str, int, bytes]]:
+        """(name, offset, data) of every tensor in name order, as the wire sends them."""
+        with open(self.path, "rb", buffering=0) as fh:
+            for spec in self.specs:
+                if spec.nbytes == 0:  # an empty tensor still gets one (empty) chunk
+                    yield spec.name, 0, b""
+                for start in range(0, spec.nbytes, chunk_bytes):
+                    size = min(chunk_bytes, spec.nbytes - start)
+                    yield spec.name, start, _pread(fh.fileno(), size, self.offsets[spec.name] + start, self.path)
+
+    def blocks(self, name: str, block_elems: int | None = None) -> Iterator[np.ndarray]:
+        spec = self._by_name[name]
+        dtype = np.dtype(spec.dtype)
+        step = (block_elems or max(1, STATE_BLOCK_BYTES // dtype.itemsize)) * dtype.itemsize
+        with open(self.path, "rb", buffering=0) as fh:
+            for start in range(0, spec.nbytes, step):
+                raw = _pread(fh.fileno(), min(step, spec.nbytes - start), self.offsets[name] + start, self.path)
+                yield np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        spec = self._by_name[name]
+        parts = list(self.blocks(name))
+        return (np.concatenate(parts) if parts else np.zeros(0, spec.dtype)).reshape(spec.shape)
+
+    def __iter__(self):
+        return iter(self._by_name)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+
+def _pread(fd: int, size: int, offset: int, path: Path) -> bytes:
+    data = os.pread(fd, size, offset)
+    while len(data) < size:
+        more = os.pread(fd, size - len(data), offset + len(data))
+        if not more:
+            raise CorruptStateError(f"state file {path} ends early ({offset + len(data)} bytes)")
+        data += more
+    return data
+
+
+def write_state_file(path: Path, state: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> StateFile:
+    """Write `state` as safetensors block by block (temporary file, fsync, rename), hashing each
+    tensor on the way; a streamed state (FedAvg's result) is never materialized."""
+    layout = state_layout(state)
+    header: dict = {"__metadata__": dict(metadata)}
+    offset = 0
+    for name in sorted(layout):
+        dtype, shape = layout[name]
+        if dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be stored")
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # tensor data starts 8-byte aligned, as safetensors writes it
+    data_start = 8 + len(raw)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    specs = []
+    with open(tmp, "wb") as fh:
+        fh.write(len(raw).to_bytes(8, "little") + raw)
+        for name in sorted(layout):
+            dtype, shape = layout[name]
+            h, written = hashlib.sha256(), 0
+            for block in state_blocks(state, name, max(1, STATE_BLOCK_BYTES // np.dtype(dtype).itemsize)):
+                data = codec.to_bytes(np.asarray(block, dtype=dtype))
+                h.update(data)
+                fh.write(data)
+                written += len(data)
+            begin, end = header[name]["data_offsets"]
+            if written != end - begin:
+                raise ValueError(f"tensor {name!r}: {written} bytes written, {end - begin} expected")
+            specs.append(codec.TensorSpec(name, dtype, tuple(shape), h.digest(), written))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return StateFile(path, codec.state_digest(specs), specs,
+                     {n: data_start + header[n]["data_offsets"][0] for n in layout})
+
+
+def open_state_file(path: Path, digest: str | None = None) -> StateFile:
+    """Read the header, hash every tensor from disk (block by block) and check the digest."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if size < 8 or not 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
+                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        specs, offsets = [], {}
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            dtype = _DTYPE_OF.get(entry.get("dtype"))
+            if dtype is None:
+                raise ValueError(f"tensor {name!r}: unsupported dtype {entry.get('dtype')!r}")
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+            if min(shape, default=0) < 0 or end - begin != math.prod(shape) * np.dtype(dtype).itemsize \
+                    or begin < 0 or 8 + n + end > size:
+                raise ValueError(f"tensor {name!r}: byte range {begin}..{end} does not match {dtype}{list(shape)}")
+            offsets[name] = 8 + n + begin
+            specs.append(codec.TensorSpec(name, dtype, shape, b"", end - begin))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CorruptStateError(f"state file {path} cannot be read: {err}") from None
+    unhashed = StateFile(path, "", specs, offsets)
+    hashed = []
+    for spec in unhashed.specs:
+        h = hashlib.sha256()
+        for block in unhashed.blocks(spec.name):
+            h.update(codec.to_bytes(block))
+        hashed.append(codec.TensorSpec(spec.name, spec.dtype, spec.shape, h.digest(), spec.nbytes))
+    actual = codec.state_digest(hashed)
+    if digest is not None and actual != digest:
+        raise CorruptStateError(f"state file {path} does not match its recorded digest "
+                                f"({actual[:16]}… != {digest[:16]}…)")
+    return StateFile(path, actual, hashed, offsets)
+
+
 class Store:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self.db = open_durable_sqlite(self.root / "coordinator.sqlite3", SCHEMA)
+        self._latest: dict[str, StateFile] = {}   # run -> its newest state file, hashed when written
 
     def close(self) -> None:
         with self._lock:
@@ -120,13 +286,15 @@ class Store:
     def create_run(self, run_id: str, config_json: str, manifest_json: str,
                    initial_state: Mapping[str, np.ndarray]) -> str:
         """Persist a new run with its round-0 state; returns the state digest."""
-        path, digest = self._write_state(run_id, 0, initial_state)
+        state_file = self._write_state(run_id, 0, initial_state)
+        path, digest = state_file.path, state_file.digest
         with self._lock, self.db:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute("INSERT INTO runs VALUES (?, ?, ?, 'running', ?, NULL)",
                             (run_id, config_json, manifest_json, time.time()))
             self.db.execute("INSERT INTO rounds VALUES (?, 0, ?, ?, '[]', '[]', 0, 0, '{}', ?)",
                             (run_id, path.name, digest, time.time()))
+        self._latest[run_id] = state_file
         return digest
 
     def active_run(self) -> RunRecord | None:
@@ -150,8 +318,8 @@ class Store:
                             (state, time.time(), run_id))
 
     # -- rounds -------------------------------------------------------------------------------
-    def last_round(self, run_id: str) -> tuple[int, dict[str, np.ndarray], str]:
-        """The last completed round, its global state (verified against its digest) and digest."""
+    def last_round(self, run_id: str) -> tuple[int, StateFile, str]:
+        """The last completed round, its global state file (verified against its digest) and digest."""
         row = self.db.execute("SELECT round, state_file, state_digest FROM rounds WHERE run_id = ? "
                               "ORDER BY round DESC LIMIT 1", (run_id,)).fetchone()
         if row is None:
@@ -159,17 +327,22 @@ class Store:
         round_no, name, digest = row
         return round_no, self.load_state(run_id, name, digest), digest
 
-    def load_state(self, run_id: str, name: str, digest: str) -> dict[str, np.ndarray]:
-        path = self._run_dir(run_id) / name
-        try:
-            tensors = load_file(str(path))
-        except (OSError, SafetensorError, ValueError) as err:
-            raise CorruptStateError(f"state file {path} cannot be read: {err}") from None
-        actual = codec.state_digest(codec.spec_of(n, a) for n, a in tensors.items())
-        if actual != digest:
-            raise CorruptStateError(f"state file {path} does not match its recorded digest "
-                                    f"({actual[:16]}… != {digest[:16]}…)")
-        return tensors
+    def load_state(self, run_id: str, name: str, digest: str) -> StateFile:
+        state_file = open_state_file(self._run_dir(run_id) / name, digest)
+        self._latest[run_id] = state_file
+        return state_file
+
+    def state_file(self, run_id: str, digest: str) -> StateFile:
+        """The state file with this digest: the newest one written (already hashed), else the
+        latest round's file that recorded it, verified."""
+        latest = self._latest.get(run_id)
+        if latest is not None and latest.digest == digest:
+            return latest
+        row = self.db.execute("SELECT state_file FROM rounds WHERE run_id = ? AND state_digest = ? "
+                              "ORDER BY round DESC LIMIT 1", (run_id, digest)).fetchone()
+        if row is None:
+            raise CorruptStateError(f"run {run_id} has no state with digest {digest[:16]}…")
+        return self.load_state(run_id, row[0], digest)
 
     def rounds(self, run_id: str) -> list[RoundRecord]:
         rows = self.db.execute("SELECT round, state_digest, contributors_json, dropped_json, bytes_received, "
@@ -188,7 +361,8 @@ class Store:
                        uploads: Iterable[UploadRecord], dropped: Iterable[str], seconds: float,
                        metrics: Mapping[str, float], secagg: Mapping | None = None) -> str:
         uploads = list(uploads)
-        path, digest = self._write_state(run_id, round_no, state)
+        state_file = self._write_state(run_id, round_no, state)
+        path, digest = state_file.path, state_file.digest
         pause = float(os.environ.get("KTFED_FAULT_PAUSE_BEFORE_COMMIT_S", "0") or 0)
         if pause:  # fault-injection point for the crash-during-save tests
             log.warning("fault injection: pausing %.1fs between state file and commit", pause)
@@ -206,6 +380,7 @@ class Store:
             if secagg is not None:
                 self.db.execute("INSERT INTO secagg_rounds VALUES (?, ?, ?)",
                                 (run_id, round_no, json.dumps(dict(secagg), sort_keys=True)))
+        self._latest[run_id] = state_file
         return digest
 
     def record_abort(self, run_id: str, round_no: int, task_id: str, reason: str) -> None:
@@ -272,18 +447,11 @@ class Store:
     def _run_dir(self, run_id: str) -> Path:
         return self.root / "runs" / run_id
 
-    def _write_state(self, run_id: str, round_no: int, state: Mapping[str, np.ndarray]) -> tuple[Path, str]:
+    def _write_state(self, run_id: str, round_no: int, state: Mapping[str, np.ndarray]) -> StateFile:
         directory = self._run_dir(run_id)
         directory.mkdir(parents=True, exist_ok=True)
-        path = directory / f"round-{round_no:05d}.safetensors"
-        tmp = path.with_suffix(".safetensors.tmp")
-        tensors = {n: np.ascontiguousarray(a) for n, a in state.items()}
-        save_file(tensors, str(tmp), metadata={"run_id": run_id, "round": str(round_no)})
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(directory)
-        return path, codec.state_digest(codec.spec_of(n, a) for n, a in tensors.items())
+        return write_state_file(directory / f"round-{round_no:05d}.safetensors", state,
+                                {"run_id": run_id, "round": str(round_no)})
 
     def sweep(self, run_id: str) -> list[Path]:
         """Remove temporaries and files of rounds that never committed (a crash between the two steps)."""

@@ -19,6 +19,7 @@ from typing import Any, Mapping
 from kt_core.data import PartitionSpec
 from kt_core.models import ModelConfig
 from kt_core.train import TrainConfig
+from kt_core.vln.adapt import AdapterConfig
 
 # Input and output sizes of the image tasks, so the coordinator can build the model without data.
 DATASET_SHAPES = {"fashion-mnist": (784, 10), "digits": (64, 10)}
@@ -42,6 +43,11 @@ class FederationSettings:
     seed: int = 0
     max_chunk_bytes: int = 1024 * 1024
     server_lr: float = 1.0
+    # Back-pressure at the coordinator (coordinator/limits.py); a refusal names the field it hit.
+    max_concurrent_uploads: int = 16       # uploads received at once; one more waits, then is refused
+    upload_queue_timeout_s: float = 10.0   # how long an upload waits for a slot (0: refuse at once)
+    max_rpcs_per_participant: int = 8      # calls one participant may hold open, its task stream included
+    rpc_rate_per_participant: float = 50.0  # calls per second one participant may start (0: no limit)
 
     def validate(self) -> None:
         if self.rounds < 1:
@@ -60,6 +66,15 @@ class FederationSettings:
             raise ValueError("max_chunk_bytes: must be between 1 KiB and 4 MiB")
         if self.server_lr <= 0:
             raise ValueError("server_lr: must be > 0")
+        if not 1 <= self.max_concurrent_uploads <= 4096:
+            raise ValueError("max_concurrent_uploads: must be between 1 and 4096")
+        if not (math.isfinite(self.upload_queue_timeout_s) and self.upload_queue_timeout_s >= 0):
+            raise ValueError("upload_queue_timeout_s: must be a finite number >= 0")
+        if not 2 <= self.max_rpcs_per_participant <= 1024:
+            raise ValueError("max_rpcs_per_participant: must be between 2 and 1024 (a participant holds its "
+                             "task stream and one download or upload at once)")
+        if not (math.isfinite(self.rpc_rate_per_participant) and self.rpc_rate_per_participant >= 0):
+            raise ValueError("rpc_rate_per_participant: must be a finite number >= 0 (0: no limit)")
 
 
 @dataclass(frozen=True)
@@ -167,6 +182,50 @@ class PrivacySettings:
         return min(budgets) if budgets else None
 
 
+TASK_KINDS = ("image", "vln")
+
+
+@dataclass(frozen=True)
+class TaskSettings:
+    """`[task]`: what the federation learns. "image": the MLP of [model] on the image data set of
+    [data]. "vln": adapters ([vln.adapter]) on the pretrained navigation backbone the coordinator
+    hosts, on BabyAI demonstrations of each site's levels ([vln])."""
+    kind: str = "image"
+
+    def validate(self) -> None:
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"kind: {self.kind!r} is not one of {list(TASK_KINDS)}")
+
+
+@dataclass(frozen=True)
+class VLNSettings:
+    """`[vln]`: the navigation task. Levels are dealt round-robin over the sites (non-IID: each
+    site holds different levels); evaluation uses unseen seeds of a site's levels and the levels
+    no site trains on (`held_out_levels`)."""
+    backbone: str = ""                 # at the coordinator: the checkpoint `ktfed pretrain` wrote
+    backbone_sha256: str = ""          # filled in by the coordinator when the run starts
+    levels: tuple[str, ...] = ("BabyAI-GoToObj-v0", "BabyAI-GoToLocal-v0", "BabyAI-GoToObjDoor-v0")
+    held_out_levels: tuple[str, ...] = ("BabyAI-GoToRedBlueBall-v0",)
+    episodes_per_level: int = 150      # a site's bot demonstrations per level
+    eval_episodes: int = 20            # unseen demonstrations per level for the per-round accuracy
+    rollout_episodes: int = 20         # unseen seeds per level rolled out at the end of the run (0: none)
+    cache_dir: str = ""                # a site's demonstration cache ("": STATE/demos)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+
+    def validate(self) -> None:
+        if not self.levels or len(set(self.levels)) != len(self.levels):
+            raise ValueError("levels: must be a non-empty list of distinct BabyAI level names")
+        if set(self.levels) & set(self.held_out_levels):
+            raise ValueError("held_out_levels: a held-out level must not be one the sites train on")
+        for name, lo in (("episodes_per_level", 1), ("eval_episodes", 1), ("rollout_episodes", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+                raise ValueError(f"{name}: must be an integer >= {lo}, got {value!r}")
+        if self.backbone_sha256 and (len(self.backbone_sha256) != 64
+                                     or any(c not in "0123456789abcdef" for c in self.backbone_sha256)):
+            raise ValueError("backbone_sha256: must be a SHA-256 hex digest (the coordinator fills it in)")
+
+
 @dataclass(frozen=True)
 class SecAggConfig:
     """`[secagg]`: secure aggregation (Bonawitz et al. 2017; see security/secagg and README).
@@ -208,6 +267,8 @@ class RunConfig:
     data: DataSettings = field(default_factory=DataSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    task: TaskSettings = field(default_factory=TaskSettings)
+    vln: VLNSettings = field(default_factory=VLNSettings)
 
     def resolved(self) -> "RunConfig":
         """Fix what 'auto' means and size the model for the data set."""
@@ -240,7 +301,7 @@ class RunConfig:
 
 
 SECTIONS = {"federation": FederationSettings, "model": ModelConfig, "train": TrainConfig, "data": DataSettings,
-            "privacy": PrivacySettings, "secagg": SecAggConfig}
+            "privacy": PrivacySettings, "secagg": SecAggConfig, "task": TaskSettings, "vln": VLNSettings}
 
 
 def from_table(table: Any) -> RunConfig:

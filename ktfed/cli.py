@@ -7,6 +7,10 @@
     ktfed config check FILE              validate a run configuration
     ktfed privacy ledger|plan            a site's privacy ledger; plan a privacy budget
     ktfed demo                           a whole federation on this machine
+    ktfed audit verify|report|attack     check audit logs offline; the auditor's report; leakage tests
+    ktfed pretrain --config FILE         pretrain the VLN backbone the coordinator hosts
+    ktfed participant distill            distill a site's adapted model into a small local student
+    ktfed simulate --participants N      N virtual participants in one process, no sockets
 """
 from __future__ import annotations
 
@@ -92,7 +96,7 @@ def cmd_coordinator(args) -> int:
     crl = Path(args.crl) if args.crl else (Path(args.pki) / "crl.pem" if args.pki else None)
     try:
         server = CoordinatorServer(ServerSettings(args.listen, Path(args.state), tls, crl, args.insecure,
-                                                  metrics_listen=args.metrics_listen))
+                                                  metrics_listen=args.metrics_listen, audit=not args.no_audit))
         server.start(config)
     except CorruptStateError as err:
         log.error("refusing to start: %s", err)
@@ -118,7 +122,8 @@ def cmd_participant(args) -> int:
     agent = ParticipantAgent(AgentSettings(
         site=args.site, coordinator=args.coordinator, tls=_tls(args, args.site), state_dir=Path(args.state),
         data_root=Path(args.data_root) if args.data_root else None, insecure=args.insecure,
-        backoff_max_s=args.backoff_max, epsilon_budget=args.epsilon_budget, metrics_listen=args.metrics_listen))
+        backoff_max_s=args.backoff_max, epsilon_budget=args.epsilon_budget, metrics_listen=args.metrics_listen,
+        audit=not args.no_audit, coordinator_name=args.coordinator_name))
     import signal
 
     signal.signal(signal.SIGTERM, lambda *_: agent.stop())
@@ -184,11 +189,14 @@ def cmd_status(args) -> int:
 def cmd_config(args) -> int:
     from kt_core.config import ConfigError, load_file
 
-    from coordinator.coordinator import initial_state, shared_specs
+    from coordinator.coordinator import host_backbone, initial_state, shared_specs
     from coordinator.secagg_round import check_config
+    from kt_core.tasks import check_levels
 
     try:
         config = load_file(Path(args.file), os.environ).resolved()
+        check_levels(config)
+        config, _ = host_backbone(config)
         check_config(config, shared_specs(initial_state(config)[0]))
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
@@ -232,7 +240,8 @@ def cmd_demo(args) -> int:
     from ktfed.launcher import DemoSettings, run_demo
 
     return run_demo(DemoSettings(workdir=Path(args.workdir), rounds=args.rounds, mode=args.mode,
-                                 sites=args.sites, port=args.port, keep=args.keep, secagg=not args.no_secagg))
+                                 sites=args.sites, port=args.port, keep=args.keep, secagg=not args.no_secagg,
+                                 task=args.task))
 
 
 # -- parser -------------------------------------------------------------------------------------
@@ -266,6 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="coordinator", help="certificate name under --pki")
     p.add_argument("--config", help="run config (TOML) to start if no run is unfinished")
     p.add_argument("--crl", help="revocation list (default: PKI/crl.pem)")
+    p.add_argument("--no-audit", action="store_true",
+                   help="keep no audit log (STATE/audit): only to measure its overhead")
     _add_tls_args(p)
     _add_log_args(p)
     coord.set_defaults(func=cmd_coordinator)
@@ -281,9 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backoff-max", type=float, default=5.0, help="cap of the reconnect backoff (s)")
     p.add_argument("--epsilon-budget", type=_positive_float, default=None,
                    help="this site's own privacy budget (epsilon); the stricter of it and the run's wins")
+    p.add_argument("--coordinator-name", default="coordinator",
+                   help="the coordinator's certificate name (whose audit head this site countersigns)")
+    p.add_argument("--no-audit", action="store_true",
+                   help="keep no audit log (STATE/audit): only to measure its overhead")
     _add_tls_args(p)
     _add_log_args(p)
     part.set_defaults(func=cmd_participant)
+    from ktfed.distill_cmd import register as add_distill_command
+    add_distill_command(part_sub)
 
     run = sub.add_parser("run", help="operate runs on a coordinator")
     run_sub = run.add_subparsers(dest="run_command", required=True)
@@ -338,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", default="waffle", choices=["waffle", "lora", "ffa_lora", "dense"])
     p.add_argument("--port", type=int, default=0, help="0 = pick a free port")
     p.add_argument("--keep", action="store_true", help="keep an earlier work folder's state")
+    p.add_argument("--task", default="vln", choices=["vln", "image"],
+                   help="vln: sites adapt the hosted, pretrained navigation backbone (built once, cached); "
+                        "image: a quick MLP on Fashion-MNIST / digits")
     p.add_argument("--no-secagg", action="store_true",
                    help="plain (authenticated, encrypted) uploads instead of secure aggregation")
     p.set_defaults(func=cmd_demo)
@@ -345,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     from ktfed.k8s import add_k8s_commands  # standard library only at import: cheap
 
     add_k8s_commands(sub)
+    from ktfed.audit_cmd import register as add_audit_commands
+    from ktfed.pretrain_cmd import register as add_pretrain_command
+    from ktfed.simulate_cmd import register as add_simulate_command
+    add_audit_commands(sub)
+    add_pretrain_command(sub)
+    add_simulate_command(sub)
     return parser
 
 

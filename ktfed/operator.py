@@ -48,10 +48,16 @@ def format_status(status: pb.RunStatus, text: bool = False):
                           "rounds_contributed": p.rounds_contributed, "bytes_uploaded": p.bytes_uploaded,
                           "last_metrics": dict(p.last_metrics), "privacy_status": p.privacy_status,
                           "epsilon_spent": p.epsilon_spent, "epsilon_budget": p.epsilon_budget,
-                          "decline_reason": p.decline_reason} for p in status.participants],
+                          "decline_reason": p.decline_reason,
+                          "capabilities": {"cpu_count": p.capabilities.cpu_count,
+                                           "accelerators": list(p.capabilities.accelerators),
+                                           "memory_bytes": p.capabilities.memory_bytes,
+                                           "software_version": p.capabilities.software_version}}
+                         for p in status.participants],
         "rounds": [{"round": r.round, "contributors": list(r.contributors), "dropped": list(r.dropped),
                     "bytes_received": r.bytes_received, "seconds": round(r.seconds, 3),
-                    "declined": list(r.declined)} for r in status.rounds],
+                    "declined": list(r.declined), "secure_aggregation": r.secure_aggregation}
+                   for r in status.rounds],
     }
     if not text:
         return data
@@ -64,5 +70,8 @@ def format_status(status: pb.RunStatus, text: bool = False):
                      f"{p['rounds_contributed']:>3} rounds {p['bytes_uploaded']:>12,} bytes"
                      + (f"  accuracy {acc:.3f}" if acc is not None else "")
                      + (f"  epsilon {p['epsilon_spent']:.3f}/{p['epsilon_budget']:.3g} {p['privacy_status']}"
-                        if p["privacy_status"] else ""))
+                        if p["privacy_status"] else "")
+                     + (f"  [{p['capabilities']['cpu_count']} cpus"
+                        + "".join(f", {a}" for a in p["capabilities"]["accelerators"]) + "]"
+                        if p["capabilities"]["cpu_count"] else ""))
     return "\n".join(lines)

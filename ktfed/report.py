@@ -70,9 +70,36 @@ def _cell(value: float | None, width: int) -> str:
     return f"{value:>{width}.3f}" if value is not None else f"{'-':>{width}}"
 
 
+def _vln_results(config: RunConfig, workdir: Path, sites: list[str]) -> list[str]:
+    """Each site's rollouts on unseen seeds after the run (its own level and the held-out ones)."""
+    import json
+
+    out = []
+    for site in sites:
+        found = sorted((workdir / "sites" / site).glob("evaluation-*.json"))
+        if not found:
+            continue
+        r = json.loads(found[-1].read_text())
+        held = r.get("held_out_success_rate")
+        out.append(f"  {site}: success rate {r['success_rate']:.2f}, SPL {r['spl']:.2f} on unseen seeds of "
+                   f"{', '.join(r['train_levels'])}" + (f"; held-out levels: success rate {held:.2f}"
+                                                        if held is not None else ""))
+    if out:
+        out.insert(0, f"navigation after the run ({config.vln.rollout_episodes} unseen episodes per level, "
+                      "greedy policy; SPL against the expert bot's path):")
+    return out
+
+
 def dense_bytes_per_update(config: RunConfig) -> int:
-    """What one update of the same model would cost with dense FedAvg (every weight shared)."""
+    """What one update of the same model would cost with dense FedAvg (every weight shared). For
+    the VLN task: every weight of the backbone, as full fine-tuning would send."""
     import dataclasses
+
+    if config.task.kind == "vln":
+        from safetensors import safe_open
+
+        with safe_open(config.vln.backbone, framework="np") as f:
+            return sum(4 * _numel(f.get_slice(k).get_shape()) for k in f.keys())
 
     from kt_core.manifest import manifest_of
     from kt_core.models import build_model
@@ -87,6 +114,8 @@ def summary(status: pb.RunStatus, table: RoundTable, settings, workdir: Path, se
     lines.append("final local test accuracy: " + ", ".join(
         f"{s} {pts[-1][1]:.3f} (round 0: {pts[0][1]:.3f})" for s, pts in table.accuracy.items() if pts))
     config = load_file(workdir / "run.toml").resolved()
+    if config.task.kind == "vln":
+        lines += _vln_results(config, workdir, table.sites)
     dense = dense_bytes_per_update(config) * table.uploads
     if table.uploaded:
         lines.append(f"bytes uploaded: {table.uploaded:,} in {table.uploads} updates of shared factors; "
@@ -95,8 +124,24 @@ def summary(status: pb.RunStatus, table: RoundTable, settings, workdir: Path, se
     if secure:
         lines.append(f"secure aggregation: on in {len(secure)} of {len(status.rounds)} rounds (t-of-n masking; "
                      f"the coordinator saw only each round's sum; SecAgg summary per round in its SQLite)")
+    audit_dirs = [workdir / "coordinator" / "audit"] + sorted((workdir / "sites").glob("*/audit"))
+    if all((d / "audit.jsonl").is_file() for d in audit_dirs):
+        from security.audit import verify
+
+        result = verify(audit_dirs, workdir / "pki" / "ca.crt")
+        lines.append(f"audit logs ({len(audit_dirs)} producers, hash-chained and signed): "
+                     f"{'verified' if result.ok else 'NOT verified'}, {sum(len(v.entries) for v in result.logs)} "
+                     f"entries; check or report them offline with: ktfed audit verify|report "
+                     f"{workdir / 'coordinator' / 'audit'} {workdir / 'sites'}/*/audit --pki {workdir / 'pki'}")
     png = table.plot(workdir / "accuracy.png", f"ktfed demo: {settings.mode}, {len(table.sites)} sites")
     lines.append(f"coordinator state (SQLite + safetensors): {workdir / 'coordinator'}")
     lines.append(f"site-local state (private factors, never sent): {workdir / 'sites'}")
     lines.append(f"logs: {workdir / 'logs'}" + (f"; accuracy plot: {png}" if png else ""))
     return "\n".join(lines)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n

@@ -5,6 +5,8 @@ exits when the run finishes or when the coordinator refuses its identity.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import random
@@ -18,13 +20,17 @@ import numpy as np
 
 from kt_core import codec
 from kt_core.config import RunConfig
+from kt_core.distill.device import capabilities as device_capabilities
 from kt_core.exposition import Metric, MetricsServer
 from kt_core.heartbeat import HEARTBEAT_FILE, write_heartbeat
 from kt_core.wire import convert, transport
 from kt_core.wire import federation_pb2 as pb
 from kt_core.wire.federation_pb2_grpc import ParticipantServiceStub
 from participant.secure_update import SecureUpdate, peer_verify_keys
+from participant import backbone_cache
 from participant.trainer import BudgetExceeded, LocalTrainer
+from participant.vln_trainer import VLNTrainer
+from security.audit import AuditLog, AuditError
 from security.egress import EgressGuard, EgressRefused
 from security.pki.primitives import load_private_key
 from security.secagg import SecAggError
@@ -54,6 +60,18 @@ class AgentSettings:
     epsilon_budget: float | None = None
     heartbeat_s: float = 10.0          # <state>/heartbeat.json, read by the Kubernetes probes
     metrics_listen: str | None = None  # HOST:PORT of the Prometheus endpoint; None = off
+    coordinator_name: str = "coordinator"   # the coordinator's certificate name (its audit log's producer)
+    audit: bool = True                      # keep the audit log (STATE/audit); off only to measure it
+
+
+def local_capabilities() -> pb.Capabilities:
+    """This machine's compute, as the coordinator shows it (kt_core.distill.device reads it)."""
+    caps = device_capabilities()
+    accelerators = [f"cuda:{d['index']} {d['name']}, {d['memory_bytes'] / 2**30:.0f} GiB" for d in caps["cuda_devices"]]
+    return pb.Capabilities(software_version=SOFTWARE_VERSION, cpu_count=caps["cpu_count"], accelerators=accelerators,
+                           memory_bytes=caps["memory_bytes"] or 0,
+                           accelerator_memory_bytes=sum(d["memory_bytes"] for d in caps["cuda_devices"]),
+                           torch_version=caps["torch"])
 
 
 def backoff_delay(attempt: int, initial: float, cap: float, rng: random.Random) -> float:
@@ -71,6 +89,7 @@ class ParticipantAgent:
         self.chunk_bytes = codec.MAX_CHUNK_BYTES
         self.cached: tuple[str, dict[str, np.ndarray]] | None = None  # (digest, global shared state)
         self.secure: SecureUpdate | None = None   # this round's update while SecAgg steps go on
+        self.audit: AuditLog | None = None          # this site's audit log (none with --insecure)
         self.finished = False
         self._stop = threading.Event()
         self._rng = random.Random()
@@ -131,6 +150,20 @@ class ParticipantAgent:
             self._beat()
 
     def run(self) -> int:
+        tls = self.settings.tls
+        if tls is not None and self.settings.audit:
+            try:
+                self._open_audit()
+            except AuditError as err:
+                log.error("%s: cannot open the audit log: %s", self.site, err)
+                return 4
+        try:
+            return self._run_audited()
+        finally:
+            if self.audit is not None:
+                self.audit.close("finished" if self.finished else "shutdown")
+
+    def _run_audited(self) -> int:
         self._set_status("connecting")
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         if self.metrics is not None:
@@ -142,10 +175,20 @@ class ParticipantAgent:
             if self.metrics is not None:
                 self.metrics.stop()
 
+    def _open_audit(self) -> None:
+        tls = self.settings.tls
+        self._audit_files = self._tls_stamp()
+        self.audit = AuditLog.open(Path(self.settings.state_dir) / "audit", self.site, tls.key, tls.cert,
+                                   sync="on_head")
+
     def _run(self) -> int:
         failures = 0
         while not self._stop.is_set():
             files = self._tls_stamp()
+            if self.audit is not None and files != self._audit_files:
+                # a rotated certificate: sign from now on with the key the coordinator sees us use
+                self.audit.close("certificate rotated")
+                self._open_audit()
             try:
                 with transport.open_channel(self.settings.coordinator, self.settings.tls,
                                             insecure=self.settings.insecure) as channel:
@@ -190,9 +233,9 @@ class ParticipantAgent:
     def _session(self, stub: ParticipantServiceStub) -> bool:
         reply = stub.Join(pb.JoinRequest(
             header=convert.header(participant_id=self.site),
-            capabilities=pb.Capabilities(software_version=SOFTWARE_VERSION, cpu_count=os.cpu_count() or 1)),
+            capabilities=local_capabilities()),
             timeout=self.settings.rpc_timeout_s)
-        self._prepare(reply)
+        self._prepare(stub, reply)
         self.round = reply.header.round
         self._set_status("connected")
         log.info("%s: joined run %s at round %d", self.site, self.run_id, reply.header.round)
@@ -206,6 +249,7 @@ class ParticipantAgent:
                     log.info("%s: run %s finished (%s)", self.site, self.run_id, task.finished.reason)
                     self.finished = True
                     self.trainer.save_private()
+                    self._final_evaluation()
                     stub.Leave(pb.LeaveRequest(header=convert.header(self.run_id, participant_id=self.site),
                                                reason="run finished"), timeout=10)
                     return True
@@ -218,21 +262,53 @@ class ParticipantAgent:
         log.warning("%s: task stream ended without a verdict; the coordinator is going away", self.site)
         return True
 
-    def _prepare(self, reply: pb.JoinReply) -> None:
+    def _prepare(self, stub: ParticipantServiceStub, reply: pb.JoinReply) -> None:
         """On the first join of a run: build the site's model and check it matches the manifest."""
         if reply.header.run_id == self.run_id and self.trainer is not None:
             return
         config = RunConfig.from_json(reply.run_config_json)
         self.run_id = reply.header.run_id
         self.chunk_bytes = reply.max_chunk_bytes or codec.MAX_CHUNK_BYTES
-        self.trainer = LocalTrainer(self.site, self.run_id, config, self.settings.state_dir, self.settings.data_root,
-                                    epsilon_budget=self.settings.epsilon_budget)
+        if config.task.kind == "vln":
+            backbone = self._fetch_backbone(stub, reply)
+            self.trainer = VLNTrainer(self.site, self.run_id, config, self.settings.state_dir, backbone,
+                                      epsilon_budget=self.settings.epsilon_budget)
+        else:
+            self.trainer = LocalTrainer(self.site, self.run_id, config, self.settings.state_dir,
+                                        self.settings.data_root, epsilon_budget=self.settings.epsilon_budget)
         if self.trainer.manifest.digest() != reply.manifest_digest:
             raise RuntimeError("the coordinator's factor manifest differs from the model this site builds "
                                "(incompatible software versions)")
+        if self.audit is not None:
+            self.audit.log_config(run=self.run_id, config=json.loads(reply.run_config_json))
         roles = {e.name: convert.ROLE_FROM_PB[e.role] for e in reply.manifest}
         self.guard = EgressGuard(roles, self.site)
         self.cached = None
+
+    def _fetch_backbone(self, stub: ParticipantServiceStub, reply: pb.JoinReply) -> Path:
+        """The run's frozen backbone: from this site's cache when a file with its digest is there,
+        else streamed from the coordinator once and checked against the digest the run names."""
+        config_digest = RunConfig.from_json(reply.run_config_json).vln.backbone_sha256
+        if not reply.backbone_sha256 or reply.backbone_sha256 != config_digest:
+            raise RuntimeError("the coordinator announces a backbone other than the one its run config names")
+
+        downloaded = []
+
+        def download(offset: int):
+            downloaded.append(offset)
+            for chunk in stub.DownloadBackbone(pb.BackboneRequest(
+                    header=convert.header(reply.header.run_id, reply.header.round, self.site),
+                    sha256=reply.backbone_sha256, offset=offset), timeout=self.settings.rpc_timeout_s):
+                self.bytes_downloaded += len(chunk.data)
+                yield chunk.offset, chunk.data
+
+        path = backbone_cache.fetch(Path(self.settings.state_dir) / "backbones", reply.backbone_sha256,
+                                    reply.backbone_bytes, download)
+        if self.audit is not None and downloaded:
+            self.audit.log_boundary(run=reply.header.run_id, round=reply.header.round, direction="receive",
+                                    sender=self.settings.coordinator_name, receiver=self.site, message="backbone",
+                                    sha256=reply.backbone_sha256, nbytes=reply.backbone_bytes)
+        return path
 
     def _download(self, stub: ParticipantServiceStub, task: pb.RoundTask) -> dict[str, np.ndarray]:
         digest = task.global_state_digest
@@ -250,6 +326,7 @@ class ParticipantAgent:
             assembler.add(message.chunk.name, message.chunk.offset, message.chunk.data)
         state = assembler.finish()
         self.bytes_downloaded += assembler.bytes_received
+        self._boundary("receive", task.header.round, "state", digest, specs)
         self.cached = (digest, state)
         return state
 
@@ -262,12 +339,16 @@ class ParticipantAgent:
                                            budget=err.budget, accountant=accountant)
         self.rounds_declined += 1
         log.warning("%s: round %d declined: %s", self.site, round_no, err)
+        token, token_seq = self._countersign(task)
+        sent = self._boundary("send", round_no, "decline", hashlib.sha256(task.task_id).hexdigest())
         try:
             stub.Decline(pb.DeclineRequest(header=convert.header(self.run_id, round_no, self.site),
                                            task_id=task.task_id, code="budget_exhausted", reason=str(err),
                                            epsilon_spent=err.spent, epsilon_budget=err.budget,
-                                           epsilon_would_be=err.would_be), timeout=self.settings.rpc_timeout_s)
+                                           epsilon_would_be=err.would_be, audit_countersignature=token),
+                         timeout=self.settings.rpc_timeout_s)
         except grpc.RpcError as rpc_err:
+            self._undelivered((token_seq, sent), f"{rpc_err.code().name}: {rpc_err.details()}")
             if rpc_err.code() in ROUND_CODES:
                 log.warning("%s: round %d: decline refused: %s %s", self.site, round_no, rpc_err.code().name,
                             rpc_err.details())
@@ -284,6 +365,7 @@ class ParticipantAgent:
             self._set_status("connected")
 
     def _train_and_upload(self, stub: ParticipantServiceStub, task: pb.RoundTask, round_no: int) -> None:
+        self._boundary("receive", round_no, "task", task.global_state_digest)
         state = self._download(stub, task)
         started = time.perf_counter()  # local compute from here: the framework's overhead is the rest
         trainer = self.trainer
@@ -297,14 +379,19 @@ class ParticipantAgent:
             self._decline(stub, task, err)
             return
         after = trainer.evaluate()
+        if self.audit is not None and getattr(trainer, "last_entry", None) is not None:
+            self.audit.log_dp_ledger(trainer.last_entry)
         trainer.save_private()
         update = trainer.update(state)
         if os.environ.get("KTFED_FAULT_LEAK_PRIVATE") == "1":  # fault injection: the guard must stop this
             update.update(trainer.private_tensors())
         try:
             self.guard.check(update, destination=f"coordinator {self.settings.coordinator}")
-        except EgressRefused:
+        except EgressRefused as err:
             log.error("%s: round %d: update not sent (egress guard)", self.site, round_no)
+            if self.audit is not None:
+                self.audit.log_refusal(run=self.run_id, round=round_no, peer=self.settings.coordinator_name,
+                                       message="update", reason="egress guard", detail=str(err))
             return
         metrics = {"accuracy_before": before["accuracy"], "accuracy": after["accuracy"],
                    "loss": result.loss, "train_seconds": result.seconds,
@@ -315,7 +402,10 @@ class ParticipantAgent:
         header = pb.UploadHeader(header=convert.header(self.run_id, round_no, self.site), task_id=task.task_id,
                                  base_state_digest=task.global_state_digest, num_samples=trainer.num_samples,
                                  metrics=metrics)
+        token, token_seq = self._countersign(task)
+        header.audit_countersignature = token
         specs, messages = convert.upload_messages(header, update, self.chunk_bytes)
+        sent = self._boundary("send", round_no, "update", codec.state_digest(specs), specs)
         pause = float(os.environ.get("KTFED_FAULT_PAUSE_BEFORE_UPLOAD_S", "0") or 0)
         if pause:  # fault-injection point for the tests that kill a site mid-round
             log.warning("%s: fault injection: pausing %.1fs before uploading round %d", self.site, pause, round_no)
@@ -323,6 +413,7 @@ class ParticipantAgent:
         try:
             receipt = stub.Upload(messages, timeout=self.settings.rpc_timeout_s)
         except grpc.RpcError as err:
+            self._undelivered((token_seq, sent), f"{err.code().name}: {err.details()}")
             if err.code() in ROUND_CODES:
                 log.warning("%s: round %d: update refused: %s %s", self.site, round_no, err.code().name, err.details())
                 return
@@ -355,6 +446,7 @@ class ParticipantAgent:
             return
         self._export_secure_input(secure)
         self.secure = secure
+        secure.task = task
         self._submit_secure(stub, secure, "advertise", secure.advertise())
 
     def _secagg_step(self, stub: ParticipantServiceStub, message: pb.SecAggMessage) -> None:
@@ -364,9 +456,14 @@ class ParticipantAgent:
             log.warning("%s: ignoring a secure aggregation %s message for a round this site is not in",
                         self.site, step)
             return
+        self._boundary("receive", secure.round, f"secagg/{step}", hashlib.sha256(message.payload).hexdigest(),
+                       nbytes=len(message.payload))
         try:
             payload = secure.answer(step, message.payload)
         except SecAggError as err:
+            if self.audit is not None:
+                self.audit.log_refusal(run=self.run_id, round=secure.round, peer=self.settings.coordinator_name,
+                                       message=f"secagg/{step}", reason="secure aggregation rule", detail=str(err))
             # The client refuses whatever would break the protocol's guarantees (e.g. a request for
             # both secrets of one peer): this site leaves the round rather than comply.
             log.error("%s: round %d: refusing the coordinator's secure aggregation %s: %s", self.site,
@@ -382,11 +479,16 @@ class ParticipantAgent:
 
     def _submit_secure(self, stub: ParticipantServiceStub, secure: SecureUpdate, step: str, payload: bytes) -> None:
         metrics = secure.metrics if step == "masked_input" else None
-        parts = convert.secagg_submission(convert.header(self.run_id, secure.round, self.site), secure.task_id,
-                                          step, payload, self.chunk_bytes, metrics)
+        token, token_seq = self._countersign(secure.task) if step == "advertise" else (b"", None)
+        parts = list(convert.secagg_submission(convert.header(self.run_id, secure.round, self.site), secure.task_id,
+                                               step, payload, self.chunk_bytes, metrics))
+        parts[0].audit_countersignature = token
+        sent = self._boundary("send", secure.round, f"secagg/{step}", hashlib.sha256(payload).hexdigest(),
+                              nbytes=len(payload))
         try:
-            receipt = stub.SubmitSecAgg(parts, timeout=self.settings.rpc_timeout_s)
+            receipt = stub.SubmitSecAgg(iter(parts), timeout=self.settings.rpc_timeout_s)
         except grpc.RpcError as err:
+            self._undelivered((token_seq, sent), f"{err.code().name}: {err.details()}")
             if err.code() in ROUND_CODES or err.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 log.warning("%s: round %d: secure aggregation %s refused: %s %s", self.site, secure.round, step,
                             err.code().name, err.details())
@@ -410,3 +512,49 @@ class ParticipantAgent:
         out.mkdir(parents=True, exist_ok=True)
         np.save(out / f"{self.site}-round{secure.round}-update.npy", secure.flat, allow_pickle=False)
         np.save(out / f"{self.site}-round{secure.round}-encoded.npy", secure.encoded, allow_pickle=False)
+
+    # -- the audit log ----------------------------------------------------------------------------
+    def _boundary(self, direction: str, round_no: int, message: str, sha256: str, specs=(),
+                  nbytes: int | None = None):
+        """One message crossing the boundary to or from the coordinator; the coordinator logs the
+        other end with the same name and digest. Returns the entry's seq (None without a log)."""
+        if self.audit is None:
+            return None
+        me, peer = self.site, self.settings.coordinator_name
+        sender, receiver = (me, peer) if direction == "send" else (peer, me)
+        return self.audit.log_boundary(run=self.run_id, round=round_no, direction=direction, sender=sender,
+                                       receiver=receiver, message=message, sha256=sha256, tensors=specs,
+                                       nbytes=nbytes).seq
+
+    def _countersign(self, task: pb.RoundTask) -> tuple[bytes, int | None]:
+        """Countersign the coordinator's audit head named in the task, right before the message
+        that carries the token is sent: (token, its entry's seq)."""
+        if self.audit is None or not task.audit_head_hash:
+            return b"", None
+        token = self.audit.countersign((task.audit_head_seq, task.audit_head_hash),
+                                       subject=self.settings.coordinator_name, run=self.run_id,
+                                       round=task.header.round)
+        return token, self.audit.head().seq
+
+    def _undelivered(self, seqs, reason: str) -> None:
+        """Entries of messages that did not reach the coordinator: no receipt is to be expected."""
+        if self.audit is None:
+            return
+        for seq in seqs:
+            if seq is not None:
+                self.audit.log_undelivered(ref_seq=seq, reason=reason[:300])
+
+    def _final_evaluation(self) -> None:
+        """VLN: roll the adapted model out on unseen seeds (success rate, SPL); kept on the site."""
+        evaluate = getattr(self.trainer, "final_evaluation", None)
+        if evaluate is None:
+            return
+        result = evaluate()
+        if not result:
+            return
+        path = Path(self.settings.state_dir) / f"evaluation-{self.run_id}.json"
+        path.write_text(json.dumps(result, indent=2, sort_keys=True))
+        log.info("%s: final evaluation on unseen seeds: success rate %.3f, SPL %.3f on its levels; held-out "
+                 "levels: success rate %s (%s)", self.site, result["success_rate"], result["spl"],
+                 "n/a" if result["held_out_success_rate"] is None else f"{result['held_out_success_rate']:.3f}",
+                 path)

@@ -76,6 +76,7 @@ class SecureUpdate:
                                            len(roster))
         self.flat = flat
         self.done = False
+        self.task = None   # the RoundTask this update answers (its audit head is countersigned)
 
     def advertise(self) -> bytes:
         return self.client.advertise().to_bytes()

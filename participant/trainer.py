@@ -59,15 +59,9 @@ class LocalTrainer:
         self.site = site
         self.run_id = run_id
         self.config = config
-        self.model = build_model(config.model)
+        self.model = self._build_model()
         self.manifest = manifest_of(self.model)
-        data = load_dataset(config.data.dataset, root=data_root, max_train=config.data.max_train or None,
-                            max_test=config.data.max_test or None)
-        train_x, train_y, test_x, test_y = site_split(data, config.federation.sites, site, config.data.partition)
-        if len(train_y) == 0:
-            raise ValueError(f"site {site} received no training samples from the partition")
-        self.train_x, self.train_y = torch.from_numpy(train_x), torch.from_numpy(train_y)
-        self.test_x, self.test_y = torch.from_numpy(test_x), torch.from_numpy(test_y)
+        self._load_data(data_root)
         self.private_path = Path(state_dir) / f"private-{run_id}.safetensors"
         if self.private_path.exists():
             try:
@@ -75,8 +69,6 @@ class LocalTrainer:
                 log.info("%s: restored private factors from %s", site, self.private_path)
             except (SafetensorError, OSError, ValueError) as err:
                 raise ValueError(f"private state {self.private_path} is unusable: {err}") from None
-        log.info("%s: %d training and %d test samples (%s, %s)", site, len(train_y), len(test_y),
-                 config.data.dataset, config.data.partition.scheme)
         self.ledger: PrivacyLedger | None = None
         self.privacy: PrivacyState | None = None
         p = config.privacy
@@ -84,6 +76,21 @@ class LocalTrainer:
             self._setup_dp(Path(state_dir), epsilon_budget)
         elif epsilon_budget is not None and not p.enabled:
             log.warning("%s: --epsilon-budget given but the run does not enable [privacy]", site)
+
+    def _build_model(self) -> torch.nn.Module:
+        return build_model(self.config.model)
+
+    def _load_data(self, data_root: Path | None) -> None:
+        config, site = self.config, self.site
+        data = load_dataset(config.data.dataset, root=data_root, max_train=config.data.max_train or None,
+                            max_test=config.data.max_test or None)
+        train_x, train_y, test_x, test_y = site_split(data, config.federation.sites, site, config.data.partition)
+        if len(train_y) == 0:
+            raise ValueError(f"site {site} received no training samples from the partition")
+        self.train_x, self.train_y = torch.from_numpy(train_x), torch.from_numpy(train_y)
+        self.test_x, self.test_y = torch.from_numpy(test_x), torch.from_numpy(test_y)
+        log.info("%s: %d training and %d test samples (%s, %s)", site, len(train_y), len(test_y),
+                 config.data.dataset, config.data.partition.scheme)
 
     # -- differential privacy ----------------------------------------------------------------------
     def _setup_dp(self, state_dir: Path, local_budget: float | None) -> None:

@@ -15,6 +15,7 @@ from kt_core import vector
 from kt_core.config import ConfigError, load_toml
 from ktfed.launcher import make_pki
 from security import secagg
+from security.audit import verify
 from tests.conftest import LocalFederation, fast_config
 
 FIVE = ["site-a", "site-b", "site-c", "site-d", "site-e"]
@@ -114,6 +115,15 @@ def test_five_sites_two_dropouts_exact_sum_and_nothing_individual_kept(fed5):
         assert not any(w in kept for w in _windows(np.load(path).tobytes())), f"{path.name} found"
     log = fed5.log()
     assert "unmasked the sum of 4 input(s)" in log
+
+    # the audit logs of the coordinator and all five sites (two of them killed mid-protocol) verify:
+    # what the dead sites never answered is logged as of unknown delivery, not as a missing receipt
+    dirs = [fed5.workdir / "coordinator" / "audit"] + [fed5.workdir / "sites" / s / "audit" for s in FIVE]
+    result = verify(dirs, (fed5.pki / "ca.crt").read_bytes())
+    assert result.ok, str(result)
+    coordinator_log = next(v for v in result.logs if v.producer == "coordinator")
+    secagg_events = [e.body for e in coordinator_log.entries if e.kind == "secagg"]
+    assert any(b["round"] == 1 and b["reconstructed"] for b in secagg_events)
 
 
 @pytest.mark.slow

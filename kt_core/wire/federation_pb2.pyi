@@ -89,14 +89,20 @@ class ManifestEntry(_message.Message):
     def __init__(self, name: _Optional[str] = ..., role: _Optional[_Union[ManifestEntry.Role, str]] = ..., dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Capabilities(_message.Message):
-    __slots__ = ("software_version", "cpu_count", "accelerators")
+    __slots__ = ("software_version", "cpu_count", "accelerators", "memory_bytes", "accelerator_memory_bytes", "torch_version")
     SOFTWARE_VERSION_FIELD_NUMBER: _ClassVar[int]
     CPU_COUNT_FIELD_NUMBER: _ClassVar[int]
     ACCELERATORS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACCELERATOR_MEMORY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TORCH_VERSION_FIELD_NUMBER: _ClassVar[int]
     software_version: str
     cpu_count: int
     accelerators: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, software_version: _Optional[str] = ..., cpu_count: _Optional[int] = ..., accelerators: _Optional[_Iterable[str]] = ...) -> None: ...
+    memory_bytes: int
+    accelerator_memory_bytes: int
+    torch_version: str
+    def __init__(self, software_version: _Optional[str] = ..., cpu_count: _Optional[int] = ..., accelerators: _Optional[_Iterable[str]] = ..., memory_bytes: _Optional[int] = ..., accelerator_memory_bytes: _Optional[int] = ..., torch_version: _Optional[str] = ...) -> None: ...
 
 class JoinRequest(_message.Message):
     __slots__ = ("header", "capabilities")
@@ -107,18 +113,22 @@ class JoinRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ...) -> None: ...
 
 class JoinReply(_message.Message):
-    __slots__ = ("header", "run_config_json", "manifest", "manifest_digest", "max_chunk_bytes")
+    __slots__ = ("header", "run_config_json", "manifest", "manifest_digest", "max_chunk_bytes", "backbone_sha256", "backbone_bytes")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     RUN_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_SHA256_FIELD_NUMBER: _ClassVar[int]
+    BACKBONE_BYTES_FIELD_NUMBER: _ClassVar[int]
     header: Header
     run_config_json: str
     manifest: _containers.RepeatedCompositeFieldContainer[ManifestEntry]
     manifest_digest: str
     max_chunk_bytes: int
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., run_config_json: _Optional[str] = ..., manifest: _Optional[_Iterable[_Union[ManifestEntry, _Mapping]]] = ..., manifest_digest: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ...) -> None: ...
+    backbone_sha256: str
+    backbone_bytes: int
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., run_config_json: _Optional[str] = ..., manifest: _Optional[_Iterable[_Union[ManifestEntry, _Mapping]]] = ..., manifest_digest: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., backbone_sha256: _Optional[str] = ..., backbone_bytes: _Optional[int] = ...) -> None: ...
 
 class TaskStreamRequest(_message.Message):
     __slots__ = ("header",)
@@ -141,7 +151,7 @@ class TrainSettings(_message.Message):
     def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., max_steps: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class RoundTask(_message.Message):
-    __slots__ = ("header", "task_id", "global_state_digest", "train", "deadline_unix_ms", "roster", "secure_aggregation", "peer_certificates")
+    __slots__ = ("header", "task_id", "global_state_digest", "train", "deadline_unix_ms", "roster", "secure_aggregation", "peer_certificates", "audit_head_seq", "audit_head_hash")
     class PeerCertificatesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -157,6 +167,8 @@ class RoundTask(_message.Message):
     ROSTER_FIELD_NUMBER: _ClassVar[int]
     SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
     PEER_CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_HEAD_SEQ_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
     header: Header
     task_id: bytes
     global_state_digest: str
@@ -165,7 +177,9 @@ class RoundTask(_message.Message):
     roster: _containers.RepeatedScalarFieldContainer[str]
     secure_aggregation: bool
     peer_certificates: _containers.ScalarMap[str, bytes]
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., task_id: _Optional[bytes] = ..., global_state_digest: _Optional[str] = ..., train: _Optional[_Union[TrainSettings, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., roster: _Optional[_Iterable[str]] = ..., secure_aggregation: _Optional[bool] = ..., peer_certificates: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+    audit_head_seq: int
+    audit_head_hash: str
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., task_id: _Optional[bytes] = ..., global_state_digest: _Optional[str] = ..., train: _Optional[_Union[TrainSettings, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., roster: _Optional[_Iterable[str]] = ..., secure_aggregation: _Optional[bool] = ..., peer_certificates: _Optional[_Mapping[str, bytes]] = ..., audit_head_seq: _Optional[int] = ..., audit_head_hash: _Optional[str] = ...) -> None: ...
 
 class RunFinished(_message.Message):
     __slots__ = ("header", "reason")
@@ -200,7 +214,7 @@ class SecAggMessage(_message.Message):
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., task_id: _Optional[bytes] = ..., step: _Optional[_Union[SecAggStep, str]] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class SecAggSubmission(_message.Message):
-    __slots__ = ("header", "task_id", "step", "payload_bytes", "payload_part", "metrics")
+    __slots__ = ("header", "task_id", "step", "payload_bytes", "payload_part", "metrics", "audit_countersignature")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -214,13 +228,15 @@ class SecAggSubmission(_message.Message):
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_PART_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_COUNTERSIGNATURE_FIELD_NUMBER: _ClassVar[int]
     header: Header
     task_id: bytes
     step: SecAggStep
     payload_bytes: int
     payload_part: bytes
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., task_id: _Optional[bytes] = ..., step: _Optional[_Union[SecAggStep, str]] = ..., payload_bytes: _Optional[int] = ..., payload_part: _Optional[bytes] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    audit_countersignature: bytes
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., task_id: _Optional[bytes] = ..., step: _Optional[_Union[SecAggStep, str]] = ..., payload_bytes: _Optional[int] = ..., payload_part: _Optional[bytes] = ..., metrics: _Optional[_Mapping[str, float]] = ..., audit_countersignature: _Optional[bytes] = ...) -> None: ...
 
 class SecAggReceipt(_message.Message):
     __slots__ = ("header", "bytes_received")
@@ -263,7 +279,7 @@ class StateHeader(_message.Message):
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., global_state_digest: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("header", "task_id", "base_state_digest", "num_samples", "tensors", "metrics")
+    __slots__ = ("header", "task_id", "base_state_digest", "num_samples", "tensors", "metrics", "audit_countersignature")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -277,13 +293,15 @@ class UploadHeader(_message.Message):
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_COUNTERSIGNATURE_FIELD_NUMBER: _ClassVar[int]
     header: Header
     task_id: bytes
     base_state_digest: str
     num_samples: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., task_id: _Optional[bytes] = ..., base_state_digest: _Optional[str] = ..., num_samples: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    audit_countersignature: bytes
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., task_id: _Optional[bytes] = ..., base_state_digest: _Optional[str] = ..., num_samples: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., audit_countersignature: _Optional[bytes] = ...) -> None: ...
 
 class UploadChunk(_message.Message):
     __slots__ = ("header", "chunk")
@@ -304,7 +322,7 @@ class UploadReceipt(_message.Message):
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., bytes_received: _Optional[int] = ..., update_digest: _Optional[str] = ...) -> None: ...
 
 class DeclineRequest(_message.Message):
-    __slots__ = ("header", "task_id", "code", "reason", "epsilon_spent", "epsilon_budget", "epsilon_would_be")
+    __slots__ = ("header", "task_id", "code", "reason", "epsilon_spent", "epsilon_budget", "epsilon_would_be", "audit_countersignature")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
@@ -312,6 +330,7 @@ class DeclineRequest(_message.Message):
     EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
     EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
     EPSILON_WOULD_BE_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_COUNTERSIGNATURE_FIELD_NUMBER: _ClassVar[int]
     header: Header
     task_id: bytes
     code: str
@@ -319,13 +338,32 @@ class DeclineRequest(_message.Message):
     epsilon_spent: float
     epsilon_budget: float
     epsilon_would_be: float
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., task_id: _Optional[bytes] = ..., code: _Optional[str] = ..., reason: _Optional[str] = ..., epsilon_spent: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., epsilon_would_be: _Optional[float] = ...) -> None: ...
+    audit_countersignature: bytes
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., task_id: _Optional[bytes] = ..., code: _Optional[str] = ..., reason: _Optional[str] = ..., epsilon_spent: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., epsilon_would_be: _Optional[float] = ..., audit_countersignature: _Optional[bytes] = ...) -> None: ...
 
 class DeclineReply(_message.Message):
     __slots__ = ("header",)
     HEADER_FIELD_NUMBER: _ClassVar[int]
     header: Header
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ...) -> None: ...
+
+class BackboneRequest(_message.Message):
+    __slots__ = ("header", "sha256", "offset")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    header: Header
+    sha256: str
+    offset: int
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., sha256: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class BackboneChunk(_message.Message):
+    __slots__ = ("offset", "data")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
     __slots__ = ("header", "reason")
@@ -362,7 +400,7 @@ class StopRunRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ParticipantStatus(_message.Message):
-    __slots__ = ("participant_id", "connected", "rounds_contributed", "bytes_uploaded", "last_metrics", "privacy_status", "epsilon_spent", "epsilon_budget", "decline_reason")
+    __slots__ = ("participant_id", "connected", "rounds_contributed", "bytes_uploaded", "last_metrics", "privacy_status", "epsilon_spent", "epsilon_budget", "decline_reason", "capabilities")
     class LastMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -379,6 +417,7 @@ class ParticipantStatus(_message.Message):
     EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
     EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
     DECLINE_REASON_FIELD_NUMBER: _ClassVar[int]
+    CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
     participant_id: str
     connected: bool
     rounds_contributed: int
@@ -388,7 +427,8 @@ class ParticipantStatus(_message.Message):
     epsilon_spent: float
     epsilon_budget: float
     decline_reason: str
-    def __init__(self, participant_id: _Optional[str] = ..., connected: _Optional[bool] = ..., rounds_contributed: _Optional[int] = ..., bytes_uploaded: _Optional[int] = ..., last_metrics: _Optional[_Mapping[str, float]] = ..., privacy_status: _Optional[str] = ..., epsilon_spent: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., decline_reason: _Optional[str] = ...) -> None: ...
+    capabilities: Capabilities
+    def __init__(self, participant_id: _Optional[str] = ..., connected: _Optional[bool] = ..., rounds_contributed: _Optional[int] = ..., bytes_uploaded: _Optional[int] = ..., last_metrics: _Optional[_Mapping[str, float]] = ..., privacy_status: _Optional[str] = ..., epsilon_spent: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., decline_reason: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
     __slots__ = ("round", "contributors", "dropped", "bytes_received", "seconds", "global_state_digest", "metrics", "bytes_by_participant", "declined", "secure_aggregation")

@@ -70,6 +70,11 @@ class ParticipantServiceStub:
                 request_serializer=ktfed_dot_v1_dot_federation__pb2.SecAggSubmission.SerializeToString,
                 response_deserializer=ktfed_dot_v1_dot_federation__pb2.SecAggReceipt.FromString,
                 _registered_method=True)
+        self.DownloadBackbone = channel.unary_stream(
+                '/ktfed.v1.ParticipantService/DownloadBackbone',
+                request_serializer=ktfed_dot_v1_dot_federation__pb2.BackboneRequest.SerializeToString,
+                response_deserializer=ktfed_dot_v1_dot_federation__pb2.BackboneChunk.FromString,
+                _registered_method=True)
 
 
 class ParticipantServiceServicer:
@@ -118,6 +123,13 @@ class ParticipantServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DownloadBackbone(self, request, context):
+        """The run's frozen backbone checkpoint, in chunks; the participant checks the SHA-256.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ParticipantServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -155,6 +167,11 @@ def add_ParticipantServiceServicer_to_server(servicer, server):
                     servicer.SubmitSecAgg,
                     request_deserializer=ktfed_dot_v1_dot_federation__pb2.SecAggSubmission.FromString,
                     response_serializer=ktfed_dot_v1_dot_federation__pb2.SecAggReceipt.SerializeToString,
+            ),
+            'DownloadBackbone': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadBackbone,
+                    request_deserializer=ktfed_dot_v1_dot_federation__pb2.BackboneRequest.FromString,
+                    response_serializer=ktfed_dot_v1_dot_federation__pb2.BackboneChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -346,6 +363,33 @@ class ParticipantService:
             '/ktfed.v1.ParticipantService/SubmitSecAgg',
             ktfed_dot_v1_dot_federation__pb2.SecAggSubmission.SerializeToString,
             ktfed_dot_v1_dot_federation__pb2.SecAggReceipt.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadBackbone(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/ktfed.v1.ParticipantService/DownloadBackbone',
+            ktfed_dot_v1_dot_federation__pb2.BackboneRequest.SerializeToString,
+            ktfed_dot_v1_dot_federation__pb2.BackboneChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -12,10 +12,14 @@ SecAggError), then close_*() when the step's deadline passes, which returns what
 
 A close_*() with fewer than t participants refuses (SecAggError) and aborts the round. The
 server never sees an individual input: only masked vectors, and shares of at most one secret
-per participant (self-mask seeds of survivors, mask keys of dropouts).
+per participant (self-mask seeds of survivors, mask keys of dropouts). It does not even keep the
+masked vectors: each is added to a running sum mod 2^32 as it arrives (unmasking needs only the
+sum of the survivors' inputs, and every sender of a masked input is a survivor), so its memory is
+one vector whatever the number of participants.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
@@ -60,7 +64,8 @@ class SecAggServer:
         self.stage = "advertise"
         self.ads: dict[str, KeyAdvertisement] = {}
         self.shares: dict[str, ShareKeys] = {}
-        self.inputs: dict[str, np.ndarray] = {}
+        self.inputs: dict[str, str] = {}          # sender of each masked input -> SHA-256 of it (hex)
+        self._total = np.zeros(self.m, dtype=np.uint32)   # running sum mod 2^32 of the masked inputs
         self.acks: dict[str, ConsistencyAck] = {}
         self.requests: dict[str, UnmaskRequest] = {}
         self.unmasks: dict[str, UnmaskShares] = {}
@@ -148,7 +153,8 @@ class SecAggServer:
         vec = as_uint32_vector(mi.vector, f"server: masked input from {mi.sender!r}")
         if vec.shape[0] != self.m:
             raise SecAggError(f"server: masked input from {mi.sender!r} has {vec.shape[0]} entries, expected {self.m}")
-        self.inputs[mi.sender] = vec
+        np.add(self._total, vec, out=self._total)  # uint32 arithmetic wraps: the sum is mod 2^32
+        self.inputs[mi.sender] = hashlib.sha256(vec.astype("<u4", copy=False).tobytes()).hexdigest()
 
     def close_masked_input(self) -> SurvivorList:
         self._enter("masked_input", "closing masked input")
@@ -209,9 +215,7 @@ class SecAggServer:
         self._enter("unmask", "unmasking")
         try:
             self._close(list(self.unmasks), "participants sent unmasking shares")
-            total = np.zeros(self.m, dtype=np.uint32)
-            for u in self.u3:
-                np.add(total, self.inputs[u], out=total)
+            total = self._total   # the survivors' masked inputs, summed as they arrived (unmasked in place)
             for v in self.u3:
                 b = self._recover(v, "self-mask")
                 if self.setup.commitment(v, b) != self.ads[v].self_mask_commitment:

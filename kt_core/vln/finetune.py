@@ -1,0 +1,203 @@
+"""Behaviour cloning on a site's BabyAI levels, and evaluation: action accuracy and rollouts.
+
+Mirrors kt_core.train for the image task: `train_local(model, data, TrainConfig)` minimizes the
+per-sample negative ELBO, cross-entropy of the expert's action plus the adapters' KL term (zero
+unless WAFFLe) spread over the local samples; `evaluate(model, data)` gives accuracy and loss.
+`evaluate_rollouts` runs the model in the environment on unseen seeds: success rate and SPL.
+
+Seeds are laid out in disjoint blocks so that no two purposes ever share an episode:
+    [0, 100 000)              pretraining
+    100 000 + 10 000 i + ...  site i's training episodes (sites holding the same level differ)
+    [1 000 000, ...)          evaluation (unseen by pretraining and by every site)
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kt_core.train import TrainConfig, TrainResult, elbo_loss, make_optimizer
+from kt_core.vln.babyai import Demos, Policy, evaluate_policy, get_demos
+from kt_core.vln.tokenizer import PAD_ID, Tokenizer
+
+PRETRAIN_SEED_BASE = 0
+SITE_SEED_BASE, SITE_SEED_STRIDE = 100_000, 10_000
+EVAL_SEED_BASE = 1_000_000
+
+
+def site_seeds(site_index: int, episodes: int) -> tuple[int, int]:
+    if site_index < 0 or not 0 < episodes <= SITE_SEED_STRIDE:
+        raise ValueError(f"site_index must be >= 0 and episodes in 1..{SITE_SEED_STRIDE}")
+    start = SITE_SEED_BASE + SITE_SEED_STRIDE * site_index
+    return start, start + episodes
+
+
+def eval_seeds(episodes: int) -> tuple[int, int]:
+    return EVAL_SEED_BASE, EVAL_SEED_BASE + episodes
+
+
+# ---------------------------------------------------------------------------------------------
+# data as tensors
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class DemoTensors:
+    tokens: Tensor        # int64 N x L
+    images: Tensor        # uint8 N x 7 x 7 x 3
+    directions: Tensor    # int64 N
+    actions: Tensor       # int64 N
+
+    def __len__(self) -> int:
+        return int(self.actions.shape[0])
+
+    def take(self, idx: Tensor, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Rows idx; the instruction columns trimmed to the batch's longest ([PAD] is only ever
+        at the end), since attention over padding costs time and changes nothing."""
+        tokens = self.tokens[idx]
+        tokens = tokens[:, :max(1, int((tokens != PAD_ID).sum(1).max()))]
+        return tuple(t.to(device) for t in (tokens, self.images[idx], self.directions[idx], self.actions[idx]))
+
+
+def encode_demos(demos: Demos, tokenizer: Tokenizer, max_len: int) -> DemoTensors:
+    # a level has few distinct missions: encode each once
+    mission_tokens = torch.from_numpy(tokenizer.encode_batch(demos.missions, max_len))
+    return DemoTensors(mission_tokens[torch.from_numpy(demos.mission_index)], torch.from_numpy(demos.images),
+                       torch.from_numpy(demos.directions), torch.from_numpy(demos.actions))
+
+
+def site_data(site_index: int, levels: Sequence[str], episodes_per_level: int,
+              cache_dir: str | Path | None = None) -> Demos:
+    """Site i's private training demonstrations: `episodes_per_level` bot episodes of each of its
+    levels, on its own seed block. Sites given different level lists hold non-IID data."""
+    if not levels:
+        raise ValueError("site_data: a site needs at least one level")
+    seeds = site_seeds(site_index, episodes_per_level)
+    return Demos.concat([get_demos(level, seeds, cache_dir) for level in levels])
+
+
+def assign_levels(levels: Sequence[str], n_sites: int) -> list[list[str]]:
+    """Deal levels round-robin over the sites: site i holds levels i, i + n, i + 2n, ..."""
+    if n_sites < 1 or len(levels) < n_sites:
+        raise ValueError(f"need at least one level per site: {len(levels)} levels for {n_sites} sites")
+    return [list(levels[i::n_sites]) for i in range(n_sites)]
+
+
+# ---------------------------------------------------------------------------------------------
+# training and evaluation
+# ---------------------------------------------------------------------------------------------
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def train_local(model: nn.Module, data: DemoTensors, cfg: TrainConfig,
+                progress: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Behaviour cloning in place; deterministic given cfg.seed (batch order, dropout, WAFFLe
+    gate samples), leaving the caller's global RNG as it was. Only parameters with
+    requires_grad train: on an adapted backbone, the adapters (and the action head)."""
+    cfg.validate()
+    n = len(data)
+    if n == 0:
+        raise ValueError("train_local: no samples")
+    device = _device_of(model)
+    optimizer = make_optimizer(model, cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    was_training = model.training
+    model.train()
+    steps, loss_sum = 0, 0.0
+    start = time.perf_counter()
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        torch.manual_seed(cfg.seed)
+        order = torch.Generator().manual_seed(cfg.seed)
+        for _epoch in range(cfg.epochs):
+            if cfg.max_steps is not None and steps >= cfg.max_steps:
+                break
+            perm = torch.randperm(n, generator=order)
+            for i in range(0, n, cfg.batch_size):
+                if cfg.max_steps is not None and steps >= cfg.max_steps:
+                    break
+                tokens, images, directions, actions = data.take(perm[i:i + cfg.batch_size], device)
+                loss = elbo_loss(model, model.act(tokens, images, directions), actions, n, cfg.kl_weight)
+                if not torch.isfinite(loss):
+                    # a diverged update must never reach the aggregate
+                    raise FloatingPointError(f"training loss became {loss.item()} at step {steps}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+                optimizer.step()
+                steps += 1
+                loss_sum += loss.item()
+                if progress is not None:
+                    progress(steps, loss.item())
+    model.train(was_training)
+    return TrainResult(num_samples=n, steps=steps, loss=loss_sum / max(steps, 1),
+                       seconds=time.perf_counter() - start)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: DemoTensors, batch_size: int = 512) -> dict[str, float]:
+    """Accuracy of predicting the expert's action, and mean cross-entropy, in eval mode."""
+    if len(data) == 0:
+        raise ValueError("evaluate: no samples")
+    device = _device_of(model)
+    was_training = model.training
+    model.eval()
+    correct, loss_sum = 0, 0.0
+    for i in range(0, len(data), batch_size):
+        tokens, images, directions, actions = data.take(torch.arange(i, min(i + batch_size, len(data))), device)
+        logits = model.act(tokens, images, directions)
+        loss_sum += F.cross_entropy(logits, actions, reduction="sum").item()
+        correct += int((logits.argmax(1) == actions).sum())
+    model.train(was_training)
+    return {"accuracy": correct / len(data), "loss": loss_sum / len(data)}
+
+
+def model_policy(model: nn.Module, tokenizer: Tokenizer) -> Policy:
+    """The greedy policy of `model` (argmax action) as the rollout evaluator calls it."""
+    max_len = model.cfg.max_len
+    device = _device_of(model)
+    encoded: dict[str, np.ndarray] = {}
+
+    @torch.no_grad()
+    def policy(images: np.ndarray, directions: np.ndarray, missions: list[str]) -> np.ndarray:
+        for m in missions:
+            if m not in encoded:
+                encoded[m] = np.asarray(tokenizer.encode(m, max_len), dtype=np.int64)
+        tokens = torch.from_numpy(np.stack([encoded[m] for m in missions])).to(device)
+        logits = model.act(tokens, torch.from_numpy(images).to(device), torch.from_numpy(directions).to(device))
+        return logits.argmax(1).cpu().numpy()
+
+    return policy
+
+
+def evaluate_rollouts(model: nn.Module, tokenizer: Tokenizer, level: str, episodes: int,
+                      cache_dir: str | Path | None = None) -> dict:
+    """Success rate and SPL of the greedy policy on `episodes` unseen evaluation seeds of `level`."""
+    was_training = model.training
+    model.eval()
+    try:
+        return evaluate_policy(model_policy(model, tokenizer), level, eval_seeds(episodes), cache_dir).summary()
+    finally:
+        model.train(was_training)
+
+
+def site_evaluation(model: nn.Module, tokenizer: Tokenizer, train_levels: Sequence[str],
+                    held_out_levels: Sequence[str], episodes: int, cache_dir: str | Path | None = None) -> dict:
+    """Rollouts on unseen seeds of the site's own levels and of levels no site trained on, with
+    the means a round report needs."""
+    own = {lv: evaluate_rollouts(model, tokenizer, lv, episodes, cache_dir) for lv in train_levels}
+    held = {lv: evaluate_rollouts(model, tokenizer, lv, episodes, cache_dir) for lv in held_out_levels}
+
+    def mean(results: dict, key: str) -> float | None:
+        return float(np.mean([r[key] for r in results.values()])) if results else None
+
+    return {"train_levels": own, "held_out_levels": held,
+            "success_rate": mean(own, "success_rate"), "spl": mean(own, "spl"),
+            "held_out_success_rate": mean(held, "success_rate"), "held_out_spl": mean(held, "spl")}
