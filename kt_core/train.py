@@ -108,12 +108,26 @@ def _device_of(model: nn.Module) -> torch.device:
 
 def train_local(model: nn.Module, x, y, cfg: TrainConfig,
                 progress: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Train in place. Deterministic given cfg.seed: batch order and the adapters' gate and
-    stick-breaking samples come from an RNG seeded here, and the caller's global RNG is left as
-    it was. `progress(step, loss)` is called after every step."""
-    cfg.validate()
+    """Train in place on (x, y). See `train_steps`."""
     x, y = _as_tensors(x, y)
     n = x.shape[0]
+    device = _device_of(model)
+
+    def batch_loss(idx: Tensor) -> Tensor:
+        xb, yb = x[idx].to(device), y[idx].to(device)
+        return elbo_loss(model, model(xb), yb, n, cfg.kl_weight)
+
+    return train_steps(model, n, batch_loss, cfg, progress)
+
+
+def train_steps(model: nn.Module, n: int, batch_loss: Callable[[Tensor], Tensor], cfg: TrainConfig,
+                progress: Callable[[int, float], None] | None = None) -> TrainResult:
+    """The training loop every task shares: `cfg.epochs` shuffled passes over n samples (at most
+    `cfg.max_steps` steps), `batch_loss(indices)` giving each batch's loss. Deterministic given
+    cfg.seed: batch order and the adapters' gate and stick-breaking samples come from an RNG
+    seeded here, and the caller's global RNG is left as it was. `progress(step, loss)` is called
+    after every step."""
+    cfg.validate()
     device = _device_of(model)
     optimizer = make_optimizer(model, cfg)
     was_training = model.training
@@ -124,13 +138,13 @@ def train_local(model: nn.Module, x, y, cfg: TrainConfig,
         torch.manual_seed(cfg.seed)
         order_rng = torch.Generator().manual_seed(cfg.seed)
         for _epoch in range(cfg.epochs):
+            if cfg.max_steps is not None and steps >= cfg.max_steps:
+                break
             perm = torch.randperm(n, generator=order_rng)
             for i in range(0, n, cfg.batch_size):
                 if cfg.max_steps is not None and steps >= cfg.max_steps:
                     break
-                idx = perm[i:i + cfg.batch_size]
-                xb, yb = x[idx].to(device), y[idx].to(device)
-                loss = elbo_loss(model, model(xb), yb, n, cfg.kl_weight)
+                loss = batch_loss(perm[i:i + cfg.batch_size])
                 if not torch.isfinite(loss):
                     # a diverged update must never reach the aggregate
                     raise FloatingPointError(f"training loss became {loss.item()} at step {steps}")

@@ -12,7 +12,6 @@ Seeds are laid out in disjoint blocks so that no two purposes ever share an epis
 """
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kt_core.train import TrainConfig, TrainResult, elbo_loss, make_optimizer
+from kt_core.train import TrainConfig, TrainResult, elbo_loss, train_steps
 from kt_core.vln.babyai import Demos, Policy, evaluate_policy, get_demos
 from kt_core.vln.tokenizer import PAD_ID, Tokenizer
 
@@ -98,47 +97,19 @@ def _device_of(model: nn.Module) -> torch.device:
 
 def train_local(model: nn.Module, data: DemoTensors, cfg: TrainConfig,
                 progress: Callable[[int, float], None] | None = None) -> TrainResult:
-    """Behaviour cloning in place; deterministic given cfg.seed (batch order, dropout, WAFFLe
-    gate samples), leaving the caller's global RNG as it was. Only parameters with
-    requires_grad train: on an adapted backbone, the adapters (and the action head)."""
-    cfg.validate()
+    """Behaviour cloning in place, with kt_core.train's loop (deterministic given cfg.seed, the
+    caller's global RNG left as it was). Only parameters with requires_grad train: on an adapted
+    backbone, the adapters (and the action head)."""
     n = len(data)
     if n == 0:
         raise ValueError("train_local: no samples")
     device = _device_of(model)
-    optimizer = make_optimizer(model, cfg)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    was_training = model.training
-    model.train()
-    steps, loss_sum = 0, 0.0
-    start = time.perf_counter()
-    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
-        torch.manual_seed(cfg.seed)
-        order = torch.Generator().manual_seed(cfg.seed)
-        for _epoch in range(cfg.epochs):
-            if cfg.max_steps is not None and steps >= cfg.max_steps:
-                break
-            perm = torch.randperm(n, generator=order)
-            for i in range(0, n, cfg.batch_size):
-                if cfg.max_steps is not None and steps >= cfg.max_steps:
-                    break
-                tokens, images, directions, actions = data.take(perm[i:i + cfg.batch_size], device)
-                loss = elbo_loss(model, model.act(tokens, images, directions), actions, n, cfg.kl_weight)
-                if not torch.isfinite(loss):
-                    # a diverged update must never reach the aggregate
-                    raise FloatingPointError(f"training loss became {loss.item()} at step {steps}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
-                optimizer.step()
-                steps += 1
-                loss_sum += loss.item()
-                if progress is not None:
-                    progress(steps, loss.item())
-    model.train(was_training)
-    return TrainResult(num_samples=n, steps=steps, loss=loss_sum / max(steps, 1),
-                       seconds=time.perf_counter() - start)
+
+    def batch_loss(idx: Tensor) -> Tensor:
+        tokens, images, directions, actions = data.take(idx, device)
+        return elbo_loss(model, model.act(tokens, images, directions), actions, n, cfg.kl_weight)
+
+    return train_steps(model, n, batch_loss, cfg, progress)
 
 
 @torch.no_grad()
