@@ -81,10 +81,10 @@ def fed(tmp_path_factory, pki_dir):
     fed.close()
 
 
-@pytest.fixture(scope="module")
-def sites(fed):
+def join_sites(fed, names) -> dict[str, Site]:
+    """Hand-driven sites that joined, hold their task stream and got round 1's task and state."""
     out = {}
-    for name in ("site-x", "site-a"):
+    for name in names:
         channel = _connect(fed, name)
         site = Site(name, channel, ParticipantServiceStub(channel))
         site.join = site.stub.Join(pb.JoinRequest(header=convert.header(participant_id=name)), timeout=30)
@@ -94,10 +94,20 @@ def sites(fed):
     for site in out.values():
         site.task = next(t.round for t in site.stream if t.HasField("round"))
         site.state = site.download(site.task)
-    yield out
-    for site in out.values():
+    return out
+
+
+def leave_sites(sites: dict[str, Site]) -> None:
+    for site in sites.values():
         site.stream.cancel()
         site.channel.close()
+
+
+@pytest.fixture(scope="module")
+def sites(fed):
+    out = join_sites(fed, ("site-x", "site-a"))
+    yield out
+    leave_sites(out)
 
 
 def _delta(site, value):

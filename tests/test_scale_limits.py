@@ -19,7 +19,7 @@ from kt_core.wire import convert
 from kt_core.wire import federation_pb2 as pb
 from kt_core.wire.federation_pb2_grpc import ParticipantServiceStub
 from tests.conftest import LocalFederation, fast_config
-from tests.test_bad_input import CHUNK, Site, _connect
+from tests.test_bad_input import CHUNK, _connect, join_sites, leave_sites
 
 LIMITS = """gather_timeout_s = 0
 max_participants = 2
@@ -42,21 +42,9 @@ def fed(tmp_path_factory, pki_dir):
 
 @pytest.fixture(scope="module")
 def sites(fed):
-    out = {}
-    for name in ("site-a", "site-b"):
-        channel = _connect(fed, name)
-        site = Site(name, channel, ParticipantServiceStub(channel))
-        site.join = site.stub.Join(pb.JoinRequest(header=convert.header(participant_id=name)), timeout=30)
-        site.stream = site.stub.Tasks(pb.TaskStreamRequest(header=convert.header(site.join.header.run_id,
-                                                                                 participant_id=name)))
-        out[name] = site
-    for site in out.values():
-        site.task = next(t.round for t in site.stream if t.HasField("round"))
-        site.state = site.download(site.task)
+    out = join_sites(fed, ("site-a", "site-b"))
     yield out
-    for site in out.values():
-        site.stream.cancel()
-        site.channel.close()
+    leave_sites(out)
 
 
 def _delta(site, value):

@@ -19,7 +19,7 @@ from kt_core.wire import federation_pb2 as pb
 from kt_core.wire.federation_pb2_grpc import ParticipantServiceStub
 from security import secagg
 from tests.conftest import LocalFederation, fast_config
-from tests.test_bad_input import CHUNK, Site, _connect, _refused
+from tests.test_bad_input import CHUNK, Site, _connect, _refused, join_sites, leave_sites
 from tests.test_secagg_federation import secagg_section
 
 CONFIG = fast_config(rounds=50, min_participants=2, timeout=600, sites=["site-x", "site-a"],
@@ -38,24 +38,13 @@ def fed(tmp_path_factory, pki_dir):
 
 @pytest.fixture(scope="module")
 def sites(fed):
-    out = {}
-    for name in ("site-x", "site-a"):
-        channel = _connect(fed, name)
-        site = Site(name, channel, ParticipantServiceStub(channel))
-        site.join = site.stub.Join(pb.JoinRequest(header=convert.header(participant_id=name)), timeout=30)
-        site.stream = site.stub.Tasks(pb.TaskStreamRequest(header=convert.header(site.join.header.run_id,
-                                                                                 participant_id=name)))
-        out[name] = site
+    out = join_sites(fed, ("site-x", "site-a"))
     for site in out.values():
-        site.task = next(t.round for t in site.stream if t.HasField("round"))
-        site.state = site.download(site.task)
         site.client = secagg.SecAggClient(site.name, site.join.header.run_id, site.task.header.round,
                                           list(site.task.roster), SETTINGS,
                                           bytes.fromhex(site.task.global_state_digest))
     yield out
-    for site in out.values():
-        site.stream.cancel()
-        site.channel.close()
+    leave_sites(out)
 
 
 def submit(site, step: str, payload: bytes, *, declared: int | None = None, round_no=None, metrics=None):
