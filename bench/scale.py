@@ -12,7 +12,9 @@ start-up is not counted. The bound the design promises is
 where the aggregate is what the coordinator must hold: FedAvg's float64 running sum, 8 bytes per
 shared parameter (twice the float32 update). Uploads are spooled to disk and folded in from
 there, the global state stays in its file, and downloads stream from it, so nothing else grows
-with the update. Also reported: the peak against the update size itself.
+with the update. Also reported: the peak against the update size itself. How the five transfers
+overlap varies from run to run, so the 10 MB case, where chunks weigh most, runs five times and
+the worst run is the one reported (every run's ratio is in the table and the JSON).
 
 Simulation. `ktfed simulate`'s engine (ktfed/simulate.py) in this process: N virtual participants
 x R rounds on digits (WAFFLe, 2 local steps), participant-rounds per second of round time.
@@ -35,6 +37,7 @@ DESCRIPTION = "coordinator peak RSS vs update size (5 participants, bound 2 x (c
               "simulation throughput"
 CHUNK = 4 << 20
 PARTICIPANTS = 5
+REPEATS = 5
 MB = 1_000_000
 
 
@@ -54,10 +57,15 @@ def memory(opts: Options) -> list[dict]:
     try:
         for size in sizes:
             hidden = hidden_for(size)
+            # The peak depends on how the five transfers happen to overlap: small updates, where
+            # chunks weigh most against the aggregate, are run REPEATS times and the worst is kept.
+            repeats = 1 if opts.quick or size > 10 * MB else REPEATS
             say(f"[scale] memory: {PARTICIPANTS} participants, dense {list(hidden)} (~{size / MB:g} MB updates), "
-                f"{rounds} round(s), {mib(CHUNK)} chunks")
-            r = run_load(f"memory-{size // MB}MB", pki, PARTICIPANTS, rounds, hidden, chunk=CHUNK, reset_hwm=True,
-                         sample_rss=True, keep=opts.keep, timeout_s=1800)
+                f"{rounds} round(s), {mib(CHUNK)} chunks, {repeats} run(s)")
+            runs = [run_load(f"memory-{size // MB}MB", pki, PARTICIPANTS, rounds, hidden, chunk=CHUNK, reset_hwm=True,
+                             sample_rss=True, keep=opts.keep, timeout_s=1800) for _ in range(repeats)]
+            growths = [(x.rss_kb["VmHWM"] - x.rss_kb["idle"]) * 1024 for x in runs]
+            r = runs[max(range(repeats), key=growths.__getitem__)]
             u = r.update_bytes
             aggregate = 2 * u                      # float64 sum of float32 parameters
             concurrency = min(PARTICIPANTS, 16)    # max_concurrent_uploads defaults to 16
@@ -69,16 +77,20 @@ def memory(opts: Options) -> list[dict]:
                          "chunk": CHUNK, "concurrency": concurrency, "bound": bound,
                          "growth_over_bound": (peak - idle) / bound, "growth_over_update": (peak - idle) / u,
                          "met": peak - idle <= bound, "peak_within_bound_absolute": peak <= bound,
+                         "runs": repeats, "growth_over_bound_each_run": [g / bound for g in growths],
+                         "all_runs_ok": all(x.ok for x in runs),
                          "round_s": r.round_s, "wall_s": r.wall_s, "coordinator_cpu_s": r.cpu_s,
                          "rss_samples": r.rss_samples[::4]})
     finally:
         pki.close()
-    say(table(["update", "idle RSS", "peak RSS", "peak - idle", "bound", "(peak-idle)/bound", "(peak-idle)/update",
-               "met", "round s", "checks"],
-              [[mib(r["update_bytes"]), mib(r["idle_rss"]), mib(r["peak_rss"]), mib(r["growth"]), mib(r["bound"]),
-                f"{r['growth_over_bound']:.2f}", f"{r['growth_over_update']:.2f}", "met" if r["met"] else "NOT met",
-                " ".join(f"{s:.1f}" for s in r["round_s"]), "ok" if r["ok"] else "ERRORS"] for r in rows],
-              title=f"\ncoordinator peak RSS, {PARTICIPANTS} participants (bound = 2 x ({mib(CHUNK)} chunk x "
+    say(table(["update", "runs", "idle RSS", "peak RSS", "peak - idle", "bound", "(peak-idle)/bound",
+               "each run", "(peak-idle)/update", "met", "round s", "checks"],
+              [[mib(r["update_bytes"]), r["runs"], mib(r["idle_rss"]), mib(r["peak_rss"]), mib(r["growth"]),
+                mib(r["bound"]), f"{r['growth_over_bound']:.2f}",
+                " ".join(f"{g:.2f}" for g in r["growth_over_bound_each_run"]), f"{r['growth_over_update']:.2f}",
+                "met" if r["met"] else "NOT met", " ".join(f"{s:.1f}" for s in r["round_s"]),
+                "ok" if r["all_runs_ok"] else "ERRORS"] for r in rows],
+              title=f"\ncoordinator peak RSS (worst run), {PARTICIPANTS} participants (bound = 2 x ({mib(CHUNK)} chunk x "
                     f"{min(PARTICIPANTS, 16)} uploads + float64 aggregate); idle = serving, before round 1)"))
     if rows and not rows[0]["hwm_reset"]:
         say("  note: /proc/<pid>/clear_refs was not writable: the peak includes start-up")

@@ -26,7 +26,7 @@ from coordinator.spool import SPOOL_DIR, SpoolDir, return_freed_buffers_to_the_o
 from coordinator.store import UploadRecord
 from kt_core import codec
 from kt_core.config import ConfigError, FederationSettings, load_toml
-from kt_core.wire import convert
+from kt_core.wire import chunks, convert
 from kt_core.wire import federation_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -111,25 +111,29 @@ class ParticipantServicer:
     def DownloadState(self, request: pb.StateRequest, context) -> Iterator[pb.StateChunk]:
         pid = self._caller(context, request.header)
         engine = self.coordinator.engine_for(request.header.run_id)
+        # an empty digest asks for the current global state: after RunFinished (which names no
+        # digest) a site fetches the run's final state this way; the reply's header names it
+        digest = request.global_state_digest or engine.global_digest
         # streamed from the state file by offsets; the digests were computed when it was written
-        state = engine.state_for(request.global_state_digest)
-        engine.note_state_sent(pid, request.header.round, request.global_state_digest, state.specs)
+        state = engine.state_for(digest)
+        engine.note_state_sent(pid, request.header.round, digest, state.specs)
         yield pb.StateChunk(header=pb.StateHeader(
             header=convert.header(engine.run_id, engine.rounds_completed, pid),
-            global_state_digest=request.global_state_digest,
+            global_state_digest=digest,
             tensors=[convert.spec_to_pb(spec) for spec in state.specs]))
         for name, offset, data in state.chunks(engine.fed.max_chunk_bytes):
-            message = pb.StateChunk()   # filled in place: no intermediate copy of the chunk
-            message.chunk.name, message.chunk.offset, message.chunk.data = name, offset, data
+            # already serialized (kt_core.wire.chunks): gRPC sends these bytes, with no message copy
+            message = chunks.encode_chunk_message(name, offset, data)
             sent = len(data)
-            del data                    # only the message holds the chunk while gRPC sends it
+            del data
             yield message
+            del message     # before the next chunk is read: one chunk per download in Python
             self.traffic.sent(sent)
         self.traffic.download_done()
 
     def Upload(self, request_iterator: Iterator[pb.UploadChunk], context) -> pb.UploadReceipt:
         first = next(request_iterator, None)
-        if first is None or not first.HasField("header"):
+        if first is None or isinstance(first, chunks.ChunkView):
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "an upload must start with an UploadHeader")
         head = first.header
         pid = self._caller(context, head.header)
@@ -143,12 +147,11 @@ class ParticipantServicer:
         with self.limits.upload_slot(fed):
             try:
                 with self.spool.open(specs, max_chunk_bytes=fed.max_chunk_bytes) as spool:
-                    for message in request_iterator:
-                        if not message.HasField("chunk"):
+                    for chunk in request_iterator:
+                        if not isinstance(chunk, chunks.ChunkView):
                             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "a second UploadHeader inside one upload")
-                        name, offset, data = message.chunk.name, message.chunk.offset, message.chunk.data
-                        del message   # its parsed copy of the chunk goes before the chunk is written
-                        spool.add(name, offset, data)
+                        spool.add(chunk.name, chunk.offset, chunk.data)
+                        del chunk     # the received bytes go before the next chunk arrives
                     update = spool.finish()
                     self.traffic.received(spool.bytes_received)
                     record = UploadRecord(pid, head.task_id.hex(), head.num_samples, specs, spool.bytes_received,
@@ -179,21 +182,25 @@ class ParticipantServicer:
         if step is None:
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"unknown secure aggregation step {first.step}")
         attempt = engine.check_secagg(pid, first.header.round, first.task_id, step, first.payload_bytes)
-        # the declared size was checked against the step's bound: read no more than that
-        parts, size = [], 0
+        # The declared size was checked against the step's bound: that much is allocated once and
+        # filled in place, and no more is read (a masked vector is as large as the update).
+        payload, size = bytearray(first.payload_bytes), 0
         for message in itertools.chain([first], request_iterator):
             if message is not first and message.HasField("header"):
                 raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "a second header inside one SecAgg submission")
-            size += len(message.payload_part)
-            if size > first.payload_bytes:
+            part = message.payload_part
+            del message
+            if size + len(part) > first.payload_bytes:
                 raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"{step}: payload exceeds its declared {first.payload_bytes} bytes")
-            parts.append(message.payload_part)
+            payload[size:size + len(part)] = part
+            size += len(part)
+            del part
         if size != first.payload_bytes:
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
                           f"{step}: payload holds {size} bytes, {first.payload_bytes} declared")
         self.traffic.received(size)
-        engine.secagg_submit(attempt, pid, step, b"".join(parts), dict(first.metrics), first.audit_countersignature)
+        engine.secagg_submit(attempt, pid, step, payload, dict(first.metrics), first.audit_countersignature)
         return pb.SecAggReceipt(header=convert.header(engine.run_id, attempt.round, pid), bytes_received=size)
 
     def DownloadBackbone(self, request: pb.BackboneRequest, context) -> Iterator[pb.BackboneChunk]:
@@ -311,17 +318,54 @@ def _parser(method: str, cls):
     return parse
 
 
+def _upload_parser(method: str, cls):
+    """Upload's messages: a chunk as a view into the received bytes (kt_core.wire.chunks), even
+    when it had to go through the generated parser; a header as the generated message."""
+    parse = _parser(method, cls)
+
+    def parse_upload(raw: bytes):
+        view = chunks.parse_chunk_message(raw)
+        if view is not None:
+            return view
+        message = parse(raw)
+        if message.HasField("chunk"):
+            c = message.chunk
+            return chunks.ChunkView(c.name, c.offset, memoryview(c.data))
+        return message
+    return parse_upload
+
+
+def _parsed(request_iterator, parse):
+    """The stream's messages, parsed, holding none while the next one is awaited: a chunk lives
+    only as long as the servicer keeps it (a `for raw in ...` loop would keep the last one)."""
+    while True:
+        raw = next(request_iterator, None)
+        if raw is None:
+            return
+        message = parse(raw)
+        del raw
+        yield message
+        del message
+
+
+def _serialize(response_cls):
+    """Responses the servicer serialized itself (bulk chunks) pass through as they are."""
+    def serialize(message) -> bytes:
+        return message if type(message) is bytes else response_cls.SerializeToString(message)
+    return serialize
+
+
 def generic_handler(service_name: str, servicer, record) -> grpc.GenericRpcHandler:
     service = pb.DESCRIPTOR.services_by_name[service_name]
     handlers = {}
     for method in service.methods:
         request_cls = _message_class(method.input_type)
         response_cls = _message_class(method.output_type)
-        parse = _parser(method.name, request_cls)
+        parse = (_upload_parser if request_cls is pb.UploadChunk else _parser)(method.name, request_cls)
         fn = getattr(servicer, method.name)
         if method.client_streaming:
             def wrapped(request_iterator, context, fn=fn, parse=parse):
-                return fn((parse(raw) for raw in request_iterator), context)
+                return fn(_parsed(request_iterator, parse), context)
         elif method.server_streaming:
             def wrapped(raw, context, fn=fn, parse=parse):
                 yield from fn(parse(raw), context)
@@ -334,7 +378,7 @@ def generic_handler(service_name: str, servicer, record) -> grpc.GenericRpcHandl
                 (True, False): grpc.stream_unary_rpc_method_handler,
                 (True, True): grpc.stream_stream_rpc_method_handler}[(method.client_streaming, method.server_streaming)]
         handlers[method.name] = make(wrapped, request_deserializer=None,
-                                     response_serializer=response_cls.SerializeToString)
+                                     response_serializer=_serialize(response_cls))
     return grpc.method_handlers_generic_handler(f"ktfed.v1.{service_name}", handlers)
 
 

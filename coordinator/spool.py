@@ -30,15 +30,20 @@ SUFFIX = ".upload"
 BLOCK_BYTES = 1 << 20
 
 
-def return_freed_buffers_to_the_os(threshold: int = 512 << 10) -> bool:
-    """Serve allocations of >= `threshold` bytes with mappings of their own, which free() hands back
-    to the OS. The coordinator's large transient buffers are chunks (gRPC's, protobuf's and
-    Python's copies of each one); glibc by default raises its mmap threshold to the largest block
-    freed so far, after which chunk-sized buffers come from per-thread arenas that keep them, and
-    the RSS ratchets up by a few chunks per gRPC thread that ever carried one. Returns whether the
-    C library took the setting (glibc does; elsewhere it is a no-op)."""
+def return_freed_buffers_to_the_os(threshold: int = 512 << 10, arenas: int = 2) -> bool:
+    """Make freed transfer buffers go back to the OS instead of staying in malloc's pools.
+
+    The coordinator's large transient buffers are chunks: gRPC's, protobuf's and Python's copies
+    of each one, allocated by whichever of up to 160 gRPC threads carries the transfer. glibc's
+    defaults let them pile up: it raises its mmap threshold to the largest block freed so far, after
+    which chunk-sized buffers come from per-thread arenas that keep them, and it gives every
+    thread an arena of its own (up to 8 per core), each holding its own freed pieces. So: blocks
+    of >= `threshold` bytes get mappings of their own (free() unmaps them), and threads share
+    `arenas` arenas (the GIL serializes the Python side anyway). Call before the server starts its
+    threads. Returns whether the C library took the settings (glibc does; elsewhere a no-op)."""
     try:
-        return bool(ctypes.CDLL(None).mallopt(-3, threshold))   # -3: M_MMAP_THRESHOLD
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(-3, threshold)) and bool(libc.mallopt(-8, arenas))  # M_MMAP_THRESHOLD, M_ARENA_MAX
     except (OSError, AttributeError):
         return False
 

@@ -1,6 +1,7 @@
 """`ktfed participant distill`: compress this site's teacher into a small local student.
 
     ktfed participant distill --config site.toml                      # MixKD/KD/no KD per [distill]
+        (navigation: distill.teacher = the site's STATE/adapted-<run>.safetensors, its federated model)
     ktfed participant distill --config site.toml --finetune-teacher   # text: make the teacher first
     ktfed participant distill --config site.toml --nproc 2            # DDP, 2 processes here
     torchrun --nproc-per-node 4 -m ktfed participant distill --config site.toml
@@ -60,6 +61,10 @@ def cmd_distill(args) -> int:
         return 2
     if args.device:
         cfg = cfg.with_device(args.device)
+    if args.finetune_teacher and cfg.task != "text":
+        print("error: --finetune-teacher is for the text task; a navigation teacher is the site's federated "
+              "model (STATE/adapted-<run>.safetensors, written when the run finishes)", file=sys.stderr)
+        return 2
     nproc = args.nproc if args.nproc is not None else cfg.processes
     if nproc < 1:
         print(f"error: --nproc must be >= 1, got {nproc}", file=sys.stderr)
@@ -89,6 +94,12 @@ def summary(report: dict) -> str:
     lines = [
         f"{report['task']} student ({report['method']}): {s['parameters']:,} parameters vs the teacher's "
         f"{t['parameters']:,} ({report['compression']:.1f}x fewer)",
+    ]
+    if report["task"] == "nav":
+        lines.append(f"  teacher: {t['site']}'s federated model, run {t['run_id']} after round {t['round']} (global "
+                     f"state {t['global_state_digest'][:16]}...); backbone {t['backbone_parameters']:,} parameters, "
+                     f"{report['compression_vs_backbone']:.1f}x the student's")
+    lines += [
         f"  test {metric}: student {s['test'][metric]:.4f}, teacher {t['test'][metric]:.4f} "
         f"({100 * s['retained']:.1f}% retained)",
         f"  CPU latency (1 example): student {s['cpu_speed']['latency_ms']:.2f} ms, teacher "
@@ -99,6 +110,9 @@ def summary(report: dict) -> str:
         + (f", peak GPU memory {report['history']['max_memory_bytes'] / 2**20:.0f} MiB"
            if report['history'].get('max_memory_bytes') else ""),
     ]
+    if report["task"] == "nav":
+        lines.insert(3, f"  test SPL: student {s['test']['spl']:.4f}, teacher {t['test']['spl']:.4f} (rollouts on "
+                        f"{report['data']['eval_episodes_per_level']} unseen seeds per level)")
     if report.get("epsilon"):
         lines.append(f"  DP-SGD: epsilon {report['epsilon']['epsilon']:.2f} at delta {report['epsilon']['delta']:.1e}")
     lines.append(f"  kept on this site: {s['path']} (sha256 {s['sha256'][:16]}...), {report['curves']}")

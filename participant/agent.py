@@ -248,8 +248,7 @@ class ParticipantAgent:
                 if kind == "finished":
                     log.info("%s: run %s finished (%s)", self.site, self.run_id, task.finished.reason)
                     self.finished = True
-                    self.trainer.save_private()
-                    self._final_evaluation()
+                    self._finish(stub, task.finished)
                     stub.Leave(pb.LeaveRequest(header=convert.header(self.run_id, participant_id=self.site),
                                                reason="run finished"), timeout=10)
                     return True
@@ -311,13 +310,20 @@ class ParticipantAgent:
         return path
 
     def _download(self, stub: ParticipantServiceStub, task: pb.RoundTask) -> dict[str, np.ndarray]:
-        digest = task.global_state_digest
-        if self.cached and self.cached[0] == digest:
-            return self.cached[1]
-        responses = stub.DownloadState(pb.StateRequest(header=convert.header(self.run_id, task.header.round, self.site),
+        return self._fetch_state(stub, task.header.round, task.global_state_digest)[1]
+
+    def _fetch_state(self, stub: ParticipantServiceStub, round_no: int,
+                     digest: str) -> tuple[str, dict[str, np.ndarray]]:
+        """(digest, tensors) of a global state. An empty digest asks for the coordinator's current
+        one (after RunFinished, which names none: the run's final state); the reply's header names
+        it, and the tensors are checked against that name as against a task's."""
+        if digest and self.cached and self.cached[0] == digest:
+            return self.cached
+        responses = stub.DownloadState(pb.StateRequest(header=convert.header(self.run_id, round_no, self.site),
                                                        global_state_digest=digest),
                                        timeout=self.settings.rpc_timeout_s)
         first = next(responses)
+        digest = digest or first.header.global_state_digest
         specs = [convert.spec_from_pb(s) for s in first.header.tensors]
         if codec.state_digest(specs) != digest:
             raise RuntimeError("the global state's header does not match the digest the task named")
@@ -326,9 +332,9 @@ class ParticipantAgent:
             assembler.add(message.chunk.name, message.chunk.offset, message.chunk.data)
         state = assembler.finish()
         self.bytes_downloaded += assembler.bytes_received
-        self._boundary("receive", task.header.round, "state", digest, specs)
+        self._boundary("receive", round_no, "state", digest, specs)
         self.cached = (digest, state)
-        return state
+        return self.cached
 
     def _decline(self, stub: ParticipantServiceStub, task: pb.RoundTask, err: BudgetExceeded) -> None:
         """Refuse the round (the hard stop): record it in the ledger, tell the coordinator why."""
@@ -544,17 +550,16 @@ class ParticipantAgent:
             if seq is not None:
                 self.audit.log_undelivered(ref_seq=seq, reason=reason[:300])
 
-    def _final_evaluation(self) -> None:
-        """VLN: roll the adapted model out on unseen seeds (success rate, SPL); kept on the site."""
-        evaluate = getattr(self.trainer, "final_evaluation", None)
-        if evaluate is None:
-            return
-        result = evaluate()
-        if not result:
-            return
-        path = Path(self.settings.state_dir) / f"evaluation-{self.run_id}.json"
-        path.write_text(json.dumps(result, indent=2, sort_keys=True))
-        log.info("%s: final evaluation on unseen seeds: success rate %.3f, SPL %.3f on its levels; held-out "
-                 "levels: success rate %s (%s)", self.site, result["success_rate"], result["spl"],
-                 "n/a" if result["held_out_success_rate"] is None else f"{result['held_out_success_rate']:.3f}",
-                 path)
+    # -- the end of the run ----------------------------------------------------------------------
+    def _finish(self, stub: ParticipantServiceStub, finished: pb.RunFinished) -> None:
+        """The site's model after the run is the final global state (aggregated after the last
+        round, so no task ever carried it) with this site's private factors, not its last local
+        model: fetch that state; the trainer loads it, writes the adapted model and evaluates it."""
+        final = None
+        try:
+            final = self._fetch_state(stub, finished.header.round, "")
+        except (grpc.RpcError, RuntimeError, ValueError) as err:  # codec.WireError is a ValueError
+            detail = f"{err.code().name}: {err.details()}" if isinstance(err, grpc.RpcError) else str(err)
+            log.error("%s: the run's final global state could not be fetched (%s): no adapted model is written, "
+                      "and the final evaluation measures this site's last local model", self.site, detail)
+        self.trainer.conclude(self.settings.state_dir, final, round_no=finished.header.round, reason=finished.reason)

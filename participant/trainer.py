@@ -8,6 +8,7 @@ raises BudgetExceeded before any training.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from kt_core import tasks
 from kt_core.config import RunConfig
 from kt_core.data import load_dataset, site_split
 from kt_core.factorized import ADAPTERS
@@ -227,6 +229,42 @@ class LocalTrainer:
 
     def private_tensors(self) -> dict[str, np.ndarray]:
         return {n: t.numpy() for n, t in private_state(self.model).items()}
+
+    # -- the end of the run -------------------------------------------------------------------------
+    def conclude(self, state_dir: Path, final: tuple[str, dict[str, np.ndarray]] | None, *, round_no: int,
+                 reason: str) -> Path | None:
+        """At RunFinished: keep the private factors; with the run's final global state (digest,
+        tensors) load it and write the site's adapted model, STATE/adapted-<run>.safetensors
+        (kt_core.tasks.save_adapted: what a site distills its student from); then the final
+        evaluation (VLN), of that model, to STATE/evaluation-<run>.json. Returns the adapted
+        model's path (None without the final state: no file then, since the last local model
+        is not the federation's)."""
+        self.save_private()
+        path = None
+        if final is not None:
+            digest, state = final
+            self.load_global(state)
+            path = tasks.adapted_path(state_dir, self.run_id)
+            tasks.save_adapted(path, self.model, self.config, site=self.site, levels=getattr(self, "levels", ()),
+                               run_id=self.run_id, round_no=round_no, global_state_digest=digest, reason=reason)
+            log.info("%s: adapted model (final global state %s… after round %d + private factors) written to %s",
+                     self.site, digest[:16], round_no, path)
+        result = self.final_evaluation()
+        if result:
+            result["model"] = ("final global state + private factors" if final is not None
+                               else "last local model (the final global state was not available)")
+            result["global_state_digest"] = final[0] if final is not None else None
+            out = Path(state_dir) / f"evaluation-{self.run_id}.json"
+            out.write_text(json.dumps(result, indent=2, sort_keys=True))
+            held = result["held_out_success_rate"]
+            log.info("%s: final evaluation on unseen seeds: success rate %.3f, SPL %.3f on its levels; held-out "
+                     "levels: success rate %s (%s)", self.site, result["success_rate"], result["spl"],
+                     "n/a" if held is None else f"{held:.3f}", out)
+        return path
+
+    def final_evaluation(self) -> dict:
+        """Task-specific evaluation at the end of the run ({} : none for the image task)."""
+        return {}
 
     def save_private(self) -> None:
         tmp = self.private_path.with_suffix(".tmp")

@@ -1,8 +1,10 @@
 """The navigation student: mixing a VLN backbone's embeddings, the student's size, and a site run
-on real BabyAI demonstrations with a small stand-in teacher trained here."""
+on real BabyAI demonstrations whose teacher is the site's adapted model (a state dir made here
+without a federation; tests/test_adapted_federation.py makes one with a real federation)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +12,9 @@ import torch
 from kt_core.distill.bert import StudentTooLargeError
 from kt_core.distill.checkpoint import CheckpointError
 from kt_core.distill.config import load_site_config
-from kt_core.distill.loop import count_parameters, fit
-from kt_core.distill.mixkd import DistillConfig, DistillConfigError, Mix, make_objective
-from kt_core.distill.nav import VLNMixable, build_nav_student, demo_dataset
+from kt_core.distill.loop import count_parameters
+from kt_core.distill.mixkd import DistillConfigError, Mix
+from kt_core.distill.nav import VLNMixable, build_nav_student
 from kt_core.vln.backbone import VLNBackbone, VLNConfig
 
 torch.set_num_threads(1)
@@ -69,33 +71,20 @@ def test_nav_options_name_the_field(tmp_path):
 
 @pytest.fixture(scope="module")
 def nav_site(tmp_path_factory):
-    """A stand-in teacher (a tiny backbone trained by behaviour cloning on 40 bot episodes) and a
-    site config that distills it on the same demonstrations."""
-    from kt_core.vln.checkpoint import save_backbone
-    from kt_core.vln.finetune import site_data
-    from kt_core.vln.tokenizer import Tokenizer
+    """A site's state dir after a run, made here without one (tests.test_adapted): a tiny backbone
+    in its cache and site-a's adapted model, adapters trained on its 40 GoToLocal episodes.
+    tests/test_adapted_federation.py does the same from a real federation."""
+    from tests.test_adapted import make_adapted_site
 
-    root = tmp_path_factory.mktemp("nav")
-    tokenizer = Tokenizer()
-    demos = site_data(0, [LEVEL], 40, root / "demos")
-    cfg = VLNConfig.tiny(d_model=32, n_heads=2, n_cross_layers=2, vocab_size=len(tokenizer))
-    teacher = VLNBackbone(cfg)
-    data = demo_dataset(demos, tokenizer, cfg.max_len)
-    fit(VLNMixable(teacher), data, make_objective(DistillConfig(method="none", epochs=3, lr=3e-3, batch_size=32,
-                                                                device="cpu")), progress=False)
-    save_backbone(teacher, tokenizer, root / "teacher.safetensors", card={"note": "test stand-in"})
-    return root
+    return make_adapted_site(tmp_path_factory.mktemp("nav"))
 
 
-def test_site_distills_a_navigation_student(nav_site):
-    from kt_core.vln.checkpoint import load_backbone
-
-    from participant.distiller import REPORT_FILE, STUDENT_FILE, run_distill
-
-    (nav_site / "site.toml").write_text(f"""
+def site_config(state, extra_nav: str = "") -> Path:
+    path = state / "site.toml"
+    path.write_text(f"""
 [distill]
 task = "nav"
-teacher = "teacher.safetensors"
+teacher = "adapted-run-test.safetensors"
 method = "mixkd"
 epochs = 1
 batch_size = 32
@@ -104,30 +93,96 @@ device = "cpu"
 out_dir = "out"
 
 [distill.nav]
-levels = ["{LEVEL}"]
-episodes = 40
-eval_episodes = 4
-demo_cache = "{nav_site / 'demos'}"
+demo_cache = "{state.parent / 'demos'}"
+{extra_nav}
 """)
-    report = run_distill(load_site_config(nav_site / "site.toml"), progress=False)
+    return path
+
+
+def test_site_distills_its_federated_model(nav_site):
+    from kt_core.vln.checkpoint import load_backbone
+
+    from participant.distiller import REPORT_FILE, STUDENT_FILE, run_distill
+
+    report = run_distill(load_site_config(site_config(nav_site)), progress=False)
     for who in ("teacher", "student"):
         test = report[who]["test"]
         assert 0 <= test["success_rate"] <= 1 and 0 <= test["spl"] <= test["success_rate"] + 1e-9
         assert 0 <= test["action_accuracy"] <= 1
-    assert report["compression"] > 1
+    teacher = report["teacher"]
+    assert (teacher["site"], teacher["run_id"], teacher["round"]) == ("site-a", "run-test", 2)
+    # the site's own demonstrations: its level, its seed block, its episode count; the run's rollouts
+    assert report["levels"] == [LEVEL] and report["data"]["site_index"] == 0
+    assert report["data"]["train_episodes"] == 40 and report["data"]["eval_episodes_per_level"] == 4
+    assert report["compression"] > report["compression_vs_backbone"] > 1
     assert report["history"]["epochs"][0]["parts"].keys() == {"ce", "kd", "mix_kd", "mix_ce"}
     student = load_backbone(nav_site / "out" / STUDENT_FILE)
     assert student.config.d_model == 16 and student.config.n_cross_layers == 1
     assert json.loads((nav_site / "out" / REPORT_FILE).read_text())["student"]["sha256"] == report["student"]["sha256"]
+    card = json.loads((nav_site / "out" / "student.card.json").read_text())
+    assert card["distilled_from"]["adapted_sha256"] == teacher["sha256"]
 
 
-def test_nav_teacher_checkpoint_of_another_kind(nav_site):
+def test_other_levels_or_seed_block_than_the_teachers_are_refused(nav_site):
     from participant.distiller import run_distill
 
-    (nav_site / "junk.safetensors").write_bytes(b"\x00" * 16)
-    (nav_site / "bad.toml").write_text('[distill]\ntask = "nav"\nteacher = "junk.safetensors"\ndevice = "cpu"\n')
-    with pytest.raises(CheckpointError, match="teacher checkpoint"):
-        run_distill(load_site_config(nav_site / "bad.toml"), progress=False)
-    (nav_site / "none.toml").write_text('[distill]\ntask = "nav"\nteacher = "missing.safetensors"\ndevice = "cpu"\n')
-    with pytest.raises(CheckpointError, match="missing.safetensors does not exist"):
-        run_distill(load_site_config(nav_site / "none.toml"), progress=False)
+    with pytest.raises(DistillConfigError, match="distill.nav.levels: .* adapted on .'BabyAI-GoToLocal-v0'."):
+        run_distill(load_site_config(site_config(nav_site, 'levels = ["BabyAI-GoToObj-v0"]')), progress=False)
+    with pytest.raises(DistillConfigError, match="distill.nav.site_index: 1, but the teacher is site-a's model"):
+        run_distill(load_site_config(site_config(nav_site, "site_index = 1")), progress=False)
+
+
+def test_nav_teacher_that_is_not_a_sites_adapted_model(nav_site, tmp_path):
+    from participant.distiller import run_distill
+
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 16)
+    (tmp_path / "bad.toml").write_text('[distill]\ntask = "nav"\nteacher = "junk.safetensors"\ndevice = "cpu"\n')
+    with pytest.raises(CheckpointError, match="distill.teacher: adapted model .*junk.safetensors: not a readable"):
+        run_distill(load_site_config(tmp_path / "bad.toml"), progress=False)
+    (tmp_path / "none.toml").write_text('[distill]\ntask = "nav"\nteacher = "missing.safetensors"\ndevice = "cpu"\n')
+    with pytest.raises(CheckpointError, match="missing.safetensors: file not found"):
+        run_distill(load_site_config(tmp_path / "none.toml"), progress=False)
+    # a plain backbone checkpoint (the un-federated model) is not a site's adapted model
+    backbone = next((nav_site / "backbones").glob("*.safetensors"))
+    (tmp_path / "plain.toml").write_text(f'[distill]\ntask = "nav"\nteacher = "{backbone}"\ndevice = "cpu"\n')
+    with pytest.raises(CheckpointError, match="format 'ktfed-vln-backbone/1', expected 'ktfed-adapted-model/1'"):
+        run_distill(load_site_config(tmp_path / "plain.toml"), progress=False)
+    # the image task's adapted model is no navigation teacher
+    from kt_core import tasks
+    from kt_core.config import load_toml
+    from tests.conftest import fast_config
+
+    config = load_toml(fast_config())
+    image = tasks.save_adapted(tmp_path / "image.safetensors", tasks.build(config).model, config, site="site-a",
+                               levels=[], run_id="x", round_no=1, global_state_digest="")
+    assert image["task"] == "image"
+    (tmp_path / "image.toml").write_text('[distill]\ntask = "nav"\nteacher = "image.safetensors"\ndevice = "cpu"\n')
+    with pytest.raises(CheckpointError, match="a site's model of the 'image' task, not a navigation model"):
+        run_distill(load_site_config(tmp_path / "image.toml"), progress=False)
+
+
+def test_wrong_backbone_for_the_nav_teacher(nav_site, tmp_path):
+    from participant.distiller import run_distill
+    from tests.test_adapted import save_tiny_backbone
+
+    save_tiny_backbone(tmp_path / "other.safetensors", seed=1)
+    cfg = site_config(nav_site, f'backbone = "{tmp_path / "other.safetensors"}"')
+    with pytest.raises(CheckpointError, match="backbone digest mismatch"):
+        run_distill(load_site_config(cfg), progress=False)
+
+
+def test_cli_summary_names_the_federated_teacher_and_refuses_finetuning_it(nav_site, capsys):
+    import argparse
+
+    from ktfed.distill_cmd import register
+
+    parser = argparse.ArgumentParser(prog="ktfed")
+    register(parser.add_subparsers().add_parser("participant").add_subparsers())
+    args = parser.parse_args(["participant", "distill", "--config", str(site_config(nav_site)),
+                              "--no-progress"])
+    assert args.func(args) == 0
+    out = capsys.readouterr().out
+    assert "teacher: site-a's federated model, run run-test after round 2" in out and "test SPL: student" in out
+    args = parser.parse_args(["participant", "distill", "--config", str(site_config(nav_site)), "--finetune-teacher"])
+    assert args.func(args) == 2
+    assert "--finetune-teacher is for the text task" in capsys.readouterr().err

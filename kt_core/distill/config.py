@@ -2,7 +2,8 @@
 
     [distill]
     task = "text"                      # text | nav
-    teacher = "teacher.safetensors"    # the site's adapted model (relative to the config file)
+    teacher = "teacher.safetensors"    # the site's teacher (relative to the config file); for nav the
+                                       # site's federated model, STATE/adapted-<run>.safetensors
     method = "mixkd"                   # mixkd | kd | none
     alpha = 0.4                        # λ ~ Beta(alpha, alpha)
     temperature = 2.0
@@ -19,7 +20,8 @@
     [distill.data]                     # text: csv, text_column, label_column, max_samples, test_fraction, max_len
     [distill.teacher_finetune]         # text: epochs, lr, batch_size (for --finetune-teacher)
     [distill.dp]                       # enabled, noise_multiplier, max_grad_norm
-    [distill.nav]                      # nav: levels, site_index, episodes, eval_episodes, student_d_model, ...
+    [distill.nav]                      # nav: backbone, demo_cache, student_d_model, student_cross_layers;
+                                       # levels, site_index, episodes, eval_episodes default to the teacher's run
 
 Every error names its field (`distill.alpha: must be > 0 ...`); unknown keys are errors too, since
 a misspelt key silently ignored is a setting the site believes it has and does not.
@@ -165,6 +167,9 @@ def parse_distill(section: Mapping[str, Any], base: Path = Path(".")) -> SiteDis
                                      "depends on two records, so per-example clipping does not bound one record's "
                                      "influence; use method \"kd\" or \"none\" with DP")
     nav = dict(get.table("nav"))
+    for key in ("backbone", "demo_cache"):   # paths, like teacher, relative to the config file
+        if isinstance(nav.get(key), str):
+            nav[key] = str(_path(base, nav[key]))
     if task == "nav":
         from kt_core.distill.nav import NavOptions  # pulls in the VLN backbone: only when asked for
 

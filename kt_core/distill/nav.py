@@ -1,10 +1,13 @@
-"""The navigation student: a VLN backbone (teacher) distilled into a much smaller one on BabyAI.
+"""The navigation student: a site's federated VLN model (teacher) distilled into a much smaller one.
 
-Teacher: the site's backbone (kt_core.vln.backbone.VLNBackbone: language, vision and cross-modal
-layers, [CLS] -> action). Student: the same architecture, narrower and shallower (by default half
-the width, no single-stream layers, one cross-modal layer: about 9x fewer parameters than the
-default backbone), so it is saved, loaded and evaluated exactly like the backbone, with the same
-rollout success rate (SR) and SPL against the BabyAI bot's paths.
+Teacher: the site's adapted model as it stands after the federation, read from the file the site
+wrote at the end of the run (kt_core.tasks.load_adapted: the hosted backbone, frozen, with the
+run's final global shared factors and the site's private factor selection; a VLNBackbone whose
+cross-modal linear layers are adapters). Student: the backbone's architecture, narrower and
+shallower (by default half the width, no single-stream layers, one cross-modal layer: about 9x
+fewer parameters than the default backbone), distilled on the demonstrations the site trained on
+in the federation (its levels, its seed block), saved and loaded exactly like a backbone, and
+evaluated like the teacher: rollout success rate (SR) and SPL against the BabyAI bot's paths.
 
 MixKD mixes what the model embeds: the mission's word embeddings and the visual tokens (the
 grid encoder's per-cell embeddings), each model in its own embedding space with the same λ and
@@ -68,15 +71,20 @@ class VLNMixable(MixableModule):
 
 @dataclass(frozen=True)
 class NavOptions:
-    """`[distill.nav]`: the site's levels and demonstrations, evaluation, the student's size."""
+    """`[distill.nav]`. The teacher is the site's federated model (kt_core.tasks.load_adapted),
+    and the student learns on the demonstrations the site trained on in the federation: levels,
+    seed block and episode count default to the teacher's own (None), and levels or a seed block
+    other than the teacher's are refused. Rollouts default to the run's final evaluation's count,
+    on the same unseen seeds, so the teacher's SR / SPL here are the site's evaluation's."""
 
-    levels: tuple[str, ...] = (DEFAULT_LEVEL,)
-    site_index: int = 0            # which seed block holds this site's episodes (kt_core.vln.finetune)
-    episodes: int = 500            # training episodes per level
-    eval_episodes: int = 100       # unseen evaluation seeds per level (rollouts)
-    student_d_model: int = 0       # 0: half the teacher's width
+    levels: tuple[str, ...] | None = None   # the site's levels (default: the teacher's)
+    site_index: int | None = None           # the site's seed block (kt_core.vln.finetune; default: the teacher's)
+    episodes: int | None = None             # training episodes per level (default: the run's episodes_per_level)
+    eval_episodes: int | None = None        # unseen rollout seeds per level (default: the run's rollout_episodes)
+    student_d_model: int = 0                # 0: half the teacher's width
     student_cross_layers: int = 1
-    demo_cache: str | None = None  # default: out_dir/demos
+    demo_cache: str | None = None           # default: out_dir/demos; the site's STATE/demos reuses its own
+    backbone: str | None = None             # backbone file or cache folder (default: STATE/backbones beside the teacher)
 
     @classmethod
     def from_table(cls, table: Mapping) -> "NavOptions":
@@ -84,21 +92,36 @@ class NavOptions:
         for key in table:
             if key not in known:
                 raise DistillConfigError(f"distill.nav.{key}: unknown setting (known: {', '.join(sorted(known))})")
-        levels = table.get("levels", list(cls.levels))
+        levels = table.get("levels")
         if isinstance(levels, str):
             levels = [levels]
-        if not isinstance(levels, (list, tuple)) or not levels or not all(isinstance(x, str) for x in levels):
+        if levels is not None and (not isinstance(levels, (list, tuple)) or not levels
+                                   or not all(isinstance(x, str) for x in levels)):
             raise DistillConfigError("distill.nav.levels: must be a non-empty list of BabyAI level names")
-        opts = cls(levels=tuple(levels), **{k: v for k, v in table.items() if k != "levels"})
-        for name in ("site_index", "student_d_model"):
+        opts = cls(levels=None if levels is None else tuple(levels), **{k: v for k, v in table.items() if k != "levels"})
+        for name, lo in (("site_index", 0), ("student_d_model", 0), ("episodes", 1), ("eval_episodes", 1),
+                         ("student_cross_layers", 1)):
             v = getattr(opts, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise DistillConfigError(f"distill.nav.{name}: must be an integer >= 0, got {v!r}")
-        for name in ("episodes", "eval_episodes", "student_cross_layers"):
-            v = getattr(opts, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise DistillConfigError(f"distill.nav.{name}: must be an integer >= 1, got {v!r}")
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
+                raise DistillConfigError(f"distill.nav.{name}: must be an integer >= {lo}, got {v!r}")
+        for name in ("demo_cache", "backbone"):
+            if getattr(opts, name) is not None and not isinstance(getattr(opts, name), str):
+                raise DistillConfigError(f"distill.nav.{name}: must be a path (a string)")
         return opts
+
+    def for_teacher(self, teacher) -> "NavOptions":
+        """These options with the teacher's (kt_core.tasks.AdaptedModel) site data filled in."""
+        vln = teacher.config.vln
+        where = f"the teacher is {teacher.site}'s model from run {teacher.run_id}"
+        if self.levels is not None and tuple(self.levels) != tuple(teacher.levels):
+            raise DistillConfigError(f"distill.nav.levels: {list(self.levels)}, but {where}, adapted on "
+                                     f"{list(teacher.levels)}: the student learns on the site's own demonstrations")
+        if self.site_index is not None and self.site_index != teacher.site_index:
+            raise DistillConfigError(f"distill.nav.site_index: {self.site_index}, but {where}, whose demonstrations "
+                                     f"are seed block {teacher.site_index}")
+        return dataclasses.replace(self, levels=tuple(teacher.levels), site_index=teacher.site_index,
+                                   episodes=self.episodes or vln.episodes_per_level,
+                                   eval_episodes=self.eval_episodes or vln.rollout_episodes or 100)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,18 +170,26 @@ def build_nav_student(teacher: VLNBackbone, d_model: int = 0, cross_layers: int 
     return student
 
 
-def load_nav_teacher(path: Path):
-    """The site's backbone checkpoint (kt_core.vln.checkpoint), errors as CheckpointError."""
-    from kt_core.vln.checkpoint import CheckpointError as VLNCheckpointError
-    from kt_core.vln.checkpoint import load_backbone
+def load_nav_teacher(path: Path, backbone: str | Path | None = None):
+    """The site's adapted model (kt_core.tasks.AdaptedModel: the frozen hosted backbone, the
+    run's final global shared factors and the site's private factor selection), errors as
+    CheckpointError naming the teacher."""
+    from kt_core.tasks import AdaptedModelError, load_adapted
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"teacher checkpoint {path} does not exist")
     try:
-        return load_backbone(path)
-    except VLNCheckpointError as err:
-        raise CheckpointError(f"teacher checkpoint: {err}") from None
+        teacher = load_adapted(path, backbone)
+    except AdaptedModelError as err:
+        raise CheckpointError(f"distill.teacher: {err}") from None
+    if teacher.config.task.kind != "vln":
+        raise CheckpointError(f"distill.teacher: {path} is a site's model of the {teacher.config.task.kind!r} task, "
+                              "not a navigation model")
+    return teacher
+
+
+def model_size(model: torch.nn.Module) -> int:
+    """Every number the model computes with: parameters and buffers (an adapter's frozen base
+    weight W0 is a buffer, so parameters alone would undercount the teacher)."""
+    return sum(t.numel() for t in (*model.parameters(), *model.buffers()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,8 +219,10 @@ def nav_metrics(model: VLNBackbone, tokenizer: Tokenizer, eval_data: DictDataset
 
 
 def run_site_distill(cfg, ctx, device: torch.device, *, progress: bool = True, write=None) -> dict:
-    """participant.distiller's navigation task: teacher checkpoint + the site's demonstrations
-    -> student, report (SR / SPL / action accuracy for both), written by `write` on rank 0."""
+    """participant.distiller's navigation task: the site's adapted model + the site's own
+    demonstrations -> student, report (SR / SPL / action accuracy for both), written by `write`
+    on rank 0."""
+    import logging
     import time
 
     from kt_core.distill import ddp
@@ -199,7 +232,8 @@ def run_site_distill(cfg, ctx, device: torch.device, *, progress: bool = True, w
 
     started = time.monotonic()
     opts = NavOptions.from_table(cfg.nav)
-    loaded = load_nav_teacher(cfg.teacher)
+    loaded = load_nav_teacher(cfg.teacher, opts.backbone)
+    opts = opts.for_teacher(loaded)
     cache = Path(opts.demo_cache) if opts.demo_cache else cfg.out_dir / "demos"
     if ctx.is_main:  # one process generates the demonstrations, the others read its cache
         demos = site_data(opts.site_index, opts.levels, opts.episodes, cache)
@@ -210,23 +244,32 @@ def run_site_distill(cfg, ctx, device: torch.device, *, progress: bool = True, w
         evals = eval_demos(opts.levels, opts.eval_episodes, cache)
     if cfg.data.data_fraction < 1:
         demos = demos.subset_episodes(max(1, math.ceil(demos.num_episodes * cfg.data.data_fraction)))
-    max_len = loaded.config.max_len
+    model = loaded.model
+    max_len = model.cfg.max_len
     train = demo_dataset(demos, loaded.tokenizer, max_len, "site demonstrations")
     ev = demo_dataset(evals, loaded.tokenizer, max_len, "evaluation demonstrations")
-    teacher = VLNMixable(loaded.model)
-    student = build_nav_student(loaded.model, opts.student_d_model, opts.student_cross_layers, cfg.train.seed)
+    teacher = VLNMixable(model)
+    student = build_nav_student(model, opts.student_d_model, opts.student_cross_layers, cfg.train.seed)
+    t_params, s_params = model_size(model), model_size(student)
+    if loaded.backbone_parameters < 4 * s_params:
+        logging.getLogger(__name__).warning("the student (%d parameters) is not 4x smaller than the backbone (%d)",
+                                            s_params, loaded.backbone_parameters)
     history = fit(VLNMixable(student), train, make_objective(cfg.train), teacher=teacher, device=device,
                   eval_data=ev, rank=ctx.rank, world_size=ctx.world_size, ddp_wrap=ddp.wrapper(ctx, device),
                   label=f"nav student ({cfg.train.method})", progress=progress)
     if not ctx.is_main:
         return {}
     cpu = torch.device("cpu")
-    t_params, s_params = count_parameters(loaded.model), count_parameters(student)
     report = {
         "task": "nav", "method": cfg.train.method, "levels": list(opts.levels),
-        "data": {"train_samples": len(train), "train_episodes": demos.num_episodes, "eval_samples": len(ev)},
-        "teacher": {"path": str(cfg.teacher), "sha256": loaded.sha256, "parameters": t_params,
-                    "test": nav_metrics(loaded.model, loaded.tokenizer, ev, opts, cache, device),
+        "data": {"train_samples": len(train), "train_episodes": demos.num_episodes, "eval_samples": len(ev),
+                 "site_index": opts.site_index, "episodes_per_level": opts.episodes,
+                 "eval_episodes_per_level": opts.eval_episodes},
+        "teacher": {"path": str(cfg.teacher), "sha256": loaded.sha256, "kind": "federated adapted model",
+                    "site": loaded.site, "run_id": loaded.run_id, "round": loaded.round,
+                    "global_state_digest": loaded.global_state_digest, "backbone_sha256": loaded.backbone_sha256,
+                    "backbone_parameters": loaded.backbone_parameters, "parameters": t_params,
+                    "test": nav_metrics(model, loaded.tokenizer, ev, opts, cache, device),
                     "cpu_speed": inference_speed(teacher.to(cpu), ev, cpu)},
         "student": {"parameters": s_params, "config": student.cfg.to_dict(),
                     "test": nav_metrics(student, loaded.tokenizer, ev, opts, cache, device),
@@ -237,5 +280,8 @@ def run_site_distill(cfg, ctx, device: torch.device, *, progress: bool = True, w
     report["student"]["retained"] = (report["student"]["test"]["success_rate"]
                                      / max(1e-9, report["teacher"]["test"]["success_rate"]))
     report["compression"] = t_params / s_params
-    card = {"distilled_from": {"sha256": loaded.sha256, "method": cfg.train.method}, "levels": list(opts.levels)}
+    report["compression_vs_backbone"] = loaded.backbone_parameters / s_params
+    card = {"distilled_from": {"adapted_sha256": loaded.sha256, "site": loaded.site, "run_id": loaded.run_id,
+                               "backbone_sha256": loaded.backbone_sha256, "method": cfg.train.method},
+            "levels": list(opts.levels)}
     return write(cfg, student, report, lambda path: save_backbone(student, loaded.tokenizer, path, card=card))

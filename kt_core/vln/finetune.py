@@ -8,7 +8,9 @@ unless WAFFLe) spread over the local samples; `evaluate(model, data)` gives accu
 Seeds are laid out in disjoint blocks so that no two purposes ever share an episode:
     [0, 100 000)              pretraining
     100 000 + 10 000 i + ...  site i's training episodes (sites holding the same level differ)
-    [1 000 000, ...)          evaluation (unseen by pretraining and by every site)
+    [1 000 000, 2 000 000)    evaluation (unseen by pretraining and by every site)
+    [2 000 000, ...)          validation: for choosing a recipe, so that the evaluation seeds
+                              only ever report final numbers and nothing is tuned on them
 """
 from __future__ import annotations
 
@@ -28,17 +30,28 @@ from kt_core.vln.tokenizer import PAD_ID, Tokenizer
 PRETRAIN_SEED_BASE = 0
 SITE_SEED_BASE, SITE_SEED_STRIDE = 100_000, 10_000
 EVAL_SEED_BASE = 1_000_000
+VALIDATION_SEED_BASE = 2_000_000
+MAX_SITES = (EVAL_SEED_BASE - SITE_SEED_BASE) // SITE_SEED_STRIDE   # site blocks end where evaluation starts
 
 
 def site_seeds(site_index: int, episodes: int) -> tuple[int, int]:
-    if site_index < 0 or not 0 < episodes <= SITE_SEED_STRIDE:
-        raise ValueError(f"site_index must be >= 0 and episodes in 1..{SITE_SEED_STRIDE}")
+    if not 0 <= site_index < MAX_SITES or not 0 < episodes <= SITE_SEED_STRIDE:
+        raise ValueError(f"site_index must be in 0..{MAX_SITES - 1} and episodes in 1..{SITE_SEED_STRIDE}")
     start = SITE_SEED_BASE + SITE_SEED_STRIDE * site_index
     return start, start + episodes
 
 
 def eval_seeds(episodes: int) -> tuple[int, int]:
+    if not 0 < episodes <= VALIDATION_SEED_BASE - EVAL_SEED_BASE:
+        raise ValueError(f"episodes must be in 1..{VALIDATION_SEED_BASE - EVAL_SEED_BASE}")
     return EVAL_SEED_BASE, EVAL_SEED_BASE + episodes
+
+
+def validation_seeds(episodes: int) -> tuple[int, int]:
+    """Unseen seeds for model selection, disjoint from the evaluation block (see the module doc)."""
+    if episodes < 1:
+        raise ValueError("episodes must be >= 1")
+    return VALIDATION_SEED_BASE, VALIDATION_SEED_BASE + episodes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,12 +162,14 @@ def model_policy(model: nn.Module, tokenizer: Tokenizer) -> Policy:
 
 
 def evaluate_rollouts(model: nn.Module, tokenizer: Tokenizer, level: str, episodes: int,
-                      cache_dir: str | Path | None = None) -> dict:
-    """Success rate and SPL of the greedy policy on `episodes` unseen evaluation seeds of `level`."""
+                      cache_dir: str | Path | None = None, *, validation: bool = False) -> dict:
+    """Success rate and SPL of the greedy policy on `episodes` unseen evaluation seeds of `level`
+    (validation=True: on the validation block instead, for choosing hyper-parameters)."""
+    seeds = validation_seeds(episodes) if validation else eval_seeds(episodes)
     was_training = model.training
     model.eval()
     try:
-        return evaluate_policy(model_policy(model, tokenizer), level, eval_seeds(episodes), cache_dir).summary()
+        return evaluate_policy(model_policy(model, tokenizer), level, seeds, cache_dir).summary()
     finally:
         model.train(was_training)
 

@@ -24,10 +24,12 @@ def frame(kind: int, header: dict, blob: bytes = b"") -> bytes:
     return MAGIC + bytes([kind]) + struct.pack(">I", len(h)) + h + blob
 
 
-def unframe(data: bytes, kind: int, what: str) -> tuple[dict, bytes]:
+def unframe(data: bytes, kind: int, what: str) -> tuple[dict, memoryview]:
+    """The header, and the bytes after it as a read-only view into `data` (a masked vector is as
+    large as the update: it is not copied here)."""
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise SecAggError(f"{what}: expected bytes, got {type(data).__name__}")
-    data = bytes(data)
+    data = memoryview(data).cast("B").toreadonly()
     if len(data) < 9 or data[:4] != MAGIC:
         raise SecAggError(f"{what}: not a SecAgg message (bad magic or too short)")
     if data[4] != kind:
@@ -36,7 +38,7 @@ def unframe(data: bytes, kind: int, what: str) -> tuple[dict, bytes]:
     if 9 + hlen > len(data):
         raise SecAggError(f"{what}: truncated header")
     try:
-        header = json.loads(data[9:9 + hlen].decode("utf-8"))
+        header = json.loads(bytes(data[9:9 + hlen]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as err:
         raise SecAggError(f"{what}: header is not valid JSON ({err})") from None
     if not isinstance(header, dict):
