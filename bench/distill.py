@@ -49,6 +49,8 @@ STUDENTS = {  # name -> (spec, learning rate): copied layers fine-tune gently, r
     "L2-H128": (StudentSpec(layers=2, hidden=128, vocab=5000), 5e-4),
 }
 MIX = dict(alpha=0.4, temperature=2.0)
+# with --nav-teacher (a site's federated model, ~100 episodes of ~5 steps): its distill recipe
+FEDERATED_NAV = dict(epochs=10, batch_size=32, lr=3e-3, fractions=[1.0])
 
 
 def settings(opts: Options, seeds: int | None = None, device: str | None = None) -> dict:
@@ -197,7 +199,8 @@ def _text_tables(res: dict, t: dict) -> None:
 
 def run_nav(cfg: dict, dev: torch.device) -> dict:
     from kt_core.distill.nav import (NavOptions, VLNMixable, build_nav_student, demo_dataset, eval_demos,
-                                     load_nav_teacher, model_size, nav_metrics)
+                                     join_datasets, load_nav_teacher, model_size, nav_metrics, site_level_demos,
+                                     teacher_rollout_dataset)
     from kt_core.vln.finetune import site_data
 
     n = cfg["nav"]
@@ -210,10 +213,19 @@ def run_nav(cfg: dict, dev: torch.device) -> dict:
         teacher, tokenizer = loaded.model.to(dev), loaded.tokenizer
         info = {"kind": "federated adapted model", "site": loaded.site, "run_id": loaded.run_id,
                 "sha256": loaded.sha256, "backbone_parameters": loaded.backbone_parameters}
+        # the site's recipe (`ktfed participant distill` defaults): the widest student within a
+        # quarter of the backbone, and KD / MixKD also learn on the teacher's own rollouts on the
+        # site's training seeds, labelled by the teacher (no-KD has no teacher: demonstrations only)
+        n.update(FEDERATED_NAV)
+        budget = loaded.backbone_parameters // 4
+        rollouts = teacher_rollout_dataset(teacher, tokenizer, site_level_demos(opts, cache), opts.teacher_rollouts,
+                                           opts.rollout_epsilon, opts.rollout_max_steps)
+        n["teacher_rollout_samples"] = len(rollouts) if rollouts else 0
     else:
         opts = NavOptions(levels=(n["level"],), episodes=n["episodes"], eval_episodes=n["eval_episodes"])
         demos = site_data(0, [n["level"]], n["episodes"], cache)
         teacher, tokenizer, info = _nav_teacher(demos, n, cfg["device"], dev, cache)
+        budget, rollouts = None, None
     evals = eval_demos(opts.levels, n["eval_episodes"], cache)
     ev = demo_dataset(evals, tokenizer, teacher.cfg.max_len, "evaluation demonstrations")
     cpu = torch.device("cpu")
@@ -227,10 +239,12 @@ def run_nav(cfg: dict, dev: torch.device) -> dict:
     teacher.to(dev)
     for fraction in n["fractions"]:
         part = demos if fraction == 1.0 else demos.subset_episodes(max(2, int(demos.num_episodes * fraction)))
-        train = demo_dataset(part, tokenizer, teacher.cfg.max_len, "site demonstrations")
+        demo_train = demo_dataset(part, tokenizer, teacher.cfg.max_len, "site demonstrations")
+        with_rollouts = join_datasets(demo_train, rollouts if fraction == 1.0 else None, "demonstrations + rollouts")
         for seed in cfg["seeds"]:
             for method in METHODS:
-                student = build_nav_student(teacher, seed=seed)
+                train = demo_train if method == "none" else with_rollouts
+                student = build_nav_student(teacher, seed=seed, max_parameters=budget)
                 dcfg = DistillConfig(method=method, epochs=n["epochs"], batch_size=n["batch_size"], lr=n["lr"],
                                      seed=seed, device=cfg["device"], **MIX)
                 hist = fit(VLNMixable(student), train, make_objective(dcfg), teacher=VLNMixable(teacher), device=dev,

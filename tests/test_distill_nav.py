@@ -14,7 +14,7 @@ from kt_core.distill.checkpoint import CheckpointError
 from kt_core.distill.config import load_site_config
 from kt_core.distill.loop import count_parameters
 from kt_core.distill.mixkd import DistillConfigError, Mix
-from kt_core.distill.nav import VLNMixable, build_nav_student
+from kt_core.distill.nav import VLNMixable, build_nav_student, model_size
 from kt_core.vln.backbone import VLNBackbone, VLNConfig
 
 torch.set_num_threads(1)
@@ -53,6 +53,11 @@ def test_default_student_is_at_least_four_times_smaller():
         build_nav_student(teacher, d_model=192)
     with pytest.raises(StudentTooLargeError, match="student_cross_layers: 3 > the teacher's 2"):
         build_nav_student(teacher, cross_layers=3)
+    # the site's default: the widest student within a quarter of the backbone
+    budget = model_size(teacher) // 4
+    widest = build_nav_student(teacher, max_parameters=budget)
+    assert model_size(widest) <= budget and widest.cfg.d_model > teacher.cfg.d_model // 2
+    assert model_size(build_nav_student(teacher, d_model=widest.cfg.d_model + 8)) > budget
     cross_only = VLNBackbone(VLNConfig(n_lang_layers=0, n_vision_layers=0))
     with pytest.raises(StudentTooLargeError, match="not fewer than the teacher's"):
         build_nav_student(cross_only, d_model=96, cross_layers=2)
@@ -66,6 +71,10 @@ def test_nav_options_name_the_field(tmp_path):
     (tmp_path / "site.toml").write_text('[distill]\ntask = "nav"\nteacher = "t.safetensors"\n'
                                         '[distill.nav]\nlevel = "x"\n')
     with pytest.raises(DistillConfigError, match="distill.nav.level: unknown setting"):
+        load_site_config(tmp_path / "site.toml")
+    (tmp_path / "site.toml").write_text('[distill]\ntask = "nav"\nteacher = "t.safetensors"\n'
+                                        '[distill.nav]\nrollout_epsilon = 1.5\n')
+    with pytest.raises(DistillConfigError, match="distill.nav.rollout_epsilon: must be a number in"):
         load_site_config(tmp_path / "site.toml")
 
 
@@ -116,6 +125,10 @@ def test_site_distills_its_federated_model(nav_site):
     assert report["data"]["train_episodes"] == 40 and report["data"]["eval_episodes_per_level"] == 4
     assert report["compression"] > report["compression_vs_backbone"] > 1
     assert report["history"]["epochs"][0]["parts"].keys() == {"ce", "kd", "mix_kd", "mix_ce"}
+    # teacher-labelled rollouts on the site's own training seeds (the default) add states
+    data = report["data"]
+    assert data["teacher_rollout_samples"] > 0 and data["teacher_rollouts"]["passes"] == 2
+    assert data["train_samples"] == data["demonstration_samples"] + data["teacher_rollout_samples"]
     student = load_backbone(nav_site / "out" / STUDENT_FILE)
     assert student.config.d_model == 16 and student.config.n_cross_layers == 1
     assert json.loads((nav_site / "out" / REPORT_FILE).read_text())["student"]["sha256"] == report["student"]["sha256"]
@@ -186,3 +199,26 @@ def test_cli_summary_names_the_federated_teacher_and_refuses_finetuning_it(nav_s
     args = parser.parse_args(["participant", "distill", "--config", str(site_config(nav_site)), "--finetune-teacher"])
     assert args.func(args) == 2
     assert "--finetune-teacher is for the text task" in capsys.readouterr().err
+
+
+def test_teacher_rollouts_stay_on_the_sites_seeds_and_carry_the_teachers_labels(nav_site, monkeypatch):
+    import kt_core.vln.babyai as babyai
+    from kt_core.distill.nav import (NavOptions, VLNMixable, load_nav_teacher, site_level_demos,
+                                     teacher_rollout_dataset)
+
+    loaded = load_nav_teacher(nav_site / "adapted-run-test.safetensors")
+    opts = NavOptions().for_teacher(loaded)
+    site = site_level_demos(opts, nav_site.parent / "demos")
+    seeds_used = []
+    real = babyai.rollout
+    monkeypatch.setattr(babyai, "rollout", lambda policy, level, seeds, lengths, **kw:
+                        seeds_used.append((level, list(seeds), kw)) or real(policy, level, seeds, lengths, **kw))
+    data = teacher_rollout_dataset(loaded.model, loaded.tokenizer, site, passes=1, epsilon=0.5, max_steps=3)
+    assert [(lv, s) for lv, s, _ in seeds_used] == [(lv, d.episode_seeds.tolist()) for lv, d in site.items()]
+    assert seeds_used[0][2] == {"max_steps": 3}
+    assert 0 < len(data) <= 3 * sum(d.num_episodes for d in site.values())
+    with torch.no_grad():
+        assert torch.equal(data.tensors["labels"], VLNMixable(loaded.model.eval())(data.tensors).argmax(-1))
+    assert teacher_rollout_dataset(loaded.model, loaded.tokenizer, site, passes=0) is None
+    half = site_level_demos(opts, nav_site.parent / "demos", data_fraction=0.5)
+    assert sum(d.num_episodes for d in half.values()) == -(-sum(d.num_episodes for d in site.values()) // 2)

@@ -81,8 +81,11 @@ class NavOptions:
     site_index: int | None = None           # the site's seed block (kt_core.vln.finetune; default: the teacher's)
     episodes: int | None = None             # training episodes per level (default: the run's episodes_per_level)
     eval_episodes: int | None = None        # unseen rollout seeds per level (default: the run's rollout_episodes)
-    student_d_model: int = 0                # 0: half the teacher's width
+    student_d_model: int = 0                # 0: the widest student >= 4x smaller than the backbone
     student_cross_layers: int = 1
+    teacher_rollouts: int = 2               # teacher-labelled rollouts: passes over the site's own seeds (0: none)
+    rollout_epsilon: float = 0.2            # share of random turn/forward actions in those rollouts
+    rollout_max_steps: int = 20             # steps per rollout episode at most
     demo_cache: str | None = None           # default: out_dir/demos; the site's STATE/demos reuses its own
     backbone: str | None = None             # backbone file or cache folder (default: STATE/backbones beside the teacher)
 
@@ -100,10 +103,13 @@ class NavOptions:
             raise DistillConfigError("distill.nav.levels: must be a non-empty list of BabyAI level names")
         opts = cls(levels=None if levels is None else tuple(levels), **{k: v for k, v in table.items() if k != "levels"})
         for name, lo in (("site_index", 0), ("student_d_model", 0), ("episodes", 1), ("eval_episodes", 1),
-                         ("student_cross_layers", 1)):
+                         ("student_cross_layers", 1), ("teacher_rollouts", 0), ("rollout_max_steps", 1)):
             v = getattr(opts, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
                 raise DistillConfigError(f"distill.nav.{name}: must be an integer >= {lo}, got {v!r}")
+        eps = opts.rollout_epsilon
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps <= 1:
+            raise DistillConfigError(f"distill.nav.rollout_epsilon: must be a number in [0, 1], got {eps!r}")
         for name in ("demo_cache", "backbone"):
             if getattr(opts, name) is not None and not isinstance(getattr(opts, name), str):
                 raise DistillConfigError(f"distill.nav.{name}: must be a path (a string)")
@@ -138,6 +144,84 @@ def demo_dataset(demos, tokenizer: Tokenizer, max_len: int, name: str = "demonst
                        padded=("tokens", "mission_mask"), mask="mission_mask", name=name)
 
 
+def teacher_rollout_dataset(teacher: VLNBackbone, tokenizer: Tokenizer, site_demos: Mapping[str, object], passes: int,
+                            epsilon: float = 0.2, max_steps: int = 20, seed: int = 0,
+                            name: str = "teacher rollouts") -> DictDataset | None:
+    """More training states with no expert label: the teacher's own (epsilon-perturbed) greedy
+    rollouts on the site's training episodes (`site_demos`: level -> that level's Demos; the same
+    levels and seeds as the demonstrations, so no environment outside the site's data), every
+    visited state labelled with the teacher's action. Behaviour cloning on the bot's ~5 states per
+    episode leaves the student lost as soon as it leaves the bot's path; these are the states near
+    that path that it meets. Runs on the CPU, deterministic for a given seed (every DDP process
+    builds the same set)."""
+    from kt_core.vln.babyai import rollout
+    from kt_core.vln.finetune import model_policy
+
+    if passes < 1:
+        return None
+    device = next(teacher.parameters()).device
+    was_training = teacher.training
+    teacher.to("cpu").eval()
+    rng = np.random.default_rng(seed)
+    seen: dict[str, list] = {"images": [], "directions": [], "missions": []}
+    greedy = model_policy(teacher, tokenizer)
+
+    def policy(images, directions, missions):
+        seen["images"].append(np.array(images))
+        seen["directions"].append(np.array(directions))
+        seen["missions"] += list(missions)
+        actions = np.array(greedy(images, directions, missions))
+        noisy = rng.random(len(actions)) < epsilon
+        actions[noisy] = rng.integers(0, 3, int(noisy.sum()))  # left, right, forward
+        return actions
+
+    try:
+        for _ in range(passes):
+            for level, demos in site_demos.items():
+                if demos.num_episodes:
+                    rollout(policy, level, demos.episode_seeds.tolist(), demos.episode_lengths.tolist(),
+                            max_steps=max_steps)
+        if not seen["missions"]:
+            return None
+        tokens = torch.from_numpy(np.asarray(tokenizer.encode_batch(seen["missions"], teacher.cfg.max_len))).long()
+        data = {"tokens": tokens, "mission_mask": (tokens != PAD_ID).long(),
+                "images": torch.from_numpy(np.concatenate(seen["images"])),
+                "directions": torch.from_numpy(np.concatenate(seen["directions"])).long()}
+        with torch.no_grad():
+            labels = torch.cat([VLNMixable(teacher)({k: v[i:i + 512] for k, v in data.items()}).argmax(-1)
+                                for i in range(0, len(tokens), 512)])
+    finally:
+        teacher.to(device).train(was_training)
+    return DictDataset({**data, "labels": labels}, padded=("tokens", "mission_mask"), mask="mission_mask", name=name)
+
+
+def join_datasets(a: DictDataset, b: DictDataset | None, name: str) -> DictDataset:
+    if b is None:
+        return a
+    return DictDataset({k: torch.cat([a.tensors[k], b.tensors[k].to(a.tensors[k].dtype)]) for k in a.tensors},
+                       padded=a.padded, mask=a.mask, name=name)
+
+
+def site_level_demos(opts: NavOptions, cache_dir, data_fraction: float = 1.0) -> dict:
+    """level -> the site's demonstrations of that level (what site_data concatenates); with
+    data_fraction < 1, only the episodes that the first fraction of the concatenation keeps."""
+    from kt_core.vln.babyai import get_demos
+    from kt_core.vln.finetune import site_seeds
+
+    per_level = {level: get_demos(level, site_seeds(opts.site_index, opts.episodes), cache_dir)
+                 for level in opts.levels}
+    left = sum(d.num_episodes for d in per_level.values())
+    if data_fraction < 1:
+        left = max(1, math.ceil(left * data_fraction))
+    out = {}
+    for level, d in per_level.items():
+        keep = min(left, d.num_episodes)
+        if keep:
+            out[level] = d if keep == d.num_episodes else d.subset_episodes(keep)
+        left -= keep
+    return out
+
+
 def eval_demos(levels, episodes: int, cache_dir):
     from kt_core.vln.babyai import Demos, get_demos
     from kt_core.vln.finetune import eval_seeds
@@ -156,7 +240,21 @@ def student_config(teacher: VLNConfig, d_model: int = 0, cross_layers: int = 1, 
                                n_cross_layers=cross_layers, seed=seed)
 
 
-def build_nav_student(teacher: VLNBackbone, d_model: int = 0, cross_layers: int = 1, seed: int = 0) -> VLNBackbone:
+def widest_student(teacher: VLNConfig, max_parameters: int, cross_layers: int = 1, step: int = 8) -> int:
+    """The widest student width (a multiple of `step`, at most the teacher's) whose model has at
+    most `max_parameters` (parameters and buffers); half the teacher's width if none fits."""
+    for d in range(teacher.d_model - teacher.d_model % step, step - 1, -step):
+        if model_size(VLNBackbone(student_config(teacher, d, cross_layers))) <= max_parameters:
+            return d
+    return max(8, teacher.d_model // 2)
+
+
+def build_nav_student(teacher: VLNBackbone, d_model: int = 0, cross_layers: int = 1, seed: int = 0,
+                      max_parameters: int | None = None) -> VLNBackbone:
+    """d_model 0: the widest student within `max_parameters` (for the site: a quarter of the
+    backbone's), or half the teacher's width when no budget is given."""
+    if not d_model and max_parameters:
+        d_model = widest_student(teacher.cfg, max_parameters, cross_layers)
     cfg = student_config(teacher.cfg, d_model, cross_layers, seed)
     if cfg.d_model > teacher.cfg.d_model:
         raise StudentTooLargeError(f"distill.nav.student_d_model: {cfg.d_model} > the teacher's {teacher.cfg.d_model}")
@@ -248,8 +346,13 @@ def run_site_distill(cfg, ctx, device: torch.device, *, progress: bool = True, w
     max_len = model.cfg.max_len
     train = demo_dataset(demos, loaded.tokenizer, max_len, "site demonstrations")
     ev = demo_dataset(evals, loaded.tokenizer, max_len, "evaluation demonstrations")
+    extra = teacher_rollout_dataset(
+        model, loaded.tokenizer, site_level_demos(opts, cache, cfg.data.data_fraction), opts.teacher_rollouts,
+        opts.rollout_epsilon, opts.rollout_max_steps, cfg.train.seed)
+    train = join_datasets(train, extra, "site demonstrations + teacher rollouts")
     teacher = VLNMixable(model)
-    student = build_nav_student(model, opts.student_d_model, opts.student_cross_layers, cfg.train.seed)
+    student = build_nav_student(model, opts.student_d_model, opts.student_cross_layers, cfg.train.seed,
+                                max_parameters=loaded.backbone_parameters // 4)
     t_params, s_params = model_size(model), model_size(student)
     if loaded.backbone_parameters < 4 * s_params:
         logging.getLogger(__name__).warning("the student (%d parameters) is not 4x smaller than the backbone (%d)",
@@ -263,6 +366,9 @@ def run_site_distill(cfg, ctx, device: torch.device, *, progress: bool = True, w
     report = {
         "task": "nav", "method": cfg.train.method, "levels": list(opts.levels),
         "data": {"train_samples": len(train), "train_episodes": demos.num_episodes, "eval_samples": len(ev),
+                 "demonstration_samples": len(demos), "teacher_rollout_samples": len(extra) if extra else 0,
+                 "teacher_rollouts": {"passes": opts.teacher_rollouts, "epsilon": opts.rollout_epsilon,
+                                      "max_steps": opts.rollout_max_steps},
                  "site_index": opts.site_index, "episodes_per_level": opts.episodes,
                  "eval_episodes_per_level": opts.eval_episodes},
         "teacher": {"path": str(cfg.teacher), "sha256": loaded.sha256, "kind": "federated adapted model",

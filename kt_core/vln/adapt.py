@@ -5,7 +5,8 @@ pretrained weight (WAFFLe: W0 + W_a diag(r b) W_b with W_a = 0 at the start, LoR
 B = 0), so the adapted model starts as exactly the backbone's function. Everything else of the
 backbone is frozen (requires_grad False), which the factor manifest reads as FROZEN: those tensors
 come from the hosted checkpoint at every site and never travel, never appear in shared_state.
-What does travel: the adapters' shared factors (and, with train_head, the small action head).
+What does travel: the adapters' shared factors (and, with train_head, the small action head,
+unless private_head keeps it at the site).
 
 The adapters' own initial values come from AdapterConfig.seed, identical at every site.
 """
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from torch import nn
 
 from kt_core.factorized import ADAPTERS, Adapter
+from kt_core.manifest import Role
 from kt_core.models import ModelConfig, layer_seed, make_adapter
 from kt_core.vln.backbone import VLNBackbone
 
@@ -32,6 +34,11 @@ class AdapterConfig:
     mode: str = "waffle"            # waffle | lora | ffa_lora | dense
     targets: tuple[str, ...] = CROSS_MODAL
     train_head: bool = True         # the action head (d x 7) is trained and shared (dense FedAvg)
+    # ... or trained and kept at the site (FedPer-style personal head). Sites holding different
+    # levels need different actions (pickup, toggle, done): averaging their heads mixes those
+    # action priors, and bench/vln_fed measured federated WAFFLe below local-only with a shared
+    # head and above it with a private one (the numbers are in that benchmark's docstring).
+    private_head: bool = False
     n_factors: int = 16
     ibp_alpha: float = 4.0
     temperature: float = 0.67
@@ -62,6 +69,10 @@ class AdapterConfig:
             raise ValueError(f"targets: must be a non-empty list of module-name patterns, got {self.targets!r}")
         if not isinstance(self.train_head, bool):
             raise ValueError(f"train_head: must be true or false, got {self.train_head!r}")
+        if not isinstance(self.private_head, bool):
+            raise ValueError(f"private_head: must be true or false, got {self.private_head!r}")
+        if self.private_head and not self.train_head:
+            raise ValueError("private_head: needs train_head = true (a frozen head has nothing to personalize)")
         self.model_config()
 
     def to_dict(self) -> dict:
@@ -77,6 +88,14 @@ class AdapterConfig:
         cfg = cls(**d)
         cfg.validate()
         return cfg
+
+
+class PrivateHead(nn.Linear):
+    """The action head kept at the site: a plain linear layer whose tensors the factor manifest
+    reads as PRIVATE, so they are stored with the site's factor selection and never sent."""
+
+    def tensor_roles(self) -> dict[str, Role]:
+        return {"weight": Role.PRIVATE, "bias": Role.PRIVATE}
 
 
 def target_linears(model: nn.Module, targets: tuple[str, ...]) -> list[str]:
@@ -102,6 +121,11 @@ def adapt_backbone(model: VLNBackbone, cfg: AdapterConfig) -> VLNBackbone:
         adapter = make_adapter(model_cfg, linear.in_features, linear.out_features, layer_seed(cfg.seed, i),
                                base=linear.weight.data, base_bias=None if linear.bias is None else linear.bias.data)
         setattr(parent, attr, adapter)
+    if cfg.private_head:
+        old = model.action_head
+        head = PrivateHead(old.in_features, old.out_features, bias=old.bias is not None)
+        head.load_state_dict(old.state_dict())
+        model.action_head = head
     if cfg.train_head:
         for p in model.action_head.parameters():
             p.requires_grad_(True)
