@@ -222,3 +222,12 @@ def test_teacher_rollouts_stay_on_the_sites_seeds_and_carry_the_teachers_labels(
     assert teacher_rollout_dataset(loaded.model, loaded.tokenizer, site, passes=0) is None
     half = site_level_demos(opts, nav_site.parent / "demos", data_fraction=0.5)
     assert sum(d.num_episodes for d in half.values()) == -(-sum(d.num_episodes for d in site.values()) // 2)
+
+
+def test_nav_and_text_get_their_own_training_defaults(tmp_path):
+    from kt_core.distill.config import NAV_DEFAULTS, TEXT_DEFAULTS, parse_distill
+    nav = parse_distill({"task": "nav", "teacher": "adapted.safetensors"}, base=tmp_path)
+    text = parse_distill({"task": "text", "teacher": "teacher.safetensors"}, base=tmp_path)
+    assert (nav.train.epochs, nav.train.lr) == NAV_DEFAULTS != TEXT_DEFAULTS == (text.train.epochs, text.train.lr)
+    given = parse_distill({"task": "nav", "teacher": "adapted.safetensors", "epochs": 2, "lr": 0.01}, base=tmp_path)
+    assert (given.train.epochs, given.train.lr) == (2, 0.01)

@@ -7,9 +7,9 @@
     method = "mixkd"                   # mixkd | kd | none
     alpha = 0.4                        # λ ~ Beta(alpha, alpha)
     temperature = 2.0
-    epochs = 3
+    epochs = 3                         # nav: 10
     batch_size = 32
-    lr = 1e-4
+    lr = 1e-4                          # nav: 3e-3
     device = "auto"                    # auto | cpu | cuda
     data_fraction = 1.0                # of the site's training data the student sees
     out_dir = "distill"                # the student, its report and curves stay here, on the site
@@ -75,6 +75,9 @@ class SiteDistillConfig:
         return replace(self, train=replace(self.train, device=device))
 
 
+TEXT_DEFAULTS = (3, 1e-4)     # epochs, lr
+NAV_DEFAULTS = (10, 3e-3)
+
 _TOP = {"task", "teacher", "method", "alpha", "temperature", "epochs", "batch_size", "lr", "weight_decay", "warmup",
         "max_grad_norm", "seed", "device", "amp", "data_fraction", "out_dir", "processes", "weights", "student",
         "data", "teacher_finetune", "dp", "nav"}
@@ -107,10 +110,13 @@ def parse_distill(section: Mapping[str, Any], base: Path = Path(".")) -> SiteDis
     _unknown("distill.weights", weights_tab, {"ce", "kd", "mix_kd", "mix_ce"})
     wg = _Getter("distill.weights", weights_tab)
     weights = LossWeights(**{k: wg.number(k, getattr(LossWeights(), k)) for k in ("ce", "kd", "mix_kd", "mix_ce")})
+    # A text student starts from pretrained MiniLM layers and needs a light touch; a navigation
+    # student starts from scratch on a few hundred demonstrations and needs far more (bench/distill.py).
+    epochs, lr = NAV_DEFAULTS if task == "nav" else TEXT_DEFAULTS
     train = DistillConfig(method=get.choice("method", ("mixkd", "kd", "none"), "mixkd"),
                           alpha=get.number("alpha", 0.4), temperature=get.number("temperature", 2.0), weights=weights,
-                          epochs=get.integer("epochs", 3), batch_size=get.integer("batch_size", 32),
-                          lr=get.number("lr", 1e-4), weight_decay=get.number("weight_decay", 0.01),
+                          epochs=get.integer("epochs", epochs), batch_size=get.integer("batch_size", 32),
+                          lr=get.number("lr", lr), weight_decay=get.number("weight_decay", 0.01),
                           warmup=get.number("warmup", 0.1), max_grad_norm=get.number("max_grad_norm", 1.0),
                           seed=get.integer("seed", 0), device=get.text("device", "auto"), amp=get.boolean("amp", True))
     try:
