@@ -84,12 +84,12 @@ def train_kinds(base, data: list[DemoTensors], recipe: dict, seed: int, held_out
     """Train each kind from `base` (adapters initialized with `seed`). Returns {kind: one model per
     site} and {kind: mean action accuracy on `held_out` (unseen demonstrations) before round 1 and
     after every round}."""
-    tc = TrainConfig(epochs=10**6, max_steps=recipe["steps"], batch_size=recipe["batch_size"], lr=recipe["lr"],
-                     optimizer="adam", max_grad_norm=1.0)
+    tc = TrainConfig(epochs=10**6, max_steps=recipe["steps"], batch_size=recipe["batch_size"], optimizer="adam",
+                     max_grad_norm=1.0)
 
-    def train(model, d, r, i, scale=1):
+    def train(kind, model, d, r, i, scale=1):
         # the same batch order and gate samples for site i in round r, whichever kind trains it
-        train_local(model, d, dataclasses.replace(tc, seed=100_000 * seed + 1000 * r + i,
+        train_local(model, d, dataclasses.replace(tc, lr=recipe["lr"][kind], seed=100_000 * seed + 1000 * r + i,
                                                   max_steps=recipe["steps"] * scale))
 
     models = {k: [copy.deepcopy(base) for _ in data] for k in kinds if k != "centralized"}
@@ -101,13 +101,13 @@ def train_kinds(base, data: list[DemoTensors], recipe: dict, seed: int, held_out
     for r in range(recipe["rounds"]):
         for k in ("local-only", "federated"):
             for i, d in enumerate(data if k in models else ()):
-                train(models[k][i], d, r, i)
+                train(k, models[k][i], d, r, i)
         if "federated" in models:
             mean = aggregate_factors([(shared_state(m), float(len(d))) for m, d in zip(models["federated"], data)])
             for m in models["federated"]:
                 load_shared_state(m, mean)
         if "centralized" in models:
-            train(models["centralized"][0], pooled, r, 99, scale=len(data))
+            train("centralized", models["centralized"][0], pooled, r, 99, scale=len(data))
         for k, ms in models.items():
             curves[k].append(statistics.mean(evaluate(m, h)["accuracy"] for m, h in zip(ms, held_out)))
     return models, curves

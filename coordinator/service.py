@@ -31,6 +31,11 @@ from kt_core.wire import federation_pb2 as pb
 
 log = logging.getLogger(__name__)
 
+# What the coordinator puts in one message of a download: a message is held by gRPC (twice) until
+# it is written, once per download in flight, so downloads use smaller messages than the largest
+# chunk a site may upload; 1 MiB still keeps per-message costs negligible.
+SEND_CHUNK_BYTES = 1 << 20
+
 HEARTBEAT_S = 5.0
 
 
@@ -121,7 +126,7 @@ class ParticipantServicer:
             header=convert.header(engine.run_id, engine.rounds_completed, pid),
             global_state_digest=digest,
             tensors=[convert.spec_to_pb(spec) for spec in state.specs]))
-        for name, offset, data in state.chunks(engine.fed.max_chunk_bytes):
+        for name, offset, data in state.chunks(min(engine.fed.max_chunk_bytes, SEND_CHUNK_BYTES)):
             # already serialized (kt_core.wire.chunks): gRPC sends these bytes, with no message copy
             message = chunks.encode_chunk_message(name, offset, data)
             sent = len(data)
@@ -213,7 +218,7 @@ class ParticipantServicer:
             raise Refusal(grpc.StatusCode.NOT_FOUND,
                           f"backbone {request.sha256[:16]}… is not the run's ({hosted.sha256[:16]}…)")
         try:
-            for offset, data in hosted.chunks(request.offset, engine.fed.max_chunk_bytes):
+            for offset, data in hosted.chunks(request.offset, min(engine.fed.max_chunk_bytes, SEND_CHUNK_BYTES)):
                 yield pb.BackboneChunk(offset=offset, data=data)
                 self.traffic.sent(len(data))
         except HostingError as err:

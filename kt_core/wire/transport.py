@@ -31,9 +31,10 @@ SERVER_OPTIONS = CHANNEL_OPTIONS + [
     ("grpc.so_reuseport", 0),
     # BDP probing grows every stream's flow-control window under load, and the coordinator's
     # memory with it (bench/scale.py). The window always covers the message being read, so a
-    # chunk still arrives at link speed; the lookahead is only what may arrive beyond it.
+    # chunk still arrives at link speed; the lookahead is only what may arrive beyond it, held
+    # in memory per upload in flight.
     ("grpc.http2.bdp_probe", 0),
-    ("grpc.http2.lookahead_bytes", 1 << 20),
+    ("grpc.http2.lookahead_bytes", 256 << 10),
 ]
 
 
