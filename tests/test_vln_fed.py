@@ -12,8 +12,9 @@ from kt_core.models import load_shared_state, private_state, shared_state
 from kt_core.train import TrainConfig
 from kt_core.vln.adapt import AdapterConfig, PrivateHead, adapt_backbone
 from kt_core.vln.backbone import VLNBackbone, VLNConfig
-from kt_core.vln.finetune import (EVAL_SEED_BASE, MAX_SITES, DemoTensors, eval_seeds, site_seeds, train_local,
-                                  validation_seeds)
+from kt_core.factorized import Adapter
+from kt_core.vln.finetune import (EVAL_SEED_BASE, MAX_SITES, DemoTensors, eval_seeds, evaluate, inference_copy,
+                                  site_seeds, train_local, validation_seeds)
 from tests.test_adapted import run_config_text, save_tiny_backbone
 from tests.test_vln_model import batch
 
@@ -68,6 +69,22 @@ def test_run_config_private_head_round_trips_through_the_adapted_file(tmp_path):
     assert torch.equal(loaded.model.action_head.weight, model.action_head.weight)
     with pytest.raises(ConfigError, match="private_head"):
         load_toml(run_config_text(hosted) + "train_head = false\nprivate_head = true\n")
+
+
+@pytest.mark.parametrize("mode", ["waffle", "lora"])
+def test_inference_copy_folds_the_adapters_into_the_same_function(mode):
+    model = adapt_backbone(VLNBackbone(VLNConfig.tiny(n_cross_layers=1)), AdapterConfig(mode=mode, n_factors=4))
+    tokens, image, direction, actions = batch(16)
+    data = DemoTensors(tokens, image, direction, actions)
+    train_local(model, data, TrainConfig(epochs=2, batch_size=8, lr=1e-2, optimizer="adam"))   # a non-zero delta
+    model.train()
+    merged = inference_copy(model)
+    assert not any(isinstance(m, Adapter) for m in merged.modules()) and not merged.training
+    assert model.training and any(isinstance(m, Adapter) for m in model.modules())   # the model is left alone
+    expected = model.eval().act(tokens, image, direction)
+    assert torch.allclose(merged.act(tokens, image, direction), expected, atol=1e-5)
+    assert evaluate(model, data)["loss"] == pytest.approx(
+        torch.nn.functional.cross_entropy(expected, actions).item(), rel=1e-4)
 
 
 def test_seed_blocks_are_disjoint():

@@ -14,6 +14,7 @@ Seeds are laid out in disjoint blocks so that no two purposes ever share an epis
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kt_core.factorized import Adapter
 from kt_core.train import TrainConfig, TrainResult, elbo_loss, train_steps
 from kt_core.vln.babyai import Demos, Policy, evaluate_policy, get_demos
 from kt_core.vln.tokenizer import PAD_ID, Tokenizer
@@ -127,24 +129,43 @@ def train_local(model: nn.Module, data: DemoTensors, cfg: TrainConfig,
 
 @torch.no_grad()
 def evaluate(model: nn.Module, data: DemoTensors, batch_size: int = 512) -> dict[str, float]:
-    """Accuracy of predicting the expert's action, and mean cross-entropy, in eval mode."""
+    """Accuracy of predicting the expert's action, and mean cross-entropy, in eval mode (on an
+    inference copy, adapters folded in)."""
     if len(data) == 0:
         raise ValueError("evaluate: no samples")
-    device = _device_of(model)
-    was_training = model.training
-    model.eval()
+    net = inference_copy(model)
+    device = _device_of(net)
     correct, loss_sum = 0, 0.0
     for i in range(0, len(data), batch_size):
         tokens, images, directions, actions = data.take(torch.arange(i, min(i + batch_size, len(data))), device)
-        logits = model.act(tokens, images, directions)
+        logits = net.act(tokens, images, directions)
         loss_sum += F.cross_entropy(logits, actions, reduction="sum").item()
         correct += int((logits.argmax(1) == actions).sum())
-    model.train(was_training)
     return {"accuracy": correct / len(data), "loss": loss_sum / len(data)}
 
 
+@torch.no_grad()
+def inference_copy(model: nn.Module) -> nn.Module:
+    """A frozen eval-mode copy of `model` with every adapter folded into a plain nn.Linear holding
+    its effective weight (WAFFLe: W0 + W_a diag(r b) W_b with the gates at their posterior mode).
+    The same function, one matmul per layer instead of the adapter's two or three: a rollout makes
+    one forward pass per environment step, up to the level's step limit for a failing episode."""
+    merged = copy.deepcopy(model).eval()
+    for name, module in list(merged.named_modules()):
+        if isinstance(module, Adapter):
+            weight = module.effective_weight()
+            linear = nn.Linear(module.in_features, module.out_features, device=weight.device, dtype=weight.dtype)
+            linear.weight.copy_(weight)
+            linear.bias.copy_(module.bias)
+            parent_name, _, attr = name.rpartition(".")
+            setattr(merged.get_submodule(parent_name) if parent_name else merged, attr, linear)
+    return merged.requires_grad_(False)
+
+
 def model_policy(model: nn.Module, tokenizer: Tokenizer) -> Policy:
-    """The greedy policy of `model` (argmax action) as the rollout evaluator calls it."""
+    """The greedy policy of `model` (argmax action) as the rollout evaluator calls it, run on an
+    inference copy (adapters folded in): later changes to `model` do not reach the policy."""
+    model = inference_copy(model)
     max_len = model.cfg.max_len
     device = _device_of(model)
     encoded: dict[str, np.ndarray] = {}
@@ -166,12 +187,7 @@ def evaluate_rollouts(model: nn.Module, tokenizer: Tokenizer, level: str, episod
     """Success rate and SPL of the greedy policy on `episodes` unseen evaluation seeds of `level`
     (validation=True: on the validation block instead, for choosing hyper-parameters)."""
     seeds = validation_seeds(episodes) if validation else eval_seeds(episodes)
-    was_training = model.training
-    model.eval()
-    try:
-        return evaluate_policy(model_policy(model, tokenizer), level, seeds, cache_dir).summary()
-    finally:
-        model.train(was_training)
+    return evaluate_policy(model_policy(model, tokenizer), level, seeds, cache_dir).summary()
 
 
 def site_evaluation(model: nn.Module, tokenizer: Tokenizer, train_levels: Sequence[str],
