@@ -17,6 +17,7 @@ from torch import nn
 
 from kt_core.config import ConfigError, RunConfig
 from kt_core.models import build_model
+from kt_core.vln.checkpoint import sha256_file
 
 
 @dataclass
@@ -158,7 +159,7 @@ def _backbone_for(path: Path, sha256: str, backbone: str | Path | None) -> Path:
     if not candidate.is_file():
         raise AdaptedModelError(f"adapted model {path}: backbone {candidate} not found (name the backbone file "
                                 f"or the site's backbone cache folder holding {sha256[:16]}….safetensors)")
-    actual = _sha256_file(candidate)
+    actual = sha256_file(candidate)
     if actual != sha256:
         raise AdaptedModelError(f"adapted model {path}: backbone digest mismatch: it was adapted from backbone "
                                 f"{sha256}, but {candidate} has SHA-256 {actual}")
@@ -236,17 +237,7 @@ def load_adapted(path: str | Path, backbone: str | Path | None = None) -> Adapte
     built.model.eval()
     return AdaptedModel(built.model, built.tokenizer, config, meta["site"], site_index, levels, meta["run_id"],
                         round_no, meta["global_state_digest"], meta["backbone_sha256"], backbone_path,
-                        backbone_params, _sha256_file(path), path, meta)
-
-
-def _sha256_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+                        backbone_params, sha256_file(path), path, meta)
 
 
 def _parameter_count(checkpoint: Path) -> int:
