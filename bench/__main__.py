@@ -1,4 +1,4 @@
-"""python -m bench [overhead] [bytes] [waffle] [--quick] [--rounds N] ..."""
+"""python -m bench [overhead] [bytes] [waffle] [--quick] [--rounds N] ...  (or `python PATH/bench ...` from any folder)"""
 from __future__ import annotations
 
 import argparse
@@ -8,20 +8,24 @@ import sys
 import time
 from pathlib import Path
 
-from bench import BENCHMARKS
-from bench.common import RESULTS, Options, say, table, write_json
+if __package__ in (None, ""):  # `python PATH/bench`: from any folder, the checkout's root is the import root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import BENCHMARKS  # noqa: E402 - after the path set-up above
+from bench.common import RESULTS, Options, say, table, write_json  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
-    parser.add_argument("--quick", action="store_true", help="a much smaller version of each (smoke test, < 60 s in all)")
+    parser.add_argument("--quick", action="store_true", help="a much smaller version of each (a smoke test: minutes in all, see bench/README.md)")
     parser.add_argument("--rounds", type=int, help="rounds per run (overrides each benchmark's default)")
     parser.add_argument("--max-train", type=int, help="waffle: training samples before partitioning (0 = all)")
     parser.add_argument("--epochs", type=int, help="waffle: local epochs per round")
     parser.add_argument("--dataset", default="auto", choices=["auto", "fashion-mnist", "digits"],
                         help="waffle: data set (auto = fashion-mnist when installed)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="results folder (default: bench/results)")
+    parser.add_argument("--grid", action="store_true", help="waffle: run the whole grid (bench/waffle_grid.py)")
     parser.add_argument("--keep", action="store_true", help="keep the federations' work folders and logs")
     args = parser.parse_args(argv)
     names = args.names or list(BENCHMARKS)
@@ -31,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds is not None and args.rounds < 1:
         parser.error("--rounds must be >= 1")
     opts = Options(quick=args.quick, rounds=args.rounds, max_train=args.max_train, dataset=args.dataset,
-                   epochs=args.epochs, keep=args.keep, out=args.out)
+                   epochs=args.epochs, keep=args.keep, grid=args.grid, out=args.out)
 
     timings, failed = [], []
     started = time.monotonic()

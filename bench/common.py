@@ -34,6 +34,7 @@ class Options:
     dataset: str = "auto"            # waffle: auto | fashion-mnist | digits
     epochs: int | None = None        # waffle: local epochs per round
     keep: bool = False               # keep federation work folders (logs) after a run
+    grid: bool = False               # waffle: the whole grid of partitions, sizes and data sets
     out: Path = RESULTS
 
 

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import participant.trainer  # noqa: F401  registers the adapters' per-sample gradient rules, as a site does
+import participant.privacy  # noqa: F401  registers the adapters' per-sample gradient rules, as a site does
 from kt_core.models import ModelConfig, build_model, kl_divergence
 from kt_core.train import TrainConfig, make_optimizer_for, train_local
 from security.dp.engine import GRAD_SAMPLE_MODES, DPSettings, DPUnsupportedError, check_model, train_dp

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from coordinator.store import open_state_file
+from coordinator.state_file import open_state_file
 from kt_core.wire import convert, transport
 from kt_core.wire import federation_pb2 as pb
 from kt_core.wire.federation_pb2_grpc import ParticipantServiceStub

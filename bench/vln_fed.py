@@ -6,7 +6,7 @@ rounds, from the same data:
 
   local-only    each site trains its adapters on its own level alone
   federated     after every round the coordinator's sample-weighted mean of the sites' shared
-                factors (kt_core.factorized.aggregate_factors) replaces each site's; what is
+                factors (the coordinator's FedAvg, via bench.waffle_sim.fedavg_mean) replaces each site's; what is
                 private (the factor selection and, in this recipe, the action head) stays
   centralized   one model on all three sites' demonstrations pooled, with the three sites' steps
                 together per round (the upper reference: it needs the data to leave the sites)
@@ -58,7 +58,8 @@ import time
 import torch
 
 from bench.common import Options, pyplot, say, table
-from kt_core.factorized import FactorizedLinear, aggregate_factors
+from bench.waffle_sim import fedavg_mean
+from kt_core.factorized import FactorizedLinear
 from kt_core.models import load_shared_state, shared_state
 from kt_core.train import TrainConfig
 from kt_core.vln.adapt import AdapterConfig, adapt_backbone
@@ -117,7 +118,7 @@ def train_kinds(base, data: list[DemoTensors], recipe: dict, seed: int, held_out
             for i, d in enumerate(data if k in models else ()):
                 train(k, models[k][i], d, r, i)
         if "federated" in models:
-            mean = aggregate_factors([(shared_state(m), float(len(d))) for m, d in zip(models["federated"], data)])
+            mean = fedavg_mean([shared_state(m) for m in models["federated"]], [len(d) for d in data])
             for m in models["federated"]:
                 load_shared_state(m, mean)
         if "centralized" in models:

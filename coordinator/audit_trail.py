@@ -13,7 +13,9 @@ import logging
 import threading
 from typing import Iterable, Mapping
 
+from coordinator.errors import Code, Refusal
 from security.audit import AuditError, AuditLog, CountersignatureError
+from security.audit.canonical import MAX_SAFE_INT
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,7 @@ class AuditTrail:
              *, awaits_answer: bool = True, nbytes: int | None = None) -> None:
         if self.audit is None:
             return
+        _loggable(round_no)
         entry = self.audit.log_boundary(run=run_id, round=round_no, direction="send", sender=self.name,
                                         receiver=site, message=message, sha256=sha256, tensors=specs, nbytes=nbytes)
         if awaits_answer:
@@ -60,6 +63,7 @@ class AuditTrail:
         site's certificate and recorded; a bad one raises CountersignatureError (already logged)."""
         if self.audit is None:
             return
+        _loggable(round_no)
         with self._lock:
             self._pending.pop((site, round_no), None)   # its answer shows our earlier pushes arrived
         self.audit.log_boundary(run=run_id, round=round_no, direction="receive", sender=site, receiver=self.name,
@@ -105,9 +109,32 @@ class AuditTrail:
         except AuditError as err:   # the refusal itself must still go out
             log.error("audit log: cannot record a refusal: %s", err)
 
+    # -- the end of a run -------------------------------------------------------------------------
+    def seal(self, run_id: str, rounds: int, reason: str) -> tuple[int, str]:
+        """Seal the run's part of the log when it ends: the returned head goes out in RunFinished
+        for every site to countersign (`seal_countersigned`). Nothing of the run may follow but
+        those countersignatures and what the sites' logs record (their final state downloads)."""
+        if self.audit is None:
+            return 0, ""
+        head = self.audit.seal(run=run_id, rounds=rounds, reason=reason)
+        return head.seq, head.hash
+
+    def seal_countersigned(self, site: str, token: bytes, certificate: bytes | None) -> None:
+        """A site's countersignature of the seal (it came with Leave). A bad one raises
+        CountersignatureError, already logged as a refusal."""
+        if self.audit is not None and token:
+            self.audit.record_countersignature(token, signer_cert_pem=certificate)
+
     def close(self, reason: str) -> None:
         if self.audit is not None:
             self.audit.close(reason)
+
+
+def _loggable(round_no: int) -> None:
+    """A round the log can hold (canonical JSON integers stop at 2^53 - 1): a peer's header naming
+    a larger one is refused here rather than failing inside the log after the message was served."""
+    if not 0 <= round_no <= MAX_SAFE_INT:
+        raise Refusal(Code.INVALID_ARGUMENT, f"header.round {round_no} is outside 0..{MAX_SAFE_INT}")
 
 
 __all__ = ["AuditTrail", "CountersignatureError"]

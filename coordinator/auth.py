@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from coordinator.rounds import Refusal
+from coordinator.errors import Refusal
 from security.pki import PKIError, RevocationWatcher, identity_from_pem
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class Authenticator:
                           f"certificate of {identity.name} (serial {identity.serial:x}) is revoked")
         if identity.role != role:
             raise Refusal(grpc.StatusCode.PERMISSION_DENIED,
-                          f"{identity.name} is a {identity.role}; this call needs a {role}")
+                          f"{identity.name} is a {identity.role}; this call needs {'an' if role[:1] in 'aeiou' else 'a'} {role}")
         if claimed_id is not None and claimed_id != identity.name:
             raise Refusal(grpc.StatusCode.PERMISSION_DENIED,
                           f"participant id {claimed_id!r} differs from the certificate subject {identity.name!r}")

@@ -8,6 +8,7 @@ import json
 import logging
 import threading
 from pathlib import Path
+from typing import Callable
 import uuid
 
 import numpy as np
@@ -15,29 +16,35 @@ import numpy as np
 from coordinator import secagg_round
 from coordinator.audit_trail import AuditTrail
 from coordinator.hosting import HostedBackbone, HostingError
-from coordinator.rounds import Refusal, RoundEngine
+from coordinator.errors import Code, Refusal
+from coordinator.rounds import RoundEngine
 from coordinator.store import CorruptStateError, Store
-from coordinator.strategy import FedAvg
+from coordinator.strategy import strategy_for
 from kt_core.config import ConfigError, RunConfig
 from kt_core.manifest import FactorManifest, Role, manifest_of
 from kt_core import tasks
 from kt_core.models import shared_state
 
-import grpc
-
 log = logging.getLogger(__name__)
+
+
+def backbone_path(config: RunConfig) -> Path | None:
+    """The checkpoint the run hosts for its sites, or None when its task hosts none. The one place
+    the coordinator asks what kind of task a run has."""
+    if not tasks.task_for(config).hosts_backbone:
+        return None
+    return Path(config.vln.backbone)
 
 
 def initial_state(config: RunConfig) -> tuple[FactorManifest, dict[str, np.ndarray]]:
     """The round-0 model: built from the run's seed, exactly as every site builds it."""
-    backbone = Path(config.vln.backbone) if config.task.kind == "vln" else None
-    model = tasks.build(config, backbone).model
+    model = tasks.build(config, backbone_path(config)).model
     return manifest_of(model), {n: t.numpy() for n, t in shared_state(model).items()}
 
 
 def host_backbone(config: RunConfig) -> tuple[RunConfig, HostedBackbone | None]:
-    """A VLN run hosts its backbone checkpoint: digest it and name the digest in the run config."""
-    if config.task.kind != "vln":
+    """A run whose task hosts a backbone: digest the checkpoint and name the digest in the run config."""
+    if backbone_path(config) is None:
         return config, None
     if not config.vln.backbone:
         raise ConfigError("vln.backbone: a vln run needs the path of a pretrained checkpoint (ktfed pretrain)")
@@ -56,13 +63,15 @@ def shared_specs(manifest: FactorManifest) -> dict[str, tuple[str, tuple[int, ..
 
 
 class Coordinator:
-    def __init__(self, store: Store, trail: AuditTrail | None = None):
+    def __init__(self, store: Store, trail: AuditTrail | None = None,
+                 on_failure: Callable[[RoundEngine], None] | None = None):
         self.store = store
         self.trail = trail or AuditTrail(None, "coordinator")
         self.engine: RoundEngine | None = None
         self.manifest: FactorManifest | None = None
         self.backbone: HostedBackbone | None = None   # the run's frozen checkpoint, when it has one
         self._thread: threading.Thread | None = None
+        self.on_failure = on_failure   # the server reports NOT_SERVING when the round engine fails
         self._lock = threading.Lock()
 
     def resume(self) -> bool:
@@ -84,7 +93,7 @@ class Coordinator:
     def start_run(self, config: RunConfig) -> str:
         with self._lock:
             if self.engine is not None and self.engine.state == "running":
-                raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
+                raise Refusal(Code.FAILED_PRECONDITION,
                               f"run {self.engine.run_id} is still running; stop it first")
             config = config.resolved()
             try:
@@ -92,12 +101,12 @@ class Coordinator:
                 config, hosted = host_backbone(config)
                 manifest, state = initial_state(config)
             except ConfigError as err:
-                raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
+                raise Refusal(Code.INVALID_ARGUMENT, str(err)) from None
             self.backbone = hosted
             try:
                 secagg_round.check_config(config, shared_specs(manifest))
             except ConfigError as err:
-                raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
+                raise Refusal(Code.INVALID_ARGUMENT, str(err)) from None
             run_id = "run-" + uuid.uuid4().hex[:12]
             self.store.create_run(run_id, config.to_json(), manifest.to_json(), state)
             self.trail.config(run_id, json.loads(config.to_json()))
@@ -112,19 +121,33 @@ class Coordinator:
     def _start_engine(self, run_id: str, config: RunConfig, manifest: FactorManifest) -> None:
         self.manifest = manifest
         self.engine = RoundEngine(self.store, run_id, config, shared_specs(manifest),
-                                  FedAvg(config.federation.server_lr), trail=self.trail)
-        self._thread = threading.Thread(target=self.engine.run, name=f"rounds-{run_id}", daemon=True)
+                                  strategy_for(config), trail=self.trail)
+        self._thread = threading.Thread(target=self._drive, args=(self.engine,), name=f"rounds-{run_id}", daemon=True)
         self._thread.start()
+
+    def _drive(self, engine: RoundEngine) -> None:
+        """The engine's thread. An error it did not expect stops the run where everyone sees it (run
+        state "failed", health NOT_SERVING) instead of leaving a run that looks alive and never moves;
+        the store still holds the run as running, so a restart resumes it at its last completed round."""
+        try:
+            engine.run()
+        except Exception:  # noqa: BLE001 - whatever it was, the run must not stall silently
+            log.exception("run %s: the round engine failed; the run stops here (a restart resumes it at "
+                          "round %d)", engine.run_id, engine.rounds_completed + 1)
+            engine.stop("failed")
+            engine.end_streams()
+            if self.on_failure is not None:
+                self.on_failure(engine)
 
     def current(self) -> RoundEngine:
         if self.engine is None:
-            raise Refusal(grpc.StatusCode.UNAVAILABLE, "no run has been started on this coordinator")
+            raise Refusal(Code.UNAVAILABLE, "no run has been started on this coordinator")
         return self.engine
 
     def engine_for(self, run_id: str) -> RoundEngine:
         engine = self.current()
         if run_id != engine.run_id:
-            raise Refusal(grpc.StatusCode.NOT_FOUND, f"unknown run id {run_id!r} (current run is {engine.run_id})")
+            raise Refusal(Code.NOT_FOUND, f"unknown run id {run_id!r} (current run is {engine.run_id})")
         return engine
 
     def stop(self, reason: str = "stopped") -> None:

@@ -13,8 +13,15 @@ servicer logs and records it like any other refusal and an operator knows what t
   rpc_rate_per_participant  calls per second one participant may start, a token bucket holding
                             two seconds' worth (0 = no rate limit)
 
-Counting happens per authenticated identity, after the certificate check, so one site cannot
-exhaust another's allowance.
+Counting happens per authenticated identity, after the certificate and membership checks and
+before the request is parsed (coordinator.admission), so one site cannot exhaust another's
+allowance and a flood of malformed calls is cut off before it costs parsing.
+
+Two more bounds on what a peer can make the coordinator spend:
+  RecordBudget     refusals of one peer logged and recorded one by one (10 per second, bursts of
+                   30); past that they are counted into the peer's next recorded refusal
+  StreamWatchdog   a client stream (Upload, SubmitSecAgg) that sends no first message, or goes
+                   idle, within the server's timeouts is ended with DEADLINE_EXCEEDED
 """
 from __future__ import annotations
 
@@ -25,7 +32,7 @@ from typing import Callable, Iterator
 
 import grpc
 
-from coordinator.rounds import Refusal
+from coordinator.errors import Refusal
 from kt_core.config import FederationSettings
 
 BURST_SECONDS = 2.0
@@ -112,3 +119,104 @@ class Limiter:
     def uploads_in_progress(self) -> int:
         with self._cond:
             return self._uploads
+
+
+# -- what refusals may cost ------------------------------------------------------------------------
+REFUSAL_RECORDS_PER_S = 10.0     # refusals of one peer logged and recorded per second
+REFUSAL_RECORD_BURST = 30.0
+
+
+class RecordBudget:
+    """How many of one peer's refusals are logged and recorded one by one: a flood of bad calls
+    must not cost a log line and a database row each. Past the budget a refusal is counted, and
+    the count goes with the peer's next recorded refusal."""
+
+    def __init__(self, rate: float = REFUSAL_RECORDS_PER_S, burst: float = REFUSAL_RECORD_BURST,
+                 clock: Callable[[], float] = time.monotonic):
+        self.rate, self.burst, self._clock = rate, burst, clock
+        self._lock = threading.Lock()
+        self._buckets: dict[str, tuple[float, float]] = {}
+        self._held: dict[str, int] = {}
+
+    def take(self, peer: str) -> int | None:
+        """None: do not record this one; else how many of the peer's refusals went unrecorded before it."""
+        with self._lock:
+            now = self._clock()
+            tokens, then = self._buckets.get(peer, (self.burst, now))
+            tokens = min(self.burst, tokens + (now - then) * self.rate)
+            if tokens < 1.0:
+                self._buckets[peer] = (tokens, now)
+                self._held[peer] = self._held.get(peer, 0) + 1
+                return None
+            self._buckets[peer] = (tokens - 1.0, now)
+            return self._held.pop(peer, 0)
+
+
+# -- streams that stall ----------------------------------------------------------------------------
+class StreamWatchdog:
+    """Ends a client-streaming call whose first message does not come within `first_message_s`
+    of its start, or whose next message does not come within `idle_s`: a stalled site must not
+    hold a worker thread or an upload slot. One thread watches every call."""
+
+    def __init__(self, first_message_s: float, idle_s: float, clock: Callable[[], float] = time.monotonic):
+        self.first_message_s, self.idle_s, self._clock = first_message_s, idle_s, clock
+        self._cond = threading.Condition()
+        self._watched: set[Watch] = set()
+        self._thread: threading.Thread | None = None
+
+    def watch(self, context) -> "Watch":
+        watch = Watch(self, context)
+        with self._cond:
+            self._watched.add(watch)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="stream-watchdog", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+        return watch
+
+    def _forget(self, watch: "Watch") -> None:
+        with self._cond:
+            self._watched.discard(watch)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._watched:
+                    self._cond.wait()
+                now = self._clock()
+                due = [w for w in self._watched if w.deadline <= now]
+                for w in due:
+                    self._watched.discard(w)
+            for w in due:
+                w.expire()
+            time.sleep(0.1)
+
+
+class Watch:
+    """One watched call: `touch()` when a message arrives, `done()` when the call no longer reads."""
+
+    def __init__(self, dog: StreamWatchdog, context):
+        self._dog, self._context = dog, context
+        self.deadline = dog._clock() + dog.first_message_s
+        self.first = True
+        self.reason: str | None = None
+
+    def touch(self) -> None:
+        self.first = False
+        self.deadline = self._dog._clock() + self._dog.idle_s
+
+    def done(self) -> None:
+        self._dog._forget(self)
+
+    def expire(self) -> None:
+        self.reason = (f"no first message within {self._dog.first_message_s:g} s of the call's start" if self.first
+                       else f"idle: no message for more than {self._dog.idle_s:g} s")
+        # grpc's public cancel() answers CANCELLED; the call object can say why (DEADLINE_EXCEEDED)
+        call = getattr(getattr(self._context, "_rpc_event", None), "call", None)
+        try:
+            if call is not None:
+                call.cancel(grpc.StatusCode.DEADLINE_EXCEEDED.value[0], self.reason)
+            else:
+                self._context.cancel()
+        except Exception:  # noqa: BLE001 - a call that ended meanwhile needs no ending
+            pass

@@ -1,21 +1,27 @@
-"""Secure aggregation at the coordinator: which step of an attempt is open, who it waits for, and
-what the unmasked sum means.
+"""Secure aggregation at the coordinator: which step of an attempt is open, who it waits for, what
+the unmasked sum means (`SecAggRound`), and the driver that runs a secure attempt for the round
+engine (`SecAggDriver`).
 
-The protocol itself lives in security.secagg (SecAggServer); this class only keeps the
+The protocol itself lives in security.secagg (SecAggServer); `SecAggRound` only keeps the
 bookkeeping a networked round needs around it: a step is open until every participant still
 expected has answered, or its deadline passes, or the participant's stream drops. No gRPC here:
-the round engine drives it, the servicer hands it bytes.
+the round engine hands the driver its attempts, the servicer hands it bytes.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Mapping
 
 import numpy as np
+from cryptography import x509
 
+from coordinator.admission import check_metrics
+from coordinator.errors import Code, DuplicateSubmission, OutOfPhase, Refusal, secagg_refusal
+from coordinator.store import UploadRecord
 from kt_core import vector
 from kt_core.config import ConfigError, RunConfig
 from security import secagg
@@ -184,9 +190,137 @@ class SecAggRound:
                             tuple(result.responders))
 
 
-class DuplicateSubmission(SecAggError):
-    """A second answer to the same step from one participant."""
+class SecAggDriver:
+    """Runs the secure attempts of one round engine: opens each step, takes the sites' answers,
+    and folds the unmasked sum into the engine's strategy. Everything it touches of the engine is
+    held under the engine's lock (`engine.cond`)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def new_round(self, round_no: int, selected) -> SecAggRound:
+        e = self.engine
+        verify = None
+        if e.config.secagg.active:
+            verify = {pid: x509.load_pem_x509_certificate(e.certificates[pid]).public_key() for pid in selected}
+        return SecAggRound(e.run_id, round_no, tuple(sorted(selected)), protocol_settings(e.config), e.shared_specs,
+                           e.strategy.secagg_weight_scale(), verify_keys=verify)
+
+    @staticmethod
+    def can_rejoin(attempt, participant_id: str) -> bool:
+        """A secure round can take a site back only before it advertised keys: its protocol
+        state did not survive the lost connection."""
+        sa = attempt.secagg
+        return sa is None or (sa.step == "advertise" and participant_id not in sa.received)
+
+    def check(self, participant_id: str, round_no: int, task_id: bytes, step: str, size: int):
+        """Everything that can be refused before a SecAgg payload is read; returns the attempt."""
+        with self.engine.cond:
+            attempt = self.engine.answered_by(participant_id, round_no, task_id, f"secure aggregation {step}")
+            sa = attempt.secagg
+            if sa is None:
+                raise Refusal(Code.FAILED_PRECONDITION, f"round {attempt.round} does not run under secure aggregation")
+            try:
+                sa.check_open(participant_id, step)
+            except SecAggError as err:
+                raise secagg_refusal(err) from None
+            limit = sa.max_payload(step)
+            if not 0 < size <= limit:
+                raise Refusal(Code.RESOURCE_EXHAUSTED if size > limit else Code.INVALID_ARGUMENT,
+                              f"{step}: declared payload of {size} bytes is outside 1..{limit}")
+            return attempt
+
+    def submit(self, attempt, participant_id: str, step: str, payload: bytes, metrics: Mapping[str, float],
+               countersignature: bytes = b"") -> None:
+        """Hand one participant's answer to the open SecAgg step."""
+        if step == "masked_input":
+            check_metrics(metrics)
+        e = self.engine
+        with e.cond:
+            if attempt is not e.attempt or attempt.closed:
+                raise Refusal(Code.FAILED_PRECONDITION, f"round {attempt.round} closed while the {step} was in flight")
+            try:
+                attempt.secagg.receive(participant_id, step, payload, metrics)
+            except SecAggError as err:
+                raise secagg_refusal(err) from None
+            e.audit_received(attempt, participant_id, f"secagg/{step}", hashlib.sha256(payload).hexdigest(),
+                             countersignature=countersignature, nbytes=len(payload))
+            e.cond.notify_all()
+        log.info("round %d: secure aggregation %s from %s (%d bytes)", attempt.round, step, participant_id,
+                 len(payload))
+
+    def collect(self, attempt) -> str | None:
+        """Drive the SecAgg steps; None when the sum is folded in, else why the attempt aborts.
+
+        The advertise step waits as long as the round (sites advertise once their update is
+        ready); every later step waits `secagg.step_timeout_s`. A site whose stream drops, or that
+        does not answer in time, is a dropout: the protocol recovers its masks if t others remain."""
+        problem = self._run_steps(attempt)
+        if problem is not None:
+            return problem
+        sa = attempt.secagg
+        try:
+            result = sa.finish()
+        except SecAggError as err:
+            return f"secure aggregation: {err}"
+        if result.weight <= 0:
+            return "secure aggregation: the survivors' weights sum to zero"
+        e = self.engine
+        e.strategy.add_aggregate(result.weighted_sum, result.weight)
+        with e.cond:
+            for pid in result.survivors:
+                # what the record holds of a site: the size and digest of its masked vector
+                attempt.uploads[pid] = UploadRecord(pid, attempt.task_id.hex(), 0, (), sa.bytes_in.get(pid, 0),
+                                                    sa.payload_digests[pid])
+                metrics = sa.metrics.get(pid, {})
+                e.participants[pid].note_privacy(metrics)
+                attempt.note_metrics(pid, metrics)
+            attempt.dropped = set(attempt.selected) - set(result.survivors) - set(attempt.declined)
+        attempt.secagg_summary = summary(sa, result)
+        log.info("round %d: secure aggregation unmasked the sum of %d input(s) (t=%d); masks of %s recovered",
+                 attempt.round, len(result.survivors), sa.threshold, ", ".join(result.dropped) or "nobody")
+        return None
+
+    def _run_steps(self, attempt) -> str | None:
+        """Open step after step until the unmask step has its answers; why not, if it cannot."""
+        e, sa = self.engine, attempt.secagg
+        deadline = attempt.deadline
+        while True:
+            with e.cond:
+                while not e.stopped.is_set():
+                    alive = (set(e.sessions) & attempt.selected) - set(attempt.declined)
+                    if not sa.waiting_for(alive) or time.monotonic() >= deadline:
+                        break
+                    e.cond.wait(timeout=min(deadline - time.monotonic(), 0.5))
+                if e.stopped.is_set():
+                    attempt.closed = True
+                    return "stopped"
+                if sa.step == "unmask":
+                    attempt.closed = True
+                    return None
+                try:
+                    out = sa.close()
+                except SecAggError as err:
+                    attempt.closed = True
+                    return f"secure aggregation: {err}"
+                for pid, (step, payload) in out.items():
+                    if pid in e.sessions:
+                        e.push_secagg_step(attempt, pid, step, payload)
+                deadline = time.monotonic() + e.config.secagg.step_timeout_s
+                log.info("round %d: secure aggregation step %s opened for %d participant(s)",
+                         attempt.round, sa.step, len(out))
 
 
-class OutOfPhase(SecAggError):
-    """An answer to a step that is not open (early, late, or replayed from an earlier step)."""
+def summary(sa: SecAggRound, result: SecAggResult) -> dict:
+    """What secure aggregation did in a round, for the record (never an individual update)."""
+    return {
+        "roster": list(sa.roster), "threshold": sa.threshold, "neighbours": sa.settings.neighbours,
+        "active": sa.settings.active, "survivors": list(result.survivors),
+        "dropped_after_sharing_keys": list(result.dropped), "responders": list(result.responders),
+        # whose secrets the coordinator reconstructed: the self-mask seeds of the survivors,
+        # the mask keys of those who dropped after sharing keys (never both for one site)
+        "reconstructed_self_mask_of": list(result.survivors),
+        "reconstructed_mask_key_of": list(result.dropped),
+        "steps": [{"step": step, "answered": list(a), "missing": list(m)} for step, a, m in sa.history],
+        "vector_length": sa.length, "bits": sa.settings.bits, "clip_norm": sa.settings.clip_norm,
+        "weight_scale": sa.weight_scale}

@@ -16,6 +16,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from coordinator.audit_trail import AuditTrail
 from coordinator.auth import Authenticator
 from coordinator.coordinator import Coordinator
+from coordinator.limits import StreamWatchdog
 from coordinator.metrics import Traffic, collect
 from coordinator.service import OperatorServicer, ParticipantServicer, generic_handler
 from coordinator.store import Store
@@ -40,6 +41,10 @@ class ServerSettings:
     max_workers: int = 160
     metrics_listen: str | None = None   # HOST:PORT of the Prometheus endpoint; None = off
     audit: bool = True                  # keep the audit log (STATE/audit); off only to measure it
+    # a client-streaming call (Upload, SubmitSecAgg) that sends nothing this long after it opened,
+    # or between two messages, is ended: a stalled site must not hold a thread or an upload slot
+    stream_first_message_timeout_s: float = 30.0
+    stream_idle_timeout_s: float = 60.0
 
 
 class CoordinatorServer:
@@ -52,7 +57,8 @@ class CoordinatorServer:
             name = identity_from_pem(Path(settings.tls.cert).read_bytes()).name
             self.trail = AuditTrail(AuditLog.open(Path(settings.state_dir) / "audit", name, settings.tls.key,
                                                   settings.tls.cert, sync="on_head"), name)
-        self.coordinator = Coordinator(self.store, self.trail)
+        self.coordinator = Coordinator(self.store, self.trail,
+                                       on_failure=lambda _engine: self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
         revocations = None
         if settings.crl is not None and not settings.insecure:
             revocations = RevocationWatcher(settings.crl, settings.tls.ca_cert)
@@ -64,8 +70,10 @@ class CoordinatorServer:
                                                              thread_name_prefix="grpc"),
                                   options=transport.SERVER_OPTIONS)
         record = self._record_refusal
+        watchdog = StreamWatchdog(settings.stream_first_message_timeout_s, settings.stream_idle_timeout_s)
+        participants = ParticipantServicer(self.coordinator, self.auth, self.traffic)
         self.server.add_generic_rpc_handlers((
-            generic_handler("ParticipantService", ParticipantServicer(self.coordinator, self.auth, self.traffic), record),
+            generic_handler("ParticipantService", participants, record, watchdog),
             generic_handler("OperatorService", OperatorServicer(self.coordinator, self.auth), record),
         ))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -1,8 +1,9 @@
-"""gRPC servicers: parse, check, hand off. The logic lives in Coordinator and RoundEngine.
+"""gRPC servicers: parse, admit, hand off. The logic lives in Coordinator and RoundEngine.
 
 Requests arrive as raw bytes and are parsed here, so a message that is not valid protobuf gets a
-precise INVALID_ARGUMENT (gRPC's own deserializer would answer a vague INTERNAL). Every refusal
-is logged and recorded in the store before the status goes back.
+precise INVALID_ARGUMENT (gRPC's own deserializer would answer a vague INTERNAL). Every call of a
+participant passes admission first (coordinator.admission); every refusal is logged and recorded
+in the store before the status goes back.
 """
 from __future__ import annotations
 
@@ -11,21 +12,26 @@ import inspect
 import itertools
 import logging
 import queue
+import time
 from typing import Callable, Iterator
 
 import grpc
 from google.protobuf.message import DecodeError
 
+from coordinator import messages
+from coordinator.admission import Admission, check_fields, check_version
+from coordinator.audit_trail import CountersignatureError
 from coordinator.auth import Authenticator
 from coordinator.coordinator import Coordinator
+from coordinator.errors import Code, Refusal, wire_refusal
 from coordinator.hosting import HostingError
-from coordinator.limits import Limiter
+from coordinator.limits import RecordBudget, StreamWatchdog
 from coordinator.metrics import Traffic
-from coordinator.rounds import Refusal
 from coordinator.spool import SPOOL_DIR, SpoolDir, return_freed_buffers_to_the_os
 from coordinator.store import UploadRecord
 from kt_core import codec
-from kt_core.config import ConfigError, FederationSettings, load_toml
+from kt_core.bounded import escape_field
+from kt_core.config import ConfigError, load_toml
 from kt_core.wire import chunks, convert
 from kt_core.wire import federation_pb2 as pb
 
@@ -37,13 +43,11 @@ log = logging.getLogger(__name__)
 SEND_CHUNK_BYTES = 1 << 20
 
 HEARTBEAT_S = 5.0
-
-
-def _check_version(header: pb.Header) -> None:
-    if header.protocol_version != convert.PROTOCOL_VERSION:
-        raise Refusal(grpc.StatusCode.FAILED_PRECONDITION,
-                      f"protocol version {header.protocol_version} is not supported "
-                      f"(this coordinator speaks {convert.PROTOCOL_VERSION})")
+# how often an open task stream re-checks its certificate: a revocation ends it within this
+RECHECK_S = 1.0
+# what of a refusal is logged, recorded and sent back (peer names and reasons are peer-chosen text)
+MAX_REFUSAL_PEER = 128
+MAX_REFUSAL_REASON = 1000
 
 
 class ParticipantServicer:
@@ -54,33 +58,20 @@ class ParticipantServicer:
         # uploads are received into files here (and leftovers of an earlier process removed)
         self.spool = SpoolDir(coordinator.store.root / SPOOL_DIR)
         return_freed_buffers_to_the_os()   # transient chunk buffers must not pile up in malloc's arenas
-        self.limits = Limiter()
+        self.admission = Admission(coordinator, auth)
+        self.limits = self.admission.limits
 
-    def _federation(self) -> FederationSettings:
-        engine = self.coordinator.engine
-        return engine.fed if engine is not None else FederationSettings()
+    def admit(self, context) -> None:
+        """Identity, revocation, membership and allowance, before the request is parsed."""
+        self.admission.identify(context, "participant")
 
     def _caller(self, context, header: pb.Header) -> str:
-        caller = self.auth.caller(context, "participant", header.participant_id)
-        _check_version(header)
-        # limits hook: every participant call counts against its caller's allowance until it ends
-        self.limits.admit(caller.name, self._federation(), context.add_callback)
-        # the certificate of this very call: after a rotation, the site signs (audit countersignatures,
-        # SecAgg's active option) with its new key
-        pems = context.auth_context().get("x509_pem_cert")
-        if pems and self.coordinator.engine is not None:
-            self.coordinator.engine.note_certificate(caller.name, pems[0])
-        return caller.name
+        return self.admission.participant(context, header)
 
     def Join(self, request: pb.JoinRequest, context) -> pb.JoinReply:
         pid = self._caller(context, request.header)
-        engine = self.coordinator.current()
-        if request.header.run_id and request.header.run_id != engine.run_id:
-            raise Refusal(grpc.StatusCode.NOT_FOUND, f"unknown run id {request.header.run_id!r}")
-        if pid not in engine.fed.sites:
-            raise Refusal(grpc.StatusCode.PERMISSION_DENIED, f"{pid} is not a site of run {engine.run_id}")
-        if engine.state != "running":
-            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, f"run {engine.run_id} is {engine.state}")
+        engine = self.admission.join(pid, request.header.run_id)
+        engine.refuse_duplicate(pid)
         manifest = self.coordinator.manifest
         reply = pb.JoinReply(header=convert.header(engine.run_id, engine.rounds_completed, pid),
                              run_config_json=engine.config.to_json(), manifest_digest=manifest.digest(),
@@ -91,26 +82,31 @@ class ParticipantServicer:
         for e in manifest.entries:
             reply.manifest.add(name=e.name, role=convert.ROLE_TO_PB[e.role.value], dtype=e.dtype, shape=e.shape)
         engine.note_capabilities(pid, request.capabilities)
-        log.info("%s joined run %s (%s, %d cpus%s)", pid, engine.run_id,
-                 request.capabilities.software_version or "?", request.capabilities.cpu_count,
-                 "".join(f", {a}" for a in request.capabilities.accelerators))
+        caps = request.capabilities
+        log.info("%s joined run %s (%s, %d cpus%s)", pid, engine.run_id, escape_field(caps.software_version or "?"),
+                 caps.cpu_count, escape_field("".join(f", {a}" for a in caps.accelerators), 1000))
         return reply
 
     def Tasks(self, request: pb.TaskStreamRequest, context) -> Iterator[pb.Task]:
         pid = self._caller(context, request.header)
         engine = self.coordinator.engine_for(request.header.run_id)
-        session = engine.connect(pid)
+        session = engine.connect(pid, alive=context.is_active)
         context.add_callback(lambda: engine.disconnect(session))
+        quiet_since = time.monotonic()
         while context.is_active():
             try:
-                task = session.queue.get(timeout=HEARTBEAT_S)
+                task = session.queue.get(timeout=RECHECK_S)
             except queue.Empty:
-                yield pb.Task(heartbeat=pb.Heartbeat(unix_ms=0))
+                self.admission.still_valid(context)   # a revoked site's stream ends here
+                if time.monotonic() - quiet_since >= HEARTBEAT_S:
+                    quiet_since = time.monotonic()
+                    yield messages.heartbeat()
                 continue
             if task is None:
                 return
+            self.admission.still_valid(context)       # never push a task to a revoked site
             yield task
-            if task.HasField("finished"):
+            if messages.is_finished(task):
                 return
 
     def DownloadState(self, request: pb.StateRequest, context) -> Iterator[pb.StateChunk]:
@@ -139,7 +135,7 @@ class ParticipantServicer:
     def Upload(self, request_iterator: Iterator[pb.UploadChunk], context) -> pb.UploadReceipt:
         first = next(request_iterator, None)
         if first is None or isinstance(first, chunks.ChunkView):
-            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "an upload must start with an UploadHeader")
+            raise Refusal(Code.INVALID_ARGUMENT, "an upload must start with an UploadHeader")
         head = first.header
         pid = self._caller(context, head.header)
         engine = self.coordinator.engine_for(head.header.run_id)
@@ -154,7 +150,7 @@ class ParticipantServicer:
                 with self.spool.open(specs, max_chunk_bytes=fed.max_chunk_bytes) as spool:
                     for chunk in request_iterator:
                         if not isinstance(chunk, chunks.ChunkView):
-                            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "a second UploadHeader inside one upload")
+                            raise Refusal(Code.INVALID_ARGUMENT, "a second UploadHeader inside one upload")
                         spool.add(chunk.name, chunk.offset, chunk.data)
                         del chunk     # the received bytes go before the next chunk arrives
                     update = spool.finish()
@@ -163,10 +159,10 @@ class ParticipantServicer:
                                           digest)
                     engine.submit(attempt, record, update, dict(head.metrics), head.audit_countersignature)
             except codec.WireError as err:
-                raise Refusal(_WIRE_CODES.get(err.reason, grpc.StatusCode.INVALID_ARGUMENT), str(err)) from None
+                raise wire_refusal(err) from None
             except OSError as err:
                 log.error("upload from %s could not be buffered: %s", pid, err)
-                raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                raise Refusal(Code.RESOURCE_EXHAUSTED,
                               f"the coordinator could not buffer the upload on disk: {err}") from None
         return pb.UploadReceipt(header=convert.header(engine.run_id, attempt.round, pid),
                                 bytes_received=record.bytes, update_digest=digest)
@@ -180,32 +176,32 @@ class ParticipantServicer:
     def SubmitSecAgg(self, request_iterator: Iterator[pb.SecAggSubmission], context) -> pb.SecAggReceipt:
         first = next(request_iterator, None)
         if first is None or not first.HasField("header"):
-            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "a SecAgg submission must start with its header")
+            raise Refusal(Code.INVALID_ARGUMENT, "a SecAgg submission must start with its header")
         pid = self._caller(context, first.header)
         engine = self.coordinator.engine_for(first.header.run_id)
         step = convert.SECAGG_STEP_FROM_PB.get(first.step)
         if step is None:
-            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, f"unknown secure aggregation step {first.step}")
-        attempt = engine.check_secagg(pid, first.header.round, first.task_id, step, first.payload_bytes)
+            raise Refusal(Code.INVALID_ARGUMENT, f"unknown secure aggregation step {first.step}")
+        attempt = engine.secagg.check(pid, first.header.round, first.task_id, step, first.payload_bytes)
         # The declared size was checked against the step's bound: that much is allocated once and
         # filled in place, and no more is read (a masked vector is as large as the update).
         payload, size = bytearray(first.payload_bytes), 0
         for message in itertools.chain([first], request_iterator):
             if message is not first and message.HasField("header"):
-                raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, "a second header inside one SecAgg submission")
+                raise Refusal(Code.INVALID_ARGUMENT, "a second header inside one SecAgg submission")
             part = message.payload_part
             del message
             if size + len(part) > first.payload_bytes:
-                raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                raise Refusal(Code.RESOURCE_EXHAUSTED,
                               f"{step}: payload exceeds its declared {first.payload_bytes} bytes")
             payload[size:size + len(part)] = part
             size += len(part)
             del part
         if size != first.payload_bytes:
-            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+            raise Refusal(Code.INVALID_ARGUMENT,
                           f"{step}: payload holds {size} bytes, {first.payload_bytes} declared")
         self.traffic.received(size)
-        engine.secagg_submit(attempt, pid, step, payload, dict(first.metrics), first.audit_countersignature)
+        engine.secagg.submit(attempt, pid, step, payload, dict(first.metrics), first.audit_countersignature)
         return pb.SecAggReceipt(header=convert.header(engine.run_id, attempt.round, pid), bytes_received=size)
 
     def DownloadBackbone(self, request: pb.BackboneRequest, context) -> Iterator[pb.BackboneChunk]:
@@ -213,16 +209,16 @@ class ParticipantServicer:
         engine = self.coordinator.engine_for(request.header.run_id)
         hosted = self.coordinator.backbone
         if hosted is None:
-            raise Refusal(grpc.StatusCode.FAILED_PRECONDITION, f"run {engine.run_id} hosts no backbone")
+            raise Refusal(Code.FAILED_PRECONDITION, f"run {engine.run_id} hosts no backbone")
         if request.sha256 != hosted.sha256:
-            raise Refusal(grpc.StatusCode.NOT_FOUND,
+            raise Refusal(Code.NOT_FOUND,
                           f"backbone {request.sha256[:16]}… is not the run's ({hosted.sha256[:16]}…)")
         try:
             for offset, data in hosted.chunks(request.offset, min(engine.fed.max_chunk_bytes, SEND_CHUNK_BYTES)):
                 yield pb.BackboneChunk(offset=offset, data=data)
                 self.traffic.sent(len(data))
         except HostingError as err:
-            raise Refusal(grpc.StatusCode.DATA_LOSS, str(err)) from None
+            raise Refusal(Code.DATA_LOSS, str(err)) from None
         # logged once the whole checkpoint went out (the site logs its receipt once it checked it)
         engine.trail.sent(engine.run_id, request.header.round, pid, "backbone", hosted.sha256, nbytes=hosted.size,
                           awaits_answer=False)
@@ -230,16 +226,14 @@ class ParticipantServicer:
 
     def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveReply:
         pid = self._caller(context, request.header)
-        log.info("%s left: %s", pid, request.reason[:200] or "no reason given")
+        log.info("%s left: %s", pid, escape_field(request.reason or "no reason given"))
+        if request.audit_countersignature:
+            engine = self.coordinator.engine_for(request.header.run_id)
+            try:
+                engine.trail.seal_countersigned(pid, request.audit_countersignature, engine.certificates.get(pid))
+            except CountersignatureError as err:   # the audit log has recorded it as a refusal
+                raise Refusal(Code.INVALID_ARGUMENT, f"audit countersignature refused: {err}") from None
         return pb.LeaveReply()
-
-
-_WIRE_CODES = {
-    "chunk_too_large": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "exceeds_declared": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "size_limit": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "digest_mismatch": grpc.StatusCode.DATA_LOSS,
-}
 
 
 class OperatorServicer:
@@ -247,29 +241,32 @@ class OperatorServicer:
         self.coordinator = coordinator
         self.auth = auth
 
+    def admit(self, context) -> None:
+        self.auth.caller(context, "operator")
+
     def StartRun(self, request: pb.StartRunRequest, context) -> pb.RunStatus:
         caller = self.auth.caller(context, "operator")
-        _check_version(request.header)
+        check_version(request.header)
         try:
             config = load_toml(request.run_config_toml, "run config")
         except ConfigError as err:
-            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(err)) from None
+            raise Refusal(Code.INVALID_ARGUMENT, str(err)) from None
         run_id = self.coordinator.start_run(config)
         log.info("operator %s started run %s", caller.name, run_id)
         return self.coordinator.current().status()
 
     def GetRunStatus(self, request: pb.RunStatusRequest, context) -> pb.RunStatus:
         self.auth.caller(context, "operator")
-        _check_version(request.header)
+        check_version(request.header)
         if request.header.run_id:
             return self.coordinator.engine_for(request.header.run_id).status()
         return self.coordinator.current().status()
 
     def StopRun(self, request: pb.StopRunRequest, context) -> pb.RunStatus:
         caller = self.auth.caller(context, "operator")
-        _check_version(request.header)
+        check_version(request.header)
         engine = self.coordinator.engine_for(request.header.run_id)
-        log.info("operator %s stops run %s: %s", caller.name, engine.run_id, request.reason[:200])
+        log.info("operator %s stops run %s: %s", caller.name, engine.run_id, escape_field(request.reason))
         self.coordinator.stop("stopped")
         return engine.status()
 
@@ -284,14 +281,20 @@ def _peer_name(context) -> str:
     return names[0].decode(errors="replace") if names else context.peer()
 
 
-def _refusing(method: str, record: Callable[[str, str, str, str], None], fn):
-    """Turn a Refusal into a logged, recorded gRPC status; works for unary and streaming responses."""
+def _refusing(method: str, record: Callable[[str, str, str, str], None], fn, budget: RecordBudget):
+    """Turn a Refusal into a logged, recorded gRPC status; works for unary and streaming responses.
+    What is logged, recorded and answered is cut and escaped (a peer chose parts of it), and a
+    peer's refusals past its record budget are counted into its next recorded one."""
 
     def refuse(err: Refusal, context):
-        peer = _peer_name(context)
-        log.warning("refused %s from %s: %s %s", method, peer, err.code.name, err)
-        record(peer, method, err.code.name, str(err))
-        context.abort(err.code, str(err))
+        peer = escape_field(_peer_name(context), MAX_REFUSAL_PEER)
+        reason = escape_field(str(err), MAX_REFUSAL_REASON)
+        held = budget.take(peer)
+        if held is not None:
+            more = f" (and {held} more refusals of {peer} before this one, not recorded one by one)" if held else ""
+            log.warning("refused %s from %s: %s %s%s", method, peer, err.code.name, reason, more)
+            record(peer, method, err.code.name, reason + more)
+        context.abort(err.code, reason)
 
     if inspect.isgeneratorfunction(fn):
         @functools.wraps(fn)
@@ -317,8 +320,9 @@ def _parser(method: str, cls):
         try:
             message.ParseFromString(raw)
         except DecodeError as err:
-            raise Refusal(grpc.StatusCode.INVALID_ARGUMENT,
+            raise Refusal(Code.INVALID_ARGUMENT,
                           f"{method}: request is not a valid {cls.DESCRIPTOR.full_name}: {err}") from None
+        check_fields(message)
         return message
     return parse
 
@@ -340,13 +344,21 @@ def _upload_parser(method: str, cls):
     return parse_upload
 
 
-def _parsed(request_iterator, parse):
+def _parsed(request_iterator, parse, watch=None):
     """The stream's messages, parsed, holding none while the next one is awaited: a chunk lives
-    only as long as the servicer keeps it (a `for raw in ...` loop would keep the last one)."""
+    only as long as the servicer keeps it (a `for raw in ...` loop would keep the last one).
+    `watch` (a limits.Watch) ends the call when the next message is too long in coming."""
     while True:
-        raw = next(request_iterator, None)
+        try:
+            raw = next(request_iterator, None)
+        except grpc.RpcError:
+            if watch is not None and watch.reason:
+                raise Refusal(Code.DEADLINE_EXCEEDED, watch.reason) from None
+            raise
         if raw is None:
             return
+        if watch is not None:
+            watch.touch()
         message = parse(raw)
         del raw
         yield message
@@ -360,8 +372,13 @@ def _serialize(response_cls):
     return serialize
 
 
-def generic_handler(service_name: str, servicer, record) -> grpc.GenericRpcHandler:
+def generic_handler(service_name: str, servicer, record,
+                    watchdog: StreamWatchdog | None = None) -> grpc.GenericRpcHandler:
+    """The service's methods: admission before the request is parsed, parsing with bounds, the
+    servicer, refusals logged and recorded; client streams watched by `watchdog` when given."""
     service = pb.DESCRIPTOR.services_by_name[service_name]
+    admit = getattr(servicer, "admit", lambda context: None)
+    budget = RecordBudget()
     handlers = {}
     for method in service.methods:
         request_cls = _message_class(method.input_type)
@@ -370,14 +387,22 @@ def generic_handler(service_name: str, servicer, record) -> grpc.GenericRpcHandl
         fn = getattr(servicer, method.name)
         if method.client_streaming:
             def wrapped(request_iterator, context, fn=fn, parse=parse):
-                return fn(_parsed(request_iterator, parse), context)
+                admit(context)
+                watch = watchdog.watch(context) if watchdog is not None else None
+                try:
+                    return fn(_parsed(request_iterator, parse, watch), context)
+                finally:
+                    if watch is not None:
+                        watch.done()
         elif method.server_streaming:
             def wrapped(raw, context, fn=fn, parse=parse):
+                admit(context)
                 yield from fn(parse(raw), context)
         else:
             def wrapped(raw, context, fn=fn, parse=parse):
+                admit(context)
                 return fn(parse(raw), context)
-        wrapped = _refusing(f"{service_name}.{method.name}", record, wrapped)
+        wrapped = _refusing(f"{service_name}.{method.name}", record, wrapped, budget)
         make = {(False, False): grpc.unary_unary_rpc_method_handler,
                 (False, True): grpc.unary_stream_rpc_method_handler,
                 (True, False): grpc.stream_unary_rpc_method_handler,

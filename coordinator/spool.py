@@ -16,10 +16,11 @@ import logging
 import os
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Iterator
 
 import numpy as np
 
+from coordinator.state_file import TensorFileView
 from kt_core import codec
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,7 @@ class UploadSpool:
         return SpooledUpdate(self)
 
 
-class SpooledUpdate(Mapping[str, np.ndarray]):
+class SpooledUpdate(TensorFileView):
     """A verified update on disk. `blocks(name)` reads a tensor back piece by piece (what the
     aggregation uses); indexing reads a whole tensor (for callers that want arrays)."""
 
@@ -182,39 +183,15 @@ class SpooledUpdate(Mapping[str, np.ndarray]):
         self._spool = spool
         self.specs = spool.specs
 
-    def layout(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-        return {n: (s.dtype, s.shape) for n, s in self.specs.items()}
+    def _spec(self, name: str) -> codec.TensorSpec:
+        return self.specs[name]
+
+    def _names(self):
+        return tuple(self.specs)
 
     def blocks(self, name: str, block_elems: int | None = None) -> Iterator[np.ndarray]:
         """The tensor `name`, flattened in C order, as consecutive arrays of its dtype."""
-        spec = self.specs[name]
         if self._spool._fd is None:   # its descriptor number may already belong to another file
             raise ValueError(f"the spooled upload {self._spool.path.name} was closed")
-        dtype = np.dtype(spec.dtype)
-        step = (block_elems or max(1, BLOCK_BYTES // dtype.itemsize)) * dtype.itemsize
-        base = self._spool.base[name]
-        for start in range(0, spec.nbytes, step):
-            raw = _pread_exact(self._spool._fd, min(step, spec.nbytes - start), base + start, self._spool.path)
-            yield np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        spec = self.specs[name]
-        parts = list(self.blocks(name))
-        flat = np.concatenate(parts) if parts else np.zeros(0, dtype=spec.dtype)
-        return flat.reshape(spec.shape)
-
-    def __iter__(self):
-        return iter(self.specs)
-
-    def __len__(self) -> int:
-        return len(self.specs)
-
-
-def _pread_exact(fd: int, size: int, offset: int, path: Path) -> bytes:
-    data = os.pread(fd, size, offset)
-    while len(data) < size:  # a regular file answers in full; loop anyway rather than trust it
-        more = os.pread(fd, size - len(data), offset + len(data))
-        if not more:
-            raise OSError(f"{path}: {size} bytes expected at offset {offset}, the file ends after {len(data)}")
-        data += more
-    return data
+        yield from self._read_blocks(self._spool._fd, self._spool.base[name], self._spool.path, name, block_elems,
+                                     BLOCK_BYTES, OSError)

@@ -1,4 +1,5 @@
-"""The coordinator's persistent state: SQLite (WAL) for records, safetensors files for tensors.
+"""The coordinator's persistent records: SQLite (WAL), with each round's global state in a state
+file beside it (the format: coordinator.state_file).
 
 Crash safety rests on two atomic steps per completed round:
 1. the new global state is written to a temporary file, fsynced, and renamed into place;
@@ -10,19 +11,18 @@ against its recorded digest; a mismatch stops the coordinator and names the file
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Mapping
 
 import numpy as np
 
+from coordinator.state_file import CorruptStateError, StateFile, open_state_file, write_state_file
 from kt_core import codec
 from kt_core.durable import open_durable_sqlite
 
@@ -66,10 +66,6 @@ CREATE TABLE IF NOT EXISTS refusals (
 """
 
 
-class CorruptStateError(RuntimeError):
-    """A state file that does not match its record: the coordinator refuses to start."""
-
-
 @dataclass(frozen=True)
 class RunRecord:
     run_id: str
@@ -103,171 +99,6 @@ class RoundRecord:
     metrics: dict[str, float]
     bytes_by_participant: dict[str, int]
     secagg: dict | None = None            # the secure aggregation summary, for SecAgg rounds
-
-
-# -- state files: safetensors, written and read by offsets ------------------------------------
-
-# safetensors' names of the dtypes the wire carries (kt_core.codec.DTYPES)
-SAFETENSORS_DTYPES = {"float16": "F16", "float32": "F32", "float64": "F64", "int8": "I8", "int32": "I32",
-                      "int64": "I64", "uint8": "U8", "uint32": "U32"}
-_DTYPE_OF = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-STATE_BLOCK_BYTES = 1 << 20
-MAX_HEADER_BYTES = 64 << 20
-
-
-def state_layout(state: Mapping[str, np.ndarray]) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """name -> (dtype, shape) of a state, without reading a streamed one's data."""
-    if hasattr(state, "layout"):
-        return dict(state.layout())
-    return {n: (np.asarray(a).dtype.name, tuple(int(d) for d in np.shape(a))) for n, a in state.items()}
-
-
-def state_blocks(state: Mapping[str, np.ndarray], name: str, block_elems: int) -> Iterator[np.ndarray]:
-    """Tensor `name` of a state, flattened in C order, as consecutive pieces of <= block_elems."""
-    if hasattr(state, "blocks"):
-        yield from state.blocks(name, block_elems)
-        return
-    flat = np.asarray(state[name]).reshape(-1)
-    for start in range(0, flat.size, block_elems):
-        yield flat[start:start + block_elems]
-
-
-class StateFile(Mapping[str, np.ndarray]):
-    """A global state on disk, read by offsets (the safetensors header gives each tensor's byte
-    range): downloads stream it chunk by chunk and the aggregation reads it block by block, so the
-    coordinator keeps no copy of the model in memory. `specs` (with each tensor's SHA-256) were
-    computed when the file was written or verified. Indexing reads a whole tensor."""
-
-    def __init__(self, path: Path, digest: str, specs: Sequence[codec.TensorSpec], offsets: Mapping[str, int]):
-        self.path = Path(path)
-        self.digest = digest
-        self.specs = tuple(sorted(specs, key=lambda s: s.name))
-        self._by_name = {s.name: s for s in self.specs}
-        self.offsets = dict(offsets)
-
-    def layout(self) -> dict[str, tuple[str, tuple[int, ...]]]:
-        return {s.name: (s.dtype, s.shape) for s in self.specs}
-
-    def chunks(self, chunk_bytes: int) -> Iterator[tuple[str, int, bytes]]:
-        """(name, offset, data) of every tensor in name order, as the wire sends them."""
-        with open(self.path, "rb", buffering=0) as fh:
-            for spec in self.specs:
-                if spec.nbytes == 0:  # an empty tensor still gets one (empty) chunk
-                    yield spec.name, 0, b""
-                for start in range(0, spec.nbytes, chunk_bytes):
-                    size = min(chunk_bytes, spec.nbytes - start)
-                    yield spec.name, start, _pread(fh.fileno(), size, self.offsets[spec.name] + start, self.path)
-
-    def blocks(self, name: str, block_elems: int | None = None) -> Iterator[np.ndarray]:
-        spec = self._by_name[name]
-        dtype = np.dtype(spec.dtype)
-        step = (block_elems or max(1, STATE_BLOCK_BYTES // dtype.itemsize)) * dtype.itemsize
-        with open(self.path, "rb", buffering=0) as fh:
-            for start in range(0, spec.nbytes, step):
-                raw = _pread(fh.fileno(), min(step, spec.nbytes - start), self.offsets[name] + start, self.path)
-                yield np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
-
-    def __getitem__(self, name: str) -> np.ndarray:
-        spec = self._by_name[name]
-        parts = list(self.blocks(name))
-        return (np.concatenate(parts) if parts else np.zeros(0, spec.dtype)).reshape(spec.shape)
-
-    def __iter__(self):
-        return iter(self._by_name)
-
-    def __len__(self) -> int:
-        return len(self.specs)
-
-
-def _pread(fd: int, size: int, offset: int, path: Path) -> bytes:
-    data = os.pread(fd, size, offset)
-    while len(data) < size:
-        more = os.pread(fd, size - len(data), offset + len(data))
-        if not more:
-            raise CorruptStateError(f"state file {path} ends early ({offset + len(data)} bytes)")
-        data += more
-    return data
-
-
-def write_state_file(path: Path, state: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> StateFile:
-    """Write `state` as safetensors block by block (temporary file, fsync, rename), hashing each
-    tensor on the way; a streamed state (FedAvg's result) is never materialized."""
-    layout = state_layout(state)
-    header: dict = {"__metadata__": dict(metadata)}
-    offset = 0
-    for name in sorted(layout):
-        dtype, shape = layout[name]
-        if dtype not in SAFETENSORS_DTYPES:
-            raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be stored")
-        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
-        header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # tensor data starts 8-byte aligned, as safetensors writes it
-    data_start = 8 + len(raw)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    specs = []
-    with open(tmp, "wb") as fh:
-        fh.write(len(raw).to_bytes(8, "little") + raw)
-        for name in sorted(layout):
-            dtype, shape = layout[name]
-            h, written = hashlib.sha256(), 0
-            for block in state_blocks(state, name, max(1, STATE_BLOCK_BYTES // np.dtype(dtype).itemsize)):
-                data = codec.to_bytes(np.asarray(block, dtype=dtype))
-                h.update(data)
-                fh.write(data)
-                written += len(data)
-            begin, end = header[name]["data_offsets"]
-            if written != end - begin:
-                raise ValueError(f"tensor {name!r}: {written} bytes written, {end - begin} expected")
-            specs.append(codec.TensorSpec(name, dtype, tuple(shape), h.digest(), written))
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-    return StateFile(path, codec.state_digest(specs), specs,
-                     {n: data_start + header[n]["data_offsets"][0] for n in layout})
-
-
-def open_state_file(path: Path, digest: str | None = None) -> StateFile:
-    """Read the header, hash every tensor from disk (block by block) and check the digest."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as fh:
-            n = int.from_bytes(fh.read(8), "little")
-            if size < 8 or not 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
-                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
-            header = json.loads(fh.read(n))
-        if not isinstance(header, dict):
-            raise ValueError("header is not a JSON object")
-        specs, offsets = [], {}
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            dtype = _DTYPE_OF.get(entry.get("dtype"))
-            if dtype is None:
-                raise ValueError(f"tensor {name!r}: unsupported dtype {entry.get('dtype')!r}")
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-            if min(shape, default=0) < 0 or end - begin != math.prod(shape) * np.dtype(dtype).itemsize \
-                    or begin < 0 or 8 + n + end > size:
-                raise ValueError(f"tensor {name!r}: byte range {begin}..{end} does not match {dtype}{list(shape)}")
-            offsets[name] = 8 + n + begin
-            specs.append(codec.TensorSpec(name, dtype, shape, b"", end - begin))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise CorruptStateError(f"state file {path} cannot be read: {err}") from None
-    unhashed = StateFile(path, "", specs, offsets)
-    hashed = []
-    for spec in unhashed.specs:
-        h = hashlib.sha256()
-        for block in unhashed.blocks(spec.name):
-            h.update(codec.to_bytes(block))
-        hashed.append(codec.TensorSpec(spec.name, spec.dtype, spec.shape, h.digest(), spec.nbytes))
-    actual = codec.state_digest(hashed)
-    if digest is not None and actual != digest:
-        raise CorruptStateError(f"state file {path} does not match its recorded digest "
-                                f"({actual[:16]}… != {digest[:16]}…)")
-    return StateFile(path, actual, hashed, offsets)
 
 
 class Store:
@@ -468,10 +299,4 @@ class Store:
             log.warning("removed %d uncommitted state file(s): %s", len(removed), ", ".join(p.name for p in removed))
         return removed
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+__all__ = ["CorruptStateError", "RoundRecord", "RunRecord", "Store", "UploadRecord"]

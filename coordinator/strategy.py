@@ -1,48 +1,132 @@
-"""Aggregation policy, independent of transport (in the spirit of Flower's `Strategy`).
+"""Aggregation policy, independent of transport and of the store (in the spirit of Flower's `Strategy`).
 
-A strategy folds updates into a running aggregate one at a time, so the coordinator never holds
-every participant's update at once, and turns the aggregate into the next global state.
+A strategy decides, per round, who takes part and with which training settings, how much each
+update weighs, and how the aggregate becomes the next global state. It folds updates into a running
+aggregate one at a time, so the coordinator never holds every participant's update at once.
 Updates are deltas of the shared tensors: `local_after_training - global_before`.
 
+`FedAvg` is the sample-weighted mean; `DPFedAvg` wraps it for user-level DP-FedAvg (equal weights,
+central Gaussian noise, the user-level epsilon of each round). The round engine records what the
+strategy reports; the strategy writes nothing itself.
+
 The coordinator hands FedAvg states and updates that live on disk (a state file, a spooled
-upload): they are read block by block, so beside the accumulators only a block is in memory, and
-`finish()` returns the new state as a lazy mapping that the store writes block by block. Given
-plain arrays (tests, benchmarks), FedAvg takes and returns arrays as before.
+upload): they are read block by block (coordinator.state_file.LazyState), so beside the
+accumulators only a block is in memory, and `finish()` returns the new state as a lazy mapping that
+the store writes block by block. Given plain arrays (tests, benchmarks), FedAvg takes and returns
+arrays.
 """
 from __future__ import annotations
 
-from typing import Iterator, Mapping, Protocol
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Mapping, Protocol
 
 import numpy as np
 
-from coordinator.store import state_blocks, state_layout
+from coordinator.state_file import LazyState, state_blocks, state_layout
+from kt_core.config import RunConfig
+from security.dp import accounting as dp_accounting
+from security.dp import user_level
 
 # elements per block when folding: the float64 temporaries stay at a few MiB
 BLOCK_ELEMS = 1 << 18
+# a round's training seed: the run's seed and the round, never the same for two rounds
+SEED_STRIDE = 100_003
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    """What every selected site is asked to do in one round."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    max_steps: int      # 0 = no limit
+    seed: int
+
+
+@dataclass(frozen=True)
+class PrivacyRound:
+    """User-level DP of one completed round, as the auditor recomputes it."""
+
+    mode: str
+    noise_multiplier: float
+    clip_norm: float
+    contributors: int
+    noise_std: float
+    delta: float
+    epsilon_prv: float          # cumulative, all rounds so far
+    epsilon_rdp: float
+    epsilon_round_prv: float    # this round's share of epsilon_prv
+    accountant_version: str
 
 
 class Strategy(Protocol):
+    def select(self, connected: Iterable[str], round_no: int) -> frozenset[str]: ...
+    def configure(self, round_no: int) -> TrainPlan: ...
+    def weight(self, num_samples: int) -> int: ...
+    def secagg_weight_scale(self) -> int: ...
     def begin(self, global_state: Mapping[str, np.ndarray]) -> None: ...
-    def add(self, update: Mapping[str, np.ndarray], num_samples: int) -> None: ...
+    def add(self, update: Mapping[str, np.ndarray], weight: int) -> None: ...
     def add_aggregate(self, weighted_sum: Mapping[str, np.ndarray], weight: int) -> None: ...
     def finish(self) -> Mapping[str, np.ndarray]: ...
+    def privacy_round(self, round_no: int) -> PrivacyRound | None: ...
+
+
+def strategy_for(config: RunConfig) -> Strategy:
+    """The run's strategy: FedAvg, wrapped in DPFedAvg under user-level DP."""
+    fed = config.federation
+    base = FedAvg(fed.server_lr, max_participants=fed.max_participants, train=config.train, seed=fed.seed,
+                  secagg_max_samples=config.secagg.max_samples_per_site)
+    p = config.privacy
+    if p.enabled and p.mode in ("central", "distributed"):
+        return DPFedAvg(base, mode=p.mode, noise_multiplier=p.user_noise_multiplier, clip_norm=p.update_clip_norm,
+                        delta=p.delta)
+    return base
 
 
 class FedAvg:
     """Sample-weighted mean of the updates, applied with a server learning rate (1.0 = FedAvg)."""
 
-    def __init__(self, server_lr: float = 1.0):
+    def __init__(self, server_lr: float = 1.0, *, max_participants: int | None = None, train=None, seed: int = 0,
+                 secagg_max_samples: int = 1):
         self.server_lr = server_lr
+        self.max_participants = max_participants
+        self.train = train            # kt_core.config.TrainSettings, for configure()
+        self.seed = seed
+        self.secagg_max_samples = secagg_max_samples
         self._global: Mapping[str, np.ndarray] = {}
         self._layout: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._sum: dict[str, np.ndarray] | None = None
         self._weight = 0
 
+    # -- per round -----------------------------------------------------------------------------
+    def select(self, connected: Iterable[str], round_no: int) -> frozenset[str]:
+        """Every connected site, up to max_participants, in name order."""
+        return frozenset(sorted(connected)[: self.max_participants])
+
+    def configure(self, round_no: int) -> TrainPlan:
+        t = self.train
+        return TrainPlan(epochs=t.epochs, batch_size=t.batch_size, lr=t.lr, max_steps=t.max_steps or 0,
+                         seed=self.seed * SEED_STRIDE + round_no)
+
+    def weight(self, num_samples: int) -> int:
+        """An update weighs its sample count."""
+        return num_samples
+
+    def secagg_weight_scale(self) -> int:
+        """Under secure aggregation a site weighs its update by min(N, scale) / scale, carrying
+        min(N, scale) as its hidden count."""
+        return self.secagg_max_samples
+
+    def privacy_round(self, round_no: int) -> PrivacyRound | None:
+        return None
+
+    # -- folding -------------------------------------------------------------------------------
     def begin(self, global_state: Mapping[str, np.ndarray]) -> None:
-        # A state that can be re-read block by block (a state file) is kept by reference; anything
-        # else is taken as arrays, as before (a lazy FedAvgResult is computed once here, so rounds
-        # do not chain their results).
-        if hasattr(global_state, "blocks") and not isinstance(global_state, FedAvgResult):
+        # A state that can be re-read block by block (a state file, a spooled update) is kept by
+        # reference; anything else is taken as arrays (a lazy FedAvgResult is computed once here,
+        # so rounds do not chain their results).
+        if isinstance(global_state, LazyState) and not isinstance(global_state, FedAvgResult):
             self._global = global_state
         else:
             self._global = {n: np.asarray(a) for n, a in global_state.items()}
@@ -57,8 +141,8 @@ class FedAvg:
         if set(tensors) != set(self._sum):
             raise ValueError(f"{what} tensors differ from the global state's")
 
-    def add(self, update: Mapping[str, np.ndarray], num_samples: int) -> None:
-        if num_samples <= 0:
+    def add(self, update: Mapping[str, np.ndarray], weight: int) -> None:
+        if weight <= 0:
             raise ValueError("num_samples must be positive")
         self._check(update, "update")
         layout = state_layout(update)
@@ -66,8 +150,8 @@ class FedAvg:
             if tuple(shape) != tuple(self._layout[name][1]):
                 raise ValueError(f"update tensor {name!r}: shape {list(shape)}, expected {list(self._layout[name][1])}")
         for name in update:
-            _fold(self._sum[name], state_blocks(update, name, BLOCK_ELEMS), float(num_samples))
-        self._weight += num_samples
+            _fold(self._sum[name], state_blocks(update, name, BLOCK_ELEMS), float(weight))
+        self._weight += weight
 
     def add_aggregate(self, weighted_sum: Mapping[str, np.ndarray], weight: int) -> None:
         """Fold in updates that arrive already summed (secure aggregation): sum of weight_i * update_i."""
@@ -144,3 +228,63 @@ class FedAvgResult(Mapping[str, np.ndarray]):
 
     def __len__(self) -> int:
         return len(self._layout)
+
+
+class DPFedAvg:
+    """User-level DP-FedAvg around a FedAvg (McMahan et al. 2018): every site weighs the same, so
+    one site's clipped update moves the mean by at most S/n; in "central" mode the coordinator adds
+    N(0, (z S / n)^2) to the mean (times the server lr, as the mean is); in "distributed" mode the
+    sites added their noise shares and nothing is added here. Either way each round's user-level
+    epsilon is reported for the record."""
+
+    def __init__(self, inner: FedAvg, *, mode: str, noise_multiplier: float, clip_norm: float, delta: float):
+        if mode not in ("central", "distributed"):
+            raise ValueError(f"DPFedAvg: mode {mode!r} is neither central nor distributed")
+        self.inner = inner
+        self.mode = mode
+        self.noise_multiplier = noise_multiplier
+        self.clip_norm = clip_norm
+        self.delta = delta
+        self._std = 0.0
+
+    def select(self, connected: Iterable[str], round_no: int) -> frozenset[str]:
+        return self.inner.select(connected, round_no)
+
+    def configure(self, round_no: int) -> TrainPlan:
+        return self.inner.configure(round_no)
+
+    def weight(self, num_samples: int) -> int:
+        return 1
+
+    def secagg_weight_scale(self) -> int:
+        # equal weights under secure aggregation too, as the sensitivity analysis assumes
+        return 1
+
+    def begin(self, global_state: Mapping[str, np.ndarray]) -> None:
+        self.inner.begin(global_state)
+
+    def add(self, update: Mapping[str, np.ndarray], weight: int) -> None:
+        self.inner.add(update, weight)
+
+    def add_aggregate(self, weighted_sum: Mapping[str, np.ndarray], weight: int) -> None:
+        self.inner.add_aggregate(weighted_sum, weight)
+
+    def finish(self) -> Mapping[str, np.ndarray]:
+        # every contributor weighs 1 (a SecAgg survivor carries min(N, 1) = 1): the weight is n
+        self._contributors = self.inner.count_weight
+        new_state = self.inner.finish()
+        self._std = 0.0
+        if self.mode == "central":
+            self._std = user_level.central_noise_std(self.noise_multiplier, self.clip_norm,
+                                                     self._contributors) * self.inner.server_lr
+            new_state = user_level.add_gaussian_noise(new_state, self._std)
+        return new_state
+
+    def privacy_round(self, round_no: int) -> PrivacyRound:
+        """The user-level epsilon after `round_no` rounds, for the round `finish()` just closed."""
+        z, delta = self.noise_multiplier, self.delta
+        eps = dp_accounting.epsilons([user_level.user_level_spend(z, round_no)], delta)
+        before = dp_accounting.epsilons([user_level.user_level_spend(z, round_no - 1)], delta)["prv"] \
+            if round_no > 1 else 0.0
+        return PrivacyRound(self.mode, z, self.clip_norm, self._contributors, self._std, delta, eps["prv"],
+                            eps["rdp"], eps["prv"] - before, dp_accounting.accountant_version())

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+from kt_core.bounded import MAX_TOML_DEPTH, BoundedInputError, check_toml_depth, depth_of, loads_json
 from kt_core.data import PartitionSpec
 from kt_core.models import ModelConfig
 from kt_core.train import TrainConfig
@@ -24,6 +25,9 @@ from kt_core.vln.adapt import AdapterConfig
 # Input and output sizes of the image tasks, so the coordinator can build the model without data.
 DATASET_SHAPES = {"fashion-mnist": (784, 10), "digits": (64, 10)}
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+MAX_SEED = 2**32 - 1
 
 
 class ConfigError(ValueError):
@@ -48,24 +52,31 @@ class FederationSettings:
     upload_queue_timeout_s: float = 10.0   # how long an upload waits for a slot (0: refuse at once)
     max_rpcs_per_participant: int = 8      # calls one participant may hold open, its task stream included
     rpc_rate_per_participant: float = 50.0  # calls per second one participant may start (0: no limit)
+    # An aborted attempt is retried at most max_attempts - 1 times, waiting retry_backoff_s before
+    # the first retry and twice as long before each next one (at most 60 s); then the run fails.
+    max_attempts: int = 10
+    retry_backoff_s: float = 1.0
 
     def validate(self) -> None:
         if self.rounds < 1:
             raise ValueError("rounds: must be >= 1")
         if not 1 <= self.min_participants <= self.max_participants:
             raise ValueError("min_participants: must be between 1 and max_participants")
-        if self.round_timeout_s <= 0:
-            raise ValueError("round_timeout_s: must be > 0")
-        if self.gather_timeout_s < 0:
-            raise ValueError("gather_timeout_s: must be >= 0")
+        if not (math.isfinite(self.round_timeout_s) and self.round_timeout_s > 0):
+            raise ValueError("round_timeout_s: must be a finite number > 0")
+        if not (math.isfinite(self.gather_timeout_s) and self.gather_timeout_s >= 0):
+            raise ValueError("gather_timeout_s: must be a finite number >= 0")
+        # each round's task seed is seed * 100003 + round, sent as a uint64 and used to seed numpy
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"seed: must be between 0 and {MAX_SEED}")
         if not self.sites or len(set(self.sites)) != len(self.sites):
             raise ValueError("sites: must be a non-empty list of distinct names")
         if self.min_participants > len(self.sites):
             raise ValueError("min_participants: larger than the number of sites")
         if not 1024 <= self.max_chunk_bytes <= 4 * 1024 * 1024:
             raise ValueError("max_chunk_bytes: must be between 1 KiB and 4 MiB")
-        if self.server_lr <= 0:
-            raise ValueError("server_lr: must be > 0")
+        if not (math.isfinite(self.server_lr) and self.server_lr > 0):
+            raise ValueError("server_lr: must be a finite number > 0")
         if not 1 <= self.max_concurrent_uploads <= 4096:
             raise ValueError("max_concurrent_uploads: must be between 1 and 4096")
         if not (math.isfinite(self.upload_queue_timeout_s) and self.upload_queue_timeout_s >= 0):
@@ -75,6 +86,10 @@ class FederationSettings:
                              "task stream and one download or upload at once)")
         if not (math.isfinite(self.rpc_rate_per_participant) and self.rpc_rate_per_participant >= 0):
             raise ValueError("rpc_rate_per_participant: must be a finite number >= 0 (0: no limit)")
+        if not 1 <= self.max_attempts <= 1000:
+            raise ValueError("max_attempts: must be between 1 and 1000 (tries of one round before the run fails)")
+        if not (math.isfinite(self.retry_backoff_s) and 0 <= self.retry_backoff_s <= 3600):
+            raise ValueError("retry_backoff_s: must be a finite number between 0 and 3600")
 
 
 @dataclass(frozen=True)
@@ -294,9 +309,11 @@ class RunConfig:
     @classmethod
     def from_json(cls, text: str) -> "RunConfig":
         try:
-            table = json.loads(text)
+            table = loads_json(text, max_depth=MAX_TOML_DEPTH, what="run config JSON")
         except json.JSONDecodeError as err:
             raise ConfigError(f"run config JSON: {err}") from None
+        except (BoundedInputError, UnicodeDecodeError) as err:
+            raise ConfigError(str(err)) from None
         return from_table(table)
 
 
@@ -322,9 +339,14 @@ def load_toml(text: str, source: str = "<config>", environ: Mapping[str, str] | 
     file's fields (e.g. KTFED_RUN__FEDERATION__ROUNDS=10, KTFED_RUN__DATA__PARTITION__ALPHA=0.3),
     and are validated exactly like the file."""
     try:
+        check_toml_depth(text, what=source)
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{source}: not valid TOML: {err}") from None
+    except BoundedInputError as err:
+        raise ConfigError(str(err)) from None
+    if (depth := depth_of(table)) > MAX_TOML_DEPTH:
+        raise ConfigError(f"{source}: tables nested {depth} levels deep (at most {MAX_TOML_DEPTH})")
     overridden = _apply_env_overrides(table, environ or {})
     if overridden:
         source = f"{source} (with {', '.join(overridden)})"

@@ -21,7 +21,7 @@ FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
     "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
 }
-SCHEMES = ("dirichlet", "shards", "iid")
+SCHEMES = ("dirichlet", "shards", "iid", "quantity")
 
 
 class DatasetError(ValueError):
@@ -169,8 +169,10 @@ def load_dataset(name: str = "auto", root: str | os.PathLike | None = None,
 
 @dataclass(frozen=True)
 class PartitionSpec:
-    scheme: str = "dirichlet"       # dirichlet | shards | iid
-    alpha: float = 0.5              # Dirichlet concentration: small = more skewed
+    scheme: str = "dirichlet"       # dirichlet | shards | iid | quantity
+    # Dirichlet concentration, small = more skewed: of each class over the sites (dirichlet), or of
+    # the sites' sizes (quantity: every site has the global label mix, in very unequal amounts)
+    alpha: float = 0.5
     classes_per_site: int = 2       # shards: how many classes each site holds
     seed: int = 0
 
@@ -215,6 +217,9 @@ def proportion_matrix(num_classes: int, sites: Sequence[str], spec: PartitionSpe
     rng = np.random.default_rng([spec.seed, 0])
     if spec.scheme == "dirichlet":
         return rng.dirichlet(np.full(n_sites, float(spec.alpha)), size=num_classes).T
+    if spec.scheme == "quantity":
+        sizes = rng.dirichlet(np.full(n_sites, float(spec.alpha)))
+        return np.repeat(sizes[:, None], num_classes, axis=1)
     k = spec.classes_per_site
     if k > num_classes:
         raise ValueError(f"classes_per_site: {k} exceeds the {num_classes} classes")

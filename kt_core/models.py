@@ -37,8 +37,8 @@ class ModelConfig:
     temperature: float = 0.67
     # Where the private gates start and how much faster than the dictionary they learn (see
     # FactorizedLinear.GATE_INIT / GATE_LR_SCALE for why the defaults are what they are).
-    gate_init: float = 1.0
-    gate_lr_scale: float = 30.0
+    gate_init: float = 3.0
+    gate_lr_scale: float = 100.0
     lora_rank: int = 8
     lora_alpha: float = 16.0
     seed: int = 0

@@ -1,22 +1,28 @@
-"""What a run learns, built the same way at the coordinator and at every site.
+"""What a run learns: one small interface that every task implements, chosen once by task kind.
 
-The coordinator builds the model once to know the factor manifest and the round-0 shared state;
-each site builds the identical model (same seeds) and adds its private parts. For the "vln" task
-the model is the hosted backbone, frozen, with adapters on its linear layers: the backbone
-travels once (digest-checked, cached by digest), only the adapters' shared factors every round.
+A task says how to build the run's model (the same at the coordinator and at every site, so the
+factor manifest and the round-0 shared state agree), how a site loads its own data, trains and
+evaluates on it, what it evaluates at the end of the run and what the demo reports of it. The
+built-in tasks are "image" (kt_core.image_task: a classifier with factorized adapters on a local
+image data set) and "vln" (kt_core.nav_task: adapters on the hosted, frozen VLN backbone, trained
+by behaviour cloning on BabyAI demonstrations). A new task is one subclass and one line in
+`TASKS`; nothing else in the services branches on the kind.
 """
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import os
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, ClassVar
 
 from torch import nn
 
 from kt_core.config import ConfigError, RunConfig
-from kt_core.models import build_model
+from kt_core.train import TrainConfig, TrainResult
 from kt_core.vln.checkpoint import sha256_file
 
 
@@ -26,44 +32,92 @@ class TaskModel:
     tokenizer: object | None = None   # the VLN backbone's mission tokenizer
 
 
-def build(config: RunConfig, backbone: Path | None = None) -> TaskModel:
-    """The run's model. For "vln", `backbone` is the checkpoint file whose SHA-256 the run names
-    (config.vln.backbone_sha256); a file with another digest or architecture is refused."""
-    if config.task.kind == "image":
-        return TaskModel(build_model(config.model))
-    from kt_core.vln.adapt import adapt_backbone
-    from kt_core.vln.checkpoint import CheckpointError, load_backbone
+@dataclass
+class SiteData:
+    """One site's own data, as its task loaded it: never leaves the site."""
+    train: Any
+    test: Any                          # unseen examples: the per-round accuracy the coordinator shows
+    num_samples: int                   # training records (the FedAvg weight and DP's N)
+    levels: tuple[str, ...] = ()       # the navigation levels this site holds (none for images)
+    cache_dir: Path | None = None      # where the task keeps what it derived from the data
 
-    if backbone is None:
-        raise ConfigError("vln.backbone: the run adapts a hosted backbone, but no checkpoint was given")
+
+class Task(ABC):
+    """One learning problem of a run, bound to its run config."""
+
+    kind: ClassVar[str]
+    hosts_backbone: ClassVar[bool] = False   # sites download a frozen backbone from the coordinator once
+    record_level_dp: ClassVar[bool] = True   # DP-SGD per record is offered (dp_records below)
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+
+    @abstractmethod
+    def build(self, backbone: Path | None = None) -> TaskModel:
+        """The run's model; `backbone` is the hosted checkpoint when `hosts_backbone`."""
+
+    def check(self) -> None:
+        """Refuse (ConfigError) a run config this task cannot run, before anything is built."""
+
+    def backbone_sha256(self) -> str:
+        """The digest of the hosted backbone the run names ("" when the task hosts none)."""
+        return ""
+
+    @abstractmethod
+    def site_data(self, built: TaskModel, site: str, *, data_root: Path | None, state_dir: Path) -> SiteData:
+        """This site's training and evaluation data (raises ValueError when it gets none)."""
+
+    @abstractmethod
+    def train(self, model: nn.Module, data: SiteData, cfg: TrainConfig) -> TrainResult:
+        """One round of plain local training, in place."""
+
+    @abstractmethod
+    def evaluate(self, model: nn.Module, data: SiteData) -> dict[str, float]:
+        """{"accuracy", "loss"} on the site's unseen examples."""
+
+    def dp_records(self, data: SiteData):
+        """(x, y) tensors for record-level DP-SGD (cross-entropy on the model's logits)."""
+        raise NotImplementedError(f"record-level DP-SGD is not offered for the {self.kind} task")
+
+    def final_evaluation(self, built: TaskModel, data: SiteData) -> dict:
+        """The evaluation at the end of the run, written to STATE/evaluation-<run>.json ({}: none)."""
+        return {}
+
+    def describe_final(self, result: dict) -> str:
+        """One line of a site's log about its final evaluation."""
+        return json.dumps(result, sort_keys=True)[:300]
+
+    def report_final(self, evaluations: dict[str, dict]) -> list[str]:
+        """Lines the demo's summary prints of each site's final evaluation."""
+        return []
+
+    @abstractmethod
+    def dense_update_bytes(self) -> int:
+        """What one update would cost if every weight were shared (the dense FedAvg baseline)."""
+
+
+# kind -> "module:Class": a task's code (and its heavy imports) loads only when a run names it
+TASKS = {"image": "kt_core.image_task:ImageTask", "vln": "kt_core.nav_task:NavTask"}
+
+
+def task_for(config: RunConfig) -> Task:
+    """The task the run config names."""
     try:
-        loaded = load_backbone(backbone, sha256=config.vln.backbone_sha256 or None)
-    except CheckpointError as err:
-        raise ConfigError(f"vln.backbone: {err}") from None
-    try:
-        model = adapt_backbone(loaded.model, config.vln.adapter)
-    except ValueError as err:
-        raise ConfigError(f"vln.adapter.{err}") from None
-    return TaskModel(model, loaded.tokenizer)
+        module, name = TASKS[config.task.kind].split(":")
+    except KeyError:
+        raise ConfigError(f"task.kind: {config.task.kind!r} is not one of {sorted(TASKS)}") from None
+    return getattr(importlib.import_module(module), name)(config)
+
+
+def build(config: RunConfig, backbone: Path | None = None) -> TaskModel:
+    """The run's model. With a hosted backbone, `backbone` is the checkpoint file whose SHA-256
+    the run names; a file with another digest or architecture is refused."""
+    return task_for(config).build(backbone)
 
 
 def check_levels(config: RunConfig) -> None:
-    """Every level the run names exists (minigrid is imported only for a VLN run)."""
-    if config.task.kind != "vln":
-        return
-    from kt_core.vln.babyai import BabyAIError, check_level
-    from kt_core.vln.finetune import assign_levels
-
-    for field in ("levels", "held_out_levels"):
-        for level in getattr(config.vln, field):
-            try:
-                check_level(level)
-            except BabyAIError as err:
-                raise ConfigError(f"vln.{field}: {err}") from None
-    try:
-        assign_levels(config.vln.levels, len(config.federation.sites))
-    except ValueError as err:
-        raise ConfigError(f"vln.levels: {err}") from None
+    """Everything the run's task checks of its config before a run starts (e.g. VLN levels)."""
+    task_for(config).check()
 
 
 def with_backbone_digest(config: RunConfig, sha256: str) -> RunConfig:
@@ -130,7 +184,7 @@ def save_adapted(path: str | Path, model: nn.Module, config: RunConfig, *, site:
 
     shared, private = shared_state(model), private_state(model)
     meta = {"format": ADAPTED_FORMAT, "task": config.task.kind, "run_config": config.to_json(),
-            "backbone_sha256": config.vln.backbone_sha256 if config.task.kind == "vln" else "",
+            "backbone_sha256": task_for(config).backbone_sha256(),
             "site": site, "site_index": str(config.federation.sites.index(site)),
             "levels": json.dumps(list(levels)), "run_id": run_id, "round": str(int(round_no)),
             "finished_reason": reason, "global_state_digest": global_state_digest,
@@ -203,7 +257,7 @@ def load_adapted(path: str | Path, backbone: str | Path | None = None) -> Adapte
     if meta["task"] != config.task.kind or meta["site"] not in config.federation.sites:
         raise AdaptedModelError(f"adapted model {path}: metadata disagrees with its run config (task or site)")
     backbone_path, backbone_params = None, 0
-    if config.task.kind == "vln":
+    if task_for(config).hosts_backbone:
         sha = meta["backbone_sha256"]
         if sha != config.vln.backbone_sha256 or not sha:
             raise AdaptedModelError(f"adapted model {path}: backbone_sha256 {sha!r} is not the run config's "

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kt_core.manifest import Role, manifest_of
 from kt_core.models import kl_divergence
 
 OPTIMIZERS = ("sgd", "adam")
@@ -32,9 +33,14 @@ class TrainConfig:
     kl_weight: float = 1.0
     max_steps: int | None = None
     seed: int = 0
-    # optional global gradient-norm clip: products of factors (WAFFLe, LoRA) under momentum SGD
-    # can diverge on wide uncentred inputs at learning rates a dense layer takes
-    max_grad_norm: float | None = None
+    # global gradient-norm clip (None = off). On by default: products of factors (WAFFLe, LoRA)
+    # under momentum SGD can diverge at learning rates a dense layer takes, and WAFFLe's dictionary
+    # steps at FactorizedLinear.DICT_LR_SCALE times lr (without the clip the 64-256-128-10 digits
+    # MLP went NaN at x3 under SGD 0.05; with it x4 trained best)
+    max_grad_norm: float | None = 1.0
+    # FedProx (Li et al. 2020): mu / 2 * ||w - w_round_start||^2 over the SHARED tensors is added to
+    # every step's loss, pulling a site's update towards the global model it started from; 0 = off
+    prox_mu: float = 0.0
 
     def validate(self) -> None:
         def pos_int(name):
@@ -63,6 +69,7 @@ class TrainConfig:
             raise ValueError(f"seed: must be a non-negative integer, got {self.seed!r}")
         if self.max_grad_norm is not None:
             number("max_grad_norm", 0, lo_open=True)
+        number("prox_mu", 0, lo_open=False)
 
 
 @dataclass
@@ -77,11 +84,22 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return make_optimizer_for([p for p in model.parameters() if p.requires_grad], cfg)
 
 
+def param_groups(params: list[nn.Parameter], lr: float) -> list[dict]:
+    """One optimizer group per learning rate: a parameter that carries `lr_scale` (the WAFFLe
+    adapters' private variational parameters, kt_core.factorized.ScaledLRParameter) gets
+    lr * lr_scale, under any optimizer; the rest get lr."""
+    by_scale: dict[float, list[nn.Parameter]] = {}
+    for p in params:
+        by_scale.setdefault(float(getattr(p, "lr_scale", 1.0)), []).append(p)
+    return [{"params": ps, "lr": lr * scale} for scale, ps in sorted(by_scale.items())]
+
+
 def make_optimizer_for(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """The configured optimizer over `params` (DP-SGD splits the parameters over two of them)."""
+    groups = param_groups(list(params), cfg.lr) or [{"params": []}]
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum)
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
 
 
 def elbo_loss(model: nn.Module, logits: Tensor, y: Tensor, num_samples: int, kl_weight: float) -> Tensor:
@@ -121,7 +139,8 @@ def train_local(model: nn.Module, x, y, cfg: TrainConfig,
 
 
 def train_steps(model: nn.Module, n: int, batch_loss: Callable[[Tensor], Tensor], cfg: TrainConfig,
-                progress: Callable[[int, float], None] | None = None) -> TrainResult:
+                progress: Callable[[int, float], None] | None = None,
+                optimizer: torch.optim.Optimizer | None = None) -> TrainResult:
     """The training loop every task shares: `cfg.epochs` shuffled passes over n samples (at most
     `cfg.max_steps` steps), `batch_loss(indices)` giving each batch's loss. Deterministic given
     cfg.seed: batch order and the adapters' gate and stick-breaking samples come from an RNG
@@ -129,7 +148,10 @@ def train_steps(model: nn.Module, n: int, batch_loss: Callable[[Tensor], Tensor]
     after every step."""
     cfg.validate()
     device = _device_of(model)
-    optimizer = make_optimizer(model, cfg)
+    # DP-SGD hands in its own (security.dp.engine: clipping and noise happen in its step)
+    optimizer = optimizer if optimizer is not None else make_optimizer(model, cfg)
+    if cfg.prox_mu:
+        batch_loss = _with_proximal_term(model, batch_loss, cfg.prox_mu)
     was_training = model.training
     model.train()
     steps, loss_sum = 0, 0.0
@@ -160,6 +182,21 @@ def train_steps(model: nn.Module, n: int, batch_loss: Callable[[Tensor], Tensor]
     model.train(was_training)
     return TrainResult(num_samples=n, steps=steps, loss=loss_sum / max(steps, 1),
                        seconds=time.perf_counter() - start)
+
+
+def _with_proximal_term(model: nn.Module, batch_loss: Callable[[Tensor], Tensor], mu: float
+                        ) -> Callable[[Tensor], Tensor]:
+    """batch_loss plus FedProx's mu / 2 * ||w - w0||^2, w0 the shared tensors as training starts
+    (the global model the site was just sent); private and frozen tensors are not pulled."""
+    shared = {e.name for e in manifest_of(model).entries if e.role is Role.SHARED}
+    anchored = [(p, p.detach().clone()) for name, p in model.named_parameters()
+                if name in shared and p.requires_grad]
+
+    def loss(idx: Tensor) -> Tensor:
+        prox = sum(((p - p0) ** 2).sum() for p, p0 in anchored)
+        return batch_loss(idx) + 0.5 * mu * prox
+
+    return loss
 
 
 @torch.no_grad()

@@ -1,7 +1,10 @@
 """`ktfed audit`: the privacy auditor's commands.
 
-    ktfed audit verify DIR... --ca CA.crt       check every chain, signature and cross-reference;
-                                                exit 0 when all verify, 1 naming the first bad entry
+    ktfed audit verify DIR... --ca CA.crt       check every chain, signature and cross-reference,
+                                                strictly: every site's log, each run sealed; exit 0
+                                                when all verify, 1 naming the first bad entry
+                 [--partial] [--run RUN]        the lenient reading (a missing log or an unsealed
+                                                run is a warning); only the entries of RUN
     ktfed audit report DIR... --ca CA.crt --out report/
                                                 a self-contained HTML page + report.json + PNG plots
                                                 (exit 1 when verification failed; the report says why)
@@ -25,13 +28,14 @@ def register(subparsers) -> None:
     sub = audit.add_subparsers(dest="audit_command", required=True)
 
     p = sub.add_parser("verify", help="verify audit logs offline against the federation CA")
-    p.add_argument("dirs", nargs="+", metavar="DIR", help="audit folders (each holds audit.jsonl and certs/)")
+    p.add_argument("dirs", nargs="+", metavar="DIR",
+                   help="audit folders (each holds audit.jsonl and certs/), or the state folders holding them")
     _add_ca_args(p)
     p.add_argument("--json", action="store_true", help="print the full result as JSON")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("report", help="write the auditor's report (HTML, JSON, PNG)")
-    p.add_argument("dirs", nargs="+", metavar="DIR")
+    p.add_argument("dirs", nargs="+", metavar="DIR", help="audit folders, or the state folders holding them")
     _add_ca_args(p)
     p.add_argument("--out", default="audit-report", help="output folder (default: audit-report)")
     p.add_argument("--leakage", help="folder written by `ktfed audit attack --out` to include in the report")
@@ -50,6 +54,11 @@ def register(subparsers) -> None:
 def _add_ca_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ca", help="the federation CA certificate (ca.crt)")
     p.add_argument("--pki", help="a PKI folder made by `ktfed pki` (uses its ca.crt)")
+    p.add_argument("--partial", action="store_true",
+                   help="the lenient reading: a missing peer log, an unsealed run or an unclosed log is a "
+                        "warning, not an error (what cannot be pinned is listed)")
+    p.add_argument("--run", action="append", metavar="RUN",
+                   help="only the entries of this run (repeatable); logs without it are left out")
 
 
 def _ca_path(args) -> Path:
@@ -68,8 +77,8 @@ def _verify(args):
         print(f"error: no CA certificate at {ca}", file=sys.stderr)
         return None
     try:
-        return verify([Path(d) for d in args.dirs], ca)
-    except AuditError as err:
+        return verify([Path(d) for d in args.dirs], ca, partial=args.partial, runs=args.run)
+    except (AuditError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return None
 

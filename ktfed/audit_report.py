@@ -15,10 +15,12 @@ import base64
 import datetime as dt
 import html
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
 from security.audit import VerifyResult, as_float
+from security.audit.crosscheck import entry_run
 
 THREAT_MODEL = [
     ("Who sees what",
@@ -39,11 +41,14 @@ THREAT_MODEL = [
      "the previous one, so an entry cannot be altered, removed, reordered or inserted without the "
      "verification naming it. Each round the sites countersign the coordinator's chain head and the "
      "coordinator keeps their countersignatures, so neither side can rewrite history that the other "
-     "has committed to. Messages are logged at both ends with their SHA-256 and must agree."),
+     "has committed to. Messages are logged at both ends with their SHA-256, size and tensor list, and "
+     "must agree. When a run ends the coordinator seals it (a signed last entry) and every site "
+     "countersigns the seal, so the end of the run cannot be cut or rewritten either."),
     ("What it does not prove",
-     "A producer can still lie consistently in its own log about things nobody else observed, and can "
-     "cut entries written after the last head a peer countersigned (a log that does not end with a "
-     "close entry is flagged for that reason). The log records what the software reported; whether the "
+     "A producer can still lie consistently in its own log about things nobody else observed before a "
+     "peer committed to it. Strict verification fails when a site's log is missing, a run is unsealed, "
+     "or an entry lies unpinned at the end of a log; the --partial reading only warns. The log records "
+     "what the software reported; whether the "
      "mechanisms deliver the stated privacy is measured separately by `ktfed audit attack`. Revocation of "
      "certificates is not checked here, and entry times are the producers' own clocks."),
 ]
@@ -53,13 +58,16 @@ def collect(result: VerifyResult) -> dict:
     """Everything the report shows, from the verified entries, as plain JSON-ready data."""
     logs = [v for v in result.logs if v.producer]
     by_producer = {v.producer: v for v in logs}
-    configs, privacy, secagg, refusals = [], defaultdict(list), [], []
+    configs, privacy, secagg, refusals, declines = [], defaultdict(list), [], [], []
     countersigns: dict[str, dict] = {}
+    seals = {(v.producer, e.seq) for v in logs for e in v.entries if e.kind == "seal"}
     crossings: dict[tuple, dict] = {}
     per_round: dict[str, dict[int, int]] = defaultdict(lambda: defaultdict(int))
     for v in logs:
         for e in v.entries:
             b = e.body
+            if result.runs and entry_run(e) not in result.runs:
+                continue
             if e.kind == "config":
                 configs.append({"producer": v.producer, "seq": e.seq, "time": e.time, "run": b.get("run"),
                                 "config_sha256": b.get("config_sha256"), "versions": b.get("versions", {}),
@@ -78,33 +86,27 @@ def collect(result: VerifyResult) -> dict:
                     "run", "round", "event", "threshold", "roster", "survivors", "dropouts", "reconstructed")}})
             elif e.kind == "refusal":
                 refusals.append({"producer": v.producer, "seq": e.seq, "time": e.time, **b})
+                if "budget" in str(b.get("reason", "")) and v.role != "coordinator":
+                    declines.append({"site": v.producer, "run": b.get("run"), "round": b.get("round"),
+                                     "reason": b.get("detail") or b.get("reason")})
             elif e.kind == "countersign":
-                c = countersigns.setdefault(v.producer, {"subject": b["subject"], "rounds": [], "last_head": None})
-                c["rounds"].append(b["round"])
+                c = countersigns.setdefault(v.producer, {"subject": b["subject"], "rounds": [], "last_head": None,
+                                                         "sealed": False})
+                if b["round"] not in c["rounds"]:
+                    c["rounds"].append(b["round"])
                 c["last_head"] = b["subject_head"]
+                c["sealed"] = c["sealed"] or (b["subject"], b["subject_head"]["seq"]) in seals
             elif e.kind == "boundary":
-                # a crossing is counted once: from its sender's log, or its receiver's when the
-                # sender's log was not given
-                own = b.get("direction") == "send" or b.get("sender") not in by_producer
-                if not own:
-                    continue
-                key = (b.get("sender"), b.get("receiver"), b.get("message"))
-                c = crossings.setdefault(key, {"sender": key[0], "receiver": key[1], "message": key[2],
-                                               "count": 0, "bytes": 0, "tensors": {}, "rounds": set()})
-                c["count"] += 1
-                c["bytes"] += _int(b.get("bytes"))
-                c["rounds"].add(b.get("round"))
-                for t in b.get("tensors") or []:
-                    if isinstance(t, dict):
-                        c["tensors"][str(t.get("name"))] = {"shape": t.get("shape"), "dtype": t.get("dtype")}
-                direction = "to coordinator" if by_producer.get(b.get("receiver")) and \
-                    by_producer[b["receiver"]].role == "coordinator" else "from coordinator"
-                per_round[direction][b.get("round")] += _int(b.get("bytes"))
+                if b.get("message") == "decline" and (b.get("direction") == "send"
+                                                      or b.get("sender") not in by_producer):
+                    declines.append({"site": b.get("sender"), "run": b.get("run"), "round": b.get("round"),
+                                     "reason": b.get("reason") or "declined the round (privacy budget)"})
+                _add_crossing(b, by_producer, crossings, per_round)
     for c in crossings.values():
         c["rounds"] = sorted(r for r in c["rounds"] if r is not None)
     runs = []
     for v in logs:
-        runs += [r for r in v.runs() if r not in runs]
+        runs += [r for r in v.runs() if r not in runs and (not result.runs or r in result.runs)]
     return {
         "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "verification": result.to_dict(),
@@ -114,6 +116,7 @@ def collect(result: VerifyResult) -> dict:
         "threat_model": [{"title": t, "text": x} for t, x in THREAT_MODEL],
         "privacy": {site: sorted(rows, key=lambda r: (str(r["run"]), r["round"] or 0))
                     for site, rows in privacy.items()},
+        "declines": _unique_declines(declines),
         "boundaries": sorted(crossings.values(),
                              key=lambda c: (c["sender"] or "", c["receiver"] or "", c["message"] or "")),
         "bytes_per_round": {d: dict(sorted(rounds.items(), key=lambda kv: kv[0] or 0))
@@ -122,6 +125,44 @@ def collect(result: VerifyResult) -> dict:
         "refusals": refusals,
         "countersignatures": countersigns,
     }
+
+
+def _add_crossing(b: dict, by_producer: dict, crossings: dict, per_round: dict) -> None:
+    # a crossing is counted once: from its sender's log, or its receiver's when the sender's log
+    # was not given
+    if b.get("direction") != "send" and b.get("sender") in by_producer:
+        return
+    key = (b.get("sender"), b.get("receiver"), b.get("message"))
+    c = crossings.setdefault(key, {"sender": key[0], "receiver": key[1], "message": key[2],
+                                   "count": 0, "bytes": 0, "tensors": {}, "rounds": set()})
+    c["count"] += 1
+    c["bytes"] += _int(b.get("bytes"))
+    c["rounds"].add(b.get("round"))
+    for t in b.get("tensors") or []:
+        if isinstance(t, dict):
+            c["tensors"][str(t.get("name"))] = {"shape": t.get("shape"), "dtype": t.get("dtype")}
+    direction = "to coordinator" if by_producer.get(b.get("receiver")) and \
+        by_producer[b["receiver"]].role == "coordinator" else "from coordinator"
+    per_round[direction][b.get("round")] += _int(b.get("bytes"))
+
+
+def _unique_declines(rows: list[dict]) -> list[dict]:
+    """One row per (site, run, round): a site's refusal and its decline message tell of the same."""
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        out.setdefault((str(r["site"]), str(r["run"]), r["round"] if isinstance(r["round"], int) else -1), r)
+    return [out[k] for k in sorted(out)]
+
+
+def tensor_groups(tensors: dict) -> list[dict]:
+    """Tensor names grouped by their pattern with layer numbers as `*` ("layers.*.w_a"), so a
+    model's 130 names read as a dozen groups; each group keeps its names for the details."""
+    groups: dict[str, dict] = {}
+    for name, t in sorted(tensors.items()):
+        g = groups.setdefault(re.sub(r"\d+", "*", name), {"names": [], "kinds": set()})
+        g["names"].append(name)
+        g["kinds"].add(f'{t.get("dtype")} {t.get("shape")}')
+    return [{"pattern": k, "names": g["names"], "kinds": sorted(g["kinds"])} for k, g in groups.items()]
 
 
 def _int(value) -> int:
@@ -200,6 +241,7 @@ th { background: #f3f5f9; } td.num { text-align: right; font-variant-numeric: ta
 code, .mono { font-family: 'SFMono-Regular', Consolas, monospace; font-size: 0.85em; word-break: break-all; }
 .muted { color: #5d6778; } img { max-width: 100%; border: 1px solid #dfe3ea; }
 dt { font-weight: 600; margin-top: 0.6em; } dd { margin-left: 1.2em; }
+ul.groups { margin: 0.2em 0; padding-left: 1.1em; } summary { cursor: pointer; }
 """
 
 
@@ -268,14 +310,17 @@ def render_html(data: dict, images: dict[str, Path | None], leakage: dict | None
     parts.append(_table(["site", "run", "round", "epsilon (round)", "epsilon (cumulative)", "budget", "delta",
                          "noise multiplier", "sample rate", "steps", "clip", "accountant"], rows,
                         numeric={2, 3, 4, 5, 6, 7, 8, 9, 10}))
+    parts.append("<h3>Rounds a site declined (its budget would have been exceeded)</h3>" + _table(
+        ["site", "run", "round", "why"],
+        [[_e(d["site"]), _e(d["run"]), _e(d["round"]), _e(d["reason"])] for d in data["declines"]],
+        numeric={2}, empty="No site declined a round."))
     parts.append("<h2>4. What crossed each boundary</h2><p>Every message between a site and the coordinator, "
                  "counted once, with the tensors it carried (names, shapes) and its size. Both ends logged its "
                  "SHA-256; section 7 says whether they agree.</p>" + _img(images.get("bytes"), "bytes per round"))
     parts.append(_table(["from", "to", "message", "count", "total bytes", "rounds", "tensors (shape, dtype)"],
                         [[_e(c["sender"]), _e(c["receiver"]), _e(c["message"]), _e(c["count"]), _e(c["bytes"]),
                           _e(_ranges(c["rounds"])),
-                          "<br>".join(f'<span class="mono">{_e(n)}</span> {_e(t["shape"])} {_e(t["dtype"])}'
-                                      for n, t in sorted(c["tensors"].items())) or "-"]
+                          _tensors_html(c["tensors"])]
                          for c in data["boundaries"]], numeric={3, 4}))
     parts.append("<h2>5. Secure aggregation</h2><p>Per round: who took part, who dropped out (and at which step), "
                  "and which secrets the coordinator rebuilt from shares. A self-mask is rebuilt for a site that "
@@ -292,9 +337,10 @@ def render_html(data: dict, images: dict[str, Path | None], leakage: dict | None
         [[_e(r["producer"]), _e(r.get("run")), _e(r.get("round")), _e(r.get("peer")), _e(r.get("message")),
           _e(r.get("reason")), _e(r.get("detail"))] for r in data["refusals"]]))
     parts.append("<h3>Countersignatures of the coordinator's chain</h3>" + _table(
-        ["site", "of", "rounds countersigned", "last head countersigned"],
+        ["site", "of", "rounds countersigned", "last head countersigned", "countersigned the seal"],
         [[_e(site), _e(c["subject"]), _e(_ranges(c["rounds"])),
-          f'seq {_e(c["last_head"]["seq"])} <span class="mono">{_e(c["last_head"]["hash"][:16])}...</span>']
+          f'seq {_e(c["last_head"]["seq"])} <span class="mono">{_e(c["last_head"]["hash"][:16])}...</span>',
+          "yes" if c["sealed"] else "<b>no</b>"]
          for site, c in sorted(data["countersignatures"].items())]))
     parts.append("<h2>7. Verification</h2>" + banner + _table(
         ["severity", "file", "seq", "what is wrong"],
@@ -304,6 +350,20 @@ def render_html(data: dict, images: dict[str, Path | None], leakage: dict | None
         parts.append(_leakage_html(leakage, images.get("reconstructions")))
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>ktfed privacy audit report"
             f"</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n")
+
+
+def _tensors_html(tensors: dict) -> str:
+    """A count and the groups at a glance; every name on demand (<details>, no script)."""
+    if not tensors:
+        return "-"
+    groups = tensor_groups(tensors)
+    items = "".join(
+        f'<li><details><summary><span class="mono">{_e(g["pattern"])}</span> &times;{len(g["names"])} '
+        f'({_e("; ".join(g["kinds"][:3]))}{"; ..." if len(g["kinds"]) > 3 else ""})</summary>'
+        + "<br>".join(f'<span class="mono">{_e(n)}</span>' for n in g["names"]) + "</details></li>"
+        for g in groups)
+    return (f"<details><summary>{len(tensors)} tensor(s) in {len(groups)} group(s)</summary>"
+            f'<ul class="groups">{items}</ul></details>')
 
 
 def _leakage_html(leakage: dict, picture: Path | None) -> str:

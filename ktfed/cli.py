@@ -19,7 +19,11 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
+
+from ktfed.cli_args import apply_env_defaults, hex_serial, host_port, positive_float, source
+from ktfed.exits import CLIError, StopSignals, Stopped, guarded, signal_name, stop_code
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 
@@ -37,11 +41,42 @@ def _tls(args, name: str):
         return None
     if args.cert or args.key or args.ca:
         if not (args.cert and args.key and args.ca):
-            raise SystemExit("error: --cert, --key and --ca go together")
-        return TLSFiles(Path(args.ca), Path(args.cert), Path(args.key))
-    if not args.pki:
-        raise SystemExit("error: give --pki DIR (or --ca/--cert/--key); plaintext needs --insecure")
-    return TLSFiles.from_pki(Path(args.pki), name)
+            raise CLIError("--cert, --key and --ca go together")
+        tls = TLSFiles(Path(args.ca), Path(args.cert), Path(args.key))
+        hint = "check --ca, --cert and --key"
+    elif not args.pki:
+        raise CLIError("give --pki DIR (or --ca/--cert/--key); plaintext needs --insecure")
+    else:
+        tls = TLSFiles.from_pki(Path(args.pki), name)
+        hint = (f"{source(args, 'pki', '--pki')} must be a folder made by `ktfed pki init` holding "
+                f"issued/{name}.crt and .key (`ktfed pki issue --name {name}`)")
+    missing = [str(p) for p in (tls.ca_cert, tls.cert, tls.key) if not Path(p).is_file()]
+    if missing:
+        raise CLIError(f"TLS material not found: {', '.join(missing)} ({hint})")
+    unreadable = [str(p) for p in (tls.ca_cert, tls.cert, tls.key) if not os.access(p, os.R_OK)]
+    if unreadable:
+        raise CLIError(f"cannot read {', '.join(unreadable)}: permission denied")
+    return tls
+
+
+def _check_listen(args, dest: str, flag: str) -> None:
+    """Refuse an address another process already listens on, naming the flag (or variable), before
+    anything is started: gRPC's own failure names neither."""
+    import socket
+
+    address = getattr(args, dest, None)
+    if not address:
+        return
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is not "in use"
+        try:
+            probe.bind((host, int(port)))
+        except OSError as err:
+            raise CLIError(f"{source(args, dest, flag)} {address}: cannot listen there: {err.strerror}"
+                           + (" (another process holds the port)" if "in use" in str(err.strerror) else "")) from None
 
 
 def _add_tls_args(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +93,12 @@ def cmd_pki(args) -> int:
     from security.pki import PKIError, init_ca, issue, revoke
 
     pki_dir = Path(args.dir)
+    # The CLI's own wording for the two mistakes a person makes first (the library's speaks of its API).
+    if args.pki_command == "init" and not args.force and (pki_dir / "ca.key").exists():
+        raise CLIError(f"a CA already exists in {pki_dir}; give --force to replace it (every certificate it "
+                       "issued stops working)")
+    if args.pki_command != "init" and not (pki_dir / "ca.key").is_file():
+        raise CLIError(f"{pki_dir} holds no federation CA: run `ktfed pki init --dir {pki_dir}` first")
     try:
         if args.pki_command == "init":
             path = init_ca(pki_dir, force=args.force)
@@ -94,20 +135,31 @@ def cmd_coordinator(args) -> int:
         return 2
     tls = _tls(args, args.name)
     crl = Path(args.crl) if args.crl else (Path(args.pki) / "crl.pem" if args.pki else None)
-    try:
-        server = CoordinatorServer(ServerSettings(args.listen, Path(args.state), tls, crl, args.insecure,
-                                                  metrics_listen=args.metrics_listen, audit=not args.no_audit))
-        server.start(config)
-    except CorruptStateError as err:
-        log.error("refusing to start: %s", err)
-        print(f"error: refusing to start: {err}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as err:
-        log.error("cannot start: %s", err)
-        print(f"error: cannot start the coordinator: {err}", file=sys.stderr)
-        return 2
-    server.wait()
-    return 0
+    _check_listen(args, "listen", "--listen")
+    _check_listen(args, "metrics_listen", "--metrics-listen")
+    started = False
+    signals = StopSignals(lambda: None, interruptible=lambda: not started)
+    server = None
+    with signals:
+        try:
+            server = CoordinatorServer(ServerSettings(args.listen, Path(args.state), tls, crl, args.insecure,
+                                                      metrics_listen=args.metrics_listen, audit=not args.no_audit))
+            server.start(config)
+            started = True
+            while signals.signum is None:  # the handler only notes the signal once the run is served
+                time.sleep(0.2)
+        except CorruptStateError as err:
+            log.error("refusing to start: %s", err)
+            raise CLIError(f"refusing to start: {err}") from None
+        except (OSError, ValueError) as err:
+            log.error("cannot start: %s", err)
+            raise CLIError(f"cannot start the coordinator: {err}") from None
+        finally:
+            if server is not None:
+                server.stop()
+    log.info("stopped by %s: the round in progress was abandoned; the next start resumes at the last "
+             "committed round", signal_name(signals.signum))
+    return stop_code(signals.signum)
 
 
 # -- participant --------------------------------------------------------------------------------
@@ -119,20 +171,46 @@ def cmd_participant(args) -> int:
 
     _setup_logging(args.log_level, args.log_file, args.log_format)
     torch.set_num_threads(args.threads)
+    _check_listen(args, "metrics_listen", "--metrics-listen")
+    if args.policy:
+        from ktfed.policy_cmd import load_or_exit
+
+        load_or_exit(args.policy)  # a bad policy file: one line naming it and the field, before any connection
     agent = ParticipantAgent(AgentSettings(
         site=args.site, coordinator=args.coordinator, tls=_tls(args, args.site), state_dir=Path(args.state),
         data_root=Path(args.data_root) if args.data_root else None, insecure=args.insecure,
         backoff_max_s=args.backoff_max, epsilon_budget=args.epsilon_budget, metrics_listen=args.metrics_listen,
-        audit=not args.no_audit, coordinator_name=args.coordinator_name))
-    import signal
-
-    signal.signal(signal.SIGTERM, lambda *_: agent.stop())
+        audit=not args.no_audit, coordinator_name=args.coordinator_name,
+        policy_path=Path(args.policy) if args.policy else None))
+    log = logging.getLogger("ktfed.participant")
+    # Mid-round the stop waits for the round's end, so its ledger entry and private factors are whole.
+    signals = StopSignals(agent.stop, interruptible=lambda: agent.status != "training")
     try:
-        return agent.run()
+        with signals:
+            code = agent.run()
+    except Stopped:
+        code = None
     except (ValueError, RuntimeError) as err:
-        logging.getLogger("ktfed.participant").error("%s: %s", args.site, err)
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        log.error("%s: %s", args.site, err)
+        raise CLIError(str(err)) from None
+    if signals.signum is None:
+        if code in _AGENT_EXITS:  # the agent logged why; with --log-file the terminal must hear of it too
+            print(f"error: {args.site}: {_AGENT_EXITS[code].format(state=args.state, site=args.site)} "
+                  f"(exit {code}; the log says more)", file=sys.stderr)
+        return code
+    message = (f"{args.site}: stopped by {signal_name(signals.signum)}; its ledger and private factors are on disk, "
+               "and the next start rejoins the run")
+    log.info(message)
+    if args.log_file:
+        print(message, file=sys.stderr)
+    return stop_code(signals.signum)
+
+
+_AGENT_EXITS = {
+    3: "the coordinator refused this site's identity",
+    4: "cannot open the site's audit log in {state}/audit: another agent holds this --state folder, or the "
+       "certificate is not {site}'s",
+}
 
 
 # -- operator -----------------------------------------------------------------------------------
@@ -205,37 +283,6 @@ def cmd_config(args) -> int:
     return 0
 
 
-def cmd_privacy(args) -> int:
-    if args.privacy_command == "ledger":
-        from security.dp.ledger import LEDGER_FILE, PrivacyLedger
-
-        path = Path(args.state) / LEDGER_FILE
-        if not path.is_file():
-            print(f"error: no privacy ledger at {path} (give the site's --state folder)", file=sys.stderr)
-            return 2
-        ledger = PrivacyLedger(path, args.site)
-        try:
-            if args.json:
-                print(json.dumps({"site": args.site, "path": str(path),
-                                  "entries": [e.to_dict() for e in ledger.entries()],
-                                  "declines": ledger.declines()}, indent=2))
-            else:
-                print(ledger.table())
-        finally:
-            ledger.close()
-        return 0
-    from ktfed.privacy_plan import PlanError, plan
-
-    try:
-        result = plan(samples=args.samples, batch=args.batch, rounds=args.rounds, epochs=args.epochs,
-                      epsilon=args.epsilon, delta=args.delta, accountant=args.accountant)
-    except PlanError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(result, indent=2) if args.json else result["text"])
-    return 0
-
-
 def cmd_demo(args) -> int:
     from ktfed.launcher import DemoSettings, run_demo
 
@@ -247,7 +294,10 @@ def cmd_demo(args) -> int:
 # -- parser -------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ktfed", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="ktfed", description=__doc__.splitlines()[0],
+                                     epilog="exit codes: 0 done, 1 failed, 2 invalid input, 3 identity refused, "
+                                            "4 state folder in use or certificate/name mismatch, 130 Ctrl-C")
+    parser.add_argument("--version", action="version", version=f"ktfed {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     pki = sub.add_parser("pki", help="the federation's certificate authority")
@@ -263,67 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--days", type=int, default=365)
     p = pki_sub.add_parser("revoke", help="revoke every certificate of NAME (or one --serial) and update the CRL")
     p.add_argument("--dir", default="pki")
-    p.add_argument("--serial", type=_hex_serial, help="revoke only this certificate (hex serial, e.g. after rotation)")
+    p.add_argument("--serial", type=hex_serial, help="revoke only this certificate (hex serial, e.g. after rotation)")
     p.add_argument("name")
     pki.set_defaults(func=cmd_pki)
 
-    coord = sub.add_parser("coordinator", help="the coordinator service")
-    coord_sub = coord.add_subparsers(dest="coordinator_command", required=True)
-    p = coord_sub.add_parser("serve", help="serve participants and operators")
-    p.add_argument("--listen", default=DEFAULT_ADDRESS)
-    p.add_argument("--state", default="coordinator-state", help="folder for SQLite and state files")
-    p.add_argument("--name", default="coordinator", help="certificate name under --pki")
-    p.add_argument("--config", help="run config (TOML) to start if no run is unfinished")
-    p.add_argument("--crl", help="revocation list (default: PKI/crl.pem)")
-    p.add_argument("--no-audit", action="store_true",
-                   help="keep no audit log (STATE/audit): only to measure its overhead")
-    _add_tls_args(p)
-    _add_log_args(p)
-    coord.set_defaults(func=cmd_coordinator)
-
-    part = sub.add_parser("participant", help="a site's participant agent")
-    part_sub = part.add_subparsers(dest="participant_command", required=True)
-    p = part_sub.add_parser("run", help="join the federation and train on each task")
-    p.add_argument("--site", required=True, help="this site's name (its certificate's subject)")
-    p.add_argument("--coordinator", default=DEFAULT_ADDRESS)
-    p.add_argument("--state", default="participant-state", help="site-local folder (private factors)")
-    p.add_argument("--data-root", help="folder of the data set files (default: the system's)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
-    p.add_argument("--backoff-max", type=float, default=5.0, help="cap of the reconnect backoff (s)")
-    p.add_argument("--epsilon-budget", type=_positive_float, default=None,
-                   help="this site's own privacy budget (epsilon); the stricter of it and the run's wins")
-    p.add_argument("--coordinator-name", default="coordinator",
-                   help="the coordinator's certificate name (whose audit head this site countersigns)")
-    p.add_argument("--no-audit", action="store_true",
-                   help="keep no audit log (STATE/audit): only to measure its overhead")
-    _add_tls_args(p)
-    _add_log_args(p)
-    part.set_defaults(func=cmd_participant)
-    from ktfed.distill_cmd import register as add_distill_command
-    add_distill_command(part_sub)
-
-    run = sub.add_parser("run", help="operate runs on a coordinator")
-    run_sub = run.add_subparsers(dest="run_command", required=True)
-    for name, text in (("start", "start a run"), ("status", "show a run"), ("stop", "stop a run")):
-        p = run_sub.add_parser(name, help=text)
-        p.add_argument("--coordinator", default=DEFAULT_ADDRESS)
-        p.add_argument("--name", default="operator", help="operator certificate name under --pki")
-        p.add_argument("--json", action="store_true")
-        _add_tls_args(p)
-        if name == "start":
-            p.add_argument("--config", required=True)
-        elif name == "status":
-            p.add_argument("--run-id")
-        else:
-            p.add_argument("--run-id", required=True)
-            p.add_argument("--reason", default="stopped by operator")
-    run.set_defaults(func=cmd_run)
-
-    p = sub.add_parser("status", help="the coordinator's health, its run and its participants")
-    p.add_argument("--coordinator", default=DEFAULT_ADDRESS)
-    p.add_argument("--name", default="operator", help="operator certificate name under --pki")
-    _add_tls_args(p)
-    p.set_defaults(func=cmd_status)
+    _add_service_commands(sub)
+    _add_operator_commands(sub)
 
     p = sub.add_parser("config", help="validate configuration files")
     config_sub = p.add_subparsers(dest="config_command", required=True)
@@ -331,22 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("file")
     p.set_defaults(func=cmd_config)
 
-    p = sub.add_parser("privacy", help="differential privacy: a site's ledger, planning a budget")
-    privacy_sub = p.add_subparsers(dest="privacy_command", required=True)
-    c = privacy_sub.add_parser("ledger", help="print a site's privacy ledger")
-    c.add_argument("--site", required=True)
-    c.add_argument("--state", default="participant-state", help="the site's state folder")
-    c.add_argument("--json", action="store_true")
-    c = privacy_sub.add_parser("plan", help="noise multiplier and expected accuracy cost for a budget")
-    c.add_argument("--samples", type=int, required=True, help="records at the site (N)")
-    c.add_argument("--batch", type=int, required=True, help="expected batch size")
-    c.add_argument("--rounds", type=int, required=True)
-    c.add_argument("--epochs", type=int, default=1, help="local epochs per round")
-    c.add_argument("--epsilon", type=_positive_float, required=True)
-    c.add_argument("--delta", type=float, default=None, help="default: 1 / (10 N)")
-    c.add_argument("--accountant", default="prv", choices=["prv", "rdp"])
-    c.add_argument("--json", action="store_true")
-    p.set_defaults(func=cmd_privacy)
+    from ktfed.privacy_cmd import register as add_privacy_commands
+    add_privacy_commands(sub)
 
     p = sub.add_parser("demo", help="a real federation on this machine (coordinator + sites as processes)")
     p.add_argument("--workdir", default="ktfed-demo")
@@ -374,23 +355,78 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _hex_serial(text: str) -> int:
-    try:
-        return int(text.lower().removeprefix("0x").replace(":", ""), 16)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a hexadecimal serial: {text!r}") from None
+def _add_service_commands(sub) -> None:
+    """`coordinator serve` and `participant run` (and `participant distill`)."""
+    coord = sub.add_parser("coordinator", help="the coordinator service")
+    coord_sub = coord.add_subparsers(dest="coordinator_command", required=True)
+    p = coord_sub.add_parser("serve", help="serve participants and operators")
+    p.add_argument("--listen", default=DEFAULT_ADDRESS, type=host_port, metavar="HOST:PORT",
+                   help=f"address to serve participants and operators on (default {DEFAULT_ADDRESS}; "
+                        "0.0.0.0:PORT for every interface)")
+    p.add_argument("--state", default="coordinator-state", help="folder for SQLite and state files")
+    p.add_argument("--name", default="coordinator", help="certificate name under --pki")
+    p.add_argument("--config", help="run config (TOML) to start if no run is unfinished")
+    p.add_argument("--crl", help="revocation list (default: PKI/crl.pem)")
+    p.add_argument("--no-audit", action="store_true",
+                   help="keep no audit log (STATE/audit): only to measure its overhead")
+    _add_tls_args(p)
+    _add_log_args(p)
+    coord.set_defaults(func=cmd_coordinator)
+
+    part = sub.add_parser("participant", help="a site's participant agent")
+    part_sub = part.add_subparsers(dest="participant_command", required=True)
+    p = part_sub.add_parser("run", help="join the federation and train on each task")
+    p.add_argument("--site", required=True, help="this site's name (its certificate's subject)")
+    p.add_argument("--coordinator", default=DEFAULT_ADDRESS, type=host_port, metavar="HOST:PORT",
+                   help=f"the coordinator's address (default {DEFAULT_ADDRESS})")
+    p.add_argument("--state", default="participant-state", help="site-local folder (private factors)")
+    p.add_argument("--data-root", help="folder of the data set files (default: the system's)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument("--backoff-max", type=float, default=5.0, help="cap of the reconnect backoff (s)")
+    p.add_argument("--epsilon-budget", type=positive_float, default=None,
+                   help="this site's own privacy budget (epsilon); the stricter of it and the run's wins")
+    p.add_argument("--coordinator-name", default="coordinator",
+                   help="the coordinator's certificate name (whose audit head this site countersigns)")
+    p.add_argument("--no-audit", action="store_true",
+                   help="keep no audit log (STATE/audit): only to measure its overhead")
+    from ktfed.policy_cmd import add_policy_argument
+    add_policy_argument(p)
+    _add_tls_args(p)
+    _add_log_args(p)
+    part.set_defaults(func=cmd_participant)
+    from ktfed.distill_cmd import register as add_distill_command
+    add_distill_command(part_sub)
+    from ktfed.policy_cmd import register as add_policy_command
+    add_policy_command(part_sub)
 
 
-def _positive_float(text: str) -> float:
-    import math
+def _add_operator_commands(sub) -> None:
+    """`run start|status|stop` and `status`: the federation operator's client."""
+    run = sub.add_parser("run", help="operate runs on a coordinator")
+    run_sub = run.add_subparsers(dest="run_command", required=True)
+    for name, text in (("start", "start a run"), ("status", "show a run"), ("stop", "stop a run")):
+        p = run_sub.add_parser(name, help=text)
+        p.add_argument("--coordinator", default=DEFAULT_ADDRESS, type=host_port, metavar="HOST:PORT",
+                       help=f"the coordinator's address (default {DEFAULT_ADDRESS})")
+        p.add_argument("--name", default="operator", help="operator certificate name under --pki")
+        p.add_argument("--json", action="store_true")
+        _add_tls_args(p)
+        if name == "start":
+            p.add_argument("--config", required=True, metavar="FILE",
+                           help="run configuration (TOML; checked here first, see `ktfed config check`)")
+        elif name == "status":
+            p.add_argument("--run-id")
+        else:
+            p.add_argument("--run-id", required=True)
+            p.add_argument("--reason", default="stopped by operator")
+    run.set_defaults(func=cmd_run)
 
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
+    p = sub.add_parser("status", help="the coordinator's health, its run and its participants")
+    p.add_argument("--coordinator", default=DEFAULT_ADDRESS, type=host_port, metavar="HOST:PORT",
+                   help=f"the coordinator's address (default {DEFAULT_ADDRESS})")
+    p.add_argument("--name", default="operator", help="operator certificate name under --pki")
+    _add_tls_args(p)
+    p.set_defaults(func=cmd_status)
 
 
 def _add_log_args(parser: argparse.ArgumentParser) -> None:
@@ -398,46 +434,24 @@ def _add_log_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-file", help="write logs here instead of stderr")
     parser.add_argument("--log-format", default="text", choices=["text", "json"],
                         help="json: one JSON object per line (time, level, logger, message, fields)")
-    parser.add_argument("--metrics-listen", metavar="HOST:PORT",
+    parser.add_argument("--metrics-listen", metavar="HOST:PORT", type=host_port,
                         help="serve Prometheus metrics at http://HOST:PORT/metrics (off by default)")
 
 
-ENV_PREFIX = "KTFED_"
-TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
 
-
-def apply_env_defaults(parser: argparse.ArgumentParser, environ=os.environ) -> None:
-    """Let every `--flag-name` of every command default to $KTFED_FLAG_NAME (containers configure
-    services through the environment); a flag given on the command line still wins. A value that
-    the flag would refuse is refused here too, naming the variable."""
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for sub in set(action.choices.values()):
-                apply_env_defaults(sub, environ)
-            continue
-        longs = [o for o in action.option_strings if o.startswith("--") and o != "--help"]
-        if not longs:
-            continue
-        var = ENV_PREFIX + longs[0][2:].replace("-", "_").upper()
-        if var not in environ:
-            continue
-        raw = environ[var]
-        if isinstance(action, argparse._StoreTrueAction):
-            if raw.lower() not in TRUE | FALSE:
-                parser.error(f"{var}={raw!r}: expected true or false")
-            action.default = raw.lower() in TRUE
-        elif action.nargs is None and not isinstance(action, argparse._AppendAction):
-            if action.choices is not None and raw not in action.choices:
-                parser.error(f"{var}={raw!r}: choose from {', '.join(map(str, action.choices))}")
-            action.default = raw  # argparse applies the flag's type to a string default
-            action.required = False
+    try:
+        return version("ktfed")
+    except PackageNotFoundError:  # a checkout used without `pip install -e .`
+        return "unknown (not installed)"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     apply_env_defaults(parser)
     args = parser.parse_args(argv)
-    return args.func(args)
+    return guarded(args.func, args)
 
 
 if __name__ == "__main__":

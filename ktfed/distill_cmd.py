@@ -74,7 +74,9 @@ def cmd_distill(args) -> int:
         if nproc > 1 and "WORLD_SIZE" not in os.environ:
             report = run_local_processes(config_path, nproc, device=args.device, finetune_teacher=args.finetune_teacher)
         else:
-            report = run_distill(cfg, finetune_teacher=args.finetune_teacher, progress=not args.no_progress)
+            # a bar redrawn into a file or pipe is kilobytes of carriage returns: epochs are logged anyway
+            report = run_distill(cfg, finetune_teacher=args.finetune_teacher,
+                                 progress=not args.no_progress and sys.stderr.isatty())
     except (CheckpointError, StudentTooLargeError, DeviceError, EmptyDatasetError, TextDataError, DistillConfigError,
             DistributedSetupError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -13,6 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
+from kt_core.bounded import escape_control
+
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 _STANDARD = set(vars(logging.LogRecord("x", 0, "x", 0, "x", None, None))) | {"message", "asctime", "taskName"}
 _SECRET_WORDS = ("key", "secret", "password", "passwd", "token", "credential", "private")
@@ -36,6 +38,15 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
 
 
+class TextFormatter(logging.Formatter):
+    """One record, one line: a peer's text inside a message (a Leave reason, Join capabilities)
+    can carry newlines that would otherwise forge whole log lines. Tracebacks are ours and stay
+    multi-line."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_control(super().formatMessage(record))
+
+
 def _jsonable(name: str, value):
     if any(word in name.lower() for word in _SECRET_WORDS):
         return "[redacted]"
@@ -53,5 +64,5 @@ def setup_logging(level: str, log_file: str | None, fmt: str = "text") -> None:
     if log_file:
         Path(log_file).parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(log_file)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter(TEXT_FORMAT))
     logging.basicConfig(level=getattr(logging, level.upper()), handlers=[handler], force=True)

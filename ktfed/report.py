@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kt_core.config import RunConfig, load_file
+from kt_core.tasks import task_for
 from kt_core.wire import federation_pb2 as pb
 
 
@@ -56,6 +57,7 @@ class RoundTable:
             if points:
                 ax.plot([r for r, _ in points], [a for _, a in points], marker="o", label=site)
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylabel("local test accuracy")
         ax.set_title(title)
         ax.grid(alpha=0.3)
@@ -70,42 +72,21 @@ def _cell(value: float | None, width: int) -> str:
     return f"{value:>{width}.3f}" if value is not None else f"{'-':>{width}}"
 
 
-def _vln_results(config: RunConfig, workdir: Path, sites: list[str]) -> list[str]:
-    """Each site's rollouts on unseen seeds after the run (its own level and the held-out ones)."""
+def _final_evaluations(workdir: Path, sites: list[str]) -> dict[str, dict]:
+    """Each site's STATE/evaluation-<run>.json (its task's evaluation at the end of the run)."""
     import json
 
-    out = []
+    out = {}
     for site in sites:
         found = sorted((workdir / "sites" / site).glob("evaluation-*.json"))
-        if not found:
-            continue
-        r = json.loads(found[-1].read_text())
-        held = r.get("held_out_success_rate")
-        out.append(f"  {site}: success rate {r['success_rate']:.2f}, SPL {r['spl']:.2f} on unseen seeds of "
-                   f"{', '.join(r['train_levels'])}" + (f"; held-out levels: success rate {held:.2f}"
-                                                        if held is not None else ""))
-    if out:
-        out.insert(0, f"navigation after the run ({config.vln.rollout_episodes} unseen episodes per level, "
-                      "greedy policy; SPL against the expert bot's path):")
+        if found:
+            out[site] = json.loads(found[-1].read_text())
     return out
 
 
 def dense_bytes_per_update(config: RunConfig) -> int:
-    """What one update of the same model would cost with dense FedAvg (every weight shared). For
-    the VLN task: every weight of the backbone, as full fine-tuning would send."""
-    import dataclasses
-
-    if config.task.kind == "vln":
-        from safetensors import safe_open
-
-        with safe_open(config.vln.backbone, framework="np") as f:
-            return sum(4 * _numel(f.get_slice(k).get_shape()) for k in f.keys())
-
-    from kt_core.manifest import manifest_of
-    from kt_core.models import build_model
-
-    dense = dataclasses.replace(config.model, mode="dense")
-    return manifest_of(build_model(dense)).shared_nbytes()
+    """What one update of the same model would cost with dense FedAvg (every weight shared)."""
+    return task_for(config).dense_update_bytes()
 
 
 def summary(status: pb.RunStatus, table: RoundTable, settings, workdir: Path, seconds: float) -> str:
@@ -114,8 +95,7 @@ def summary(status: pb.RunStatus, table: RoundTable, settings, workdir: Path, se
     lines.append("final local test accuracy: " + ", ".join(
         f"{s} {pts[-1][1]:.3f} (round 0: {pts[0][1]:.3f})" for s, pts in table.accuracy.items() if pts))
     config = load_file(workdir / "run.toml").resolved()
-    if config.task.kind == "vln":
-        lines += _vln_results(config, workdir, table.sites)
+    lines += task_for(config).report_final(_final_evaluations(workdir, table.sites))
     dense = dense_bytes_per_update(config) * table.uploads
     if table.uploaded:
         lines.append(f"bytes uploaded: {table.uploaded:,} in {table.uploads} updates of shared factors; "
@@ -133,15 +113,13 @@ def summary(status: pb.RunStatus, table: RoundTable, settings, workdir: Path, se
                      f"{'verified' if result.ok else 'NOT verified'}, {sum(len(v.entries) for v in result.logs)} "
                      f"entries; check or report them offline with: ktfed audit verify|report "
                      f"{workdir / 'coordinator' / 'audit'} {workdir / 'sites'}/*/audit --pki {workdir / 'pki'}")
+    from ktfed.policy_cmd import policy_held
+
+    lines += [f"{site}: " + policy_held(workdir / "sites" / site, status.header.run_id)[1] for site in table.sites
+              if (workdir / "policies" / f"{site}.toml").is_file()]
     png = table.plot(workdir / "accuracy.png", f"ktfed demo: {settings.mode}, {len(table.sites)} sites")
     lines.append(f"coordinator state (SQLite + safetensors): {workdir / 'coordinator'}")
     lines.append(f"site-local state (private factors, never sent): {workdir / 'sites'}")
     lines.append(f"logs: {workdir / 'logs'}" + (f"; accuracy plot: {png}" if png else ""))
     return "\n".join(lines)
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n

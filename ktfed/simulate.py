@@ -30,12 +30,12 @@ import numpy as np
 
 from coordinator.auth import Caller
 from coordinator.coordinator import Coordinator
-from coordinator.rounds import Refusal
+from coordinator.errors import Refusal
 from coordinator.service import ParticipantServicer, generic_handler
 from coordinator.store import Store
 from kt_core.config import ConfigError, RunConfig
 from kt_core.wire import federation_pb2 as pb
-from participant import trainer as trainer_module
+from kt_core import image_task as trainer_module
 from participant.agent import FATAL_CODES, AgentSettings, ParticipantAgent, backoff_delay
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,8 @@ class InProcessContext:
 class IdentityAuth:
     """The in-process stand-in for the certificate check: the caller is the virtual site whose
     stub made the call, and the id a message claims must be that site, as with a certificate."""
+
+    insecure = False   # every caller has an identity before its request is parsed
 
     def caller(self, context: InProcessContext, role: str, claimed_id: str | None = None) -> Caller:
         if claimed_id is not None and claimed_id != context.identity:

@@ -18,7 +18,8 @@ def register(subparsers) -> None:
         "simulate", help="N virtual participants in one process, without sockets (same agent, aggregation, "
                          "SecAgg and DP code as a real federation)")
     p.add_argument("--participants", type=int, required=True, help="number of virtual sites")
-    p.add_argument("--config", required=True, help="run config (TOML); its sites are used when it lists N of them")
+    p.add_argument("--config", required=True, help="run config (TOML); its federation.sites are used when it lists N of them, else N virtual "
+                        "sites site-000 ... replace them (said at start)")
     p.add_argument("--rounds", type=int, help="override federation.rounds")
     p.add_argument("--out", default="ktfed-simulation",
                    help="folder for the coordinator's state, the sites' state and simulation.json (replaced)")
@@ -46,9 +47,14 @@ def cmd_simulate(args) -> int:
         print("error: --rounds must be >= 1", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
-    out = Path(args.out)
+    out = Path(args.out).absolute()
     try:
         config = load_file(Path(args.config), os.environ)
+        listed = config.federation.sites
+        if listed and len(listed) != args.participants:
+            print(f"note: {args.config} lists {len(listed)} site(s) in federation.sites; simulating "
+                  f"{args.participants} virtual sites site-000 ... instead (the data is partitioned over them)",
+                  file=sys.stderr)
         if not args.json:
             print(f"ktfed simulate: {args.participants} virtual participants in one process; state in {out}")
             print(f"{'round':>5} {'sites':>5} {'mean acc':>9} {'time':>8}")
@@ -69,7 +75,7 @@ def cmd_simulate(args) -> int:
         print(f"\nrun {result.run_id} finished: {result.rounds} rounds x {result.participants} virtual participants "
               f"in {result.rounds_wall_s:.2f} s of rounds ({result.wall_s:.2f} s in all): "
               f"{result.throughput:.1f} participant-rounds per second")
-        print(f"global state: {summary['state_file']}; summary: {out / 'simulation.json'}")
+        print(f"global state: {out / summary['state_file']}; summary: {out / 'simulation.json'}")
     return 0
 
 

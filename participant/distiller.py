@@ -11,8 +11,8 @@ writes nothing outside out_dir (and, with --finetune-teacher, the teacher checkp
 to write). The report carries the student's SHA-256, not its weights.
 
 Several processes (DDP) run when launched by torchrun or with `processes`/--nproc > 1; with
-`[distill.dp] enabled`, each process clips per-sample gradients and Opacus' DPDDP has rank 0 add
-the noise (see `opacus_privatizer`).
+`[distill.dp] enabled`, DP-SGD goes through security.dp.engine: each process clips per-sample
+gradients and rank 0 adds the noise (see `opacus_privatizer`).
 """
 from __future__ import annotations
 
@@ -41,21 +41,17 @@ STUDENT_FILE, REPORT_FILE, CURVES_FILE = "student.safetensors", "report.json", "
 
 
 def opacus_privatizer(noise_multiplier: float, max_grad_norm: float):
-    """fit()'s `privatize` hook: Opacus DP-SGD (Poisson sampling, per-sample clipping, Gaussian
-    noise). Under DDP the model arrives wrapped in DPDDP, for which Opacus picks its distributed
-    optimizer: every process clips, rank 0 alone adds noise, the sum is all-reduced. The noise
-    comes from OS entropy, never from the run's seed (security.dp.engine explains why)."""
-    from opacus import PrivacyEngine
-
-    from security.dp.engine import secure_generator
+    """fit()'s `privatize` hook: DP-SGD through security.dp.engine.make_private (Opacus
+    underneath: Poisson sampling, per-sample clipping, Gaussian noise from OS entropy). Under DDP
+    the model arrives wrapped in the engine's distributed wrapper: every process clips, rank 0
+    alone adds noise, the sum is all-reduced."""
+    from security.dp.engine import make_private
 
     def privatize(model, optimizer, loader):
-        engine = PrivacyEngine(accountant="prv")
-        model, optimizer, loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-            max_grad_norm=max_grad_norm, poisson_sampling=True, noise_generator=secure_generator())
-        privatize.engine, privatize.records = engine, len(loader.dataset)
-        return model, optimizer, loader
+        privatize.training = make_private(model, optimizer, loader, noise_multiplier=noise_multiplier,
+                                          max_grad_norm=max_grad_norm)
+        t = privatize.training
+        return t.module, t.optimizer, t.data_loader
 
     return privatize
 
@@ -64,9 +60,9 @@ def ddp_wrap_for(cfg: SiteDistillConfig, ctx: ddp.DistContext, device: torch.dev
     if not ctx.distributed:
         return None
     if cfg.dp.enabled:
-        from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+        from security.dp.engine import distributed_wrapper
 
-        return DPDDP
+        return distributed_wrapper()
     return ddp.wrapper(ctx, device)
 
 
@@ -143,11 +139,11 @@ def _run_text(cfg: SiteDistillConfig, ctx: ddp.DistContext, device: torch.device
 
 def _epsilon(privatize) -> dict | None:
     """(epsilon, delta) this distillation spent, delta = min(1e-5, 1 / (10 N))."""
-    engine = getattr(privatize, "engine", None)
-    if engine is None:
+    training = getattr(privatize, "training", None)
+    if training is None:
         return None
-    delta = min(1e-5, 0.1 / privatize.records)
-    return {"epsilon": float(engine.get_epsilon(delta=delta)), "delta": delta, "accountant": "prv"}
+    delta = min(1e-5, 0.1 / training.records)
+    return {"epsilon": training.epsilon(delta), "delta": delta, "accountant": "prv"}
 
 
 def _write_outputs(cfg: SiteDistillConfig, student, report: dict, save) -> dict:

@@ -1,5 +1,6 @@
-"""A site's side of secure aggregation: encode its update once, then answer each step the
-coordinator opens, through security.secagg's client state machine.
+"""A site's side of secure aggregation: encode its update once (SecureUpdate), then answer each
+step the coordinator opens on the task stream and submit the reply (SecureSession), through
+security.secagg's client state machine.
 
 What leaves the site here is only what the protocol sends: public keys, shares encrypted to
 other sites, and the update masked so that only the sum over sites can be unmasked. The client
@@ -8,17 +9,25 @@ the same global state acknowledged by everyone, no unmasking below t).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+from pathlib import Path
 from typing import Mapping
 
+import grpc
 import numpy as np
 from cryptography import x509
 
 from kt_core import vector
 from kt_core.config import RunConfig
+from kt_core.wire import convert
+from kt_core.wire import federation_pb2 as pb
+from participant import policy as site_policy
+from participant.site_run import ROUND_CODES
 from security import secagg
 from security.pki import PKIError, identity_from_pem
 from security.pki.identity import verify_chain
+from security.pki.primitives import load_private_key
 from security.secagg import SecAggClient, SecAggError, SecAggSettings
 
 log = logging.getLogger(__name__)
@@ -76,7 +85,6 @@ class SecureUpdate:
                                            len(roster))
         self.flat = flat
         self.done = False
-        self.task = None   # the RoundTask this update answers (its audit head is countersigned)
 
     def advertise(self) -> bytes:
         return self.client.advertise().to_bytes()
@@ -96,3 +104,101 @@ class SecureUpdate:
             reply = self.client.unmask(message)
             self.done = True
         return reply.to_bytes()
+
+
+
+class SecureSession:
+    """This site's part in one secure aggregation round: its SecureUpdate, and each step the
+    coordinator opens on the task stream answered and submitted."""
+
+    def __init__(self, site_run, stub, task: pb.RoundTask, update: SecureUpdate):
+        self.site_run, self.stub, self.task, self.update = site_run, stub, task, update
+        self.round, self.task_id = task.header.round, task.task_id
+
+    @classmethod
+    def begin(cls, run, stub, task: pb.RoundTask, update: Mapping[str, np.ndarray],
+              metrics: Mapping[str, float]) -> "SecureSession | None":
+        """Encode the update and advertise keys; None when this site does not take part."""
+        tls, config = run.settings.tls, run.trainer.config
+        try:
+            signer = verify_keys = None
+            if config.secagg.active:
+                if tls is None:
+                    raise SecAggError("the active option needs this site's certificate key (no --insecure)")
+                signer = load_private_key(Path(tls.key).read_bytes(), "site key")
+                verify_keys = peer_verify_keys(task.peer_certificates, task.roster, Path(tls.ca_cert).read_bytes())
+            secure = SecureUpdate(run.site, run.run_id, task.header.round, task.task_id, task.roster,
+                                  task.global_state_digest, config, update, run.trainer.num_samples,
+                                  run.trainer.shared_specs(), metrics=metrics, signer=signer, verify_keys=verify_keys)
+        except SecAggError as err:
+            log.error("%s: round %d: not taking part in secure aggregation: %s", run.site, task.header.round, err)
+            return None
+        session = cls(run, stub, task, secure)
+        return session if session.submit("advertise", secure.advertise()) else None
+
+    def step(self, message: pb.SecAggMessage) -> bool:
+        """Answer the step `message` opens; False when this site has left the round (or finished)."""
+        run, secure = self.site_run, self.update
+        step = convert.SECAGG_STEP_FROM_PB.get(message.step, f"unknown({message.step})")
+        run.audit.boundary(run.run_id, "receive", self.round, f"secagg/{step}",
+                           hashlib.sha256(message.payload).hexdigest(), nbytes=len(message.payload))
+        try:
+            violations = self.policy_violations(step, message.payload)
+            if violations:
+                run.refuse(self.stub, self.task, f"secagg/{step}", violations)
+                return False
+            payload = secure.answer(step, message.payload)
+        except SecAggError as err:
+            run.audit.refusal(run.run_id, self.round, f"secagg/{step}", "secure aggregation rule", str(err))
+            # The client refuses whatever would break the protocol's guarantees (e.g. a request for
+            # both secrets of one peer): this site leaves the round rather than comply.
+            log.error("%s: round %d: refusing the coordinator's secure aggregation %s: %s", run.site, self.round,
+                      step, err)
+            return False
+        if not self.submit(step, payload):
+            return False
+        if secure.done:
+            run.counters.rounds_trained += 1
+            log.info("%s: round %d: secure aggregation complete (update masked, %d entries)", run.site,
+                     self.round, secure.encoded.shape[0])
+            return False
+        return True
+
+    def policy_violations(self, step: str, payload: bytes) -> list:
+        """The site policy on the set of sites still in the round, before this site sends its
+        masked input (the holders that shared keys with it) and its unmasking shares (the
+        survivors). Under SecAgg+ a site sees only its neighbours' shares, so only the survivor
+        list, which names everyone, is counted."""
+        run = self.site_run
+        if step == "consistency":
+            n = len(secagg.SurvivorList.from_bytes(payload).survivors)
+        elif step == "masked_input" and not run.config.secagg.neighbours:
+            n = len({s.sender for s in secagg.ShareDelivery.from_bytes(payload).shares})
+        else:
+            return []
+        return site_policy.check_roster(run.policy, run.config, n, f"round {self.round} secagg/{step}")
+
+    def answers(self, message: pb.SecAggMessage) -> bool:
+        return message.task_id == self.task_id and message.header.round == self.round
+
+    def submit(self, step: str, payload: bytes) -> bool:
+        """Send one step's reply; False when the coordinator refused it (this site leaves the round)."""
+        run = self.site_run
+        metrics = self.update.metrics if step == "masked_input" else None
+        token, token_seq = run.audit.countersign(run.run_id, self.task) if step == "advertise" else (b"", None)
+        parts = list(convert.secagg_submission(run.header(self.round), self.task_id, step, payload,
+                                               run.chunk_bytes, metrics))
+        parts[0].audit_countersignature = token
+        sent = run.audit.boundary(run.run_id, "send", self.round, f"secagg/{step}",
+                                  hashlib.sha256(payload).hexdigest(), nbytes=len(payload))
+        try:
+            receipt = self.stub.SubmitSecAgg(iter(parts), timeout=run.settings.rpc_timeout_s)
+        except grpc.RpcError as err:
+            run.audit.undelivered((token_seq, sent), f"{err.code().name}: {err.details()}")
+            if err.code() in ROUND_CODES or err.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                log.warning("%s: round %d: secure aggregation %s refused: %s %s", run.site, self.round, step,
+                            err.code().name, err.details())
+                return False
+            raise
+        run.counters.bytes_sent += receipt.bytes_received
+        return True

@@ -45,11 +45,11 @@ def _write(path: Path, data: bytes, mode: int) -> Path:
         except FileNotFoundError:
             pass
         raise
-    _fsync_dir(directory)
+    fsync_dir(directory)
     return path
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
     # The rename lives in the directory entry: without this fsync a crash can forget it even
     # though the file's data reached the disk.
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from ktfed.launcher import Federation, free_port, make_pki
+from ktfed.launcher import _spawn as spawn
 from ktfed.operator import OperatorClient
+from tests import fault_harness
 
 SITES = ["site-a", "site-b", "site-c"]
 
@@ -72,6 +74,14 @@ class LocalFederation(Federation):
     @property
     def pki(self) -> Path:  # type: ignore[override]
         return self._pki
+
+    def start_participant(self, site: str, env: dict | None = None, args: list[str] | None = None):
+        """A participant process; one asked for a fault (tests/fault_harness.py) runs through the harness."""
+        if not fault_harness.wanted(env):
+            return super().start_participant(site, env, args)
+        cmd = fault_harness.command(self.participant_command(site)) + list(args or ())
+        self.participants[site] = spawn(cmd, self.workdir / "logs" / f"{site}.out", fault_harness.environment(env))
+        return self.participants[site]
 
     def write_config(self, text: str) -> Path:
         path = self.workdir / "run.toml"

@@ -12,7 +12,7 @@ import pytest
 
 from kt_core.models import private_state, shared_state
 from kt_core.tasks import load_adapted, state_digest_of
-from security.audit import verify
+from tests.test_audit_federation import verify_strictly
 from tests.test_vln_federation import backbone, vln_config  # noqa: F401 - the module-scoped pretrained checkpoint
 
 SITES = ("site-a", "site-b", "site-c")
@@ -67,8 +67,7 @@ def test_sites_keep_their_federated_model_and_distill_it(federation, backbone): 
     assert a != b
     # the final download is in both audit logs, and they still verify
     dirs = [federation.workdir / "coordinator" / "audit"] + [federation.workdir / "sites" / s / "audit" for s in SITES]
-    result = verify(dirs, federation.pki / "ca.crt")
-    assert result.ok, str(result)
+    result = verify_strictly(dirs, federation.pki / "ca.crt")
     site_log = next(v for v in result.logs if v.producer == "site-a")
     received = [e.body for e in site_log.entries if e.kind == "boundary" and e.body["message"] == "state"]
     assert received[-1]["sha256"] == final and received[-1]["direction"] == "receive"

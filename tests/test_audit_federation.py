@@ -16,6 +16,14 @@ def _dirs(fed, sites=("site-a", "site-b", "site-c")):
     return [fed.workdir / "coordinator" / "audit"] + [fed.workdir / "sites" / s / "audit" for s in sites]
 
 
+def verify_strictly(dirs, ca):
+    """A run that finished cleanly verifies strictly: every log given, the run sealed by the
+    coordinator and the seal countersigned by every site, nothing unpinned."""
+    result = verify(dirs, ca)
+    assert result.ok, result.summary()
+    return result
+
+
 def _ktfed(*args):
     return subprocess.run([sys.executable, "-m", "ktfed", *map(str, args)], capture_output=True, text=True,
                           timeout=120)
@@ -31,13 +39,13 @@ def test_real_run_audit_logs_verify_and_tampering_is_named(federation, tmp_path)
     for proc in federation.participants.values():
         proc.wait(30)
 
-    result = verify(_dirs(federation), federation.pki / "ca.crt")
-    assert result.ok, str(result)
+    result = verify_strictly(_dirs(federation), federation.pki / "ca.crt")
     coordinator = next(v for v in result.logs if v.producer == "coordinator")
     received = [e.body for e in coordinator.entries if e.kind == "boundary" and e.body["message"] == "update"]
     assert len(received) == 6 and all(b["direction"] == "receive" and b["tensors"] for b in received)
-    assert sum(e.kind == "countersignature" for e in coordinator.entries) == 6
-
+    # one per upload, and each site's countersignature of the seal
+    assert sum(e.kind == "countersignature" for e in coordinator.entries) == 6 + 3
+    assert sum(e.kind == "seal" for e in coordinator.entries) == 1
     done = _ktfed("audit", "report", *_dirs(federation), "--pki", federation.pki, "--out", tmp_path / "report")
     assert done.returncode == 0, done.stderr
     json.loads((tmp_path / "report" / "report.json").read_text())

@@ -51,11 +51,14 @@ TENSORS = [{"name": "layers.0.w_a", "shape": [32, 8], "dtype": "float32", "nbyte
 
 
 def simulate_run(root: Path, pki_dir: Path, rounds: int = 3, sites=SITES, run: str = "run-1",
-                 close: bool = True) -> dict[str, Path]:
+                 close: bool = True, folders: dict[str, Path] | None = None) -> dict[str, Path]:
     """The logs a coordinator and its sites would write for `rounds` rounds, in the order the
     services write them: task out (carrying the coordinator's head), task in, countersign, DP step,
-    update out; then at the coordinator update in, countersignature recorded, SecAgg result."""
-    dirs = {name: root / name for name in ("coordinator", *sites)}
+    update out; then at the coordinator update in, countersignature recorded, SecAgg result. With
+    `close`, the run ends as the services end it: the coordinator seals the run, each site
+    countersigns the seal (RunFinished carries its head, Leave the token), and every log closes.
+    `folders`: where a producer's log is (an existing one is resumed, as by a restarted service)."""
+    dirs = {name: (folders or {}).get(name, root / name) for name in ("coordinator", *sites)}
     coord = open_log(pki_dir, dirs["coordinator"], "coordinator")
     logs = {s: open_log(pki_dir, dirs[s], s) for s in sites}
     coord.log_config(run=run, config={"rounds": rounds, "secagg": {"enabled": True}}, git_commit="0" * 40)
@@ -80,6 +83,10 @@ def simulate_run(root: Path, pki_dir: Path, rounds: int = 3, sites=SITES, run: s
         coord.log_secagg(run=run, round=rnd, event="unmasked", threshold=2, roster=sites, survivors=sites,
                          reconstructed=[{"secret": "self_mask", "of": s} for s in sites])
     if close:
+        seal = coord.seal(run=run, rounds=rounds, reason="finished")
+        for s, log in logs.items():
+            token = log.countersign(seal, subject="coordinator", run=run, round=rounds)
+            coord.record_countersignature(token, cert_of(pki_dir, s))
         for log in (coord, *logs.values()):
             log.close("end of run")
     return dirs
@@ -126,7 +133,7 @@ def test_entries_chain_and_verify(tmp_path, audit_pki):
     log.close()
     lines = read_lines(tmp_path / "a")
     assert [json.loads(x)["kind"] for x in lines] == ["open", "note", "close"]
-    assert verify([tmp_path / "a"], audit_pki / "ca.crt").ok
+    assert verify([tmp_path / "a"], audit_pki / "ca.crt", partial=True).ok
 
 
 def test_concurrent_appends_keep_one_chain(tmp_path, audit_pki):
@@ -143,7 +150,7 @@ def test_concurrent_appends_keep_one_chain(tmp_path, audit_pki):
         t.join()
     log.close()
     assert [json.loads(x)["seq"] for x in read_lines(tmp_path / "c")] == list(range(162))
-    assert verify([tmp_path / "c"], audit_pki / "ca.crt").ok
+    assert verify([tmp_path / "c"], audit_pki / "ca.crt", partial=True).ok
 
 
 def test_reopen_resumes_and_records_a_rotated_certificate(tmp_path, audit_pki):
@@ -158,7 +165,7 @@ def test_reopen_resumes_and_records_a_rotated_certificate(tmp_path, audit_pki):
     assert resume["body"]["previous_certificate"] == old_fp and resume["body"]["after_close"] is True
     assert resume["body"]["certificate"] != old_fp
     assert len(list((tmp_path / "s" / "certs").glob("*.pem"))) == 2
-    assert verify([tmp_path / "s"], audit_pki / "ca.crt").ok
+    assert verify([tmp_path / "s"], audit_pki / "ca.crt", partial=True).ok
 
 
 def test_open_refuses_a_wrong_identity_a_foreign_log_and_a_second_writer(tmp_path, audit_pki):
@@ -196,7 +203,7 @@ def test_torn_tail_is_reported_never_silently_fixed(tmp_path, audit_pki):
     with pytest.raises(TornTailError, match="line 3 is torn") as err:
         open_log(audit_pki, tmp_path / "a", "site-a")
     assert err.value.fragment == fragment and path.read_bytes() == before
-    result = verify([tmp_path / "a"], audit_pki / "ca.crt")
+    result = verify([tmp_path / "a"], audit_pki / "ca.crt", partial=True)
     assert not result.ok and result.first.line == 3 and "torn" in result.first.message
     # the explicit recovery keeps the fragment and says so in the signed chain
     log = open_log(audit_pki, tmp_path / "a", "site-a", recover_torn=True)
@@ -205,7 +212,7 @@ def test_torn_tail_is_reported_never_silently_fixed(tmp_path, audit_pki):
     torn = next(json.loads(x) for x in read_lines(tmp_path / "a") if json.loads(x)["kind"] == "torn_tail")
     assert torn["body"] == {"line": 3, "bytes": len(fragment), "sha256": hashlib.sha256(fragment).hexdigest(),
                             "quarantined_to": "audit.jsonl.torn-1"}
-    assert verify([tmp_path / "a"], audit_pki / "ca.crt").ok
+    assert verify([tmp_path / "a"], audit_pki / "ca.crt", partial=True).ok
 
 
 def test_bad_bodies_and_reserved_kinds_are_refused(tmp_path, audit_pki):
@@ -260,4 +267,4 @@ def test_sync_on_head_defers_fsync_but_keeps_the_chain(tmp_path, audit_pki):
     head = log.head()                      # flushed before it is handed out
     assert head.seq == 20 and len(read_lines(tmp_path / "c")) == 21
     log.close()
-    assert verify([tmp_path / "c"], audit_pki / "ca.crt").ok
+    assert verify([tmp_path / "c"], audit_pki / "ca.crt", partial=True).ok

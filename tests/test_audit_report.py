@@ -58,7 +58,7 @@ def test_verify_usage_errors(tmp_path, federation_logs, capsys):
     assert run_cli(["audit", "verify", str(dirs["site-a"]), "--ca", str(tmp_path / "nope.crt")]) == 2
     assert "no CA certificate" in capsys.readouterr().err
     assert run_cli(["audit", "verify", str(tmp_path), "--pki", str(pki)]) == 1
-    assert "not an audit log (no audit.jsonl in it)" in capsys.readouterr().out
+    assert "not an audit log (no audit.jsonl in it" in capsys.readouterr().out
 
 
 def test_report_is_self_contained_and_complete(tmp_path, federation_logs, capsys):

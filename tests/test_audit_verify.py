@@ -66,7 +66,7 @@ def test_a_flipped_byte_anywhere_in_an_entry_names_that_entry(logs, audit_pki):
         flipped = bytearray(original)
         flipped[pos] ^= 0x01
         write_lines(logs["site-a"], lines[:target] + [bytes(flipped)] + lines[target + 1:])
-        first = first_of(verify([logs["site-a"]], audit_pki / "ca.crt"))
+        first = first_of(verify([logs["site-a"]], audit_pki / "ca.crt", partial=True))
         assert first.file.endswith("site-a/audit.jsonl") and first.seq == target and first.line == target + 1, \
             f"byte {pos} ({chr(original[pos])!r}): {first}"
 
@@ -106,13 +106,76 @@ def test_a_truncated_participant_log_is_caught_by_what_the_coordinator_holds(log
     assert "removed from the end of site-b's log" in first.message
 
 
-def test_cutting_only_the_unobserved_tail_is_a_warning_the_documented_limit(logs, audit_pki):
-    # the close entry was seen by nobody: removing it is undetectable, so it is flagged, not failed
-    write_lines(logs["coordinator"], read_lines(logs["coordinator"])[:-1])
+def test_a_deleted_last_entry_fails_and_partial_reading_only_warns(logs, audit_pki):
+    write_lines(logs["site-a"], read_lines(logs["site-a"])[:-1])
+    first = first_of(check(logs, audit_pki))
+    assert first.file.endswith("site-a/audit.jsonl") and "ends without a close entry" in first.message
+    partial = verify([logs["coordinator"], logs["site-a"], logs["site-b"]], audit_pki / "ca.crt", partial=True)
+    assert partial.ok and any("ends without a close entry" in w.message for w in partial.warnings)
+
+
+def test_the_coordinators_seal_and_what_follows_it_cannot_be_cut(logs, audit_pki):
+    lines = read_lines(logs["coordinator"])
+    # its close carries no claim; the last claim is site-b's countersignature of the seal
+    write_lines(logs["coordinator"], lines[:-2])
+    first = first_of(check(logs, audit_pki))
+    assert first.file.endswith("site-b/audit.jsonl") and "no record of this countersignature" in first.message
+    seal = next(i for i, line in enumerate(lines) if b'"kind":"seal"' in line)
+    write_lines(logs["coordinator"], lines[:seal])
     result = check(logs, audit_pki)
-    assert result.ok
-    assert any("ends without a close entry" in w.message and w.file.endswith("coordinator/audit.jsonl")
-               for w in result.warnings)
+    assert any("removed from the end of coordinator's log" in p.message for p in result.errors)
+    assert any("run run-1 is not sealed" in p.message for p in result.errors)
+
+
+def test_an_unsealed_run_fails_strictly_and_reads_partially(tmp_path, audit_pki):
+    dirs = simulate_run(tmp_path, audit_pki, rounds=2, close=False)
+    result = verify(list(dirs.values()), audit_pki / "ca.crt")
+    assert not result.ok and any("run run-1 is not sealed" in p.message for p in result.errors)
+    # the last round's SecAgg result lies after the last head the sites countersigned
+    assert any("'secagg' entry after seq" in p.message and p.file.endswith("coordinator/audit.jsonl")
+               for p in result.errors)
+    assert verify(list(dirs.values()), audit_pki / "ca.crt", partial=True).ok
+
+
+def test_a_tail_rewritten_and_re_signed_by_its_producer_is_caught(logs, audit_pki):
+    def edit(e):   # the last round's SecAgg result, rewritten by the coordinator with its own key
+        if e.kind == "secagg" and e.body["round"] == 3:
+            return {**e.body, "survivors": ["site-a"]}
+        return e.body
+
+    rewrite_log(logs["coordinator"], key_of(audit_pki, "coordinator"), edit=edit)
+    first = first_of(check(logs, audit_pki))
+    assert first.file.endswith("coordinator/audit.jsonl") and "rewritten" in first.message
+
+
+def test_an_entry_a_site_adds_after_its_seal_is_refused(logs, audit_pki):
+    lines = read_lines(logs["site-a"])
+    rewrite_log(logs["site-a"], key_of(audit_pki, "site-a"), keep=lambda e: e.kind != "close")
+    site = open_log(audit_pki, logs["site-a"], "site-a")
+    site.log_refusal(run="run-1", round=3, peer="coordinator", message="task", reason="made up later")
+    site.log_dp(run="run-1", round=3, level="record", sample_rate=0.1, noise_multiplier=5.0, steps=1,
+                max_grad_norm=1.0, delta=1e-5, epsilon_round=0.01, epsilon_cumulative=0.01, budget=3.0,
+                accountant="prv", accountant_version="opacus 1.6.0")
+    site.close("end of run")
+    result = check(logs, audit_pki)
+    first = first_of(result)
+    assert first.file.endswith("site-a/audit.jsonl") and first.seq == len(lines) + 1
+    assert "'dp' entry after seq" in first.message and "no peer's log corroborates" in first.message
+    assert any("'refusal' entry" in w.message for w in result.warnings)
+
+
+def test_a_changed_byte_count_or_tensor_list_is_named(logs, audit_pki):
+    def edit(e):
+        b = e.body
+        if e.kind == "boundary" and b["direction"] == "receive" and b["sender"] == "site-a" and b["round"] == 3:
+            return {**b, "bytes": b["bytes"] + 1, "tensors": b["tensors"][:1]}
+        return b
+
+    rewrite_log(logs["coordinator"], key_of(audit_pki, "coordinator"), edit=edit)
+    problems = [p.message for p in check(logs, audit_pki).errors]
+    assert any("received update of run run-1 round 3 from site-a with bytes 3073" in m
+               and "tensors differing in layers.0.w_b" in m and "but site-a logged sending bytes 3072" in m
+               for m in problems), problems
 
 
 def test_an_inserted_entry_with_a_valid_hash_but_a_wrong_signature_is_named(logs, audit_pki):
@@ -150,7 +213,7 @@ def test_a_coordinator_log_that_omits_an_upload_is_caught(logs, audit_pki):
 
     # the coordinator holds its own key: the rewritten chain itself verifies (hashes, signatures)...
     rewrite_log(logs["coordinator"], key_of(audit_pki, "coordinator"), keep=omitted)
-    alone = verify([logs["coordinator"]], audit_pki / "ca.crt")
+    alone = verify([logs["coordinator"]], audit_pki / "ca.crt", partial=True)
     assert alone.logs[0].complete
     # ...but the countersignatures it recorded, which it cannot re-sign, no longer fit its chain
     assert all("countersignature of a head this log does not have" in p.message for p in alone.errors)
@@ -192,7 +255,9 @@ def test_a_folder_that_is_not_an_audit_log(tmp_path, audit_pki):
     (tmp_path / "empty").mkdir()
     result = verify([tmp_path / "empty", tmp_path / "missing"], audit_pki / "ca.crt")
     assert [p.message for p in result.errors] == [
-        f"{tmp_path / 'empty'}: not an audit log (no audit.jsonl in it)", f"{tmp_path / 'missing'}: no such folder"]
+        f"{tmp_path / 'empty'}: not an audit log (no audit.jsonl in it, nor in audit/)",
+        f"{tmp_path / 'missing'}: no such folder", "no coordinator log was given: strict "
+        "verification needs the coordinator's log and every site's (give them all, or read these alone with --partial)"]
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "audit.jsonl").write_text("hello\n")
     first = verify([tmp_path / "junk"], audit_pki / "ca.crt").first
@@ -221,15 +286,23 @@ def test_a_ca_that_is_not_a_ca_is_refused(logs, audit_pki):
 
 
 def test_a_participant_verified_alone_reports_what_was_not_cross_checked(logs, audit_pki):
-    result = verify([logs["site-a"]], audit_pki / "ca.crt")
+    assert "no coordinator log was given" in first_of(verify([logs["site-a"]], audit_pki / "ca.crt")).message
+    result = verify([logs["site-a"]], audit_pki / "ca.crt", partial=True)
     assert result.ok
     assert any(w.file == "coordinator" and "not cross-checked" in w.message for w in result.warnings)
+
+
+def test_a_site_log_left_out_of_the_set_fails_strictly(logs, audit_pki):
+    first = first_of(verify([logs["coordinator"], logs["site-a"]], audit_pki / "ca.crt"))
+    assert first.file.endswith("coordinator/audit.jsonl")
+    assert "site-b took part in run run-1" in first.message and "no log of site-b" in first.message
 
 
 def test_a_second_log_of_the_same_producer_is_refused(tmp_path, logs, audit_pki):
     shutil.copytree(logs["site-a"], tmp_path / "copy")
     first = first_of(verify([logs["site-a"], tmp_path / "copy"], audit_pki / "ca.crt"))
-    assert first.file == str(tmp_path / "copy" / "audit.jsonl") and "a second log of 'site-a'" in first.message
+    assert first.file == str(tmp_path / "copy" / "audit.jsonl") and "a second copy of the same log of 'site-a'" \
+        in first.message
 
 
 def test_an_equivocating_coordinator_is_caught(tmp_path, audit_pki):

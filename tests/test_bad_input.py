@@ -247,7 +247,7 @@ def test_site_that_is_not_part_of_the_run(fed, sites):
 def test_participant_calling_an_operator_method(fed, sites):
     stub = OperatorServiceStub(sites["site-x"].channel)
     _refused(fed, lambda: stub.GetRunStatus(pb.RunStatusRequest(header=convert.header()), timeout=10),
-             grpc.StatusCode.PERMISSION_DENIED, "site-x is a participant; this call needs a operator")
+             grpc.StatusCode.PERMISSION_DENIED, "site-x is a participant; this call needs an operator")
 
 
 def test_operator_start_run_with_invalid_config(fed, sites):

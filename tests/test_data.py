@@ -29,7 +29,7 @@ def all_shards(labels, num_classes, sites, spec):
 
 spec_st = st.builds(
     PartitionSpec,
-    scheme=st.sampled_from(["dirichlet", "shards", "iid"]),
+    scheme=st.sampled_from(["dirichlet", "shards", "iid", "quantity"]),
     alpha=st.floats(0.01, 100.0),
     classes_per_site=st.integers(1, 10),
     seed=st.integers(0, 2**31),
@@ -86,6 +86,19 @@ def test_small_dirichlet_alpha_is_more_skewed_than_a_large_one():
                         for i in shards.values()])
 
     assert skew(0.1) > skew(100.0) + 0.2
+
+
+def test_quantity_skew_keeps_the_label_mix_and_skews_the_sizes():
+    labels = np.repeat(np.arange(10), 200)
+    shards = all_shards(labels, 10, names(8), PartitionSpec("quantity", alpha=0.3, seed=3))
+    sizes = np.array([len(i) for i in shards.values()])
+    assert sizes.sum() == len(labels) and sizes.max() > 3 * np.median(sizes)
+    for idx in shards.values():
+        if len(idx) >= 100:                   # every site holds each class in the global share
+            share = np.bincount(labels[idx], minlength=10) / len(idx)
+            assert np.all(np.abs(share - 0.1) < 0.02)
+    even = all_shards(labels, 10, names(8), PartitionSpec("quantity", alpha=1000.0, seed=3))
+    assert max(len(i) for i in even.values()) < 1.2 * min(len(i) for i in even.values())
 
 
 @FAST

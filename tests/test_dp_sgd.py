@@ -12,8 +12,8 @@ from sklearn.datasets import load_digits
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-import participant.trainer  # noqa: F401  registers the adapters' per-sample gradient rules
-from coordinator.rounds import Refusal
+import participant.privacy  # noqa: F401  registers the adapters' per-sample gradient rules
+from coordinator.errors import Refusal
 from kt_core.config import ConfigError, load_toml
 from kt_core.factorized import ADAPTERS
 from kt_core.models import ModelConfig, build_model, kl_divergence
@@ -191,11 +191,33 @@ def test_budget_already_spent_at_start_declines_and_the_stricter_budget_wins(tmp
     assert len(trainer.ledger.entries()) == 1                  # nothing trained, nothing recorded
 
 
-def test_decline_for_another_round_or_task_is_refused_like_uploads(coordinator):  # noqa: F811
+@pytest.fixture
+def three_sites(tmp_path):
+    """Three sites, two required: one site's decline leaves the attempt open (with two sites it
+    would close at once, since the round could no longer complete)."""
+    import dataclasses
+
+    from coordinator.coordinator import Coordinator
+    from coordinator.store import Store
+    from kt_core.config import load_toml
+    from tests.conftest import fast_config
+
+    config = load_toml(fast_config(rounds=2, min_participants=2, timeout=30, sites=["s1", "s2", "s3"]))
+    config = dataclasses.replace(config, federation=dataclasses.replace(config.federation, gather_timeout_s=0.0))
+    coord = Coordinator(Store(tmp_path))
+    coord.start_run(config)
+    yield coord
+    coord.stop("shutdown")
+    coord.store.close()
+
+
+def test_decline_for_another_round_or_task_is_refused_like_uploads(three_sites):
+    coordinator = three_sites
     engine = coordinator.current()
-    s1, s2 = engine.connect("s1"), engine.connect("s2")
-    task = _next_round_task(s1)
-    _next_round_task(s2)
+    sessions = [engine.connect(s) for s in ("s1", "s2", "s3")]
+    task = _next_round_task(sessions[0])
+    for session in sessions[1:]:
+        _next_round_task(session)
 
     def decline(round_no=task.header.round, task_id=task.task_id, pid="s1"):
         return engine.decline(pid, pb.DeclineRequest(header=convert.header(engine.run_id, round_no, pid),
@@ -205,7 +227,7 @@ def test_decline_for_another_round_or_task_is_refused_like_uploads(coordinator):
     for kwargs, code in (({"round_no": task.header.round + 1}, grpc.StatusCode.FAILED_PRECONDITION),
                          ({"round_no": 0}, grpc.StatusCode.FAILED_PRECONDITION),
                          ({"task_id": b"\x00" * 16}, grpc.StatusCode.FAILED_PRECONDITION),
-                         ({"pid": "s3"}, grpc.StatusCode.PERMISSION_DENIED)):
+                         ({"pid": "s4"}, grpc.StatusCode.PERMISSION_DENIED)):
         with pytest.raises(Refusal) as err:
             decline(**kwargs)
         assert err.value.code == code

@@ -10,9 +10,11 @@ from hypothesis import strategies as st
 from torch import nn
 
 from kt_core.factorized import (ADAPTERS, DenseLinear, FactorizedLinear, FFALoRALinear, LoRALinear,
-                                aggregate_factors, bernoulli_kl, kumaraswamy_beta_kl)
+                                bernoulli_kl, kumaraswamy_beta_kl)
 from kt_core.manifest import FactorManifest, ManifestError, Role, TensorEntry, manifest_of
 from kt_core.models import load_shared_state, shared_state
+
+from bench.waffle_sim import fedavg_mean
 
 FAST = settings(max_examples=30, deadline=None)
 dims = st.integers(1, 12)
@@ -39,7 +41,10 @@ def test_waffle_effective_weight_and_output_match_hand_computation(d_in, d_out, 
     layer = FactorizedLinear(d_in, d_out, n_factors=k, base=base, seed=seed)
     _randomize(layer, seed)
     layer.eval()
-    b = (layer.gate_logits > 0).float()   # eval: the posterior mode of q(b)
+    # eval: the posterior mode of q(b), keeping the most probable factor when none is > 0
+    b = (layer.gate_logits > 0).float()
+    if b.sum() == 0:
+        b = F.one_hot(layer.gate_logits.argmax(), k).float()
     w0 = base if with_base else torch.zeros(d_out, d_in)
     w_by_hand = w0 + layer.w_a @ torch.diag(layer.r * b) @ layer.w_b
     x = torch.randn(5, d_in, generator=gen)
@@ -71,6 +76,27 @@ def test_waffle_eval_is_deterministic_and_train_matches_eval_when_gates_are_cert
     assert torch.equal(y_eval, layer(x))
     layer.train()
     assert torch.allclose(layer(x), y_eval, atol=1e-6)
+
+
+def test_waffle_eval_mode_never_switches_a_whole_layer_off():
+    # every logit < 0 would leave the layer its bias alone: the most probable factor stays on
+    layer = FactorizedLinear(8, 3, n_factors=6, seed=2).eval()
+    with torch.no_grad():
+        layer.gate_logits.copy_(torch.tensor([-3.0, -0.5, -2.0, -4.0, -1.0, -6.0]))
+    assert layer.mode_gates().tolist() == [0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    x = torch.randn(5, 8)
+    assert not torch.allclose(layer(x), layer.bias.expand(5, 3))
+    with torch.no_grad():
+        layer.gate_logits.copy_(torch.tensor([2.0, -0.5, 1.0, -4.0, -1.0, -6.0]))
+    assert layer.mode_gates().tolist() == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
+
+
+def test_waffle_without_a_base_starts_at_a_dense_layers_scale():
+    # He variance 2 / in for the product, as DenseLinear has, so the layer trains like one
+    layer = FactorizedLinear(400, 300, n_factors=16, seed=0).eval()
+    var = layer.effective_weight().var().item()
+    assert var == pytest.approx(2 / 400, rel=0.15)
+    assert var == pytest.approx(DenseLinear(400, 300, seed=0).weight.var().item(), rel=0.15)
 
 
 @pytest.mark.parametrize("cls", [LoRALinear, FFALoRALinear])
@@ -217,33 +243,16 @@ def test_non_bayesian_adapters_have_zero_kl():
 
 @FAST
 @given(n_sites=st.integers(1, 5), seed=st.integers(0, 2**16),
-       weights=st.lists(st.floats(0.1, 1000.0), min_size=5, max_size=5))
-def test_aggregate_factors_is_the_weighted_mean(n_sites, seed, weights):
+       weights=st.lists(st.integers(1, 1000), min_size=5, max_size=5))
+def test_fedavg_of_shared_states_is_the_weighted_mean(n_sites, seed, weights):
     gen = torch.Generator().manual_seed(seed)
-    updates = [({"a": torch.randn(3, 2, generator=gen), "b": torch.randn(4, generator=gen)}, weights[i])
-               for i in range(n_sites)]
-    out = aggregate_factors(updates)
-    total = sum(w for _, w in updates)
+    states = [{"a": torch.randn(3, 2, generator=gen), "b": torch.randn(4, generator=gen)} for _ in range(n_sites)]
+    out = fedavg_mean(states, weights[:n_sites])
+    total = sum(weights[:n_sites])
     for name in ("a", "b"):
-        expected = sum(s[name].double() * w for s, w in updates) / total
+        expected = sum(s[name].double() * w for s, w in zip(states, weights)) / total
         assert out[name].dtype == torch.float32
-        assert torch.allclose(out[name].double(), expected, atol=1e-6)
-
-
-def test_aggregate_factors_refuses_inconsistent_updates():
-    t = torch.zeros(2)
-    with pytest.raises(ValueError, match="no updates"):
-        aggregate_factors([])
-    with pytest.raises(ValueError, match="update 1"):
-        aggregate_factors([({"a": t}, 1.0), ({"b": t}, 1.0)])
-    with pytest.raises(ValueError, match="shape"):
-        aggregate_factors([({"a": t}, 1.0), ({"a": torch.zeros(3)}, 1.0)])
-    with pytest.raises(ValueError, match="weight"):
-        aggregate_factors([({"a": t}, -1.0)])
-    with pytest.raises(ValueError, match="weight"):
-        aggregate_factors([({"a": t}, float("nan"))])
-    with pytest.raises(ValueError, match="sum to zero"):
-        aggregate_factors([({"a": t}, 0.0)])
+        assert torch.allclose(out[name].double(), expected, atol=1e-5)
 
 
 def _site_layers(cls, n_sites, seed):
@@ -261,7 +270,8 @@ def _site_layers(cls, n_sites, seed):
 
 def _aggregate_into(layers, weights, cls):
     wrapped = [nn.Sequential(layer) for layer in layers]
-    mean = aggregate_factors([(shared_state(m), w) for m, w in zip(wrapped, weights)])
+    # the coordinator's own FedAvg (bench.waffle_sim.fedavg_mean drives coordinator.strategy.FedAvg)
+    mean = fedavg_mean([shared_state(m) for m in wrapped], weights)
     target = nn.Sequential(cls(6, 5, rank=2, seed=0))
     load_shared_state(target, mean)
     return target[0]
@@ -269,7 +279,7 @@ def _aggregate_into(layers, weights, cls):
 
 @FAST
 @given(n_sites=st.integers(2, 5), seed=st.integers(0, 2**16),
-       weights=st.lists(st.floats(1.0, 100.0), min_size=5, max_size=5))
+       weights=st.lists(st.integers(1, 100), min_size=5, max_size=5))
 def test_ffa_lora_aggregation_is_exact(n_sites, seed, weights):
     layers = _site_layers(FFALoRALinear, n_sites, seed)
     w = weights[:n_sites]
@@ -280,7 +290,7 @@ def test_ffa_lora_aggregation_is_exact(n_sites, seed, weights):
 
 def test_lora_aggregation_is_not_exact_in_general():
     layers = _site_layers(LoRALinear, 3, seed=7)
-    merged = _aggregate_into(layers, [1.0, 1.0, 1.0], LoRALinear)
+    merged = _aggregate_into(layers, [1, 1, 1], LoRALinear)
     mean_delta = sum(layer.delta() for layer in layers) / 3
     assert (merged.delta() - mean_delta).abs().max() > 0.1
 

@@ -1,26 +1,18 @@
 """The Kubernetes deployment: overlays render and validate offline, our own rules hold, a broken
-manifest fails, site overlays are generated, the container files follow the image rules, and the
-probes the pods run answer correctly against a real mTLS health server on loopback."""
+manifest fails, site overlays are generated, the container files follow the image rules (the
+probes: tests/test_k8s_probes.py; deploying from k8s/README.md: tests/test_k8s_deploy.py)."""
 from __future__ import annotations
 
 import argparse
 import copy
 import json
-import os
 import shlex
 import shutil
-import subprocess
-import sys
-import time
-from concurrent import futures
 from pathlib import Path
 
-import grpc
 import pytest
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from ktfed import k8s
-from kt_core.wire import transport
 
 REPO = Path(__file__).resolve().parent.parent
 K8S = REPO / "k8s"
@@ -29,6 +21,8 @@ DOCKERFILES = sorted(IMAGES.glob("*.Dockerfile"))
 EXPECTED_OVERLAYS = ["coordinator", "sites/site-a", "sites/site-b"]
 COORD_HOST = "coordinator.ktfed.example.org"
 COORD_CIDR = "203.0.113.10/32"
+MONITORING_RULE = {"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}],
+                   "ports": [{"port": 9090, "protocol": "TCP"}]}
 
 needs_kubectl = pytest.mark.skipif(k8s.kustomize_command() is None,
                                    reason="kubectl (or kustomize) is not installed: overlays cannot be rendered")
@@ -198,7 +192,9 @@ def test_coordinator_overlay(rendered):
     assert pod["terminationGracePeriodSeconds"] >= 30  # the coordinator persists on SIGTERM
     c = _container(sts)
     assert c["image"] == "registry.example.org/ktfed/coordinator:0.1.0"
-    assert c["ports"] == [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"}]
+    assert c["ports"] == [{"name": "grpc", "containerPort": 50051, "protocol": "TCP"},
+                          {"name": "metrics", "containerPort": 9090, "protocol": "TCP"}]
+    assert "--metrics-listen=0.0.0.0:9090" in c["args"]
     mounts = {m["name"]: m for m in c["volumeMounts"]}
     assert mounts["state"]["mountPath"] == "/var/lib/ktfed/state"
     assert all(mounts[n].get("readOnly") for n in ("tls", "crl", "config"))
@@ -209,10 +205,13 @@ def test_coordinator_overlay(rendered):
     services = {s["metadata"]["name"]: s for s in docs if s["kind"] == "Service"}
     assert services["ktfed-coordinator"]["spec"]["type"] == "LoadBalancer"
     assert services["ktfed-coordinator-headless"]["spec"]["clusterIP"] == "None"
+    metrics = services.pop("ktfed-coordinator-metrics")
+    assert metrics["spec"]["type"] == "ClusterIP"  # never on the LoadBalancer
+    assert [(p["port"], p["targetPort"]) for p in metrics["spec"]["ports"]] == [(9090, "metrics")]
     for s in services.values():
         assert [(p["port"], p["targetPort"]) for p in s["spec"]["ports"]] == [(50051, "grpc")]
     policy = _one(docs, "NetworkPolicy")["spec"]
-    assert policy["ingress"] == [{"ports": [{"port": 50051, "protocol": "TCP"}]}]
+    assert policy["ingress"] == [{"ports": [{"port": 50051, "protocol": "TCP"}]}, MONITORING_RULE]
     assert all(p["port"] == 53 for rule in policy["egress"] for p in rule["ports"])
     config_volume = next(v for v in pod["volumes"] if v["name"] == "config")
     config_map = _one(docs, "ConfigMap", config_volume["configMap"]["name"])
@@ -237,7 +236,8 @@ def test_site_overlays(rendered, site, gpu):
     assert {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"} == set(claims.values())
     assert next(m for m in c["volumeMounts"] if m["name"] == "data")["readOnly"] is True
     policy = _one(docs, "NetworkPolicy", "ktfed-participant")["spec"]
-    assert policy["ingress"] == [] and set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    assert policy["ingress"] == [MONITORING_RULE] and set(policy["policyTypes"]) == {"Ingress", "Egress"}
+    assert {"name": "metrics", "containerPort": 9090, "protocol": "TCP"} in c["ports"]
     coordinator_rule = [r for r in policy["egress"] if any("ipBlock" in t for t in r["to"])]
     assert coordinator_rule == [{"to": [{"ipBlock": {"cidr": COORD_CIDR}}],
                                  "ports": [{"port": 50051, "protocol": "TCP"}]}]
@@ -304,7 +304,7 @@ def test_a_new_site_overlay_renders_and_validates(tmp_path, capsys):
     assert k8s.main(["site", "hospital-7", "--coordinator-host", "ktfed-coordinator.federation.svc",
                      "--coordinator-namespace", "federation", "--gpu", "--gpus", "2", "--tag", "1.2.3",
                      "--out", str(root / "overlays" / "sites")]) == 0
-    assert "kubectl -n ktfed create secret generic ktfed-participant-tls" in capsys.readouterr().out
+    assert "ktfed k8s secret --pki PKI --name hospital-7 --namespace ktfed | kubectl apply -f -" in capsys.readouterr().out
     overlay = root / "overlays" / "sites" / "hospital-7"
     assert k8s.check_overlay(overlay) == []
     docs = k8s.load_documents(k8s.render(overlay))
@@ -328,7 +328,10 @@ def test_a_new_site_overlay_renders_and_validates(tmp_path, capsys):
     (["site-z", "--coordinator-host", "bad host!"], "not a DNS name or an IP"),
     (["site-z", "--coordinator-host", "10.0.0.1", "--tag", "latest"], "not 'latest'"),
     (["site-z", "--coordinator-host", "10.0.0.1", "--coordinator-port", "70000"], "1..65535"),
-    (["site-a", "--coordinator-host", "10.0.0.1"], "exists: pass --force"),
+    (["site-a", "--coordinator-host", "10.0.0.1"], "exists: give --force"),
+    (["site-z", "--coordinator-host", "10.0.0.1", "--dns-label", "novalue"], "give KEY=VALUE"),
+    (["site-z", "--coordinator-host", "10.0.0.1", "--dns-label", "k8s-app=bad value"], "not a Kubernetes label"),
+    (["site-z", "--coordinator-host", "10.0.0.1", "--dns-namespace", "Kube_System"], "--dns-namespace"),
 ])
 def test_site_command_refuses_bad_input(tmp_path, capsys, argv, message):
     out = _copy_k8s(tmp_path) / "overlays" / "sites"
@@ -415,109 +418,3 @@ def test_the_dockerfile_lint_follows_stages_and_continuations():
     assert k8s.lint_dockerfile(text) == []
     assert [i.keyword for i in k8s.parse_dockerfile(text)] == [
         "ARG", "FROM", "RUN", "FROM", "USER", "HEALTHCHECK", "FROM", "ENTRYPOINT"]
-
-
-# -- probes -------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def health_server(pki_dir):
-    """A real mTLS gRPC server on loopback with the standard health service, using the
-    coordinator's certificate, as the coordinator serves it."""
-    servicer = health.HealthServicer()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = server.add_secure_port("127.0.0.1:0", transport.server_credentials(
-        transport.TLSFiles.from_pki(pki_dir, "coordinator")))
-    server.start()
-    yield servicer, f"127.0.0.1:{port}"
-    server.stop(0)
-
-
-def _tls_dir(pki_dir: Path, tmp_path: Path, name: str = "coordinator") -> Path:
-    """The layout of the mounted Secret: ca.crt, tls.crt, tls.key."""
-    folder = tmp_path / f"tls-{name}"
-    folder.mkdir()
-    shutil.copy(pki_dir / "ca.crt", folder / "ca.crt")
-    shutil.copy(pki_dir / "issued" / f"{name}.crt", folder / "tls.crt")
-    shutil.copy(pki_dir / "issued" / f"{name}.key", folder / "tls.key")
-    return folder
-
-
-def test_grpc_probe_follows_the_health_status(health_server, pki_dir, tmp_path):
-    servicer, address = health_server
-    tls = str(_tls_dir(pki_dir, tmp_path))
-    service = "ktfed.v1.ParticipantService"
-    servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-    code, message = k8s.probe_grpc(address, service, tls_dir=tls)
-    assert code == 1 and "NOT_SERVING" in message  # resuming: not ready ...
-    assert k8s.probe_grpc(address, service, tls_dir=tls, accept_not_serving=True)[0] == 0  # ... but alive
-    servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    assert k8s.probe_grpc(address, service, tls_dir=tls) == (0, f"{service}: SERVING")
-    assert k8s.probe_grpc(address, "no.such.Service", tls_dir=tls)[0] == 1
-    assert k8s.probe_grpc(address, "no.such.Service", tls_dir=tls, accept_not_serving=True)[0] == 0
-
-
-def test_grpc_probe_with_a_participant_certificate_and_failures(health_server, pki_dir, tmp_path):
-    servicer, address = health_server
-    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    site = _tls_dir(pki_dir, tmp_path, "site-a")
-    assert k8s.probe_grpc(address, "", ca=str(site / "ca.crt"), cert=str(site / "tls.crt"),
-                          key=str(site / "tls.key"), tls_dir=None)[0] == 0
-    code, message = k8s.probe_grpc(address, "", tls_dir=str(tmp_path / "missing"))
-    assert code == 1 and "cannot read TLS material" in message
-    with socket_closed_port() as dead:
-        code, message = k8s.probe_grpc(dead, "", tls_dir=str(site), timeout=1.0, accept_not_serving=True)
-    assert code == 1 and ("UNAVAILABLE" in message or "DEADLINE_EXCEEDED" in message), message
-
-
-class socket_closed_port:
-    def __enter__(self) -> str:
-        import socket
-
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        self.port = s.getsockname()[1]
-        s.close()
-        return f"127.0.0.1:{self.port}"
-
-    def __exit__(self, *exc):
-        return False
-
-
-def test_grpc_probe_runs_as_the_pods_run_it(health_server, pki_dir, tmp_path):
-    """`python -m ktfed.k8s probe grpc ...`, the exact form of the exec probes, in a subprocess."""
-    servicer, address = health_server
-    servicer.set("ktfed.v1.OperatorService", health_pb2.HealthCheckResponse.SERVING)
-    tls = _tls_dir(pki_dir, tmp_path)
-    done = subprocess.run([sys.executable, "-m", "ktfed.k8s", "probe", "grpc", f"--address={address}",
-                           f"--tls-dir={tls}", "--service=ktfed.v1.OperatorService"],
-                          capture_output=True, text=True, timeout=30, cwd=REPO)
-    assert done.returncode == 0, done.stderr
-    assert "SERVING" in done.stdout
-
-
-def test_heartbeat_probe(tmp_path):
-    beat = tmp_path / "heartbeat.json"
-    assert k8s.probe_heartbeat(beat, 60)[0] == 1  # no file yet
-    k8s.write_heartbeat(beat, "site-a", "connecting")
-    assert k8s.probe_heartbeat(beat, 60)[0] == 0  # alive
-    code, message = k8s.probe_heartbeat(beat, 60, require_connected=True)
-    assert code == 1 and "connecting" in message  # not ready
-    k8s.write_heartbeat(beat, "site-a", "training", 3)
-    assert k8s.probe_heartbeat(beat, 60, require_connected=True)[0] == 0
-    old = time.time() - 120
-    os.utime(beat, (old, old))
-    code, message = k8s.probe_heartbeat(beat, 60)
-    assert code == 1 and "stuck" in message
-    beat.write_text("{not json")
-    assert k8s.probe_heartbeat(beat, 60, require_connected=True)[0] == 1
-    assert not list(tmp_path.glob("*.tmp"))
-
-
-def test_the_probe_module_loads_no_heavy_dependency():
-    """The exec probes start a fresh interpreter every few seconds: importing ktfed.k8s must stay
-    standard library only (grpc loads only for the gRPC probe, never torch)."""
-    code = ("import sys, ktfed.k8s; heavy = [m for m in ('grpc', 'torch', 'yaml', 'kubernetes_validate', "
-            "'numpy') if m in sys.modules]; print(heavy)")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=REPO)
-    assert done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -169,7 +169,7 @@ def test_bad_validity_is_rejected(pki_dir: Path):
 
 
 def test_issue_without_a_ca_says_so(tmp_path: Path):
-    with pytest.raises(PKIError, match="init_ca"):
+    with pytest.raises(PKIError, match="ktfed pki init"):
         issue(tmp_path / "nowhere", "site-a", "participant")
 
 

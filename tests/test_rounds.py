@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from coordinator.coordinator import Coordinator
-from coordinator.rounds import Refusal
+from coordinator.errors import Refusal
 from coordinator.store import CorruptStateError, Store, UploadRecord
 from coordinator.strategy import FedAvg
 from kt_core import codec

@@ -12,9 +12,10 @@ import pytest
 from safetensors.numpy import load_file
 
 from coordinator.limits import Limiter
-from coordinator.rounds import Refusal
+from coordinator.errors import Refusal
 from coordinator.spool import SpoolDir
-from coordinator.store import CorruptStateError, Store, open_state_file, write_state_file
+from coordinator.state_file import CorruptStateError, open_state_file, write_state_file
+from coordinator.store import Store
 from coordinator.strategy import FedAvg
 from kt_core import codec
 from kt_core.config import ConfigError, FederationSettings, load_toml

@@ -95,8 +95,9 @@ def test_a_key_advertisement_from_a_participant_not_in_the_round_is_refused(fed,
     ad = secagg.SecAggClient("site-b", outsider.join.header.run_id, 1, roster, SETTINGS,
                              bytes.fromhex(outsider.task.global_state_digest)).advertise().to_bytes()
     try:
+        # refused at admission: a certificate that is not one of the run's sites never reaches the round
         _refused(fed, lambda: submit(outsider, "advertise", ad), grpc.StatusCode.PERMISSION_DENIED,
-                 "site-b was not selected for round 1")
+                 "site-b is not a site of run")
     finally:
         outsider.channel.close()
 

@@ -117,9 +117,10 @@ def test_five_sites_two_dropouts_exact_sum_and_nothing_individual_kept(fed5):
     assert "unmasked the sum of 4 input(s)" in log
 
     # the audit logs of the coordinator and all five sites (two of them killed mid-protocol) verify:
-    # what the dead sites never answered is logged as of unknown delivery, not as a missing receipt
+    # what the dead sites never answered is logged as of unknown delivery, not as a missing receipt;
+    # the lenient reading, since a killed site never closes its log nor countersigns the run's seal
     dirs = [fed5.workdir / "coordinator" / "audit"] + [fed5.workdir / "sites" / s / "audit" for s in FIVE]
-    result = verify(dirs, (fed5.pki / "ca.crt").read_bytes())
+    result = verify(dirs, (fed5.pki / "ca.crt").read_bytes(), partial=True)
     assert result.ok, str(result)
     coordinator_log = next(v for v in result.logs if v.producer == "coordinator")
     secagg_events = [e.body for e in coordinator_log.entries if e.kind == "secagg"]

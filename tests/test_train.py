@@ -104,6 +104,23 @@ def test_frozen_tensors_do_not_move(shard):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in frozen.items())
 
 
+def test_fedprox_term_pulls_shared_tensors_towards_the_round_start_and_leaves_private_ones(shard):
+    tx, ty, _, _ = shard
+
+    def moved(mu):
+        model = digits_model("waffle")
+        start_shared, start_private = shared_state(model), private_state(model)
+        train_local(model, tx, ty, TrainConfig(max_steps=8, lr=0.05, prox_mu=mu))
+        dist = lambda a, b: sum(float((a[k] - b[k]).pow(2).sum()) for k in a) ** 0.5  # noqa: E731
+        return dist(shared_state(model), start_shared), dist(private_state(model), start_private)
+
+    free_shared, free_private = moved(0.0)
+    prox_shared, prox_private = moved(50.0)
+    assert prox_shared < 0.5 * free_shared
+    # the private selection is not pulled: it moves about as far either way
+    assert prox_private > 0.5 * free_private
+
+
 def test_elbo_loss_adds_the_kl_per_sample():
     model = digits_model().eval()
     x, y = torch.rand(8, 64), torch.randint(0, 10, (8,))
@@ -139,7 +156,7 @@ def test_bad_inputs():
 @pytest.mark.parametrize("field,value", [
     ("epochs", 0), ("batch_size", 0), ("batch_size", 1.5), ("lr", 0.0), ("lr", float("nan")),
     ("optimizer", "rmsprop"), ("momentum", 1.0), ("momentum", -0.1), ("kl_weight", -1.0),
-    ("max_steps", 0), ("seed", -1), ("max_grad_norm", 0.0),
+    ("max_steps", 0), ("seed", -1), ("max_grad_norm", 0.0), ("prox_mu", -0.1), ("prox_mu", float("inf")),
 ])
 def test_train_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):

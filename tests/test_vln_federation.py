@@ -12,8 +12,8 @@ import torch
 from kt_core.config import ConfigError, load_toml
 from kt_core.vln.backbone import VLNConfig
 from kt_core.vln.pretrain import PretrainSettings, run_pretraining
-from security.audit import verify
 from tests.conftest import fast_config
+from tests.test_audit_federation import verify_strictly
 
 LEVELS = ("BabyAI-GoToObj-v0", "BabyAI-GoToLocal-v0", "BabyAI-GoToRedBlueBall-v0", "BabyAI-GoToObjDoor-v0")
 
@@ -71,8 +71,7 @@ def test_sites_download_the_backbone_once_and_adapt_it(federation, backbone):
     # the backbone crossed once per site, the audit logs say so and verify
     dirs = [federation.workdir / "coordinator" / "audit"] + \
         [federation.workdir / "sites" / s / "audit" for s in ("site-a", "site-b", "site-c")]
-    result = verify(dirs, federation.pki / "ca.crt")
-    assert result.ok, str(result)
+    result = verify_strictly(dirs, federation.pki / "ca.crt")
     coordinator = next(v for v in result.logs if v.producer == "coordinator")
     sent = [e.body for e in coordinator.entries if e.kind == "boundary" and e.body["message"] == "backbone"]
     assert len(sent) == 3 and all(b["sha256"] == sha for b in sent)

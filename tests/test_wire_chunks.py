@@ -6,7 +6,7 @@ import grpc
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from coordinator.rounds import Refusal
+from coordinator.errors import Refusal
 from coordinator.service import _upload_parser
 from kt_core.wire import chunks
 from kt_core.wire import federation_pb2 as pb

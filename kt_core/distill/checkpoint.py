@@ -32,6 +32,8 @@ def save_checkpoint(path: Path, model: nn.Module, *, kind: str, config_json: str
     meta = {"format": FORMAT, "kind": kind, "config": config_json, "extra": json.dumps(extra or {}, sort_keys=True)}
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     save_file(state, str(tmp), metadata=meta)
+    # 0600 as the site's adapted model: a student distilled from it carries what it learnt on site data
+    os.chmod(tmp, 0o600)
     os.replace(tmp, path)
     return path
 

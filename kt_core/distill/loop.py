@@ -9,6 +9,7 @@ the single-process gradients, which tests/test_distill_ddp.py checks.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Mapping
@@ -153,7 +154,8 @@ def fit(student: nn.Module, train: DictDataset, objective: Objective, *, teacher
     """Train `student` in place with `objective` and return its per-epoch history.
 
     DDP: pass rank, world_size and `ddp_wrap` (see kt_core.distill.ddp); `privatize` swaps in
-    DP-SGD's model, optimizer and loader (Opacus) after the loader is built. `trainable` picks the
+    DP-SGD's model, optimizer and loader (security.dp.engine.make_private, passed in by the
+    site's distiller) after the loader is built. `trainable` picks the
     parameters to optimize (default: all that require grad). `bucket_by_length` batches padded
     sequences of similar length together (off where batches must match another run's exactly)."""
     from tqdm import tqdm
@@ -193,33 +195,17 @@ def fit(student: nn.Module, train: DictDataset, objective: Objective, *, teacher
         torch.cuda.reset_peak_memory_stats(device)
     history = History(label, device=str(device), precision=precision.name, world_size=world_size)
     main = rank == 0
+    # DP-SGD clips per sample: no clip of the whole gradient on top
+    stepping = _Stepping(scaler, schedule, precision, params,
+                         cfg.max_grad_norm if cfg.max_grad_norm > 0 and privatize is None else 0.0)
     for epoch in range(1, cfg.epochs + 1):
         sampler.set_epoch(epoch)
         model.train()
-        sums: dict[str, float] = {}
-        total, steps, seen = 0.0, 0, 0
         synchronize(device)
         started = time.perf_counter()
         bar = tqdm(loader, desc=f"{label} epoch {epoch}/{cfg.epochs}", unit="batch", leave=False,
-                   disable=not (progress and main), mininterval=1.0)
-        for batch in bar:
-            batch = to_device(batch, device)
-            with precision.autocast(device):
-                loss, parts = objective.loss(model, teacher, batch, generator)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg.max_grad_norm > 0 and privatize is None:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            schedule.step()
-            steps += 1
-            seen += int(batch["labels"].shape[0])
-            total += float(loss.detach())
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-            bar.set_postfix(loss=f"{total / steps:.4f}")
+                   disable=not (progress and main and sys.stderr.isatty()), mininterval=1.0)
+        total, steps, seen, sums = _epoch(bar, model, teacher, objective, optimizer, stepping, device, generator)
         synchronize(device)
         seconds = time.perf_counter() - started
         record = EpochRecord(epoch, total / max(1, steps), {k: v / max(1, steps) for k, v in sums.items()},
@@ -234,6 +220,41 @@ def fit(student: nn.Module, train: DictDataset, objective: Objective, *, teacher
     if device.type == "cuda":
         history.max_memory_bytes = int(torch.cuda.max_memory_allocated(device))
     return history
+
+
+@dataclass
+class _Stepping:
+    """How fit() steps: mixed precision, the learning-rate schedule, the optional gradient clip."""
+    scaler: object
+    schedule: object
+    precision: object
+    params: list
+    clip: float
+
+
+def _epoch(bar, model, teacher, objective: Objective, optimizer, how: _Stepping, device, generator):
+    """One pass over the loader: (loss sum, steps, examples seen, loss parts summed)."""
+    sums: dict[str, float] = {}
+    total, steps, seen = 0.0, 0, 0
+    for batch in bar:
+        batch = to_device(batch, device)
+        with how.precision.autocast(device):
+            loss, parts = objective.loss(model, teacher, batch, generator)
+        optimizer.zero_grad(set_to_none=True)
+        how.scaler.scale(loss).backward()
+        if how.clip:
+            how.scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(how.params, how.clip)
+        how.scaler.step(optimizer)
+        how.scaler.update()
+        how.schedule.step()
+        steps += 1
+        seen += int(batch["labels"].shape[0])
+        total += float(loss.detach())
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v
+        bar.set_postfix(loss=f"{total / steps:.4f}")
+    return total, steps, seen, sums
 
 
 # ---------------------------------------------------------------------------------------------

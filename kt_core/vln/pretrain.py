@@ -311,7 +311,14 @@ def evaluate_pretrained(model: VLNBackbone, tokenizer: Tokenizer, settings: Pret
     return metrics
 
 
-def plot_losses(history: dict[str, list[float]], path: Path, title: str = "") -> None:
+def final_loss(values: list[float]) -> float:
+    """The 'final' loss the model card, stdout and the plot's legend all report: the mean of the
+    last 5% of steps (one step's loss is too noisy to quote)."""
+    return float(np.mean(values[-max(1, len(values) // 20):]))
+
+
+def plot_losses(history: dict[str, list[float]], path: Path, title: str = "") -> list[str]:
+    """Write the loss curves to PATH; returns the legend's labels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -322,16 +329,17 @@ def plot_losses(history: dict[str, list[float]], path: Path, title: str = "") ->
         y = np.asarray(history[key])
         w = max(1, len(y) // 50)
         smooth = np.convolve(y, np.ones(w) / w, mode="valid")
-        ax.plot(np.arange(len(smooth)) + w, smooth, label=f"{label} (last {smooth[-1]:.3f})")
+        ax.plot(np.arange(len(smooth)) + w, smooth, label=f"{label} (final {final_loss(list(y)):.3f})")
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (moving average)")
     ax.set_yscale("log")
     ax.set_title(title or "PREVALENT-style pretraining on BabyAI demonstrations")
     ax.grid(alpha=0.3)
-    ax.legend()
+    labels = [text.get_text() for text in ax.legend().get_texts()]
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return labels
 
 
 def run_pretraining(model_cfg: VLNConfig, settings: PretrainSettings, out_dir: str | Path, *,
@@ -342,7 +350,6 @@ def run_pretraining(model_cfg: VLNConfig, settings: PretrainSettings, out_dir: s
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = pretrain(model_cfg, settings, progress=progress)
-    last = max(1, settings.steps // 20)
     card = {
         "task": "PREVALENT-style pretraining: attended MLM + action prediction, equal weights",
         "data": {"source": f"minigrid {minigrid.__version__} BabyAIBot demonstrations", "levels": list(settings.levels),
@@ -350,8 +357,7 @@ def run_pretraining(model_cfg: VLNConfig, settings: PretrainSettings, out_dir: s
                  "eval_seeds": [EVAL_SEED_BASE, EVAL_SEED_BASE + settings.rollout_episodes]},
         "settings": {**dataclasses.asdict(settings), "levels": list(settings.levels)},
         "steps": settings.steps,
-        "losses": {"final_mlm": float(np.mean(result.history["mlm"][-last:])),
-                   "final_action": float(np.mean(result.history["action"][-last:])),
+        "losses": {"final_mlm": final_loss(result.history["mlm"]), "final_action": final_loss(result.history["action"]),
                    "mlm_every_10": result.history["mlm"][::10], "action_every_10": result.history["action"][::10]},
         "metrics": result.metrics,
         "trainable_parameters": count_parameters(result.model),

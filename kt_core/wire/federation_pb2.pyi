@@ -182,12 +182,16 @@ class RoundTask(_message.Message):
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., task_id: _Optional[bytes] = ..., global_state_digest: _Optional[str] = ..., train: _Optional[_Union[TrainSettings, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., roster: _Optional[_Iterable[str]] = ..., secure_aggregation: _Optional[bool] = ..., peer_certificates: _Optional[_Mapping[str, bytes]] = ..., audit_head_seq: _Optional[int] = ..., audit_head_hash: _Optional[str] = ...) -> None: ...
 
 class RunFinished(_message.Message):
-    __slots__ = ("header", "reason")
+    __slots__ = ("header", "reason", "audit_head_seq", "audit_head_hash")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_HEAD_SEQ_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
     header: Header
     reason: str
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+    audit_head_seq: int
+    audit_head_hash: str
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., reason: _Optional[str] = ..., audit_head_seq: _Optional[int] = ..., audit_head_hash: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("round", "finished", "heartbeat", "secagg")
@@ -366,12 +370,14 @@ class BackboneChunk(_message.Message):
     def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class LeaveRequest(_message.Message):
-    __slots__ = ("header", "reason")
+    __slots__ = ("header", "reason", "audit_countersignature")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_COUNTERSIGNATURE_FIELD_NUMBER: _ClassVar[int]
     header: Header
     reason: str
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
+    audit_countersignature: bytes
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., reason: _Optional[str] = ..., audit_countersignature: _Optional[bytes] = ...) -> None: ...
 
 class LeaveReply(_message.Message):
     __slots__ = ()

@@ -1,7 +1,9 @@
 """Kubernetes deployment helpers: site overlays, rendering, validation, probes.
 
     ktfed k8s site NAME --coordinator-host H [--coordinator-cidr C | --coordinator-namespace NS] [--gpu]
-                                          write k8s/overlays/sites/NAME (a kustomize overlay)
+                                          write k8s/overlays/sites/NAME (a kustomize overlay;
+                                          self-contained outside the checkout's k8s folder)
+    ktfed k8s secret --pki DIR --name N  the TLS Secret (+ the coordinator's CRL ConfigMap) as YAML
     ktfed k8s render OVERLAY [--validate] print `kubectl kustomize OVERLAY`, optionally checked
     ktfed k8s check [OVERLAY ...]         schema (kubernetes-validate, strict) + ktfed's own rules
     ktfed k8s lint-dockerfile FILE ...    the container files' rules (user, tags, secrets, healthcheck)
@@ -22,7 +24,7 @@ import os
 import sys
 from pathlib import Path
 
-from .common import (CONNECTED_STATUSES, DEFAULT_NAMESPACE, DEFAULT_REGISTRY, DEFAULT_TAG, DEFAULT_TLS_DIR,
+from .common import (CONNECTED_STATUSES, DEFAULT_DNS_LABELS, DEFAULT_DNS_NAMESPACE, DEFAULT_NAMESPACE, DEFAULT_REGISTRY, DEFAULT_TAG, DEFAULT_TLS_DIR,
                      EXTERNAL_OBJECTS, GRPC_PORT, HEARTBEAT_FILE, K8S_ROOT, KUBERNETES_VERSION, REPO_ROOT,
                      WORKLOAD_KINDS, K8sError, _image_problem)
 from .dockerfile import Instruction, lint_dockerfile, parse_dockerfile, pip_installs
@@ -37,16 +39,13 @@ __all__ = [
     "WORKLOAD_KINDS", "K8sError", "Instruction", "lint_dockerfile", "parse_dockerfile", "pip_installs",
     "probe_grpc", "probe_heartbeat", "write_heartbeat", "SiteSpec", "site_overlay_files", "write_site_overlay",
     "check_overlay", "check_rules", "find_overlays", "kustomize_command", "load_documents", "render",
-    "validate_schemas", "cmd_site", "cmd_render", "cmd_check", "cmd_lint", "cmd_probe", "add_k8s_commands", "main",
+    "validate_schemas", "cmd_site", "cmd_secret", "cmd_render", "cmd_check", "cmd_lint", "cmd_probe", "add_k8s_commands", "main",
 ]
 
 
 def cmd_site(args) -> int:
-    spec = SiteSpec(name=args.name, coordinator_host=args.coordinator_host, coordinator_port=args.coordinator_port,
-                    coordinator_cidrs=tuple(args.coordinator_cidr or ()),
-                    coordinator_namespace=args.coordinator_namespace, gpu=args.gpu, gpus=args.gpus,
-                    namespace=args.namespace, registry=args.registry, tag=args.tag)
     try:
+        spec = _site_spec(args)
         target = write_site_overlay(spec, Path(args.out), base=Path(args.base) if args.base else None,
                                     force=args.force)
     except K8sError as err:
@@ -57,14 +56,48 @@ def cmd_site(args) -> int:
         shown = target.relative_to(Path.cwd())
     except ValueError:
         shown = target
-    print(f"wrote {shown}")
+    print(f"wrote {shown}" + (" (self-contained: its own copy of the base)" if (target / "base").is_dir() else ""))
     print("next, at the site:")
     print(f"  ktfed pki issue --dir PKI --role participant --name {spec.name}   # at the federation's CA")
     print(f"  kubectl create namespace {spec.namespace}")
-    print(f"  kubectl -n {spec.namespace} create secret generic ktfed-participant-tls "
-          f"--from-file=ca.crt=PKI/ca.crt --from-file=tls.crt=PKI/issued/{spec.name}.crt "
-          f"--from-file=tls.key=PKI/issued/{spec.name}.key")
+    print(f"  ktfed k8s secret --pki PKI --name {spec.name} --namespace {spec.namespace} | kubectl apply -f -")
+    print(f"  ktfed k8s check {shown}")
     print(f"  kubectl apply -k {shown}")
+    return 0
+
+
+def _site_spec(args) -> SiteSpec:
+    return SiteSpec(name=args.name, coordinator_host=args.coordinator_host, coordinator_port=args.coordinator_port,
+                    coordinator_cidrs=tuple(args.coordinator_cidr or ()),
+                    coordinator_namespace=args.coordinator_namespace, gpu=args.gpu, gpus=args.gpus,
+                    namespace=args.namespace, registry=args.registry, tag=args.tag,
+                    dns_namespace=args.dns_namespace, dns_labels=tuple(_label(t) for t in args.dns_label or ())
+                    or DEFAULT_DNS_LABELS)
+
+
+def _label(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise K8sError(f"--dns-label {text!r}: give KEY=VALUE")
+    return key, value
+
+
+def cmd_secret(args) -> int:
+    from security.files import write_private
+
+    from .secret import secret_manifests
+
+    try:
+        text, role = secret_manifests(Path(args.pki), args.name, args.namespace)
+    except K8sError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.out:
+        write_private(args.out, text.encode())
+        print(f"wrote {args.out} (0600; {role} Secret{' and CRL ConfigMap' if role == 'coordinator' else ''}): "
+              f"kubectl apply -f {args.out}, then delete the file")
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -86,7 +119,12 @@ def cmd_render(args) -> int:
 
 
 def cmd_check(args) -> int:
-    overlays = [Path(o) for o in args.overlays] or find_overlays(Path(args.root))
+    root = Path(args.root) if args.root else (Path("k8s") if (Path("k8s") / "overlays").is_dir() else K8S_ROOT)
+    overlays = [Path(o) for o in args.overlays] or find_overlays(root)
+    if not overlays:
+        print(f"error: no overlay (kustomization.yaml) under {root.absolute() / 'overlays'}: give OVERLAY folders",
+              file=sys.stderr)
+        return 2
     failed = 0
     for overlay in overlays:
         try:
@@ -140,10 +178,25 @@ def add_k8s_commands(subparsers) -> None:
     p.add_argument("--namespace", default=DEFAULT_NAMESPACE)
     p.add_argument("--registry", default=DEFAULT_REGISTRY, help="image repository prefix")
     p.add_argument("--tag", default=DEFAULT_TAG, help="image tag (never 'latest')")
-    p.add_argument("--out", default="k8s/overlays/sites", help="folder of site overlays")
+    p.add_argument("--dns-namespace", default=DEFAULT_DNS_NAMESPACE,
+                   help="namespace of the cluster's DNS pods, for the egress rule (default kube-system)")
+    p.add_argument("--dns-label", action="append", metavar="KEY=VALUE",
+                   help="a label of the cluster's DNS pods (repeatable; default k8s-app=kube-dns)")
+    p.add_argument("--out", default="k8s/overlays/sites",
+                   help="folder of site overlays; outside a k8s folder with the base, the overlay gets "
+                        "its own copy of the base (self-contained)")
     p.add_argument("--base", help="the participant base (default: found above --out)")
     p.add_argument("--force", action="store_true", help="overwrite an existing overlay")
     p.set_defaults(func=cmd_site)
+
+    p = sub.add_parser("secret", help="the TLS Secret (and the coordinator's CRL ConfigMap) from a PKI folder, "
+                                      "as YAML for `kubectl apply -f -`")
+    p.add_argument("--pki", required=True, help="the folder made by `ktfed pki init` (or a site's copy: ca.crt, "
+                                                "issued/NAME.crt, issued/NAME.key)")
+    p.add_argument("--name", required=True, help="the certificate's name: the coordinator's, or the site's")
+    p.add_argument("--namespace", default=DEFAULT_NAMESPACE)
+    p.add_argument("--out", help="write to this file (0600) instead of stdout")
+    p.set_defaults(func=cmd_secret)
 
     p = sub.add_parser("render", help="print an overlay's manifests (kubectl kustomize)")
     p.add_argument("overlay")
@@ -153,7 +206,8 @@ def add_k8s_commands(subparsers) -> None:
 
     p = sub.add_parser("check", help="render and validate overlays (all under ROOT/overlays by default)")
     p.add_argument("overlays", nargs="*")
-    p.add_argument("--root", default=str(K8S_ROOT))
+    p.add_argument("--root", help="k8s folder whose overlays/ to check (default: ./k8s when it has overlays, "
+                                  "else this installation's)")
     p.add_argument("--kubernetes-version", default=KUBERNETES_VERSION)
     p.set_defaults(func=cmd_check)
 

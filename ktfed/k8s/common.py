@@ -16,6 +16,10 @@ DEFAULT_REGISTRY = "registry.example.org/ktfed"
 DEFAULT_TAG = "0.1.0"
 DEFAULT_NAMESPACE = "ktfed"
 DEFAULT_TLS_DIR = "/etc/ktfed/tls"
+METRICS_PORT = 9090
+# Where the cluster's DNS pods run and how they are labelled (kube-dns and CoreDNS by default).
+DEFAULT_DNS_NAMESPACE = "kube-system"
+DEFAULT_DNS_LABELS = (("k8s-app", "kube-dns"),)
 # Heartbeat statuses in which the agent holds (or is using) a session with the coordinator.
 CONNECTED_STATUSES = frozenset({"connected", "training"})
 # Objects the manifests reference but that operators create from files they hold (never committed).

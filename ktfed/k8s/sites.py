@@ -5,13 +5,17 @@ import ipaddress
 import os
 import re
 import shlex
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .common import DEFAULT_NAMESPACE, DEFAULT_REGISTRY, DEFAULT_TAG, GRPC_PORT, K8S_ROOT, K8sError
+from .common import (DEFAULT_DNS_LABELS, DEFAULT_DNS_NAMESPACE, DEFAULT_NAMESPACE, DEFAULT_REGISTRY, DEFAULT_TAG,
+                     GRPC_PORT, K8S_ROOT, K8sError)
 
 _SITE_PATTERN = re.compile(r"[a-z0-9]([a-z0-9.-]{0,61}[a-z0-9])?")
 _HOST_PATTERN = re.compile(r"(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+_LABEL_KEY = re.compile(r"([a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?/)?[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?")
+_LABEL_VALUE = re.compile(r"([A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?)?")
 _TAG_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 _REGISTRY_PATTERN = re.compile(r"[a-z0-9]([a-z0-9._:-]*[a-z0-9])?(/[a-z0-9]([a-z0-9._-]*[a-z0-9])?)*")
 
@@ -30,6 +34,9 @@ class SiteSpec:
     namespace: str = DEFAULT_NAMESPACE
     registry: str = DEFAULT_REGISTRY
     tag: str = DEFAULT_TAG
+    # The cluster's DNS pods, for the egress rule: kube-dns and CoreDNS label them so by default.
+    dns_namespace: str = DEFAULT_DNS_NAMESPACE
+    dns_labels: tuple[tuple[str, str], ...] = DEFAULT_DNS_LABELS
 
     def validated(self) -> "SiteSpec":
         if not isinstance(self.name, str) or not _SITE_PATTERN.fullmatch(self.name):
@@ -67,8 +74,16 @@ class SiteSpec:
             raise K8sError(f"--tag {self.tag!r}: give a fixed image tag (not 'latest')")
         if isinstance(self.gpus, bool) or not isinstance(self.gpus, int) or not 1 <= self.gpus <= 16:
             raise K8sError(f"--gpus {self.gpus!r}: must be 1..16")
+        if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?", self.dns_namespace or ""):
+            raise K8sError(f"--dns-namespace {self.dns_namespace!r}: not a namespace name")
+        if not self.dns_labels:
+            raise K8sError("--dns-label: give at least one KEY=VALUE that selects the cluster's DNS pods")
+        for key, value in self.dns_labels:
+            if not _LABEL_KEY.fullmatch(key) or not _LABEL_VALUE.fullmatch(value):
+                raise K8sError(f"--dns-label {key}={value}: not a Kubernetes label KEY=VALUE")
         return SiteSpec(self.name, host, self.coordinator_port, tuple(cidrs), self.coordinator_namespace,
-                        bool(self.gpu), self.gpus, self.namespace, self.registry, self.tag)
+                        bool(self.gpu), self.gpus, self.namespace, self.registry, self.tag, self.dns_namespace,
+                        tuple(self.dns_labels))
 
     @property
     def coordinator_address(self) -> str:
@@ -96,7 +111,16 @@ class SiteSpec:
             parts += ["--registry", self.registry]
         if self.tag != DEFAULT_TAG:
             parts += ["--tag", self.tag]
+        if self.dns_namespace != DEFAULT_DNS_NAMESPACE:
+            parts += ["--dns-namespace", self.dns_namespace]
+        if tuple(self.dns_labels) != DEFAULT_DNS_LABELS:
+            for key, value in self.dns_labels:
+                parts += ["--dns-label", f"{key}={value}"]
         return shlex.join(parts)
+
+
+def _yaml_string(value: str) -> str:
+    return f'"{value}"' if value in ("", "true", "false", "yes", "no", "on", "off", "null") or value.isdigit() else value
 
 
 def _ip_or_none(text: str):
@@ -140,41 +164,7 @@ def site_overlay_files(spec: SiteSpec, base_rel: str) -> dict[str, str]:
         f"      - KTFED_COORDINATOR={spec.coordinator_address}\n"
         "patches:\n" + "".join(patches))
 
-    to = []
-    for cidr in spec.coordinator_cidrs:
-        to.append(f"        - ipBlock:\n            cidr: {cidr}\n")
-    if spec.coordinator_namespace:
-        to.append("        - namespaceSelector:\n"
-                  "            matchLabels:\n"
-                  f"              kubernetes.io/metadata.name: {spec.coordinator_namespace}\n"
-                  "          podSelector:\n"
-                  "            matchLabels:\n"
-                  "              app.kubernetes.io/name: ktfed-coordinator\n")
-    egress = (
-        f"# Egress of site {spec.name}: DNS, and the coordinator ({spec.coordinator_address}) only.\n"
-        "apiVersion: networking.k8s.io/v1\n"
-        "kind: NetworkPolicy\n"
-        "metadata:\n"
-        "  name: ktfed-participant\n"
-        "spec:\n"
-        "  egress:\n"
-        "    - to:\n"
-        "        - namespaceSelector:\n"
-        "            matchLabels:\n"
-        "              kubernetes.io/metadata.name: kube-system\n"
-        "          podSelector:\n"
-        "            matchLabels:\n"
-        "              k8s-app: kube-dns\n"
-        "      ports:\n"
-        "        - port: 53\n"
-        "          protocol: UDP\n"
-        "        - port: 53\n"
-        "          protocol: TCP\n"
-        "    - to:\n" + "".join(to) +
-        "      ports:\n"
-        f"        - port: {spec.coordinator_port}\n"
-        "          protocol: TCP\n")
-    files = {"kustomization.yaml": kustomization, "networkpolicy-egress.yaml": egress}
+    files = {"kustomization.yaml": kustomization, "networkpolicy-egress.yaml": _egress_policy(spec)}
     if spec.gpu:
         files["gpu.yaml"] = (
             f"# Site {spec.name} trains on {spec.gpus} GPU(s): the CUDA image, the device resource, and a\n"
@@ -202,6 +192,44 @@ def site_overlay_files(spec: SiteSpec, base_rel: str) -> dict[str, str]:
     return files
 
 
+def _egress_policy(spec: SiteSpec) -> str:
+    """The NetworkPolicy patch: egress to the DNS pods and to the coordinator only."""
+    to = []
+    for cidr in spec.coordinator_cidrs:
+        to.append(f"        - ipBlock:\n            cidr: {cidr}\n")
+    if spec.coordinator_namespace:
+        to.append("        - namespaceSelector:\n"
+                  "            matchLabels:\n"
+                  f"              kubernetes.io/metadata.name: {spec.coordinator_namespace}\n"
+                  "          podSelector:\n"
+                  "            matchLabels:\n"
+                  "              app.kubernetes.io/name: ktfed-coordinator\n")
+    return (
+        f"# Egress of site {spec.name}: DNS, and the coordinator ({spec.coordinator_address}) only.\n"
+        "apiVersion: networking.k8s.io/v1\n"
+        "kind: NetworkPolicy\n"
+        "metadata:\n"
+        "  name: ktfed-participant\n"
+        "spec:\n"
+        "  egress:\n"
+        "    - to:\n"
+        "        - namespaceSelector:\n"
+        "            matchLabels:\n"
+        f"              kubernetes.io/metadata.name: {spec.dns_namespace}\n"
+        "          podSelector:\n"
+        "            matchLabels:\n"
+        + "".join(f"              {key}: {_yaml_string(value)}\n" for key, value in spec.dns_labels) +
+        "      ports:\n"
+        "        - port: 53\n"
+        "          protocol: UDP\n"
+        "        - port: 53\n"
+        "          protocol: TCP\n"
+        "    - to:\n" + "".join(to) +
+        "      ports:\n"
+        f"        - port: {spec.coordinator_port}\n"
+        "          protocol: TCP\n")
+
+
 def _find_participant_base(start: Path) -> Path | None:
     for folder in [start, *start.parents]:
         candidate = folder / "base" / "participant"
@@ -211,7 +239,10 @@ def _find_participant_base(start: Path) -> Path | None:
 
 
 def write_site_overlay(spec: SiteSpec, out: Path, *, base: Path | None = None, force: bool = False) -> Path:
-    """Write OUT/NAME/ (kustomization + patches) and return that folder."""
+    """Write OUT/NAME/ (kustomization + patches) and return that folder. Inside the k8s folder that
+    holds the base the overlay refers to it (../../../base/participant); anywhere else the base is
+    copied into OUT/NAME/base, so the folder is whole where it was written: it can be moved, kept
+    in the site's own repository, rendered and checked there."""
     spec = spec.validated()
     out = Path(out).absolute()
     target = out / spec.name
@@ -221,12 +252,18 @@ def write_site_overlay(spec: SiteSpec, out: Path, *, base: Path | None = None, f
     if not (base / "kustomization.yaml").is_file():
         raise K8sError(f"participant base not found at {base}: give --base (the k8s/base/participant folder)")
     if target.exists() and not force:
-        raise K8sError(f"{target} exists: pass --force to regenerate it")
-    files = site_overlay_files(spec, Path(os.path.relpath(base, target)).as_posix())
+        raise K8sError(f"{target} exists: give --force to regenerate it")
+    k8s_root = base.parent.parent
+    vendored = not target.is_relative_to(k8s_root)
+    files = site_overlay_files(spec, "base" if vendored else Path(os.path.relpath(base, target)).as_posix())
     target.mkdir(parents=True, exist_ok=True)
     for stale in ("gpu.yaml",):  # a regenerated CPU site must not keep an old GPU patch
         if stale not in files and (target / stale).exists():
             (target / stale).unlink()
+    if (target / "base").is_dir():
+        shutil.rmtree(target / "base")
+    if vendored:
+        shutil.copytree(base, target / "base", ignore=shutil.ignore_patterns(".*"))
     for name, text in files.items():
         (target / name).write_text(text)
     return target

@@ -192,5 +192,7 @@ def check_overlay(overlay: Path, version: str = KUBERNETES_VERSION) -> list[str]
 
 
 def find_overlays(root: Path = K8S_ROOT) -> list[Path]:
-    """Every overlay under ROOT/overlays: the folders that hold a kustomization.yaml."""
-    return sorted(p.parent for p in (Path(root) / "overlays").rglob("kustomization.yaml"))
+    """Every overlay under ROOT/overlays: the folders that hold a kustomization.yaml, except those
+    inside another (a self-contained site overlay's own copy of the base)."""
+    found = sorted(p.parent for p in (Path(root) / "overlays").rglob("kustomization.yaml"))
+    return [d for d in found if not any(o != d and d.is_relative_to(o) for o in found)]

@@ -28,7 +28,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from .canonical import canonical_bytes, sha256_hex
+from kt_core.bounded import BoundedInputError, loads_json
+
+from .canonical import MAX_SAFE_INT, canonical_bytes, sha256_hex
 from .errors import AuditError
 
 FORMAT = "ktfed-audit/1"
@@ -38,6 +40,8 @@ ENTRY_DOMAIN = b"ktfed-audit/1 entry\x00"
 TOKEN_DOMAIN = b"ktfed-audit/1 countersign\x00"
 CORE_FIELDS = ("seq", "time", "producer", "kind", "body", "prev_hash")
 FIELDS = CORE_FIELDS + ("hash", "signature")
+MAX_DEPTH = 24                  # a config body nests a handful of levels; no honest entry comes near
+MAX_TOKEN_BYTES = 16 * 1024     # a token is about 700 bytes
 TOKEN_FIELDS = ("format", "run", "round", "signer", "signer_certificate", "signer_head", "subject",
                 "subject_head", "time", "signature")
 
@@ -110,12 +114,7 @@ def parse_line(raw: bytes) -> Entry:
     """Parse one line (without its newline) into an Entry, checking shape and canonical form.
 
     Does not check the hash or signature (that needs the chain and the certificate)."""
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError:
-        raise AuditError("not UTF-8 text") from None
-    except json.JSONDecodeError as err:
-        raise AuditError(f"not valid JSON ({err.msg} at column {err.colno})") from None
+    data = read_json(raw, "entry")
     if not isinstance(data, dict):
         raise AuditError("not a JSON object")
     if set(data) != set(FIELDS):
@@ -137,6 +136,22 @@ def parse_line(raw: bytes) -> Entry:
         raise AuditError("not in canonical form (bytes differ from the canonical encoding of the same "
                          "content: the line was edited)")
     return Entry(**{f: data[f] for f in FIELDS})
+
+
+def read_json(raw: bytes, what: str):
+    """JSON from untrusted bytes, every failure an AuditError: canonical audit JSON nests a few
+    levels and holds integers of at most 16 digits (2^53), so deeper or longer is refused before
+    the parser recurses or converts it."""
+    try:
+        return loads_json(raw, max_depth=MAX_DEPTH, max_int_digits=16, what=what)
+    except UnicodeDecodeError:
+        raise AuditError(f"{what}: not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise AuditError(f"not valid JSON ({err.msg} at column {err.colno})") from None
+    except BoundedInputError as err:
+        raise AuditError(f"not valid audit JSON: {err}") from None
+    except RecursionError:   # a last resort: the depth scan above should make this unreachable
+        raise AuditError(f"{what}: nested too deeply to read") from None
 
 
 def _is_hex64(text: str) -> bool:
@@ -161,10 +176,9 @@ def token_signature_ok(public_key, token: dict) -> bool:
 def parse_token(data: bytes | dict) -> dict:
     """A countersignature token from its bytes (or already-parsed dict), checked for shape only."""
     if isinstance(data, (bytes, bytearray)):
-        try:
-            token = json.loads(bytes(data).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise AuditError("countersignature token is not UTF-8 JSON") from None
+        if len(data) > MAX_TOKEN_BYTES:
+            raise AuditError(f"countersignature token of {len(data)} bytes (at most {MAX_TOKEN_BYTES})")
+        token = read_json(bytes(data), "countersignature token")
     else:
         token = data
     if not isinstance(token, dict) or set(token) != set(TOKEN_FIELDS):
@@ -174,12 +188,14 @@ def parse_token(data: bytes | dict) -> dict:
     for name in ("run", "signer", "signer_certificate", "subject", "time", "signature"):
         if not isinstance(token[name], str):
             raise AuditError(f"countersignature token field {name!r} must be a string")
-    if not isinstance(token["round"], int) or isinstance(token["round"], bool):
-        raise AuditError("countersignature token field 'round' must be an integer")
+    if not isinstance(token["round"], int) or isinstance(token["round"], bool) \
+            or not 0 <= token["round"] <= MAX_SAFE_INT:
+        raise AuditError(f"countersignature token field 'round' must be an integer in 0..{MAX_SAFE_INT}")
     for name in ("signer_head", "subject_head"):
         head = token[name]
         if (not isinstance(head, dict) or set(head) != {"seq", "hash"} or not isinstance(head["seq"], int)
-                or isinstance(head["seq"], bool) or not isinstance(head["hash"], str)
+                or isinstance(head["seq"], bool) or not -1 <= head["seq"] <= MAX_SAFE_INT
+                or not isinstance(head["hash"], str)
                 or not (_is_hex64(head["hash"]) or head["seq"] == -1)):
             raise AuditError(f"countersignature token field {name!r} must be {{seq, hash}}")
     return token

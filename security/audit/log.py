@@ -32,7 +32,7 @@ from typing import Any, Iterable, Mapping
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from security.files import write_atomic
+from security.files import fsync_dir, write_atomic
 from security.pki import identity_from_pem
 from security.pki import primitives as pki
 
@@ -44,7 +44,7 @@ from .errors import AuditError, CountersignatureError, TornTailError
 from .reader import CERTS_DIR, LOCK_FILE, LOG_FILE, split_lines
 
 # Kinds only this module writes (their bodies have a structure the verifier relies on).
-RESERVED_KINDS = frozenset({"open", "resume", "close", "torn_tail", "countersign", "countersignature"})
+RESERVED_KINDS = frozenset({"open", "resume", "close", "torn_tail", "countersign", "countersignature", "seal"})
 # Kinds the typed helpers write; `append` accepts any other well-formed kind too.
 KINDS = RESERVED_KINDS | {"config", "boundary", "undelivered", "dp", "secagg", "refusal"}
 _KIND_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
@@ -117,7 +117,7 @@ class AuditLog:
                 quarantined = cls._handle_torn(directory, path, lines, torn, recover_torn)
             hashes, last_fp, last = cls._check_existing(directory, lines, producer_id)
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-            provenance.fsync_dir(directory)
+            fsync_dir(directory)
         except BaseException:
             os.close(lock_fd)
             raise
@@ -403,6 +403,17 @@ class AuditLog:
                 write_atomic(path, signer_cert_pem)
 
     # ------------------------------------------------------------------ closing
+    def seal(self, *, run: str, rounds: int, reason: str) -> Head:
+        """The signed last word of a run in this log: nothing of `run` follows but the peers'
+        countersignatures of this very entry (and messages a peer's log records). Each peer
+        countersigns the returned head and sends the token back for `record_countersignature`, so
+        cutting or rewriting anything of the run up to here fails a strict `verify`."""
+        with self._lock:
+            entry = self._append_locked("seal", normalize({"run": run, "rounds": int(rounds), "reason": reason},
+                                                          "seal.body"))
+            self._sync_locked()      # the head leaves the log: it must outlive a crash
+        return entry.head
+
     def close(self, reason: str | None = "shutdown") -> None:
         """Append a `close` entry (unless `reason` is None) and release the folder. A log that ends
         with `close` tells the auditor that nothing after it was cut off."""

@@ -57,9 +57,3 @@ def canonical_token(token: Mapping) -> bytes:
     return canonical_bytes(normalize(dict(token), "token"))
 
 
-def fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -7,6 +7,8 @@ Folder layout, written by `AuditLog` and read by the auditor offline:
                                     plus the peers' certificates whose countersignatures this
                                     log recorded
     DIR/audit.jsonl.torn-<n>        a torn final line quarantined by `recover_torn` (if any)
+
+The services keep DIR at STATE/audit; given a STATE folder, the reader finds the log there.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from .errors import AuditError
 LOG_FILE = "audit.jsonl"
 CERTS_DIR = "certs"
 LOCK_FILE = ".lock"
+STATE_AUDIT_DIR = "audit"          # where the services keep it inside their state folder
 
 
 @dataclass
@@ -46,9 +49,11 @@ def read_raw(directory: str | Path) -> RawLog:
         raise AuditError(f"{directory}: no such folder")
     if not directory.is_dir():
         raise AuditError(f"{directory}: not a folder (give the folder that holds {LOG_FILE})")
+    if not (directory / LOG_FILE).exists() and (directory / STATE_AUDIT_DIR / LOG_FILE).is_file():
+        directory = directory / STATE_AUDIT_DIR     # a site's or the coordinator's state folder
     path = directory / LOG_FILE
     if not path.is_file():
-        raise AuditError(f"{directory}: not an audit log (no {LOG_FILE} in it)")
+        raise AuditError(f"{directory}: not an audit log (no {LOG_FILE} in it, nor in {STATE_AUDIT_DIR}/)")
     lines, torn = split_lines(path.read_bytes())
     return RawLog(directory, path, lines, torn, load_certs(directory))
 

@@ -2,34 +2,36 @@
 
 What is checked, in this order (the first failure is the one reported first):
 
-1. Each chain on its own, entry by entry: canonical JSON, seq = 0, 1, 2 ... without gaps,
-   prev_hash = the previous entry's hash, hash = SHA-256 of the content, and the signature under
-   the producer's certificate, which must be issued by the federation CA, name the producer as its
-   CN and be valid at the entry's time. The chain check stops at the first bad entry of each log:
-   what follows it cannot be trusted to be what the producer wrote.
-2. The set of logs: one log per producer, at most one coordinator, and logs of the same run(s).
-3. The logs against each other (only logs whose chain verified to the end take part):
-   * every message one side logged as sent appears as received at the other side with the same
-     SHA-256, and every receipt has its send (unless the sender logged it `undelivered`);
-   * every countersignature a participant made matches the coordinator's chain at that seq, and
-     every countersignature the coordinator recorded matches the participant's chain.
+1. Each chain on its own, entry by entry: canonical JSON (nesting and integers bounded, so no
+   line can crash the reader), seq = 0, 1, 2 ... without gaps, prev_hash = the previous entry's
+   hash, hash = SHA-256 of the content, and the signature under the producer's certificate, which
+   must be issued by the federation CA, name the producer as its CN and be valid at the entry's
+   time. The chain check stops at the first bad entry of each log: what follows it cannot be
+   trusted to be what the producer wrote.
+2. The set of logs: at most one coordinator, and logs of the same run(s). A producer may have
+   several logs (one per state folder it ran from; their `open` entries name different log ids);
+   two copies of one log are refused.
+3. The logs against each other (`crosscheck`; only logs whose chain verified to the end take
+   part): every message one side logged as sent appears as received at the other side with every
+   recorded field equal (digest, bytes, tensor list), and every receipt has its send (unless the
+   sender logged it `undelivered`); every countersignature matches the chain it names.
+4. Unless `partial=True`: the strict reading (`strict`): every site's log is given, each run is
+   sealed and its seal countersigned by the sites, each site's log is closed, and no entry of the
+   run lies unpinned and uncorroborated at the end of a log.
+
+`runs` restricts all of it to the entries of those runs (the other logs are left out, with a
+warning). A folder that holds `audit/audit.jsonl` (a state folder) is read as its audit folder.
 
 What this can and cannot detect (the limits an auditor should know):
 * A producer holds its own key, so it can rewrite its own log entirely. That is caught only where
   another log committed to it: a peer's countersignature of its head, or the peer's record of a
-  message. Entries after the last head a peer countersigned, which no peer recorded, can be cut
-  without detection; a log that ends without a `close` entry is reported (as a warning) for that
-  reason. Coordinator logs are pinned by the participants' countersignatures each round; a
-  participant log is pinned by the own-head inside each countersignature the coordinator keeps,
-  and by the uploads the coordinator received from it.
-* Logs missing from the set cannot be cross-checked: the result says which checks were skipped.
+  message. The strict reading refuses a set in which anything of a run is left unpinned; the
+  partial reading reports what it could not pin as warnings.
 * Certificate revocation is not checked (no CRL is read); validity is checked at each entry's own
   time, which the producer states.
 """
 from __future__ import annotations
 
-import json
-from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -38,40 +40,23 @@ from security.pki import PKIError, identity_from_pem
 from security.pki import primitives as pki
 
 from .canonical import parse_timestamp
+from .certs import check_cert, cn
+from .crosscheck import cross_check, entry_run
 from .entry import (FORMAT, GENESIS_PREV_HASH, Entry, entry_hash, entry_signature_ok, parse_line, parse_token,
-                    token_signature_ok)
-from .errors import AuditError
+                    read_json, token_signature_ok)
+from .errors import AuditError, Problem
 from .reader import RawLog, read_raw
+from .strict import strict_problems, unpinned_entries
 
 
-@dataclass(frozen=True)
-class Problem:
-    file: str
-    seq: int | None
-    line: int | None
-    message: str
-    severity: str = "error"
-
-    def __str__(self) -> str:
-        where = self.file
-        if self.seq is not None:
-            where += f" seq {self.seq}"
-        if self.line is not None:
-            where += f" (line {self.line})"
-        return f"{where}: {self.message}"
-
-    def to_dict(self) -> dict:
-        return {"file": self.file, "seq": self.seq, "line": self.line, "message": self.message,
-                "severity": self.severity}
-
-
-@dataclass
+@dataclass(eq=False)
 class LogView:
     """One log as the verifier saw it; `entries` is the prefix that verified."""
     directory: Path
     file: str
     producer: str | None = None
     role: str | None = None
+    log_id: str | None = None
     entries: list[Entry] = field(default_factory=list)
     certs: dict[str, bytes] = field(default_factory=dict)
     certificates: dict[str, dict] = field(default_factory=dict)   # fingerprint -> who, for the report
@@ -85,8 +70,9 @@ class LogView:
     def runs(self) -> list[str]:
         seen: dict[str, None] = {}
         for e in self.entries:
-            if isinstance(e.body.get("run"), str):
-                seen.setdefault(e.body["run"])
+            run = entry_run(e)
+            if run is not None:
+                seen.setdefault(run)
         return list(seen)
 
 
@@ -95,6 +81,8 @@ class VerifyResult:
     logs: list[LogView]
     errors: list[Problem]
     warnings: list[Problem]
+    strict: bool = True
+    runs: list[str] | None = None          # the run filter, None for all runs
 
     @property
     def ok(self) -> bool:
@@ -105,9 +93,11 @@ class VerifyResult:
         return self.errors[0] if self.errors else None
 
     def summary(self) -> str:
+        reading = "strict" if self.strict else "partial (unsealed and missing logs are only warnings)"
         head = (f"audit verify: {'OK' if self.ok else 'FAILED'}: {len(self.logs)} log(s), "
                 f"{sum(len(v.entries) for v in self.logs)} verified entries, "
-                f"{len(self.errors)} error(s), {len(self.warnings)} warning(s)")
+                f"{len(self.errors)} error(s), {len(self.warnings)} warning(s); {reading}"
+                + (f"; run(s) {', '.join(self.runs)}" if self.runs else ""))
         lines = [head]
         if self.first:
             lines.append(f"first bad entry: {self.first}")
@@ -116,43 +106,91 @@ class VerifyResult:
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"ok": self.ok, "first": self.first.to_dict() if self.first else None,
+        return {"ok": self.ok, "strict": self.strict, "runs": self.runs,
+                "first": self.first.to_dict() if self.first else None,
                 "errors": [p.to_dict() for p in self.errors], "warnings": [p.to_dict() for p in self.warnings],
-                "logs": [{"file": v.file, "producer": v.producer, "role": v.role, "entries": len(v.entries),
-                          "complete": v.complete, "closed": v.closed, "runs": v.runs(),
+                "logs": [{"file": v.file, "producer": v.producer, "role": v.role, "log_id": v.log_id,
+                          "entries": len(v.entries), "complete": v.complete, "closed": v.closed, "runs": v.runs(),
                           "certificates": v.certificates} for v in self.logs]}
 
 
-def verify(dirs: Iterable[str | Path], ca_cert: bytes | str | Path) -> VerifyResult:
+def verify(dirs: Iterable[str | Path], ca_cert: bytes | str | Path, *, partial: bool = False,
+           runs: Iterable[str] | None = None) -> VerifyResult:
     ca_pem = Path(ca_cert).read_bytes() if isinstance(ca_cert, (str, Path)) else bytes(ca_cert)
     try:
         ca = pki.load_cert(ca_pem, what="CA certificate")
         pki.check_is_ca(ca)
     except PKIError as err:
         raise AuditError(f"the CA certificate given cannot be used: {err}") from None
+    scope = sorted(set(runs)) if runs else None
     views, errors, warnings = [], [], []
     for directory in dirs:
         try:
             raw = read_raw(directory)
-        except AuditError as err:
+        except (AuditError, OSError) as err:
             errors.append(Problem(str(directory), None, None, str(err)))
             continue
         view, problem = _check_chain(raw, ca)
-        views.append(view)
         if problem:
             errors.append(problem)
-    errors += _check_set(views)
-    cross_errors, cross_warnings = _cross_check(views, ca)
-    errors += cross_errors
-    warnings += cross_warnings
+        if scope is not None and view.complete and not set(view.runs()) & set(scope):
+            warnings.append(Problem(view.file, None, None, f"holds no entry of run(s) {', '.join(scope)}: left out",
+                                    "warning"))
+            continue
+        views.append(view)
+    if scope is not None and not views and not errors:
+        errors.append(Problem("(the set of logs)", None, None, f"no log given holds an entry of run(s) "
+                              f"{', '.join(scope)}"))
+        return VerifyResult(views, errors, warnings, strict=not partial, runs=scope)
+    errors += _check_set(views, scope)
+    cross = cross_check(views, ca, scope, _reporter(views))
+    errors += [p for _, p in sorted(cross.found, key=lambda item: item[0])]
+    if partial:
+        warnings += _partial_warnings(views, cross, scope)
+    else:
+        strict_errors, strict_warnings = strict_problems(views, cross, scope)
+        errors += strict_errors
+        warnings += strict_warnings
     for v in views:
         warnings += v.warnings
+    return VerifyResult(views, errors, warnings, strict=not partial, runs=scope)
+
+
+def _reporter(views):
+    run_order: dict[str, int] = {}
+    for v in views:
+        for r in v.runs():
+            run_order.setdefault(r, len(run_order))
+
+    def factory(out):
+        def report(body: dict, priority: int, problem: Problem) -> None:
+            rnd = body.get("round") if isinstance(body.get("round"), int) else -1
+            out.found.append(((run_order.get(body.get("run"), -1), rnd, priority, problem.file, problem.seq or 0),
+                              problem))
+        return report
+    return factory
+
+
+def _partial_warnings(views, cross, scope) -> list[Problem]:
+    warnings = [Problem(name, None, None, "countersignatures involving this producer were not cross-checked: its "
+                        "log was not given (or did not verify)", "warning") for name in sorted(cross.skipped)]
+    runs = set(scope) if scope is not None else {r for v in views for r in v.runs()}
+    for v in views:
+        if not v.complete:
+            continue
+        unpinned = [p for p in unpinned_entries([v], cross, runs)[0] if p.severity == "error"]
+        if unpinned:
+            warnings.append(Problem(v.file, unpinned[0].seq, unpinned[0].line,
+                                    f"{len(unpinned)} entr{'y' if len(unpinned) == 1 else 'ies'} from here on lie "
+                                    "after the last head a peer committed to, and no peer's log corroborates "
+                                    "them: they could be rewritten unseen (a strict reading fails)", "warning"))
+    for v in views:
         if v.complete and v.entries and not v.closed:
             last = v.entries[-1]
             warnings.append(Problem(v.file, last.seq, last.seq + 1, "the log ends without a close entry (the "
                                     "process stopped without closing it, or entries after this one were "
                                     "removed; only what peers countersigned or received is pinned)", "warning"))
-    return VerifyResult(views, errors, warnings)
+    return warnings
 
 
 # ---------------------------------------------------------------- 1. each chain
@@ -185,6 +223,7 @@ def _check_chain(raw: RawLog, ca) -> tuple[LogView, Problem | None]:
                 return bad(i, line, f"the first entry must be an 'open' entry of format {FORMAT!r}, "
                                     f"found kind {entry.kind!r}")
             view.producer, view.role = entry.producer, entry.body.get("role")
+            view.log_id = entry.body.get("log_id")
         elif entry.producer != view.producer:
             return bad(i, line, f"producer {entry.producer!r}, but this log belongs to {view.producer!r}")
         if i > 0 and view.entries[-1].kind == "close" and entry.kind not in ("resume",):
@@ -225,47 +264,22 @@ def _check_chain(raw: RawLog, ca) -> tuple[LogView, Problem | None]:
 
 def _claimed_seq(line_bytes: bytes, position: int) -> int:
     try:
-        seq = json.loads(line_bytes.decode("utf-8", "replace")).get("seq")
+        seq = read_json(line_bytes, "entry").get("seq")
         return seq if isinstance(seq, int) else position
-    except (ValueError, AttributeError):
+    except (AuditError, AttributeError):
         return position
 
 
 def _signer(view: LogView, fingerprint, ca, entry: Entry):
     """The public key of the certificate an open/resume entry names, after checking it."""
     if not isinstance(fingerprint, str) or fingerprint not in view.certs:
-        here = sorted({_cn(pem) for pem in view.certs.values()})
+        here = sorted({cn(pem) for pem in view.certs.values()})
         raise AuditError(f"{entry.producer}'s entry names certificate {str(fingerprint)[:16]}..., which is not in "
                          f"certs/ beside the log (the certificates there are {', '.join(here) or 'none'}'s): "
                          "a log moved from another site's folder, or its certificate removed")
-    info = _check_cert(view.certs[fingerprint], fingerprint, ca, entry.producer, entry.time)
+    info = check_cert(view.certs[fingerprint], fingerprint, ca, entry.producer, entry.time)
     view.certificates[fingerprint] = info
     return pki.load_cert(view.certs[fingerprint]).public_key(), identity_from_pem(view.certs[fingerprint])
-
-
-def _cn(pem: bytes) -> str:
-    try:
-        return identity_from_pem(pem).name
-    except PKIError:
-        return "unreadable"
-
-
-def _check_cert(pem: bytes, fingerprint: str, ca, name: str, at_time: str) -> dict:
-    try:
-        cert = pki.load_cert(pem)
-        if pki.fingerprint(cert) != fingerprint:
-            raise AuditError(f"certs/{fingerprint[:16]}...pem holds a different certificate")
-        pki.check_issued_by(cert, ca)
-        pki.check_validity(cert, now=parse_timestamp(at_time))
-        identity = identity_from_pem(pem)
-    except PKIError as err:
-        raise AuditError(f"signed by a certificate the federation CA does not vouch for: {err}") from None
-    if identity.name != name:
-        raise AuditError(f"the certificate names {identity.name!r}, but the entries say they come from {name!r} "
-                         "(a log moved to another site's folder, or a certificate swapped)")
-    return {"name": identity.name, "role": identity.role, "serial": f"{identity.serial:x}",
-            "fingerprint": fingerprint, "issuer": identity.issuer,
-            "not_before": cert.not_valid_before_utc.isoformat(), "not_after": cert.not_valid_after_utc.isoformat()}
 
 
 def _countersign_entry_problem(entry: Entry, view: LogView) -> str | None:
@@ -279,178 +293,36 @@ def _countersign_entry_problem(entry: Entry, view: LogView) -> str | None:
     if token["signer_head"] != {"seq": prev.seq, "hash": prev.hash}:
         return "countersign entry does not name the head right before it"
     fp = token["signer_certificate"]
-    if fp not in view.certs or not token_signature_ok(pki.load_cert(view.certs[fp]).public_key(), token):
-        return "the countersignature in this entry does not verify"
-    return None
+    try:
+        good = fp in view.certs and token_signature_ok(pki.load_cert(view.certs[fp]).public_key(), token)
+    except PKIError as err:
+        return f"the certificate this countersignature names is unreadable: {err}"
+    return None if good else "the countersignature in this entry does not verify"
 
 
 # ---------------------------------------------------------------- 2. the set of logs
 
-def _check_set(views: list[LogView]) -> list[Problem]:
+def _check_set(views: list[LogView], scope) -> list[Problem]:
     errors, seen = [], {}
     for v in views:
         if v.producer is None:
             continue
-        if v.producer in seen:
-            errors.append(Problem(v.file, 0, 1, f"a second log of {v.producer!r} (the first is {seen[v.producer]})"))
-        seen.setdefault(v.producer, v.file)
+        key = (v.producer, v.log_id)
+        if key in seen:
+            errors.append(Problem(v.file, 0, 1, f"a second copy of the same log of {v.producer!r} (the first is "
+                                  f"{seen[key]}; both have log id {v.log_id})"))
+        seen.setdefault(key, v.file)
     coordinators = [v for v in views if v.role == "coordinator"]
     for v in coordinators[1:]:
         errors.append(Problem(v.file, 0, 1, f"a second coordinator log (the first is {coordinators[0].file})"))
     reference = coordinators[0] if coordinators else next((v for v in views if v.runs()), None)
-    if reference is not None and reference.runs():
+    if scope is None and reference is not None and reference.runs():
         for v in views:
             runs = v.runs()
             if v is not reference and runs and not set(runs) & set(reference.runs()):
-                first = next(e for e in v.entries if e.body.get("run") in runs)
+                first = next(e for e in v.entries if entry_run(e) in runs)
                 errors.append(Problem(v.file, first.seq, first.seq + 1,
                                       f"mixed runs: this log is of run(s) {sorted(runs)}, {reference.producer}'s "
-                                      f"of {sorted(reference.runs())}; give the logs of one run"))
+                                      f"of {sorted(reference.runs())}; give the logs of one run, or choose with "
+                                      "--run"))
     return errors
-
-
-# ---------------------------------------------------------------- 3. logs against each other
-
-def _cross_check(views: list[LogView], ca) -> tuple[list[Problem], list[Problem]]:
-    logs = {v.producer: v for v in views if v.producer and v.complete}
-    run_order: dict[str, int] = {}
-    for v in views:
-        for r in v.runs():
-            run_order.setdefault(r, len(run_order))
-    found: list[tuple[tuple, Problem]] = []
-    warnings: list[Problem] = []
-
-    def report(body: dict, priority: int, problem: Problem) -> None:
-        rnd = body.get("round") if isinstance(body.get("round"), int) else -1
-        found.append(((run_order.get(body.get("run"), -1), rnd, priority, problem.file, problem.seq or 0), problem))
-
-    _match_boundaries(logs, report)
-    skipped = set()
-    # indexes, so the checks below stay linear in the number of entries
-    recorded = {v.producer: {e.body.get("token", {}).get("signature") for e in v.entries
-                             if e.kind == "countersignature"} for v in logs.values()}
-    undelivered = {v.producer: {e.body.get("ref_seq") for e in v.entries if e.kind == "undelivered"}
-                   for v in logs.values()}
-    for v in logs.values():
-        for e in v.entries:
-            if e.kind == "countersign":
-                _check_countersign(v, e, logs, report, skipped, recorded, undelivered)
-            elif e.kind == "countersignature":
-                _check_countersignature(v, e, logs, ca, report, skipped)
-    for name in sorted(skipped):
-        warnings.append(Problem(name, None, None, "countersignatures involving this producer were not "
-                                "cross-checked: its log was not given (or did not verify)", "warning"))
-    found.sort(key=lambda item: item[0])
-    return [p for _, p in found], warnings
-
-
-def _match_boundaries(logs: dict[str, LogView], report) -> None:
-    sends, receipts = defaultdict(list), defaultdict(list)
-    for v in logs.values():
-        undelivered = {e.body.get("ref_seq") for e in v.entries if e.kind == "undelivered"}
-        for e in v.entries:
-            b = e.body
-            if e.kind != "boundary":
-                continue
-            key = (b.get("sender"), b.get("receiver"), b.get("run"), b.get("round"), b.get("message"))
-            if b.get("direction") == "send":
-                sends[key].append((v, e, e.seq in undelivered))
-            elif b.get("direction") == "receive":
-                receipts[key].append((v, e))
-    for key in sorted(set(sends) | set(receipts), key=repr):
-        sender, receiver, run, rnd, message = key
-        if sender not in logs or receiver not in logs:
-            continue
-        if run not in logs[sender].runs() or run not in logs[receiver].runs():
-            continue
-        what = f"{message} of run {run} round {rnd}"
-        # mandatory sends first, so an undelivered send never takes the receipt of a delivered one
-        pending = sorted(sends.get(key, []), key=lambda s: s[2])
-        left = list(receipts.get(key, []))
-        unmatched = []
-        for v, e, optional in pending:
-            hit = next((r for r in left if r[1].body.get("sha256") == e.body.get("sha256")), None)
-            if hit:
-                left.remove(hit)
-            elif not optional:
-                unmatched.append((v, e))
-        for (sv, se), (rv, re_) in zip(unmatched, left):
-            report(re_.body, 0, Problem(rv.file, re_.seq, re_.seq + 1,
-                   f"received {what} from {sender} with sha256 {re_.body.get('sha256', '')[:16]}..., but "
-                   f"{sender} logged sending sha256 {se.body.get('sha256', '')[:16]}... ({sv.file} seq {se.seq})"))
-        for sv, se in unmatched[len(left):]:
-            report(se.body, 0, Problem(sv.file, se.seq, se.seq + 1,
-                   f"{sender} logged sending {what} (sha256 {se.body.get('sha256', '')[:16]}...) to {receiver}, "
-                   f"but {receiver}'s log has no receipt of it"))
-        for rv, re_ in left[len(unmatched):]:
-            report(re_.body, 0, Problem(rv.file, re_.seq, re_.seq + 1,
-                   f"{receiver} logged receiving {what} (sha256 {re_.body.get('sha256', '')[:16]}...) from "
-                   f"{sender}, but {sender}'s log has no such send"))
-
-
-def _check_countersign(v: LogView, e: Entry, logs, report, skipped, recorded, undelivered) -> None:
-    """A participant's countersignature against the subject's (coordinator's) chain."""
-    token = e.body
-    subject = token["subject"]
-    target = logs.get(subject)
-    if target is None:
-        skipped.add(subject)
-        return
-    seq, claimed = token["subject_head"]["seq"], token["subject_head"]["hash"]
-    evidence = f"{v.producer} countersigned it in round {token['round']} ({v.file} seq {e.seq})"
-    if seq >= len(target.entries):
-        last = len(target.entries) - 1
-        # a cut log explains the missing receipts of the same round: report the cut first
-        report(token, -1, Problem(target.file, last + 1, None,
-               f"missing: {subject}'s log ends at seq {last}, but {evidence} as seq {seq}: entries were removed "
-               f"from the end of {subject}'s log"))
-        return
-    if seq >= 0 and target.entries[seq].hash != claimed:
-        report(token, 1, Problem(target.file, seq, seq + 1,
-               f"this entry's hash differs from the one {evidence}: {subject}'s history up to here was rewritten"))
-        return
-    if token["signature"] not in recorded[subject] and e.seq not in undelivered[v.producer]:
-        report(token, 2, Problem(v.file, e.seq, e.seq + 1,
-               f"{subject}'s log has no record of this countersignature (round {token['round']})"))
-
-
-def _check_countersignature(v: LogView, e: Entry, logs, ca, report, skipped) -> None:
-    """A countersignature the coordinator recorded: of its own chain, by a genuine peer, matching the
-    peer's own chain."""
-    try:
-        token = parse_token(e.body.get("token"))
-    except AuditError as err:
-        report(e.body, 1, Problem(v.file, e.seq, e.seq + 1, f"recorded countersignature: {err}"))
-        return
-    seq, claimed = token["subject_head"]["seq"], token["subject_head"]["hash"]
-    if token["subject"] != v.producer or not 0 <= seq < e.seq or v.entries[seq].hash != claimed:
-        report(token, 1, Problem(v.file, e.seq, e.seq + 1,
-               f"records {token['signer']}'s countersignature of a head this log does not have (seq {seq})"))
-        return
-    signer, fp = token["signer"], token["signer_certificate"]
-    peer = logs.get(signer)
-    pem = v.certs.get(fp) or (peer.certs.get(fp) if peer else None)
-    if pem is None:
-        skipped.add(signer)
-    else:
-        try:
-            _check_cert(pem, fp, ca, signer, token["time"])
-            if not token_signature_ok(pki.load_cert(pem).public_key(), token):
-                raise AuditError(f"{signer}'s countersignature does not verify")
-        except AuditError as err:
-            report(token, 1, Problem(v.file, e.seq, e.seq + 1, f"recorded countersignature: {err}"))
-            return
-    if peer is None:
-        skipped.add(signer)
-        return
-    own_seq, own_hash = token["signer_head"]["seq"], token["signer_head"]["hash"]
-    evidence = f"{v.producer} holds {signer}'s countersignature naming it ({v.file} seq {e.seq})"
-    if own_seq + 1 >= len(peer.entries):
-        last = len(peer.entries) - 1
-        report(token, -1, Problem(peer.file, last + 1, None,
-               f"missing: {signer}'s log ends at seq {last}, but {evidence} with {signer}'s seq {own_seq}: "
-               f"entries were removed from the end of {signer}'s log"))
-    elif (peer.entries[own_seq].hash != own_hash
-          or peer.entries[own_seq + 1].body.get("signature") != token["signature"]):
-        report(token, 1, Problem(peer.file, own_seq, own_seq + 1,
-               f"this entry differs from the head {evidence}: {signer}'s history was rewritten"))

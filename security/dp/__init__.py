@@ -9,7 +9,8 @@ models, the wire or the services (see DESIGN.md's layering).
     ledger         the site's own SQLite ledger: one row per training round, cumulative epsilon
                    composed from the whole history, and the budget check that stops training
     grad_samplers  per-sample gradient rules (Opacus `hooks` mode) for custom linear adapters
-    engine         the DP-SGD training loop (Poisson sampling, clipping, noise, BatchMemoryManager)
+    engine         DP-SGD: train_dp runs kt_core.train's loop with Poisson sampling, per-sample
+                   clipping and noise; make_private does the same for a loop of the caller's own
     user_level     whole-update clipping, central Gaussian noise and distributed noise shares
 """
 from security.dp.accounting import (ACCOUNTANTS, AccountingError, RoundSpend, accountant_version, epsilon,

@@ -6,8 +6,9 @@ Record-level (epsilon, delta)-DP for one site's data:
     accounting and are only allowed when the configuration explicitly acknowledges it;
   * per-sample gradients (`hooks`, `ew` or `functorch`), each clipped to `max_grad_norm`, summed,
     Gaussian noise of std `noise_multiplier * max_grad_norm` added, divided by the expected batch;
-  * `BatchMemoryManager` splits a large logical (Poisson) batch into physical batches of at most
-    `max_physical_batch_size` without changing the mechanism.
+  * a large logical (Poisson) batch is split into physical batches of at most
+    `max_physical_batch_size` without changing the mechanism (as Opacus' BatchMemoryManager does);
+  * the steps themselves are kt_core.train.train_steps', the loop every task trains with.
 
 Data-independent terms (the KL term of a variational ELBO, a weight prior) cost no privacy: their
 gradient is a function of the parameters alone, which are already the output of the DP mechanism,
@@ -27,20 +28,17 @@ from __future__ import annotations
 
 import math
 import os
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import torch
-from opacus.data_loader import DPDataLoader
 from opacus.grad_sample.utils import wrap_model
 from opacus.optimizers import DPOptimizer
-from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.validators import ModuleValidator
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, TensorDataset
 
+from kt_core.train import TrainConfig, train_steps
 from security.dp import grad_samplers
 
 GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch")
@@ -118,7 +116,7 @@ def train_dp(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: Callable[[Tenso
              optimizer: torch.optim.Optimizer, settings: DPSettings,
              public_loss: Callable[[], Tensor] | None = None, public_params: Iterable[nn.Parameter] = (),
              public_optimizer: torch.optim.Optimizer | None = None, seed: int = 0) -> DPTrainResult:
-    """Train `model` in place with DP-SGD for one round.
+    """Train `model` in place with DP-SGD for one round, through kt_core.train's loop.
 
     `optimizer` holds the parameters the data touches (they get clipped, noised gradients);
     `public_params` (with `public_optimizer`) are touched only by `public_loss`, a data-independent
@@ -130,15 +128,12 @@ def train_dp(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: Callable[[Tenso
         raise ValueError("noise_multiplier and max_grad_norm must be > 0")
     n = int(x.shape[0])
     plan = plan_round(n, settings.batch_size, settings.epochs, settings.max_steps)
-    public_params = [p for p in public_params]
+    public_params = list(public_params)
     public_ids = {id(p) for p in public_params}
     dp_params = [p for g in optimizer.param_groups for p in g["params"]]
     if any(id(p) in public_ids for p in dp_params):
         raise ValueError("a parameter is both private (in the DP optimizer) and public")
     gen = secure_generator()
-    base = DataLoader(TensorDataset(x, y), batch_size=settings.batch_size, shuffle=not settings.poisson,
-                      generator=gen)
-    loader = DPDataLoader.from_data_loader(base, generator=gen) if settings.poisson else base
     expected_batch = max(1, round(n * plan.sample_rate)) if settings.poisson else settings.batch_size
     was_training = model.training
     undo = grad_samplers.instrument(model)
@@ -157,63 +152,156 @@ def train_dp(model: nn.Module, x: Tensor, y: Tensor, *, loss_fn: Callable[[Tenso
     dp_opt = DPOptimizer(optimizer, noise_multiplier=settings.noise_multiplier,
                          max_grad_norm=settings.max_grad_norm, expected_batch_size=expected_batch,
                          loss_reduction="mean", generator=gen)
-    steps, loss_sum, batches = 0, 0.0, 0
-    start = time.perf_counter()
+    step = _PrivateStep(dp_opt, public_loss, dp_params, public_params, public_optimizer)
+    batches = _PrivateBatches(gsm, x, y, loss_fn, dp_opt, settings, plan, gen)
+    # the loop's own batch order only paces the steps; which records a step takes is drawn above
+    loop_cfg = TrainConfig(epochs=settings.epochs, batch_size=settings.batch_size, max_steps=plan.steps,
+                           seed=seed, kl_weight=0.0, max_grad_norm=None)   # DP clips per sample
     try:
-        gsm.train()
-        with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        with warnings.catch_warnings():
             # the first layer's input needs no gradient; Opacus' full backward hook still fires
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
-            torch.manual_seed(seed)
-            for _epoch in range(settings.epochs):
-                if steps >= plan.steps:
-                    break
-                physical = settings.max_physical_batch_size or max(settings.batch_size * 4, 1)
-                with BatchMemoryManager(data_loader=loader, max_physical_batch_size=physical,
-                                        optimizer=dp_opt) as batches_iter:
-                    for xb, yb in batches_iter:
-                        dp_opt.zero_grad(set_to_none=True)
-                        out = gsm(xb)
-                        if xb.shape[0]:
-                            loss = loss_fn(out, yb)
-                            if not torch.isfinite(loss):
-                                raise FloatingPointError(f"training loss became {loss.item()} at step {steps}")
-                            loss_sum += loss.item()
-                            batches += 1
-                        else:  # an empty Poisson draw is still a step: zero gradient, full noise
-                            loss = out.sum() * 0.0
-                        loss.backward()
-                        if not dp_opt.pre_step():
-                            continue  # a physical batch of a larger logical one
-                        if public_loss is not None:
-                            _add_public_gradients(public_loss, dp_params, public_params)
-                        dp_opt.original_optimizer.step()
-                        if public_optimizer is not None and public_params:
-                            public_optimizer.step()
-                        steps += 1
-                        if steps >= plan.steps:
-                            break
+            result = train_steps(gsm, n, batches.loss, loop_cfg, optimizer=step)
     finally:
         dp_opt.zero_grad(set_to_none=True)
-        for p in public_params:
-            p.requires_grad_(True)
+        _restore(model, gsm, undo, public_params, was_training)
+    return DPTrainResult(num_samples=n, steps=result.steps, loss=batches.mean_loss(), seconds=result.seconds,
+                         sample_rate=plan.sample_rate, noise_multiplier=settings.noise_multiplier,
+                         max_grad_norm=settings.max_grad_norm)
+
+
+class _PrivateBatches:
+    """The records of each DP-SGD step and their loss: a Poisson draw (every record with
+    probability q, from OS entropy), or without Poisson sampling a slice of a secret shuffle; a
+    draw above max_physical_batch_size is cut into physical batches whose clipped per-sample
+    gradients add up before the one noisy step (as Opacus' BatchMemoryManager does)."""
+
+    def __init__(self, gsm, x: Tensor, y: Tensor, loss_fn, dp_opt: DPOptimizer, settings: DPSettings,
+                 plan: RoundPlan, gen: torch.Generator):
+        self.gsm, self.x, self.y, self.loss_fn, self.dp_opt, self.gen = gsm, x, y, loss_fn, dp_opt, gen
+        self.settings, self.plan = settings, plan
+        self.physical = settings.max_physical_batch_size or max(settings.batch_size * 4, 1)
+        self.steps, self.loss_sum, self.batches = 0, 0.0, 0
+        self.secret: Tensor | None = None
+
+    def records(self, idx: Tensor) -> Tensor:
+        n = self.x.shape[0]
+        if self.settings.poisson:
+            return torch.nonzero(torch.rand(n, generator=self.gen) < self.plan.sample_rate).flatten()
+        if self.steps % self.plan.steps_per_epoch == 0:
+            # a fresh secret permutation per epoch: the run's seed, which the coordinator knows,
+            # must not decide the batches
+            self.secret = torch.randperm(n, generator=self.gen)
+        return self.secret[idx]
+
+    def loss(self, idx: Tensor) -> Tensor:
+        rows = self.records(idx)
+        self.steps += 1
+        chunks = list(rows.split(self.physical)) if len(rows) else [rows]
+        for chunk in chunks[:-1]:
+            self.dp_opt.zero_grad(set_to_none=True)   # keeps what earlier chunks of this step added up
+            self._chunk_loss(chunk).backward()
+            self.dp_opt.signal_skip_step(do_skip=True)
+            self.dp_opt.pre_step()   # clips and adds up; the noisy step waits for the last chunk
+        return self._chunk_loss(chunks[-1])   # the loop clears, back-propagates and steps it
+
+    def _chunk_loss(self, chunk: Tensor) -> Tensor:
+        out = self.gsm(self.x[chunk])
+        if not len(chunk):  # an empty Poisson draw is still a step: zero gradient, full noise
+            return out.sum() * 0.0
+        loss = self.loss_fn(out, self.y[chunk])
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss.item()} at step {self.steps - 1}")
+        self.loss_sum += loss.item()
+        self.batches += 1
+        return loss
+
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(self.batches, 1)
+
+
+class _PrivateStep:
+    """What the training loop steps: the noisy DP step on the private parameters, then the
+    public term's gradient (post-processing) and the public parameters' own step."""
+
+    def __init__(self, dp_opt: DPOptimizer, public_loss, dp_params, public_params, public_optimizer):
+        self.dp_opt, self.public_loss, self.public_optimizer = dp_opt, public_loss, public_optimizer
+        self.dp_params, self.public_params = dp_params, public_params
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.dp_opt.zero_grad(set_to_none=set_to_none)
+        # the public (KL-only) parameters are outside the DP optimizer: without this their
+        # gradient would add up over every step of the round
+        for p in self.public_params:
             p.grad = None
-        if hasattr(gsm, "_close"):
-            gsm._close()
-        elif hasattr(gsm, "remove_hooks"):
-            gsm.remove_hooks()
-        undo()
-        for p in model.parameters():
-            for attr in ("grad_sample", "_current_grad_sample", "_forward_counter", "summed_grad"):
-                if hasattr(p, attr):
-                    try:
-                        delattr(p, attr)
-                    except AttributeError:
-                        pass
-        model.train(was_training)
-    return DPTrainResult(num_samples=n, steps=steps, loss=loss_sum / max(batches, 1),
-                         seconds=time.perf_counter() - start, sample_rate=plan.sample_rate,
-                         noise_multiplier=settings.noise_multiplier, max_grad_norm=settings.max_grad_norm)
+
+    def step(self) -> None:
+        if not self.dp_opt.pre_step():
+            return
+        if self.public_loss is not None:
+            _add_public_gradients(self.public_loss, self.dp_params, self.public_params)
+        self.dp_opt.original_optimizer.step()
+        if self.public_optimizer is not None and self.public_params:
+            self.public_optimizer.step()
+
+
+def _restore(model: nn.Module, gsm, undo, public_params: list[nn.Parameter], was_training: bool) -> None:
+    """Take Opacus' hooks and per-sample state off the model, as it was before train_dp."""
+    for p in public_params:
+        p.requires_grad_(True)
+        p.grad = None
+    if hasattr(gsm, "_close"):
+        gsm._close()
+    elif hasattr(gsm, "remove_hooks"):
+        gsm.remove_hooks()
+    undo()
+    for p in model.parameters():
+        for attr in ("grad_sample", "_current_grad_sample", "_forward_counter", "summed_grad"):
+            if hasattr(p, attr):
+                try:
+                    delattr(p, attr)
+                except AttributeError:
+                    pass
+    model.train(was_training)
+
+
+@dataclass
+class PrivateTraining:
+    """What `make_private` hands back for a training loop of the caller's own: the module,
+    optimizer and Poisson data loader to train with, and what the round spent so far."""
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    data_loader: object
+    records: int
+    _engine: object
+
+    def epsilon(self, delta: float) -> float:
+        return float(self._engine.get_epsilon(delta=delta))
+
+
+def make_private(module: nn.Module, optimizer: torch.optim.Optimizer, data_loader, *, noise_multiplier: float,
+                 max_grad_norm: float, accountant: str = "prv") -> PrivateTraining:
+    """DP-SGD for a loop that is not kt_core.train's (e.g. distillation, with its own schedule
+    and DDP): Poisson sampling, per-sample clipping, Gaussian noise from OS entropy, never from
+    the run's seed. Under DDP `module` arrives wrapped in `distributed_wrapper()`, for which Opacus
+    picks its distributed optimizer: every process clips, rank 0 alone adds the noise, the sum is
+    all-reduced."""
+    from opacus import PrivacyEngine
+
+    if noise_multiplier <= 0 or max_grad_norm <= 0:
+        raise ValueError("noise_multiplier and max_grad_norm must be > 0")
+    engine = PrivacyEngine(accountant=accountant)
+    module, optimizer, loader = engine.make_private(
+        module=module, optimizer=optimizer, data_loader=data_loader, noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm, poisson_sampling=True, noise_generator=secure_generator())
+    return PrivateTraining(module, optimizer, loader, len(loader.dataset), engine)
+
+
+def distributed_wrapper() -> type:
+    """The DDP wrapper DP-SGD needs under several processes (Opacus' DPDDP)."""
+    from opacus.distributed import DifferentiallyPrivateDistributedDataParallel
+
+    return DifferentiallyPrivateDistributedDataParallel
 
 
 def _add_public_gradients(public_loss: Callable[[], Tensor], dp_params: list[nn.Parameter],

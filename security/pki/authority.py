@@ -95,7 +95,7 @@ def init_ca(pki_dir: str | os.PathLike[str], common_name: str = "ktfed federatio
         if existing and not force:
             raise PKIError(
                 f"a CA already exists in {paths.root} ({', '.join(p.name for p in existing)}); "
-                "pass force=True to replace it and invalidate every certificate it issued"
+                "replacing it (`--force`) invalidates every certificate it issued and invalidate every certificate it issued"
             )
         if force and paths.issued.exists():
             shutil.rmtree(paths.issued)
@@ -211,7 +211,7 @@ def load_ca_bundle(pki_dir: str | os.PathLike[str]) -> bytes:
 @contextlib.contextmanager
 def _locked(paths: _Paths) -> Iterator[None]:
     if not paths.root.is_dir():
-        raise PKIError(f"{paths.root} is not a PKI folder (run init_ca first)")
+        raise PKIError(f"{paths.root} is not a PKI folder (create one with `ktfed pki init --dir DIR`)")
     fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -224,7 +224,7 @@ def _read(path: Path) -> bytes:
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise PKIError(f"{path} does not exist (run init_ca first?)") from None
+        raise PKIError(f"{path} does not exist (create the PKI with `ktfed pki init --dir DIR`)") from None
     except OSError as err:
         raise PKIError(f"cannot read {path}: {err}") from None
 

@@ -12,11 +12,14 @@ import json
 import struct
 from typing import Any
 
+from kt_core.bounded import loads_json
+
 from .errors import SecAggError
 
 MAGIC = b"KSA1"
 MAX_ID_CHARS = 256
 MAX_LIST = 1 << 16
+HEADER_DEPTH = 8        # the deepest honest header is an object of lists of objects
 
 
 def frame(kind: int, header: dict, blob: bytes = b"") -> bytes:
@@ -38,8 +41,9 @@ def unframe(data: bytes, kind: int, what: str) -> tuple[dict, memoryview]:
     if 9 + hlen > len(data):
         raise SecAggError(f"{what}: truncated header")
     try:
-        header = json.loads(bytes(data[9:9 + hlen]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
+        # bounded: a peer's header of nested brackets must be a refusal, not a RecursionError
+        header = loads_json(bytes(data[9:9 + hlen]), max_depth=HEADER_DEPTH, max_int_digits=160, what="header")
+    except (UnicodeDecodeError, ValueError) as err:   # BoundedInputError is a ValueError
         raise SecAggError(f"{what}: header is not valid JSON ({err})") from None
     if not isinstance(header, dict):
         raise SecAggError(f"{what}: header must be a JSON object")

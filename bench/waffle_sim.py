@@ -1,0 +1,142 @@
+"""In-process federations for the WAFFLe benchmarks, through the product's own code.
+
+Aggregation is the coordinator's `coordinator.strategy.FedAvg` (updates = deltas of the shared
+state, weighted by sample count); models, training (FedProx's proximal term included) and
+evaluation are kt_core's. Accuracy is each site's local test accuracy on its own label mix (its
+`site_split` test part) after the round's aggregation: the global shared state plus, for WAFFLe,
+the site's private factor selection.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping
+
+import numpy as np
+import torch
+
+from coordinator.strategy import FedAvg
+from kt_core.factorized import FactorizedLinear
+from kt_core.manifest import manifest_of
+from kt_core.models import ModelConfig, build_model, load_shared_state, shared_state
+from kt_core.train import TrainConfig, evaluate, train_local
+
+# method -> (adapter mode, federated); FedProx is FedAvg with TrainConfig.prox_mu > 0
+METHODS = {"waffle": ("waffle", True), "fedavg": ("dense", True), "fedprox": ("dense", True),
+           "local": ("dense", False)}
+
+
+def fedavg_mean(states: list[Mapping[str, torch.Tensor]], weights: list[int],
+                start: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The sample-weighted mean of the sites' shared states, computed by the coordinator's FedAvg
+    from their deltas to `start` (the round's global state; the first site's state if None)."""
+    ref = {n: t.detach().cpu().numpy() for n, t in (start or states[0]).items()}
+    strategy = FedAvg()
+    strategy.begin(ref)
+    for state, weight in zip(states, weights, strict=True):
+        strategy.add({n: t.detach().cpu().numpy() - ref[n] for n, t in state.items()}, int(weight))
+    out = strategy.finish()
+    return {n: torch.from_numpy(np.array(out[n])) for n in ref}
+
+
+def majority_floor(splits: Mapping[str, tuple]) -> dict[str, float]:
+    """Each site's accuracy when it predicts its own most frequent training label."""
+    floor = {}
+    for site, (_, y, _, ty) in splits.items():
+        top = int(np.bincount(np.asarray(y), minlength=int(max(y.max(), ty.max())) + 1).argmax())
+        floor[site] = float((np.asarray(ty) == top).mean())
+    return floor
+
+
+def _waffle_layers(model) -> list[FactorizedLinear]:
+    return [m for m in model.modules() if isinstance(m, FactorizedLinear)]
+
+
+def simulate(method: str, splits: Mapping[str, tuple], model_cfg: ModelConfig, train_cfg: TrainConfig,
+             rounds: int, prox_mu: float = 0.0) -> dict:
+    """`rounds` rounds of `method` over the sites of `splits` (site -> train x, y, test x, y
+    tensors). Returns per-site accuracies after the last aggregation and after local training,
+    the models, and wall time."""
+    mode, federated = METHODS[method]
+    started = time.monotonic()
+    sites = list(splits)
+    cfg = dataclasses.replace(model_cfg, mode=mode)
+    models = {s: build_model(cfg) for s in sites}
+    initial = {s: [m.gate_logits.detach().clone() for m in _waffle_layers(mod)] for s, mod in models.items()}
+    tc = dataclasses.replace(train_cfg, prox_mu=prox_mu if method == "fedprox" else 0.0)
+    global_state = shared_state(models[sites[0]])
+    curve = []
+    for rnd in range(1, rounds + 1):
+        pre, states, weights = {}, [], []
+        for i, site in enumerate(sites):
+            x, y, tx, ty = splits[site]
+            model = models[site]
+            if federated:
+                load_shared_state(model, global_state)
+            train_local(model, x, y, dataclasses.replace(tc, seed=rnd * 1000 + i))
+            pre[site] = evaluate(model, tx, ty)["accuracy"]
+            if federated:
+                states.append(shared_state(model))
+                weights.append(len(y))
+        if federated:
+            global_state = fedavg_mean(states, weights, start=global_state)
+            for site in sites:
+                load_shared_state(models[site], global_state)
+        post = {s: evaluate(models[s], splits[s][2], splits[s][3])["accuracy"] for s in sites}
+        curve.append(float(np.mean(list(post.values()))))
+    manifest = manifest_of(models[sites[0]])
+    return {"method": method, "accuracy": post, "accuracy_after_local_training": pre, "curve_mean": curve,
+            "bytes_per_round_per_site": manifest.shared_nbytes() if federated else 0,
+            "shared_params": manifest.shared_numel() if federated else 0,
+            "models": models, "initial_gates": initial, "wall_s": time.monotonic() - started}
+
+
+def gate_stats(models: Mapping[str, torch.nn.Module], initial: Mapping[str, list] | None = None) -> dict:
+    """The sites' private selections at the posterior mode: fraction on per layer, pairwise
+    Hamming distance (0 = identical), distinct patterns, and how far the logits moved."""
+    patterns, per_layer, moved = [], [], []
+    for site, model in models.items():
+        layers = _waffle_layers(model)
+        on = [m.mode_gates().numpy() for m in layers]
+        per_layer.append([float(v.mean()) for v in on])
+        patterns.append(np.concatenate(on))
+        if initial is not None:
+            moved += [float((m.gate_logits.detach() - g0).abs().mean()) for m, g0 in zip(layers, initial[site])]
+    p = np.stack(patterns)
+    ham = [float(np.mean(p[i] != p[j])) for i in range(len(p)) for j in range(i + 1, len(p))]
+    return {"fraction_on": float(p.mean()), "fraction_on_per_layer": np.mean(per_layer, axis=0).tolist(),
+            "mean_pairwise_hamming": float(np.mean(ham)) if ham else 0.0,
+            "distinct_patterns": len({tuple(v) for v in p.tolist()}),
+            "mean_abs_logit_change": float(np.mean(moved)) if moved else 0.0}
+
+
+def swap_test(models: Mapping[str, torch.nn.Module], splits: Mapping[str, tuple]) -> dict:
+    """Each site's test accuracy with its own selection minus the mean over the other sites'
+    selections (same shared dictionary): > 0 means the private selection carries what its data
+    needs. Returns the mean gain over sites and the fraction of sites whose own selection wins."""
+    sites = list(models)
+    if len(sites) < 2:
+        return {"mean_gain": 0.0, "own_wins": 0.0}
+    own_logits = {s: [m.gate_logits.detach().clone() for m in _waffle_layers(models[s])] for s in sites}
+    gains = []
+    for s in sites:
+        model, (_, _, tx, ty) = models[s], splits[s]
+        own = evaluate(model, tx, ty)["accuracy"]
+        others = []
+        for o in sites:
+            if o == s:
+                continue
+            with torch.no_grad():
+                for m, g in zip(_waffle_layers(model), own_logits[o]):
+                    m.gate_logits.copy_(g)
+            others.append(evaluate(model, tx, ty)["accuracy"])
+        with torch.no_grad():
+            for m, g in zip(_waffle_layers(model), own_logits[s]):
+                m.gate_logits.copy_(g)
+        gains.append(own - float(np.mean(others)))
+    return {"mean_gain": float(np.mean(gains)), "own_wins": float(np.mean([g > 0 for g in gains]))}
+
+
+def summary(values: Mapping[str, float]) -> dict:
+    a = np.asarray(list(values.values()), dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std()), "min": float(a.min()), "max": float(a.max())}

@@ -1,0 +1,49 @@
+"""The wire's side of what the round engine pushes down a task stream.
+
+The engine and the SecAgg driver decide what a site is told; the protobuf messages for it are
+built here, so neither of them constructs a wire message itself.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from coordinator.strategy import TrainPlan
+from kt_core.wire import convert
+from kt_core.wire import federation_pb2 as pb
+
+
+def round_task(run_id: str, round_no: int, task_id: bytes, global_digest: str, plan: TrainPlan,
+               deadline_unix_ms: int, audit_head: tuple[int, str], *, roster: Sequence[str] = (),
+               peer_certificates: Mapping[str, bytes] | None = None) -> pb.Task:
+    """A round's order to one site; `roster` non-empty means the round runs under secure aggregation."""
+    task = pb.RoundTask(
+        header=convert.header(run_id, round_no), task_id=task_id, global_state_digest=global_digest,
+        train=pb.TrainSettings(local_epochs=plan.epochs, batch_size=plan.batch_size, learning_rate=plan.lr,
+                               max_steps=plan.max_steps, seed=plan.seed),
+        deadline_unix_ms=deadline_unix_ms, audit_head_seq=audit_head[0], audit_head_hash=audit_head[1])
+    if roster:
+        task.secure_aggregation = True
+        task.roster.extend(roster)
+        for pid, pem in (peer_certificates or {}).items():
+            task.peer_certificates[pid] = pem
+    return pb.Task(round=task)
+
+
+def secagg_task(run_id: str, round_no: int, task_id: bytes, step: str, payload: bytes) -> pb.Task:
+    """The message that opens SecAgg step `step` for one site."""
+    return pb.Task(secagg=pb.SecAggMessage(header=convert.header(run_id, round_no), task_id=task_id,
+                                           step=convert.SECAGG_STEP_TO_PB[step], payload=payload))
+
+
+def finished(run_id: str, rounds_completed: int, reason: str, seal: tuple[int, str] = (0, "")) -> pb.Task:
+    """The run's verdict, naming the coordinator's sealed audit head for every site to countersign."""
+    return pb.Task(finished=pb.RunFinished(header=convert.header(run_id, rounds_completed), reason=reason,
+                                           audit_head_seq=seal[0], audit_head_hash=seal[1]))
+
+
+def is_finished(task) -> bool:
+    return task.HasField("finished")
+
+
+def heartbeat() -> pb.Task:
+    return pb.Task(heartbeat=pb.Heartbeat(unix_ms=0))

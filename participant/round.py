@@ -1,0 +1,142 @@
+"""One round at a site, top to bottom: download -> train -> update -> guard -> send.
+
+    Round(site_run, stub, task).run()
+
+takes the coordinator's RoundTask, downloads the global state it names, trains on the site's own
+data (the privacy engine may decline: the round is then refused with the reason), takes the
+update of the shared factors, lets the egress guard check it against the factor manifest, and
+sends it: uploaded in chunks, or under secure aggregation encoded and masked, step by step
+(participant.secure_update). Every message that crosses the boundary goes into the site's audit
+trail; every refusal of ours is audited, every refusal of the coordinator's logged.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import grpc
+import numpy as np
+
+from kt_core import codec
+from kt_core.wire import convert
+from kt_core.wire import federation_pb2 as pb
+from participant import policy as site_policy
+from participant.policy import Violation
+from participant.privacy import BudgetExceeded
+from participant.secure_update import SecureSession
+from participant.site_run import ROUND_CODES, SiteRun
+from security.egress import EgressRefused
+
+log = logging.getLogger(__name__)
+
+
+class Round:
+    """One RoundTask of the coordinator's, carried out at this site."""
+
+    def __init__(self, site_run: SiteRun, stub, task: pb.RoundTask):
+        self.site_run, self.stub, self.task = site_run, stub, task
+        self.round = task.header.round
+
+    def run(self) -> SecureSession | None:
+        """Returns the secure aggregation session when the round goes on step by step."""
+        run, task = self.site_run, self.task
+        run.audit.boundary(run.run_id, "receive", self.round, "task", task.global_state_digest)
+        violations = run.refused or site_policy.check_task(run.policy, run.config, round_no=self.round,
+                                                           secure=task.secure_aggregation,
+                                                           roster_size=len(task.roster))
+        if violations:
+            self.refuse(violations)
+            return None
+        state = self.download()
+        started = time.perf_counter()  # local compute from here: the framework's overhead is the rest
+        try:
+            before, result, after = self.train(state)
+        except BudgetExceeded as err:
+            self.decline(err)
+            return None
+        update = self.update(state)
+        if not self.guard(update):
+            return None
+        metrics = run.policy.reported_metrics({
+            "accuracy_before": before["accuracy"], "accuracy": after["accuracy"], "loss": result.loss,
+            "train_seconds": result.seconds, "compute_seconds": time.perf_counter() - started,
+            **run.trainer.privacy_metrics()})
+        if task.secure_aggregation:
+            return SecureSession.begin(run, self.stub, task, update, metrics)
+        receipt, tensors = self.send(update, metrics)
+        if receipt is not None:
+            log.info("%s: round %d: accuracy %.3f -> %.3f, loss %.3f, sent %d bytes in %d shared tensors (%.2fs)",
+                     run.site, self.round, before["accuracy"], after["accuracy"], result.loss, receipt.bytes_received,
+                     tensors, time.perf_counter() - started)
+        return None
+
+    # -- the steps --------------------------------------------------------------------------------
+    def download(self) -> dict[str, np.ndarray]:
+        return self.site_run.states.fetch(self.stub, self.site_run.run_id, self.round, self.task.global_state_digest)[1]
+
+    def train(self, state: dict[str, np.ndarray]):
+        """(accuracy before, training result, accuracy after); raises BudgetExceeded."""
+        trainer, t = self.site_run.trainer, self.task.train
+        trainer.load_global(state)
+        before = trainer.evaluate()
+        result = trainer.train(t.local_epochs, t.batch_size, t.learning_rate, t.max_steps, t.seed,
+                               round_no=self.round, task_id=self.task.task_id.hex())
+        after = trainer.evaluate()
+        trainer.save_private()
+        return before, result, after
+
+    def update(self, state: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """What this site would contribute: the delta of its shared factors since `state`."""
+        return self.site_run.trainer.update(state)
+
+    def guard(self, update: dict[str, np.ndarray]) -> bool:
+        """The egress guard: any tensor the manifest does not declare shared stops the update."""
+        run = self.site_run
+        try:
+            run.guard.check(update, destination=f"coordinator {run.settings.coordinator}")
+        except EgressRefused as err:
+            log.error("%s: round %d: update not sent (egress guard)", run.site, self.round)
+            if err.rule == "manifest":
+                run.audit.refusal(run.run_id, self.round, "update", "egress guard", str(err))
+            else:  # the site's own rule: the coordinator hears which
+                self.refuse([Violation(err.rule, str(err))])
+            return False
+        return True
+
+    def send(self, update: dict[str, np.ndarray], metrics: dict[str, float]) -> tuple[pb.UploadReceipt | None, int]:
+        """Upload the update in chunks: (the coordinator's receipt, or None when it refused; tensors sent)."""
+        run, task = self.site_run, self.task
+        header = pb.UploadHeader(header=run.header(self.round), task_id=task.task_id,
+                                 base_state_digest=task.global_state_digest, num_samples=run.trainer.num_samples,
+                                 metrics=metrics)
+        token, token_seq = run.audit.countersign(run.run_id, task)
+        header.audit_countersignature = token
+        specs, messages = convert.upload_messages(header, update, run.chunk_bytes)
+        sent = run.audit.boundary(run.run_id, "send", self.round, "update", codec.state_digest(specs), specs)
+        try:
+            receipt = self.upload(messages)
+        except grpc.RpcError as err:
+            run.audit.undelivered((token_seq, sent), f"{err.code().name}: {err.details()}")
+            if err.code() in ROUND_CODES:
+                log.warning("%s: round %d: update refused: %s %s", run.site, self.round, err.code().name,
+                            err.details())
+                return None, len(specs)
+            raise
+        run.counters.rounds_trained += 1
+        run.counters.bytes_sent += receipt.bytes_received
+        return receipt, len(specs)
+
+    def upload(self, messages) -> pb.UploadReceipt:
+        """The plain upload RPC itself."""
+        return self.stub.Upload(messages, timeout=self.site_run.settings.rpc_timeout_s)
+
+    def decline(self, err: BudgetExceeded) -> None:
+        """Refuse the round (the hard stop): the privacy engine records it, the coordinator hears why."""
+        run = self.site_run
+        run.trainer.privacy.decline(err, round_no=self.round, task_id=self.task.task_id.hex())
+        log.warning("%s: round %d declined: %s", run.site, self.round, err)
+        run.decline(self.stub, self.task, "budget_exhausted", str(err), err.spent, err.budget, err.would_be)
+
+    def refuse(self, violations: list[Violation]) -> None:
+        """Refuse the round because it breaks the site policy: audited rule by rule, then declined."""
+        self.site_run.refuse(self.stub, self.task, "task", violations)

@@ -1,0 +1,98 @@
+"""Fault injection for the integration tests, kept out of the product.
+
+A test that wants a participant to misbehave starts it through this module instead of
+`python -m ktfed` (LocalFederation.start_participant does so when the environment it passes names
+one of FAULTS):
+
+    python -m tests.fault_harness participant run --site ... (the ktfed CLI's own arguments)
+
+which wraps the named seams of the participant's round recipe and secure aggregation session,
+then runs the ktfed CLI unchanged, in a real process with its real certificates and sockets:
+
+    KTFED_FAULT_PAUSE_BEFORE_UPLOAD_S=S   Round.upload waits S seconds first (a site that trained
+                                          but holds its update back; SIGTERM still stops it)
+    KTFED_FAULT_LEAK_PRIVATE=1            Round.update adds the private factors (the egress guard
+                                          must stop the update)
+    KTFED_FAULT_EXIT_AFTER_SECAGG_STEP=X  the process exits (code 17) once step X was submitted
+    KTFED_TEST_EXPORT_SECAGG_INPUT=DIR    each SecureUpdate writes the site's plain update and its
+                                          encoded input to DIR, so a test can check the sum
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("participant.round")
+
+FAULTS = ("KTFED_FAULT_PAUSE_BEFORE_UPLOAD_S", "KTFED_FAULT_LEAK_PRIVATE", "KTFED_FAULT_EXIT_AFTER_SECAGG_STEP",
+          "KTFED_TEST_EXPORT_SECAGG_INPUT")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def wanted(env: dict | None) -> bool:
+    return any(env and env.get(name) for name in FAULTS)
+
+
+def command(ktfed_command: list[str]) -> list[str]:
+    """The launcher's `python -m ktfed ...` command, run through this harness."""
+    i = ktfed_command.index("ktfed")
+    return [*ktfed_command[:i], "tests.fault_harness", *ktfed_command[i + 1:]]
+
+
+def environment(env: dict) -> dict:
+    """`env` with this checkout importable (the harness lives in tests/)."""
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    return {**env, "PYTHONPATH": path}
+
+
+def _wrap(owner, name: str, wrapper) -> None:
+    original = getattr(owner, name)
+    setattr(owner, name, functools.wraps(original)(lambda *args, **kwargs: wrapper(original, *args, **kwargs)))
+
+
+def install(env=os.environ) -> None:
+    from participant.round import Round
+    from participant.secure_update import SecureSession, SecureUpdate
+
+    pause = float(env.get("KTFED_FAULT_PAUSE_BEFORE_UPLOAD_S", "0") or 0)
+    if pause:
+        def paused_upload(upload, self, messages):
+            log.warning("%s: fault injection: pausing %.1fs before uploading round %d", self.site_run.site, pause,
+                        self.round)
+            self.site_run.stopping.wait(pause)
+            return upload(self, messages)
+        _wrap(Round, "upload", paused_upload)
+    if env.get("KTFED_FAULT_LEAK_PRIVATE") == "1":
+        def leaking_update(update, self, state):
+            return {**update(self, state), **self.site_run.trainer.private_tensors()}
+        _wrap(Round, "update", leaking_update)
+    exit_step = env.get("KTFED_FAULT_EXIT_AFTER_SECAGG_STEP")
+    if exit_step:
+        def dying_submit(submit, self, step, payload):
+            delivered = submit(self, step, payload)
+            if delivered and step == exit_step:
+                log.warning("%s: fault injection: exiting after secure aggregation step %s", self.site_run.site, step)
+                os._exit(17)
+            return delivered
+        _wrap(SecureSession, "submit", dying_submit)
+    folder = env.get("KTFED_TEST_EXPORT_SECAGG_INPUT")
+    if folder:
+        def exporting_init(init, self, site, run_id, round_no, *args, **kwargs):
+            init(self, site, run_id, round_no, *args, **kwargs)
+            out = Path(folder)
+            out.mkdir(parents=True, exist_ok=True)
+            np.save(out / f"{site}-round{round_no}-update.npy", self.flat, allow_pickle=False)
+            np.save(out / f"{site}-round{round_no}-encoded.npy", self.encoded, allow_pickle=False)
+        _wrap(SecureUpdate, "__init__", exporting_init)
+
+
+if __name__ == "__main__":
+    install()
+    from ktfed.cli import main
+
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,197 @@
+"""The coordinator's small parts on their own: admission's field bounds, the refusal record budget,
+the stream watchdog, the strategies (FedAvg, DPFedAvg) and the lazy-state protocol."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from coordinator.admission import MAX_STRING, MAX_WIRE_INT, check_fields
+from coordinator.errors import Code, Refusal
+from coordinator.limits import RecordBudget, StreamWatchdog
+from coordinator.state_file import LazyState, state_layout, write_state_file
+from coordinator.strategy import DPFedAvg, FedAvg, strategy_for
+from kt_core.config import load_toml
+from kt_core.wire import convert
+from kt_core.wire import federation_pb2 as pb
+from tests.conftest import fast_config
+
+
+# -- admission: every integer and string of a message is bounded --------------------------------------
+
+@given(st.integers(min_value=0, max_value=2 ** 64 - 1))
+def test_every_integer_above_2_53_is_refused_wherever_it_sits(value):
+    messages = [pb.StateRequest(header=convert.header("r", value, "s")),
+                pb.UploadHeader(header=convert.header("r", 1, "s"), num_samples=value),
+                pb.UploadHeader(header=convert.header("r", 1, "s"),
+                                tensors=[pb.TensorSpec(name="w", dtype="float32", shape=[2, value])])]
+    for message in messages:
+        if value <= MAX_WIRE_INT:
+            check_fields(message)
+        else:
+            with pytest.raises(Refusal) as info:
+                check_fields(message)
+            assert info.value.code == Code.INVALID_ARGUMENT and "2^53" in str(info.value)
+            assert str(value) not in str(info.value)
+
+
+@given(st.integers(min_value=0, max_value=4 * MAX_STRING))
+def test_strings_are_bounded_and_never_echoed(length):
+    text = "x" * length
+    message = pb.DeclineRequest(header=convert.header("r", 1, text), code="c")
+    if length <= MAX_STRING:
+        check_fields(message)
+    else:
+        with pytest.raises(Refusal, match="header.participant_id: .* characters") as info:
+            check_fields(message)
+        assert text not in str(info.value)
+
+
+def test_map_keys_and_long_named_fields_have_their_own_limits():
+    check_fields(pb.LeaveRequest(header=convert.header(), reason="r" * 4096))    # a reason may be long
+    with pytest.raises(Refusal, match="reason"):
+        check_fields(pb.LeaveRequest(header=convert.header(), reason="r" * 4097))
+    head = pb.UploadHeader(header=convert.header())
+    head.metrics["k" * (MAX_STRING + 1)] = 1.0
+    with pytest.raises(Refusal, match="metrics key"):
+        check_fields(head)
+    with pytest.raises(Refusal, match="task_id"):
+        check_fields(pb.DeclineRequest(header=convert.header(), task_id=b"\0" * 65))
+
+
+# -- refusals: a flood costs a bounded number of records -----------------------------------------------
+
+def test_record_budget_counts_what_it_does_not_record():
+    now = [0.0]
+    budget = RecordBudget(rate=2.0, burst=3.0, clock=lambda: now[0])
+    assert [budget.take("p") for _ in range(5)] == [0, 0, 0, None, None]
+    assert budget.take("q") == 0                       # one peer's flood leaves another's budget
+    now[0] += 1.0
+    assert budget.take("p") == 2                       # the next record carries the count held back
+    assert budget.take("p") == 0
+
+
+# -- the watchdog ends streams that stall ---------------------------------------------------------------
+
+class _Context:
+    def __init__(self):
+        self.cancelled = threading.Event()
+
+    def cancel(self):
+        self.cancelled.set()
+
+
+def test_watchdog_ends_a_call_without_a_first_message_and_an_idle_one_but_not_a_busy_one():
+    dog = StreamWatchdog(first_message_s=0.2, idle_s=0.3)
+    silent, idle, busy = _Context(), _Context(), _Context()
+    w_silent, w_idle, w_busy = dog.watch(silent), dog.watch(idle), dog.watch(busy)
+    w_idle.touch()
+    for _ in range(8):
+        w_busy.touch()
+        threading.Event().wait(0.1)
+    assert silent.cancelled.is_set() and "first message" in w_silent.reason
+    assert idle.cancelled.is_set() and "idle" in w_idle.reason
+    assert not busy.cancelled.is_set() and w_busy.reason is None
+    w_busy.done()
+    threading.Event().wait(0.5)
+    assert not busy.cancelled.is_set()               # a finished call is no longer watched
+
+
+# -- strategies -------------------------------------------------------------------------------------------
+
+def _config(extra=""):
+    return load_toml(fast_config(sites=["s1", "s2", "s3"], extra=extra))
+
+
+def test_fedavg_selects_configures_and_weighs_by_samples():
+    strategy = strategy_for(_config())
+    assert isinstance(strategy, FedAvg)
+    assert strategy.select({"s3": 1, "s1": 1, "s2": 1}, 1) == {"s1", "s2", "s3"}
+    plan = strategy.configure(4)
+    assert (plan.epochs, plan.batch_size, plan.lr, plan.seed) == (2, 32, 0.05, 3 * 100_003 + 4)
+    assert strategy.weight(70) == 70 and strategy.privacy_round(1) is None
+    assert strategy.secagg_weight_scale() == _config().secagg.max_samples_per_site
+
+
+def test_dpfedavg_weighs_equally_adds_central_noise_and_reports_user_level_epsilon():
+    config = _config('[privacy]\nenabled = true\nmode = "central"\nupdate_clip_norm = 1.0\n'
+                     'user_noise_multiplier = 2.0\n')
+    strategy = strategy_for(config)
+    assert isinstance(strategy, DPFedAvg) and strategy.weight(70) == 1 and strategy.secagg_weight_scale() == 1
+    strategy.begin({"w": np.zeros(20000, np.float32)})
+    for _ in range(4):
+        strategy.add({"w": np.zeros(20000, np.float32)}, strategy.weight(1000))
+    noisy = strategy.finish()["w"]
+    assert noisy.std() == pytest.approx(2.0 * 1.0 / 4, rel=0.05)     # z S / n
+    first, second = strategy.privacy_round(1), strategy.privacy_round(2)
+    assert first.contributors == 4 and first.noise_std == pytest.approx(0.5)
+    assert 0 < first.epsilon_prv < second.epsilon_prv
+    assert second.epsilon_round_prv == pytest.approx(second.epsilon_prv - first.epsilon_prv)
+
+
+def test_dpfedavg_distributed_adds_nothing_at_the_coordinator():
+    inner = FedAvg(1.0, max_participants=10)
+    strategy = DPFedAvg(inner, mode="distributed", noise_multiplier=1.0, clip_norm=1.0, delta=1e-5)
+    strategy.begin({"w": np.zeros(5, np.float32)})
+    strategy.add_aggregate({"w": np.full(5, 3.0)}, 3)
+    np.testing.assert_allclose(strategy.finish()["w"], 1.0)
+    assert strategy.privacy_round(1).noise_std == 0.0
+    with pytest.raises(ValueError):
+        DPFedAvg(inner, mode="dp_sgd", noise_multiplier=1.0, clip_norm=1.0, delta=1e-5)
+
+
+# -- the lazy-state protocol -------------------------------------------------------------------------------
+
+def test_state_files_and_fedavg_results_are_lazy_states_and_arrays_are_not(tmp_path):
+    state = {"a": np.arange(6, dtype=np.float32).reshape(2, 3)}
+    on_disk = write_state_file(tmp_path / "s.safetensors", state, {})
+    strategy = FedAvg(1.0)
+    strategy.begin(on_disk)
+    strategy.add({"a": np.ones((2, 3), np.float32)}, 1)
+    result = strategy.finish()
+    assert isinstance(on_disk, LazyState) and isinstance(result, LazyState) and not isinstance(state, LazyState)
+    assert state_layout(result) == state_layout(state) == {"a": ("float32", (2, 3))}
+
+
+# -- an engine that fails stops where everyone sees it ---------------------------------------------------
+
+def test_an_engine_error_stops_the_run_visibly_and_a_restart_resumes_it(tmp_path):
+    import dataclasses
+    import time
+
+    from coordinator.coordinator import Coordinator
+    from coordinator.store import Store
+    from tests.test_rounds import _next_round_task, _upload
+
+    class FullDisk(Store):
+        """A store whose disk fills up when the first round is written."""
+
+        def complete_round(self, *args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+    config = load_toml(fast_config(rounds=2, min_participants=2, timeout=30, sites=["s1", "s2"]))
+    config = dataclasses.replace(config, federation=dataclasses.replace(config.federation, gather_timeout_s=0.0))
+    failed = []
+    coord = Coordinator(FullDisk(tmp_path), on_failure=failed.append)
+    coord.start_run(config)
+    engine = coord.current()
+    s1, s2 = engine.connect("s1"), engine.connect("s2")
+    t1, t2 = _next_round_task(s1), _next_round_task(s2)
+    _upload(engine, "s1", t1, 1.0, 10)
+    _upload(engine, "s2", t2, 1.0, 10)
+    deadline = time.monotonic() + 20
+    while not failed and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert failed == [engine] and engine.status().state == "failed" and engine.rounds_completed == 0
+    assert s1.queue.get(timeout=5) is None          # the sites' streams end, so they notice
+    coord.stop("shutdown")
+    coord.store.close()
+    again = Coordinator(Store(tmp_path))
+    try:
+        assert again.resume() and again.current().state == "running" and again.current().rounds_completed == 0
+    finally:
+        again.stop("shutdown")
+        again.store.close()

@@ -1,0 +1,149 @@
+"""The site policy with real processes: a coordinator whose run breaks a site's rule gets a Decline
+naming it and not one tensor; the same site then takes part in a compliant run."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ktfed import policy_cmd
+from kt_core.wire.transport import TLSFiles
+from tests.conftest import fast_config
+
+
+def start_site(fed, site: str, policy_text: str | None, env: dict | None = None):
+    """A participant process, `ktfed participant run --policy FILE` with this policy."""
+    args = []
+    if policy_text is not None:
+        path = fed.workdir / f"{site}-policy.toml"
+        path.write_text(policy_text)
+        args = ["--policy", str(path)]
+    return fed.start_participant(site, env=env, args=args)
+
+
+def declines(fed, run_id: str) -> dict[str, str]:
+    rows = fed.db().execute("SELECT participant_id, reason FROM declines WHERE run_id = ? AND code = 'site_policy'",
+                            (run_id,)).fetchall()
+    return {pid: reason for pid, reason in rows}
+
+
+def uploaded_bytes(fed, run_id: str, site: str) -> int:
+    (total,) = fed.db().execute("SELECT COALESCE(SUM(bytes), 0) FROM uploads WHERE run_id = ? AND participant_id = ?",
+                                (run_id, site)).fetchone()
+    return total
+
+
+def site_refusals(fed, site: str) -> list[dict]:
+    path = fed.workdir / "sites" / site / "audit"
+    entries = [json.loads(line) for f in sorted(path.glob("*.jsonl")) for line in f.read_text().splitlines()]
+    return [e for e in entries if e["kind"] == "refusal"]
+
+
+SITES = ["site-a", "site-b", "site-c", "site-x"]
+# Each site's rule, broken by the first run (waffle, 3 rounds, no SecAgg) and kept by the second
+# (lora, 1 round).
+POLICIES = {
+    "site-a": ("[model]\nadapter_modes = ['lora']\n", "model.adapter_modes"),
+    "site-b": ("[limits]\nmax_rounds_per_run = 2\n", "limits.max_rounds_per_run"),
+    "site-c": ("[egress]\ntensor_patterns = ['*lora*', '*.bias']\n", "egress.tensor_patterns"),
+    "site-x": ("[model]\ntasks = ['image']\nadapter_modes = ['lora', 'ffa_lora']\n[limits]\nmax_runs_per_day = 5\n",
+               "model.adapter_modes"),
+}
+
+
+def test_sites_decline_a_run_their_policy_forbids_then_join_a_compliant_run(federation):
+    federation.start_coordinator()
+    federation.wait_serving()
+    first = federation.client.start(fast_config(rounds=3, min_participants=1, timeout=10, sites=SITES)).header.run_id
+    for site in SITES:
+        start_site(federation, site, POLICIES[site][0])
+    federation.wait_for(lambda: set(declines(federation, first)) == set(SITES), 120, "every site to decline")
+    for site, (_, rule) in POLICIES.items():
+        assert rule in declines(federation, first)[site]
+        assert f"site policy {rule}" in federation.log(site)
+        assert uploaded_bytes(federation, first, site) == 0
+        refused = [e["body"] for e in site_refusals(federation, site) if e["body"]["run"] == first]
+        assert refused and all(e["reason"].startswith("site policy ") for e in refused)
+    # the coordinator's received bytes: nothing from anyone
+    (count,) = federation.db().execute("SELECT COUNT(*) FROM uploads WHERE run_id = ?", (first,)).fetchone()
+    assert count == 0
+    federation.client.stop(first, "test: the sites refused it")
+    second = federation.client.start(fast_config(rounds=1, min_participants=4, timeout=60, sites=SITES,
+                                                 mode="lora")).header.run_id
+    status = federation.wait_for(lambda: (s := federation.client.status(second)).state == "finished" and s, 180,
+                                 "the compliant run to finish")
+    assert sorted(status.rounds[0].contributors) == SITES
+    assert declines(federation, second) == {}
+    for site in SITES:
+        assert uploaded_bytes(federation, second, site) > 0
+        assert federation.participants[site].wait(30) == 0
+        configs = [json.loads(line)["body"] for f in (federation.workdir / "sites" / site / "audit").glob("*.jsonl")
+                   for line in f.read_text().splitlines() if json.loads(line)["kind"] == "config"]
+        assert {c["run"] for c in configs} >= {first, second}
+        assert all(c["policy_sha256"] and c["policy_source"].endswith(f"{site}-policy.toml") for c in configs)
+        state = federation.workdir / "sites" / site
+        assert policy_cmd.policy_held(state, second) == (True, f"policy {configs[0]['policy_sha256'][:12]} held")
+        held, line = policy_cmd.policy_held(state, first)
+        assert not held and POLICIES[site][1] in line
+
+
+def test_explain_says_rule_by_rule_and_a_wrong_coordinator_is_not_joined(federation, capsys):
+    federation.start_coordinator(federation.write_config(fast_config(rounds=1, min_participants=1)))
+    federation.wait_serving()
+    tls = TLSFiles.from_pki(federation.pki, "site-a")
+    state = federation.workdir / "sites" / "site-a"
+    assert policy_cmd.explain(federation.address, "site-a", tls, None, state) == 0
+    assert "site-a would take part" in capsys.readouterr().out
+    policy = federation.workdir / "p.toml"
+    policy.write_text("[secagg]\nrequired = true\n[coordinator]\nname = 'coordinator'\n")
+    assert policy_cmd.explain(federation.address, "site-a", tls, str(policy), state) == 1
+    out = capsys.readouterr().out
+    assert "secagg.required" in out and "REFUSED: the run does not use secure aggregation" in out
+    assert "coordinator.name" in out and "would decline" in out
+    # a policy naming another coordinator: the site does not join at all (exit 3)
+    policy.write_text("[coordinator]\nname = 'site-b'\n")
+    proc = start_site(federation, "site-a", policy.read_text())
+    assert proc.wait(60) == 3
+    assert "site policy coordinator.name" in federation.log("site-a") and "'coordinator'" in federation.log("site-a")
+
+
+def test_a_bad_policy_file_stops_the_site_before_it_connects(federation):
+    proc = start_site(federation, "site-a", "[secagg]\nrequired = true\nmin_threshold = 9\nmax_participants = 3\n")
+    assert proc.wait(60) == 2
+    out = (federation.workdir / "logs" / "site-a.out").read_text()
+    assert "site-a-policy.toml: secagg.min_threshold: t=9 is larger than secagg.max_participants 3" in out
+
+
+@pytest.mark.slow
+def test_a_roster_that_drops_below_the_policys_minimum_is_refused_at_that_step(federation):
+    secagg = "\n[secagg]\nenabled = true\n"
+    config = federation.write_config(fast_config(rounds=1, min_participants=3, timeout=30, extra=secagg))
+    federation.start_coordinator(config)
+    federation.wait_serving()
+    policy = "[secagg]\nrequired = true\nmin_participants = 3\n"
+    start_site(federation, "site-a", policy)
+    start_site(federation, "site-b", policy)
+    federation.start_participant("site-c", env={"KTFED_FAULT_EXIT_AFTER_SECAGG_STEP": "advertise"})
+    federation.wait_for(lambda: "secagg.min_participants" in federation.log("site-a"), 180,
+                        "site-a to refuse the shrunken roster")
+    assert "secagg/masked_input" in federation.log("site-a")
+    status = federation.status()
+    assert status.rounds_completed == 0
+    refused = [e["body"] for e in site_refusals(federation, "site-a")]
+    assert any(r["message"] == "secagg/masked_input" and "min_participants" in r["reason"] for r in refused)
+    # the site sent no masked input: its last secagg message out was its key sharing
+    assert "secure aggregation complete" not in federation.log("site-a")
+
+
+def test_cli_check_exit_codes(tmp_path):
+    good, bad = tmp_path / "good.toml", tmp_path / "bad.toml"
+    good.write_text("[secagg]\nrequired = true\n")
+    bad.write_text("[secagg]\nrequird = true\n")
+    out = subprocess.run([sys.executable, "-m", "ktfed", "participant", "policy", "check", str(bad)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "secagg.requird: unknown field" in out.stderr and str(bad) in out.stderr
+    out = subprocess.run([sys.executable, "-m", "ktfed", "participant", "policy", "check", str(good)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "secagg.required = true" in out.stdout
