@@ -31,7 +31,7 @@ def test_hostile_calls_are_refused_precisely_and_recorded(target, rpc, raw):
     assert (tally.crashes, tally.hangs, tally.unknown, tally.unlogged) == (0, 0, 0, 0), summary
 
 
-@pytest.mark.xfail(strict=True, reason="coordinator (H2): a message over the size limit is refused inside gRPC "
+@pytest.mark.xfail(strict=True, reason="open defect: a message over the size limit is refused inside gRPC "
                    "(RESOURCE_EXHAUSTED) and never reaches the log or the refusals table; remove this mark with "
                    "the fix")
 def test_a_message_over_the_size_limit_is_a_recorded_refusal(target):
