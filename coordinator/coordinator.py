@@ -115,7 +115,10 @@ class Coordinator:
                      run_id, config.federation.rounds, ", ".join(config.federation.sites),
                      config.model.mode, manifest.shared_numel())
             if config.secagg.enabled:
-                log.info("run %s: secure aggregation on (%s)", run_id, config.secagg)
+                sa = config.secagg
+                log.info("run %s: secure aggregation on (threshold %s, %s, clip norm %g, %d fractional bits%s)",
+                         run_id, sa.threshold or "automatic", f"{sa.neighbours} neighbours" if sa.neighbours
+                         else "complete graph", sa.clip_norm, sa.bits, ", active" if sa.active else "")
             return run_id
 
     def _start_engine(self, run_id: str, config: RunConfig, manifest: FactorManifest) -> None:
