@@ -106,6 +106,33 @@ def parse_distill(section: Mapping[str, Any], base: Path = Path(".")) -> SiteDis
     teacher = get.text("teacher", None)
     if not teacher:
         raise DistillConfigError("distill.teacher: required (the path of the site's teacher checkpoint)")
+    train = _training(get, task)
+    student, init = _student(get)
+    data = _text_data(get, base, train.seed)
+    finetune = _teacher_finetune(get)
+    dp = _dp_options(get, train.method)
+    nav = dict(get.table("nav"))
+    for key in ("backbone", "demo_cache"):   # paths, like teacher, relative to the config file
+        if isinstance(nav.get(key), str):
+            nav[key] = str(_path(base, nav[key]))
+    if task == "nav":
+        from kt_core.distill.nav import NavOptions  # pulls in the VLN backbone: only when asked for
+
+        NavOptions.from_table(nav)
+        if dp.enabled:
+            raise DistillConfigError("distill.dp: not supported for task \"nav\" yet: the VLN backbone reads its "
+                                     "position tables directly, which Opacus cannot differentiate per sample")
+    elif nav:
+        raise DistillConfigError("distill.nav: only for task = \"nav\"")
+    processes = get.integer("processes", 1)
+    if processes < 1:
+        raise DistillConfigError(f"distill.processes: must be >= 1, got {processes}")
+    return SiteDistillConfig(task=task, teacher=_path(base, teacher), train=train, student=student, student_init=init,
+                             data=data, out_dir=_path(base, get.text("out_dir", "distill")), processes=processes,
+                             teacher_finetune=finetune, dp=dp, nav=nav)
+
+
+def _training(get: "_Getter", task: str) -> DistillConfig:
     weights_tab = get.table("weights")
     _unknown("distill.weights", weights_tab, {"ce", "kd", "mix_kd", "mix_ce"})
     wg = _Getter("distill.weights", weights_tab)
@@ -126,7 +153,10 @@ def parse_distill(section: Mapping[str, Any], base: Path = Path(".")) -> SiteDis
     device = train.device.lower()
     if device not in DEVICE_CHOICES and not device.startswith("cuda:"):
         raise DistillConfigError(f"distill.device: {train.device!r} is not one of {', '.join(DEVICE_CHOICES)} (or cuda:N)")
+    return train
 
+
+def _student(get: "_Getter") -> tuple[StudentSpec, str]:
     st_tab = get.table("student")
     _unknown("distill.student", st_tab, {"layers", "hidden", "vocab", "init", "max_positions", "dropout"})
     sg = _Getter("distill.student", st_tab)
@@ -138,7 +168,10 @@ def parse_distill(section: Mapping[str, Any], base: Path = Path(".")) -> SiteDis
     except ValueError as err:
         raise DistillConfigError(f"distill.{err}") from None
     init = sg.choice("init", STUDENT_INITS, "pretrained")
+    return student, init
 
+
+def _text_data(get: "_Getter", base: Path, seed: int) -> TextDataSpec:
     data_tab = get.table("data")
     _unknown("distill.data", data_tab, {"csv", "text_column", "label_column", "max_samples", "test_fraction", "max_len"})
     dg = _Getter("distill.data", data_tab)
@@ -146,19 +179,25 @@ def parse_distill(section: Mapping[str, Any], base: Path = Path(".")) -> SiteDis
     data = TextDataSpec(csv=_path(base, csv) if csv else None, text_column=dg.text("text_column", "text"),
                         label_column=dg.text("label_column", "sentiment"), max_samples=dg.integer("max_samples", 0),
                         test_fraction=dg.number("test_fraction", 0.2), data_fraction=get.number("data_fraction", 1.0),
-                        max_len=dg.integer("max_len", 64), seed=train.seed)
+                        max_len=dg.integer("max_len", 64), seed=seed)
     try:
         data.validate()
     except TextDataError as err:
         raise DistillConfigError(f"distill.{err}") from None
+    return data
 
+
+def _teacher_finetune(get: "_Getter") -> TeacherFinetune:
     ft_tab = get.table("teacher_finetune")
     _unknown("distill.teacher_finetune", ft_tab, {"epochs", "lr", "batch_size"})
     fg = _Getter("distill.teacher_finetune", ft_tab)
     finetune = TeacherFinetune(epochs=fg.integer("epochs", 2), lr=fg.number("lr", 1e-4), batch_size=fg.integer("batch_size", 32))
     if finetune.epochs < 1 or finetune.batch_size < 1 or finetune.lr <= 0:
         raise DistillConfigError("distill.teacher_finetune: epochs and batch_size must be >= 1 and lr > 0")
+    return finetune
 
+
+def _dp_options(get: "_Getter", method: str) -> DPOptions:
     dp_tab = get.table("dp")
     _unknown("distill.dp", dp_tab, {"enabled", "noise_multiplier", "max_grad_norm"})
     pg = _Getter("distill.dp", dp_tab)
@@ -167,30 +206,12 @@ def parse_distill(section: Mapping[str, Any], base: Path = Path(".")) -> SiteDis
     if dp.enabled:
         if dp.noise_multiplier < 0 or dp.max_grad_norm <= 0:
             raise DistillConfigError("distill.dp: noise_multiplier must be >= 0 and max_grad_norm > 0")
-        if train.method == "mixkd":
+        if method == "mixkd":
             # one mixed example carries two records: a per-sample clip no longer bounds one record's influence
             raise DistillConfigError("distill.dp: DP-SGD with method \"mixkd\" is refused: each mixed example "
                                      "depends on two records, so per-example clipping does not bound one record's "
                                      "influence; use method \"kd\" or \"none\" with DP")
-    nav = dict(get.table("nav"))
-    for key in ("backbone", "demo_cache"):   # paths, like teacher, relative to the config file
-        if isinstance(nav.get(key), str):
-            nav[key] = str(_path(base, nav[key]))
-    if task == "nav":
-        from kt_core.distill.nav import NavOptions  # pulls in the VLN backbone: only when asked for
-
-        NavOptions.from_table(nav)
-        if dp.enabled:
-            raise DistillConfigError("distill.dp: not supported for task \"nav\" yet: the VLN backbone reads its "
-                                     "position tables directly, which Opacus cannot differentiate per sample")
-    elif nav:
-        raise DistillConfigError("distill.nav: only for task = \"nav\"")
-    processes = get.integer("processes", 1)
-    if processes < 1:
-        raise DistillConfigError(f"distill.processes: must be >= 1, got {processes}")
-    return SiteDistillConfig(task=task, teacher=_path(base, teacher), train=train, student=student, student_init=init,
-                             data=data, out_dir=_path(base, get.text("out_dir", "distill")), processes=processes,
-                             teacher_finetune=finetune, dp=dp, nav=nav)
+    return dp
 
 
 def _path(base: Path, value: str) -> Path:

@@ -87,6 +87,56 @@ def _selects(selector: dict, labels: dict) -> bool:
     return all(labels.get(k) == v for k, v in (selector.get("matchLabels") or {}).items())
 
 
+def _container_problems(c: dict, cwhat: str, is_init: bool, pod_sc: dict, volumes: dict, claim_templates: set,
+                        present: set) -> list[str]:
+    """One container's image, probes, resources, security context, mounts and env references."""
+    problems: list[str] = []
+    problem = _image_problem(c.get("image"))
+    if problem:
+        problems.append(f"{cwhat}: {problem}")
+    if not is_init:
+        for probe in ("readinessProbe", "livenessProbe"):
+            if not c.get(probe):
+                problems.append(f"{cwhat}: no {probe}")
+    resources = c.get("resources") or {}
+    for kind in ("requests", "limits"):
+        for res in ("cpu", "memory"):
+            if not (resources.get(kind) or {}).get(res):
+                problems.append(f"{cwhat}: resources.{kind}.{res} not set")
+    sc = c.get("securityContext") or {}
+    run_as_non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
+    run_as_user = sc.get("runAsUser", pod_sc.get("runAsUser"))
+    if run_as_non_root is not True:
+        problems.append(f"{cwhat}: runAsNonRoot is not true")
+    if not isinstance(run_as_user, int) or isinstance(run_as_user, bool) or run_as_user <= 0:
+        problems.append(f"{cwhat}: runAsUser must be a non-zero numeric UID, got {run_as_user!r}")
+    if sc.get("readOnlyRootFilesystem") is not True:
+        problems.append(f"{cwhat}: readOnlyRootFilesystem is not true")
+    if sc.get("allowPrivilegeEscalation") is not False:
+        problems.append(f"{cwhat}: allowPrivilegeEscalation is not false")
+    if sc.get("privileged"):
+        problems.append(f"{cwhat}: privileged")
+    if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
+        problems.append(f"{cwhat}: capabilities do not drop ALL")
+    if (sc.get("capabilities") or {}).get("add"):
+        problems.append(f"{cwhat}: adds capabilities")
+    seccomp = (sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}).get("type")
+    if seccomp not in ("RuntimeDefault", "Localhost"):
+        problems.append(f"{cwhat}: seccompProfile must be RuntimeDefault (got {seccomp!r})")
+    for mount in c.get("volumeMounts") or []:
+        if mount.get("name") not in volumes and mount.get("name") not in claim_templates:
+            problems.append(f"{cwhat}: mounts unknown volume {mount.get('name')!r}")
+    for env in c.get("env") or []:
+        source = env.get("valueFrom") or {}
+        for key, kind in (("secretKeyRef", "Secret"), ("configMapKeyRef", "ConfigMap")):
+            if key in source:
+                ref = (kind, source[key].get("name"))
+                if ref not in present and ref not in EXTERNAL_OBJECTS:
+                    problems.append(f"{cwhat}: env {env.get('name')} uses {kind} {ref[1]!r}, which is "
+                                    "neither rendered nor one the operators create")
+    return problems
+
+
 def check_rules(docs: list[dict]) -> list[str]:
     """ktfed's own rules, beyond the schema: every container is probed, non-root, read-only,
     capability-free, resource-bounded and on a pinned image; every workload sits behind a
@@ -136,49 +186,7 @@ def check_rules(docs: list[dict]) -> list[str]:
         for c in containers:
             cwhat = f"{what} container {c.get('name')}"
             is_init = c in (pod.get("initContainers") or [])
-            problem = _image_problem(c.get("image"))
-            if problem:
-                problems.append(f"{cwhat}: {problem}")
-            if not is_init:
-                for probe in ("readinessProbe", "livenessProbe"):
-                    if not c.get(probe):
-                        problems.append(f"{cwhat}: no {probe}")
-            resources = c.get("resources") or {}
-            for kind in ("requests", "limits"):
-                for res in ("cpu", "memory"):
-                    if not (resources.get(kind) or {}).get(res):
-                        problems.append(f"{cwhat}: resources.{kind}.{res} not set")
-            sc = c.get("securityContext") or {}
-            run_as_non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
-            run_as_user = sc.get("runAsUser", pod_sc.get("runAsUser"))
-            if run_as_non_root is not True:
-                problems.append(f"{cwhat}: runAsNonRoot is not true")
-            if not isinstance(run_as_user, int) or isinstance(run_as_user, bool) or run_as_user <= 0:
-                problems.append(f"{cwhat}: runAsUser must be a non-zero numeric UID, got {run_as_user!r}")
-            if sc.get("readOnlyRootFilesystem") is not True:
-                problems.append(f"{cwhat}: readOnlyRootFilesystem is not true")
-            if sc.get("allowPrivilegeEscalation") is not False:
-                problems.append(f"{cwhat}: allowPrivilegeEscalation is not false")
-            if sc.get("privileged"):
-                problems.append(f"{cwhat}: privileged")
-            if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
-                problems.append(f"{cwhat}: capabilities do not drop ALL")
-            if (sc.get("capabilities") or {}).get("add"):
-                problems.append(f"{cwhat}: adds capabilities")
-            seccomp = (sc.get("seccompProfile") or pod_sc.get("seccompProfile") or {}).get("type")
-            if seccomp not in ("RuntimeDefault", "Localhost"):
-                problems.append(f"{cwhat}: seccompProfile must be RuntimeDefault (got {seccomp!r})")
-            for mount in c.get("volumeMounts") or []:
-                if mount.get("name") not in volumes and mount.get("name") not in claim_templates:
-                    problems.append(f"{cwhat}: mounts unknown volume {mount.get('name')!r}")
-            for env in c.get("env") or []:
-                source = env.get("valueFrom") or {}
-                for key, kind in (("secretKeyRef", "Secret"), ("configMapKeyRef", "ConfigMap")):
-                    if key in source:
-                        ref = (kind, source[key].get("name"))
-                        if ref not in present and ref not in EXTERNAL_OBJECTS:
-                            problems.append(f"{cwhat}: env {env.get('name')} uses {kind} {ref[1]!r}, which is "
-                                            "neither rendered nor one the operators create")
+            problems += _container_problems(c, cwhat, is_init, pod_sc, volumes, claim_templates, present)
     for doc in docs:
         if doc.get("kind") == "Secret":
             problems.append(f"{_describe(doc)}: a Secret is rendered from the repository; certificates and "
