@@ -152,10 +152,21 @@ class BenchFederation(Federation):
     """A coordinator and participants as real processes, mTLS on 127.0.0.1, with a PKI shared
     across the runs of one bench invocation."""
 
+    # The benchmarks measure dense FedAvg as the baseline, which the default site policy refuses
+    # (every weight would leave): these sites are the bench's own, and their policy says so.
+    SITE_POLICY = ('# written by bench: the dense baseline is measured too\n'
+                   '[model]\nadapter_modes = ["waffle", "lora", "ffa_lora", "dense"]\n')
+
     def __init__(self, workdir: Path, pki: Path):
         super().__init__(workdir, f"127.0.0.1:{free_port()}")
         self._pki = pki
         self.client: OperatorClient | None = None
+        policy = self.workdir / "site-policy.toml"
+        policy.parent.mkdir(parents=True, exist_ok=True)
+        policy.write_text(self.SITE_POLICY)
+
+    def policy_file(self, site: str) -> Path:
+        return self.workdir / "site-policy.toml"
 
     @property
     def pki(self) -> Path:  # type: ignore[override]
