@@ -195,20 +195,11 @@ def test_budget_already_spent_at_start_declines_and_the_stricter_budget_wins(tmp
 def three_sites(tmp_path):
     """Three sites, two required: one site's decline leaves the attempt open (with two sites it
     would close at once, since the round could no longer complete)."""
-    import dataclasses
+    from tests.test_rounds import running_coordinator, stop_coordinator
 
-    from coordinator.coordinator import Coordinator
-    from coordinator.store import Store
-    from kt_core.config import load_toml
-    from tests.conftest import fast_config
-
-    config = load_toml(fast_config(rounds=2, min_participants=2, timeout=30, sites=["s1", "s2", "s3"]))
-    config = dataclasses.replace(config, federation=dataclasses.replace(config.federation, gather_timeout_s=0.0))
-    coord = Coordinator(Store(tmp_path))
-    coord.start_run(config)
+    coord = running_coordinator(tmp_path, sites=("s1", "s2", "s3"))
     yield coord
-    coord.stop("shutdown")
-    coord.store.close()
+    stop_coordinator(coord)
 
 
 def test_decline_for_another_round_or_task_is_refused_like_uploads(three_sites):

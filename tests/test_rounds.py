@@ -23,15 +23,26 @@ from participant.agent import backoff_delay
 from tests.conftest import fast_config
 
 
-@pytest.fixture
-def coordinator(tmp_path):
-    config = load_toml(fast_config(rounds=2, min_participants=2, timeout=30, sites=["s1", "s2"]))
+def running_coordinator(tmp_path, sites=("s1", "s2")):
+    """An in-process coordinator with a started two-round run over `sites` (two required); the
+    caller stops it with `stop_coordinator`."""
+    config = load_toml(fast_config(rounds=2, min_participants=2, timeout=30, sites=list(sites)))
     config = dataclasses.replace(config, federation=dataclasses.replace(config.federation, gather_timeout_s=0.0))
     coord = Coordinator(Store(tmp_path))
     coord.start_run(config)
-    yield coord
+    return coord
+
+
+def stop_coordinator(coord) -> None:
     coord.stop("shutdown")
     coord.store.close()
+
+
+@pytest.fixture
+def coordinator(tmp_path):
+    coord = running_coordinator(tmp_path)
+    yield coord
+    stop_coordinator(coord)
 
 
 def _next_round_task(session, timeout=10):
