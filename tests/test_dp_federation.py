@@ -64,11 +64,22 @@ def test_small_budget_site_stops_others_continue_and_it_still_refuses_after_sigk
     fitted = len(entries)
     assert fitted == 2
 
-    # SIGKILL the exhausted site and start it again: its ledger is on disk, it still refuses
-    federation.participants["site-a"].send_signal(signal.SIGKILL)
-    federation.participants["site-a"].wait(10)
-    log_before = len(federation.log("site-a"))
-    _start_site(federation, "site-a", budget=budget)
+    # SIGKILL the exhausted site and start it again: its ledger is on disk, it still refuses.
+    # The others are held (SIGSTOP) meanwhile, so the run cannot finish before the restarted site
+    # is back and asked again, however slowly it starts on a loaded machine.
+    others = [federation.participants[s] for s in ("site-b", "site-c")]
+    for proc in others:
+        proc.send_signal(signal.SIGSTOP)
+    try:
+        federation.participants["site-a"].send_signal(signal.SIGKILL)
+        federation.participants["site-a"].wait(10)
+        log_before = len(federation.log("site-a"))
+        _start_site(federation, "site-a", budget=budget)
+        federation.wait_for(lambda: "joined run" in federation.log("site-a")[log_before:], 120,
+                            "the restarted site-a to join")
+    finally:
+        for proc in others:
+            proc.send_signal(signal.SIGCONT)
     federation.wait_for(lambda: "declined" in federation.log("site-a")[log_before:], 120,
                         "the restarted site-a to decline a round")
     status = federation.wait_rounds(rounds, timeout=240)
