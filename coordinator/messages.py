@@ -1,15 +1,22 @@
-"""The wire's side of what the round engine pushes down a task stream.
+"""The wire's side of the round engine: what it pushes down a task stream, and what a site's
+answer says once it is read off the wire.
 
 The engine and the SecAgg driver decide what a site is told; the protobuf messages for it are
-built here, so neither of them constructs a wire message itself.
+built here, so neither of them constructs or reads a wire message itself.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from coordinator.strategy import TrainPlan
 from kt_core.wire import convert
+from coordinator.errors import Code, Refusal
 from kt_core.wire import federation_pb2 as pb
+
+MAX_DECLINE_CODE = 64
+MAX_DECLINE_REASON = 500
 
 
 def round_task(run_id: str, round_no: int, task_id: bytes, global_digest: str, plan: TrainPlan,
@@ -47,3 +54,27 @@ def is_finished(task) -> bool:
 
 def heartbeat() -> pb.Task:
     return pb.Task(heartbeat=pb.Heartbeat(unix_ms=0))
+
+
+@dataclass(frozen=True)
+class DeclineAnswer:
+    """A site's DeclineRequest, bounded: it will not train the round it names, and why."""
+    round: int
+    task_id: bytes
+    code: str
+    reason: str
+    epsilon_spent: float
+    epsilon_budget: float
+    epsilon_would_be: float
+    countersignature: bytes
+
+
+def decline_answer(request: pb.DeclineRequest) -> DeclineAnswer:
+    """The decline's fields, its texts cut to size and its figures refused unless finite."""
+    figures = (request.epsilon_spent, request.epsilon_budget, request.epsilon_would_be)
+    if not all(math.isfinite(v) for v in figures):
+        raise Refusal(Code.INVALID_ARGUMENT, "decline: epsilon figures must be finite")
+    return DeclineAnswer(round=request.header.round, task_id=request.task_id,
+                         code=request.code[:MAX_DECLINE_CODE] or "declined", reason=request.reason[:MAX_DECLINE_REASON],
+                         epsilon_spent=figures[0], epsilon_budget=figures[1], epsilon_would_be=figures[2],
+                         countersignature=request.audit_countersignature)

@@ -11,10 +11,8 @@ stream carries are built in coordinator.messages.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -23,23 +21,22 @@ from typing import Callable, Mapping
 import numpy as np
 
 from coordinator import messages
-from coordinator.admission import check_capabilities, check_update_header
+from coordinator import round_records as records
+from coordinator.answers import Answers
+from coordinator.admission import check_capabilities
 from coordinator.attempt import Attempt, Session
-from coordinator.audit_trail import AuditTrail, CountersignatureError
+from coordinator.audit_trail import AuditTrail
 from coordinator.errors import Code, Refusal
 from coordinator.run_status import Participants, run_status, site_metrics
 from coordinator.secagg_round import SecAggDriver
 from coordinator.state_file import StateFile
-from coordinator.store import Store, UploadRecord
+from coordinator.store import Store
 from coordinator.strategy import Strategy
 from security.dp import accounting as dp_accounting
-from kt_core.bounded import escape_field
 from kt_core.config import RunConfig
 
 log = logging.getLogger(__name__)
 
-# A decline with this code: the site's privacy budget cannot take another round of this run.
-BUDGET_DECLINE = "budget_exhausted"
 # How long a second task stream of a site waits for the first to go before it is refused: a site
 # that reconnects cancels its old stream first, and that cancellation may still be in flight.
 DUPLICATE_GRACE_S = 2.0
@@ -76,6 +73,7 @@ class RoundEngine:
         self.certificates: dict[str, bytes] = {}   # participant -> PEM it connected with
         self.seal: tuple[int, str] | None = None   # the audit head that sealed the run, once it ended
         self.secagg = SecAggDriver(self)
+        self.answers = Answers(self)
         self.cond = threading.Condition()
         self.stopped = threading.Event()
 
@@ -171,83 +169,6 @@ class RoundEngine:
         other sites and verifies that site's signatures with it."""
         with self.cond:
             self.certificates[participant_id] = pem
-
-    # -- what an attempt receives ----------------------------------------------------------------
-    def answered_by(self, participant_id: str, round_no: int, task_id: bytes, what: str) -> Attempt:
-        """The open attempt that an upload, decline or SecAgg step answers, or a refusal saying why
-        not. Call with the lock held."""
-        attempt = self.attempt
-        if attempt is None or attempt.closed:
-            raise Refusal(Code.FAILED_PRECONDITION, "no round is collecting updates")
-        attempt.check_answer(participant_id, round_no, task_id, what)
-        return attempt
-
-    def check_upload(self, participant_id: str, header) -> Attempt:
-        """Everything that can be refused before a byte of tensor data is accepted."""
-        with self.cond:
-            attempt = self.answered_by(participant_id, header.header.round, header.task_id, "upload")
-            if attempt.secagg is not None:
-                raise Refusal(Code.FAILED_PRECONDITION,
-                              f"round {attempt.round} runs under secure aggregation: the update travels as "
-                              "masked SecAgg steps (SubmitSecAgg), never as a plain upload")
-            if time.monotonic() > attempt.deadline:
-                raise Refusal(Code.DEADLINE_EXCEEDED, f"round {attempt.round} is past its deadline")
-        if header.base_state_digest != self.global_digest:
-            raise Refusal(Code.FAILED_PRECONDITION, "update computed from a global state other than the current one")
-        check_update_header(header, self.shared_specs)
-        return attempt
-
-    def submit(self, attempt: Attempt, record: UploadRecord, update: Mapping[str, np.ndarray],
-               metrics: Mapping[str, float], countersignature: bytes = b"") -> None:
-        """Fold a fully received and validated update into the round's aggregate. The update may
-        be a spooled upload on disk: the strategy reads it block by block. The fold runs under the
-        engine's lock so that an update is counted in the aggregate exactly when it is recorded."""
-        pid = record.participant_id
-        with self.cond:
-            if attempt is not self.attempt or attempt.closed:
-                raise Refusal(Code.FAILED_PRECONDITION, f"round {attempt.round} closed while the update was in flight")
-            if pid in attempt.uploads:
-                raise Refusal(Code.ALREADY_EXISTS, f"{pid} already uploaded for round {attempt.round} (replay)")
-            self.audit_received(attempt, pid, "update", record.update_digest, record.specs, countersignature)
-            self.strategy.add(update, self.strategy.weight(record.num_samples))
-            attempt.uploads[pid] = record
-            self.participants[pid].note_privacy(metrics)
-            attempt.dropped.discard(pid)
-            attempt.note_metrics(pid, metrics)
-            self.cond.notify_all()
-            log.info("round %d: update from %s (%d samples, %d bytes)", attempt.round, pid, record.num_samples,
-                     record.bytes)
-
-    def decline(self, participant_id: str, request) -> Attempt:
-        """A selected site will not train this round (e.g. its privacy budget): it is out of this
-        round at once, the coordinator records why and goes on with the others."""
-        with self.cond:
-            attempt = self.answered_by(participant_id, request.header.round, request.task_id, "decline")
-            code, reason = request.code[:64] or "declined", request.reason[:500]
-            figures = (request.epsilon_spent, request.epsilon_budget, request.epsilon_would_be)
-            if not all(math.isfinite(v) for v in figures):
-                raise Refusal(Code.INVALID_ARGUMENT, "decline: epsilon figures must be finite")
-            self.audit_received(attempt, participant_id, "decline", hashlib.sha256(request.task_id).hexdigest(),
-                                countersignature=request.audit_countersignature)
-            attempt.declined[participant_id] = f"{code}: {reason}"
-            if code == BUDGET_DECLINE:
-                self.out_of_budget.add(participant_id)
-            attempt.dropped.discard(participant_id)
-            self.participants[participant_id].note_decline(code, reason, *figures[:2])
-            self.cond.notify_all()
-        self.store.record_decline(self.run_id, attempt.round, participant_id, attempt.task_id.hex(), code, reason,
-                                  *figures)
-        log.warning("round %d: %s declined (%s): %s", attempt.round, participant_id, escape_field(code),
-                    escape_field(reason, 500))
-        return attempt
-
-    def audit_received(self, attempt: Attempt, pid: str, message: str, sha256: str, specs=(),
-                       countersignature: bytes = b"", nbytes: int | None = None) -> None:
-        try:
-            self.trail.received(self.run_id, attempt.round, pid, message, sha256, specs, nbytes=nbytes,
-                                countersignature=countersignature, certificate=self.certificates.get(pid))
-        except CountersignatureError as err:
-            raise Refusal(Code.INVALID_ARGUMENT, f"audit countersignature refused: {err}") from None
 
     def note_state_sent(self, participant_id: str, round_no: int, digest: str, specs) -> None:
         """A global state streamed to a site (DownloadState), for the audit log."""
@@ -382,9 +303,9 @@ class RoundEngine:
 
     def _complete(self, attempt: Attempt) -> None:
         new_state = self.strategy.finish()
-        self._record_privacy(attempt.round)
+        records.record_privacy(self, attempt.round, self.strategy.privacy_round(attempt.round))
         seconds = time.monotonic() - attempt.started
-        self._audit_attempt_end(attempt, "unmasked", "completed")
+        records.audit_attempt_end(self, attempt, "unmasked", "completed")
         digest = self.store.complete_round(self.run_id, attempt.round, new_state, attempt.uploads.values(),
                                            attempt.dropped, seconds, attempt.metrics,
                                            secagg=attempt.secagg_summary)
@@ -403,38 +324,10 @@ class RoundEngine:
         if self.on_round:
             self.on_round(attempt.round)
 
-    def _record_privacy(self, round_no: int) -> None:
-        """The user-level DP the strategy applied to this round, for the store and the auditor."""
-        r = self.strategy.privacy_round(round_no)
-        if r is None:
-            return
-        self.store.record_privacy_round(self.run_id, round_no, r.mode, r.noise_multiplier, r.clip_norm,
-                                        r.contributors, r.noise_std, r.delta, r.epsilon_prv, r.epsilon_rdp,
-                                        r.accountant_version)
-        if self.trail.enabled:
-            self.trail.audit.log_dp(run=self.run_id, round=round_no, level="user", sample_rate=1.0,
-                                    noise_multiplier=r.noise_multiplier, steps=1, max_grad_norm=r.clip_norm,
-                                    delta=r.delta, epsilon_round=r.epsilon_round_prv, epsilon_cumulative=r.epsilon_prv,
-                                    epsilon_cumulative_rdp=r.epsilon_rdp, accountant="prv",
-                                    accountant_version=r.accountant_version,
-                                    params={"mode": r.mode, "contributors": r.contributors,
-                                            "central_noise_std": r.noise_std})
-
-    def _audit_attempt_end(self, attempt: Attempt, secagg_event: str, how: str) -> None:
-        sa = attempt.secagg
-        if sa is not None:
-            missing = {}
-            for step, _answered, absent in sa.history:
-                for pid in absent:
-                    missing.setdefault(pid, step)
-            self.trail.secagg(self.run_id, attempt.round, secagg_event, attempt.secagg_summary, missing,
-                              sa.threshold, sa.roster)
-        self.trail.attempt_closed(attempt.round, how)
-
     def _abort(self, attempt: Attempt, reason: str) -> bool:
         """Record an aborted attempt; True when the round is to be retried (after a backoff that
         doubles with each abort), False when the run failed instead."""
-        self._audit_attempt_end(attempt, "aborted", f"aborted: {reason}")
+        records.audit_attempt_end(self, attempt, "aborted", f"aborted: {reason}")
         self.store.record_abort(self.run_id, attempt.round, attempt.task_id.hex(), reason)
         log.warning("round %d aborted: %s", attempt.round, reason)
         with self.cond:

@@ -216,7 +216,7 @@ class SecAggDriver:
     def check(self, participant_id: str, round_no: int, task_id: bytes, step: str, size: int):
         """Everything that can be refused before a SecAgg payload is read; returns the attempt."""
         with self.engine.cond:
-            attempt = self.engine.answered_by(participant_id, round_no, task_id, f"secure aggregation {step}")
+            attempt = self.engine.answers.answered_by(participant_id, round_no, task_id, f"secure aggregation {step}")
             sa = attempt.secagg
             if sa is None:
                 raise Refusal(Code.FAILED_PRECONDITION, f"round {attempt.round} does not run under secure aggregation")
@@ -243,7 +243,7 @@ class SecAggDriver:
                 attempt.secagg.receive(participant_id, step, payload, metrics)
             except SecAggError as err:
                 raise secagg_refusal(err) from None
-            e.audit_received(attempt, participant_id, f"secagg/{step}", hashlib.sha256(payload).hexdigest(),
+            e.answers.audit_received(attempt, participant_id, f"secagg/{step}", hashlib.sha256(payload).hexdigest(),
                              countersignature=countersignature, nbytes=len(payload))
             e.cond.notify_all()
         log.info("round %d: secure aggregation %s from %s (%d bytes)", attempt.round, step, participant_id,

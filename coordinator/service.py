@@ -139,7 +139,7 @@ class ParticipantServicer:
         head = first.header
         pid = self._caller(context, head.header)
         engine = self.coordinator.engine_for(head.header.run_id)
-        attempt = engine.check_upload(pid, head)
+        attempt = engine.answers.check_upload(pid, head)
         fed = engine.fed
         specs = tuple(convert.spec_from_pb(s) for s in head.tensors)
         digest = codec.state_digest(specs)
@@ -157,7 +157,7 @@ class ParticipantServicer:
                     self.traffic.received(spool.bytes_received)
                     record = UploadRecord(pid, head.task_id.hex(), head.num_samples, specs, spool.bytes_received,
                                           digest)
-                    engine.submit(attempt, record, update, dict(head.metrics), head.audit_countersignature)
+                    engine.answers.submit(attempt, record, update, dict(head.metrics), head.audit_countersignature)
             except codec.WireError as err:
                 raise wire_refusal(err) from None
             except OSError as err:
@@ -170,7 +170,7 @@ class ParticipantServicer:
     def Decline(self, request: pb.DeclineRequest, context) -> pb.DeclineReply:
         pid = self._caller(context, request.header)
         engine = self.coordinator.engine_for(request.header.run_id)
-        attempt = engine.decline(pid, request)
+        attempt = engine.answers.decline(pid, messages.decline_answer(request))
         return pb.DeclineReply(header=convert.header(engine.run_id, attempt.round, pid))
 
     def SubmitSecAgg(self, request_iterator: Iterator[pb.SecAggSubmission], context) -> pb.SecAggReceipt:

@@ -76,7 +76,7 @@ def strategy_for(config: RunConfig) -> Strategy:
     """The run's strategy: FedAvg, wrapped in DPFedAvg under user-level DP."""
     fed = config.federation
     base = FedAvg(fed.server_lr, max_participants=fed.max_participants, train=config.train, seed=fed.seed,
-                  secagg_max_samples=config.secagg.max_samples_per_site)
+                  secagg_weight_scale=config.secagg_weight_scale())
     p = config.privacy
     if p.enabled and p.mode in ("central", "distributed"):
         return DPFedAvg(base, mode=p.mode, noise_multiplier=p.user_noise_multiplier, clip_norm=p.update_clip_norm,
@@ -88,12 +88,14 @@ class FedAvg:
     """Sample-weighted mean of the updates, applied with a server learning rate (1.0 = FedAvg)."""
 
     def __init__(self, server_lr: float = 1.0, *, max_participants: int | None = None, train=None, seed: int = 0,
-                 secagg_max_samples: int = 1):
+                 secagg_weight_scale: int = 1):
         self.server_lr = server_lr
         self.max_participants = max_participants
         self.train = train            # kt_core.config.TrainSettings, for configure()
         self.seed = seed
-        self.secagg_max_samples = secagg_max_samples
+        # the run config's rule (RunConfig.secagg_weight_scale), which the sites read too: both
+        # sides of the masked sum must agree on it, so neither decides it alone
+        self._secagg_weight_scale = secagg_weight_scale
         self._global: Mapping[str, np.ndarray] = {}
         self._layout: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._sum: dict[str, np.ndarray] | None = None
@@ -116,7 +118,7 @@ class FedAvg:
     def secagg_weight_scale(self) -> int:
         """Under secure aggregation a site weighs its update by min(N, scale) / scale, carrying
         min(N, scale) as its hidden count."""
-        return self.secagg_max_samples
+        return self._secagg_weight_scale
 
     def privacy_round(self, round_no: int) -> PrivacyRound | None:
         return None
@@ -257,8 +259,9 @@ class DPFedAvg:
         return 1
 
     def secagg_weight_scale(self) -> int:
-        # equal weights under secure aggregation too, as the sensitivity analysis assumes
-        return 1
+        # 1 under user-level DP (RunConfig.secagg_weight_scale): equal weights, as the sensitivity
+        # analysis assumes
+        return self.inner.secagg_weight_scale()
 
     def begin(self, global_state: Mapping[str, np.ndarray]) -> None:
         self.inner.begin(global_state)

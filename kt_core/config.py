@@ -10,13 +10,12 @@ import dataclasses
 import json
 import math
 import tomllib
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from kt_core.bounded import MAX_TOML_DEPTH, BoundedInputError, check_toml_depth, depth_of, loads_json
+from kt_core.bounded import MAX_TOML_DEPTH, BoundedInputError, loads_json
+from kt_core.config_file import ConfigError, build, check_known, parse_toml, read_text
 from kt_core.data import PartitionSpec
 from kt_core.models import ModelConfig
 from kt_core.train import TrainConfig
@@ -28,10 +27,6 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
 
 MAX_SEED = 2**32 - 1
-
-
-class ConfigError(ValueError):
-    """An invalid configuration; the message starts with the dotted name of the field."""
 
 
 @dataclass(frozen=True)
@@ -322,13 +317,8 @@ SECTIONS = {"federation": FederationSettings, "model": ModelConfig, "train": Tra
 
 
 def from_table(table: Any) -> RunConfig:
-    if not isinstance(table, dict):
-        raise ConfigError("<root>: expected a table")
-    unknown = set(table) - set(SECTIONS)
-    if unknown:
-        raise ConfigError(f"{sorted(unknown)[0]}: unknown section (expected one of {', '.join(SECTIONS)})")
-    parts = {name: _build(cls, table.get(name, {}), name) for name, cls in SECTIONS.items()}
-    return RunConfig(**parts)
+    check_known(table, SECTIONS, "", kind="section")
+    return RunConfig(**{name: build(cls, table.get(name, {}), name) for name, cls in SECTIONS.items()})
 
 
 ENV_OVERRIDE_PREFIX = "KTFED_RUN__"
@@ -338,15 +328,7 @@ def load_toml(text: str, source: str = "<config>", environ: Mapping[str, str] | 
     """Parse and validate; with `environ`, `KTFED_RUN__SECTION__FIELD=value` variables override the
     file's fields (e.g. KTFED_RUN__FEDERATION__ROUNDS=10, KTFED_RUN__DATA__PARTITION__ALPHA=0.3),
     and are validated exactly like the file."""
-    try:
-        check_toml_depth(text, what=source)
-        table = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"{source}: not valid TOML: {err}") from None
-    except BoundedInputError as err:
-        raise ConfigError(str(err)) from None
-    if (depth := depth_of(table)) > MAX_TOML_DEPTH:
-        raise ConfigError(f"{source}: tables nested {depth} levels deep (at most {MAX_TOML_DEPTH})")
+    table = parse_toml(text, source)
     overridden = _apply_env_overrides(table, environ or {})
     if overridden:
         source = f"{source} (with {', '.join(overridden)})"
@@ -378,67 +360,4 @@ def _apply_env_overrides(table: dict, environ: Mapping[str, str]) -> list[str]:
 
 
 def load_file(path: Path, environ: Mapping[str, str] | None = None) -> RunConfig:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: cannot read: {err}") from None
-    return load_toml(text, str(path), environ)
-
-
-def _build(cls: type, table: Any, where: str):
-    """Build dataclass `cls` from a TOML table, checking every key and type against its fields."""
-    if not isinstance(table, dict):
-        raise ConfigError(f"{where}: expected a table, got {type(table).__name__}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(table) - fields
-    if unknown:
-        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown field (known: {', '.join(sorted(fields))})")
-    values = {key: _coerce(hints[key], value, f"{where}.{key}") for key, value in table.items()}
-    obj = cls(**values)
-    try:
-        obj.validate()
-    except ValueError as err:
-        message = str(err)
-        # The sections' own checks say "field: problem"; qualify it with the section.
-        raise ConfigError(message if message.startswith(where) else f"{where}.{message}") from None
-    return obj
-
-
-def _coerce(hint: Any, value: Any, where: str):
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
-    if origin in (typing.Union, types.UnionType):
-        options = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(options[0], value, where)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a table, got {type(value).__name__}")
-        key_type, item = typing.get_args(hint)
-        return {str(k): _coerce(item, v, f"{where}.{k}") for k, v in value.items()}
-    if origin is tuple:
-        if not isinstance(value, list):
-            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
-        item = typing.get_args(hint)[0]
-        return tuple(_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value))
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
-        return float(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
-        return value
-    raise ConfigError(f"{where}: unsupported field type {hint}")
+    return load_toml(read_text(path, "run config"), str(path), environ)

@@ -47,7 +47,7 @@ def cmd_distill(args) -> int:
     from kt_core.distill.ddp import DistContext, DistributedSetupError
     from kt_core.distill.device import DeviceError
     from kt_core.distill.loop import EmptyDatasetError
-    from kt_core.distill.mixkd import DistillConfigError
+    from kt_core.config_file import ConfigError
     from kt_core.distill.text import TextDataError
     from participant.distiller import run_distill, run_local_processes
 
@@ -56,7 +56,7 @@ def cmd_distill(args) -> int:
     config_path = Path(args.config)
     try:
         cfg = load_site_config(config_path)
-    except DistillConfigError as err:
+    except ConfigError as err:
         print(f"error: invalid config: {err}", file=sys.stderr)
         return 2
     if args.device:
@@ -77,7 +77,7 @@ def cmd_distill(args) -> int:
             # a bar redrawn into a file or pipe is kilobytes of carriage returns: epochs are logged anyway
             report = run_distill(cfg, finetune_teacher=args.finetune_teacher,
                                  progress=not args.no_progress and sys.stderr.isatty())
-    except (CheckpointError, StudentTooLargeError, DeviceError, EmptyDatasetError, TextDataError, DistillConfigError,
+    except (CheckpointError, StudentTooLargeError, DeviceError, EmptyDatasetError, TextDataError, ConfigError,
             DistributedSetupError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

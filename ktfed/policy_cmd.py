@@ -42,11 +42,12 @@ def add_policy_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def load_or_exit(path: str | None):
+    from kt_core.config_file import ConfigError
     from participant import policy as site_policy
 
     try:
         return site_policy.load(path) if path else site_policy.SitePolicy()
-    except site_policy.PolicyError as err:
+    except ConfigError as err:
         raise CLIError(str(err)) from None
 
 

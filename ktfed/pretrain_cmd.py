@@ -25,11 +25,12 @@ def cmd_pretrain(args) -> int:
 
     import torch
 
-    from kt_core.vln.pretrain import PretrainConfigError, load_config, run_pretraining
+    from kt_core.config_file import ConfigError
+    from kt_core.vln.pretrain import load_config, run_pretraining
 
     try:
         model_cfg, settings = load_config(Path(args.config))
-    except PretrainConfigError as err:
+    except ConfigError as err:
         print(f"error: invalid config: {err}", file=sys.stderr)
         return 2
     if args.threads < 1:

@@ -127,7 +127,7 @@ class ParticipantAgent:
 
     # -- the agent's life -------------------------------------------------------------------------
     def run(self) -> int:
-        """Raises participant.policy.PolicyError when the site policy file is wrong."""
+        """Raises participant.ConfigError when the site policy file is wrong."""
         self.policy = self.settings.load_policy()
         log.info("%s: site policy %s (sha256 %s)", self.site, self.policy.source, self.policy.digest()[:16])
         tls = self.settings.tls

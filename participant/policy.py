@@ -15,23 +15,17 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
-import math
 import time
-import tomllib
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kt_core.bounded import MAX_TOML_DEPTH, BoundedInputError, check_toml_depth, depth_of
+from kt_core.config_file import ConfigError, build, check_known, parse_toml, read_text
 from kt_core.config import RunConfig
 
 RECORD, USER = "record", "user"
 ADAPTER_MODES = ("waffle", "lora", "ffa_lora", "dense")
 MAX_POLICY_BYTES = 1 << 20
-
-
-class PolicyError(ValueError):
-    """An invalid policy file; the message names the file and the field."""
 
 
 @dataclass(frozen=True)
@@ -119,87 +113,39 @@ class SitePolicy:
         return {k: v for k, v in metrics.items() if any(fnmatch.fnmatchcase(k, p) for p in self.metrics.report)}
 
 
-SECTIONS = {f.name: f.type for f in dataclasses.fields(SitePolicy) if f.name != "source"}
+SECTIONS = {name: cls for name, cls in typing.get_type_hints(SitePolicy).items() if name != "source"}
 
 
 def load(path: Path | str) -> SitePolicy:
-    path = Path(path)
-    try:
-        data = path.read_bytes()
-        if len(data) > MAX_POLICY_BYTES:
-            raise PolicyError(f"{path}: larger than {MAX_POLICY_BYTES} bytes")
-        text = data.decode("utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise PolicyError(f"{path}: cannot read the site policy: {err}") from None
-    return loads(text, str(path))
+    return loads(read_text(path, "site policy", MAX_POLICY_BYTES), str(path))
 
 
 def loads(text: str, source: str = "<policy>") -> SitePolicy:
-    try:
-        check_toml_depth(text, what=source)
-        table = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as err:
-        raise PolicyError(f"{source}: not valid TOML: {err}") from None
-    except BoundedInputError as err:
-        raise PolicyError(f"{source}: {err}") from None
-    if depth_of(table) > MAX_TOML_DEPTH:
-        raise PolicyError(f"{source}: tables nested too deep")
-    return from_table(table, source)
+    return from_table(parse_toml(text, source), source)
 
 
 def from_table(table: dict, source: str) -> SitePolicy:
     """A policy from its tables: a parsed file, or the `policy` a site's audit log recorded."""
-    if not isinstance(table, dict):
-        raise PolicyError(f"{source}: expected a table")
-    unknown = sorted(set(table) - set(SECTIONS))
-    if unknown:
-        raise PolicyError(f"{source}: {unknown[0]}: unknown section (expected one of {', '.join(SECTIONS)})")
-    hints = typing.get_type_hints(SitePolicy)
-    parts = {name: _section(hints[name], table.get(name, {}), name, source) for name in SECTIONS}
-    policy = SitePolicy(**parts, source=source)
+    try:
+        check_known(table, SECTIONS, "", kind="section")
+        policy = SitePolicy(**{name: build(cls, table.get(name, {}), name) for name, cls in SECTIONS.items()},
+                            source=source)
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
     _check_rules(policy, source)
     return policy
-
-
-def _section(cls, table, where: str, source: str):
-    if not isinstance(table, dict):
-        raise PolicyError(f"{source}: {where}: expected a table, got {type(table).__name__}")
-    hints = typing.get_type_hints(cls)
-    unknown = sorted(set(table) - set(hints))
-    if unknown:
-        raise PolicyError(f"{source}: {where}.{unknown[0]}: unknown field (known: {', '.join(sorted(hints))})")
-    return cls(**{k: _value(hints[k], v, f"{where}.{k}", source) for k, v in table.items()})
-
-
-def _value(hint, value, where: str, source: str):
-    def wrong(expected: str):
-        return PolicyError(f"{source}: {where}: expected {expected}, got {value!r}")
-
-    if typing.get_origin(hint) is tuple:
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise wrong("a list of strings")
-        return tuple(value)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise wrong("true or false")
-        return value
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise wrong("an integer >= 0")
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise wrong("a finite number >= 0")
-        return float(value)
-    if not isinstance(value, str):
-        raise wrong("a string")
-    return value
 
 
 def _check_rules(p: SitePolicy, source: str) -> None:
     """The rules one by one, then the contradictions between them."""
     def fail(rule: str, message: str):
-        raise PolicyError(f"{source}: {rule}: {message}")
+        raise ConfigError(f"{source}: {rule}: {message}")
+
+    # every count, size, budget and norm a policy sets is a limit: none is negative
+    for section in SECTIONS:
+        for name, value in dataclasses.asdict(getattr(p, section)).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+                fail(f"{section}.{name}", f"must be >= 0, got {value!r}")
 
     sha = p.coordinator.ca_sha256
     if sha and not _is_sha256(sha):
@@ -395,7 +341,7 @@ class RunHistory:
         try:
             self.runs = json.loads(self.path.read_text())["runs"] if self.path.exists() else []
         except (OSError, ValueError, KeyError, TypeError) as err:
-            raise PolicyError(f"{self.path}: damaged run history: {err}") from None
+            raise ConfigError(f"{self.path}: damaged run history: {err}") from None
 
     def runs_since(self, since: float, excluding: str = "") -> int:
         return sum(1 for r in self.runs if r["joined"] >= since and r["run_id"] != excluding)

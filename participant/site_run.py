@@ -55,7 +55,7 @@ class AgentSettings:
     policy_path: Path | None = None         # the site policy (TOML); None = participant.policy's default
 
     def load_policy(self) -> SitePolicy:
-        """Raises policy.PolicyError naming the file and the field."""
+        """Raises ConfigError naming the file and the field."""
         return site_policy.load(self.policy_path) if self.policy_path else SitePolicy()
 
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kt_core.distill.loop import DictDataset, EmptyDatasetError, evaluate, fit
-from kt_core.distill.mixkd import (DistillConfig, DistillConfigError, LossWeights, Mix, MixableModule, kd_loss,
+from kt_core.config_file import ConfigError
+from kt_core.distill.mixkd import (DistillConfig, LossWeights, Mix, MixableModule, kd_loss,
                                    make_objective, mix_tensor, mixed_batch, mixup_ce, sample_mix)
 
 torch.set_num_threads(1)
@@ -149,12 +150,12 @@ def test_student_on_mixed_input_sees_mixed_embeddings():
     ("lr", {"lr": 0.0}, "lr: must be > 0"),
 ])
 def test_config_refuses_bad_values_naming_the_field(field, kwargs, words):
-    with pytest.raises(DistillConfigError, match=words.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
         DistillConfig(**kwargs).validate()
 
 
 def test_sample_mix_refuses_nonpositive_alpha():
-    with pytest.raises(DistillConfigError, match="alpha"):
+    with pytest.raises(ConfigError, match="alpha"):
         sample_mix(4, 0.0, torch.Generator())
 
 

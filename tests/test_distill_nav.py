@@ -13,7 +13,8 @@ from kt_core.distill.bert import StudentTooLargeError
 from kt_core.distill.checkpoint import CheckpointError
 from kt_core.distill.config import load_site_config
 from kt_core.distill.loop import count_parameters
-from kt_core.distill.mixkd import DistillConfigError, Mix
+from kt_core.config_file import ConfigError
+from kt_core.distill.mixkd import Mix
 from kt_core.distill.nav import VLNMixable, build_nav_student, model_size
 from kt_core.vln.backbone import VLNBackbone, VLNConfig
 
@@ -66,15 +67,15 @@ def test_default_student_is_at_least_four_times_smaller():
 def test_nav_options_name_the_field(tmp_path):
     (tmp_path / "site.toml").write_text('[distill]\ntask = "nav"\nteacher = "t.safetensors"\n'
                                         '[distill.nav]\nepisodes = 0\n')
-    with pytest.raises(DistillConfigError, match="distill.nav.episodes: must be an integer >= 1"):
+    with pytest.raises(ConfigError, match="distill.nav.episodes: must be an integer >= 1"):
         load_site_config(tmp_path / "site.toml")
     (tmp_path / "site.toml").write_text('[distill]\ntask = "nav"\nteacher = "t.safetensors"\n'
                                         '[distill.nav]\nlevel = "x"\n')
-    with pytest.raises(DistillConfigError, match="distill.nav.level: unknown setting"):
+    with pytest.raises(ConfigError, match="distill.nav.level: unknown setting"):
         load_site_config(tmp_path / "site.toml")
     (tmp_path / "site.toml").write_text('[distill]\ntask = "nav"\nteacher = "t.safetensors"\n'
                                         '[distill.nav]\nrollout_epsilon = 1.5\n')
-    with pytest.raises(DistillConfigError, match="distill.nav.rollout_epsilon: must be a number in"):
+    with pytest.raises(ConfigError, match="distill.nav.rollout_epsilon: must be a number in"):
         load_site_config(tmp_path / "site.toml")
 
 
@@ -139,9 +140,9 @@ def test_site_distills_its_federated_model(nav_site):
 def test_other_levels_or_seed_block_than_the_teachers_are_refused(nav_site):
     from participant.distiller import run_distill
 
-    with pytest.raises(DistillConfigError, match="distill.nav.levels: .* adapted on .'BabyAI-GoToLocal-v0'."):
+    with pytest.raises(ConfigError, match="distill.nav.levels: .* adapted on .'BabyAI-GoToLocal-v0'."):
         run_distill(load_site_config(site_config(nav_site, 'levels = ["BabyAI-GoToObj-v0"]')), progress=False)
-    with pytest.raises(DistillConfigError, match="distill.nav.site_index: 1, but the teacher is site-a's model"):
+    with pytest.raises(ConfigError, match="distill.nav.site_index: 1, but the teacher is site-a's model"):
         run_distill(load_site_config(site_config(nav_site, "site_index = 1")), progress=False)
 
 

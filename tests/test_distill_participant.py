@@ -16,7 +16,8 @@ from kt_core.distill.checkpoint import CheckpointError, save_checkpoint
 from kt_core.distill.config import load_site_config
 from kt_core.distill.device import DeviceError, capabilities, resolve_device
 from kt_core.distill.loop import EmptyDatasetError, fit
-from kt_core.distill.mixkd import DistillConfig, DistillConfigError, make_objective
+from kt_core.config_file import ConfigError
+from kt_core.distill.mixkd import DistillConfig, make_objective
 from kt_core.distill.text import load_text_model, save_text_model
 from participant.distiller import CURVES_FILE, REPORT_FILE, STUDENT_FILE, opacus_privatizer, run_distill
 
@@ -139,7 +140,7 @@ def test_student_not_smaller_than_teacher_is_refused(site, student, words):
     ({"alpha": 0}, "", "distill.alpha: must be > 0"),
     ({"alpha": -0.5}, "", "distill.alpha: must be > 0"),
     ({"method": '"mix"'}, "", "distill.method: 'mix' is not one of"),
-    ({"epochs": '"3"'}, "", "distill.epochs: must be an integer"),
+    ({"epochs": '"3"'}, "", "distill.epochs: expected an integer"),
     ({"data_fraction": 0}, "", "distill.data_fraction: must be in"),
     ({"device": '"tpu"'}, "", "distill.device: 'tpu' is not one of"),
     ({"colour": 1}, "", "distill.colour: unknown setting"),
@@ -148,13 +149,13 @@ def test_student_not_smaller_than_teacher_is_refused(site, student, words):
 ])
 def test_bad_settings_name_the_field(site, top, extra, words):
     _, config = site
-    with pytest.raises(DistillConfigError, match=words.replace("(", r"\(")):
+    with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
         load_site_config(config(extra, **top))
 
 
 def test_no_distill_section(tmp_path):
     (tmp_path / "site.toml").write_text("[other]\nx = 1\n")
-    with pytest.raises(DistillConfigError, match=r"distill: .* has no \[distill\] section"):
+    with pytest.raises(ConfigError, match=r"distill: .* has no \[distill\] section"):
         load_site_config(tmp_path / "site.toml")
 
 

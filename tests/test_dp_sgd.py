@@ -13,6 +13,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 import participant.privacy  # noqa: F401  registers the adapters' per-sample gradient rules
+from coordinator import messages
 from coordinator.errors import Refusal
 from kt_core.config import ConfigError, load_toml
 from kt_core.factorized import ADAPTERS
@@ -211,9 +212,10 @@ def test_decline_for_another_round_or_task_is_refused_like_uploads(three_sites):
         _next_round_task(session)
 
     def decline(round_no=task.header.round, task_id=task.task_id, pid="s1"):
-        return engine.decline(pid, pb.DeclineRequest(header=convert.header(engine.run_id, round_no, pid),
-                                                     task_id=task_id, code="budget_exhausted", reason="r",
-                                                     epsilon_spent=1.0, epsilon_budget=1.0, epsilon_would_be=2.0))
+        request = pb.DeclineRequest(header=convert.header(engine.run_id, round_no, pid), task_id=task_id,
+                                    code="budget_exhausted", reason="r", epsilon_spent=1.0, epsilon_budget=1.0,
+                                    epsilon_would_be=2.0)
+        return engine.answers.decline(pid, messages.decline_answer(request))
 
     for kwargs, code in (({"round_no": task.header.round + 1}, grpc.StatusCode.FAILED_PRECONDITION),
                          ({"round_no": 0}, grpc.StatusCode.FAILED_PRECONDITION),

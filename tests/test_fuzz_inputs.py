@@ -108,7 +108,7 @@ def test_config_check_refuses_them_on_the_command_line(tmp_path):
     bad.write_text("[federation]\nround_timeout_s = nan\n")
     deep = tmp_path / "deep.toml"
     deep.write_text("a = " + "[" * 10_000 + "]" * 10_000 + "\n")
-    for path, text in ((bad, "federation.round_timeout_s: must be a finite number > 0"),
+    for path, text in ((bad, "federation.round_timeout_s: must be a finite number"),
                        (deep, "nested 10000 levels deep")):
         done = subprocess.run([sys.executable, "-m", "ktfed", "config", "check", str(path)], capture_output=True,
                               text=True, timeout=120)

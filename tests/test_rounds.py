@@ -57,10 +57,10 @@ def _upload(engine, pid, task, value, samples):
                            base_state_digest=task.global_state_digest, num_samples=samples)
     specs = [s for s, _ in codec.encode(update)]
     head.tensors.extend(convert.spec_to_pb(s) for s in specs)
-    attempt = engine.check_upload(pid, head)
+    attempt = engine.answers.check_upload(pid, head)
     record = UploadRecord(pid, task.task_id.hex(), samples, tuple(specs), sum(s.nbytes for s in specs),
                           codec.state_digest(specs))
-    engine.submit(attempt, record, update, {"accuracy": 0.5})
+    engine.answers.submit(attempt, record, update, {"accuracy": 0.5})
     return head
 
 
@@ -72,7 +72,7 @@ def test_round_completes_with_the_weighted_mean_and_persists(coordinator):
     assert t1.task_id == t2.task_id and t1.header.round == 1
     head = _upload(engine, "s1", t1, 1.0, 1)
     with pytest.raises(Refusal) as info:  # the same update again
-        engine.check_upload("s1", head)
+        engine.answers.check_upload("s1", head)
     assert info.value.code == grpc.StatusCode.ALREADY_EXISTS
     _upload(engine, "s2", t2, 5.0, 3)
     t = _next_round_task(s1)

@@ -74,13 +74,13 @@ def test_site_data_is_non_iid_and_disjoint_from_evaluation(tmp_path):
 
 @pytest.mark.parametrize("toml, message", [
     ("[model]\nwidth = 3\n", "model.width: unknown field"),
-    ("[model]\nd_model = \"big\"\n", "model.d_model: must be an integer"),
+    ("[model]\nd_model = \"big\"\n", "model.d_model: expected an integer"),
     ("[model]\nd_model = 30\nn_heads = 4\n", "model.d_model: 30 is not divisible"),
     ("[model]\nvocab_size = 40\n", "model.vocab_size: unknown field"),
     ("[pretrain]\nlr = -1.0\n", "pretrain.lr: must be a finite number > 0"),
-    ("[pretrain]\nsteps = true\n", "pretrain.steps: must be an integer"),
+    ("[pretrain]\nsteps = true\n", "pretrain.steps: expected an integer"),
     ("[pretrain]\nlevels = [\"BabyAI-Nope-v0\"]\n", "pretrain.levels: unknown BabyAI level 'BabyAI-Nope-v0'"),
-    ("[pretrain]\nlevels = [1, 2]\n", "pretrain.levels: must be a list of str"),
+    ("[pretrain]\nlevels = [1, 2]\n", "pretrain.levels\\[0\\]: expected a string"),
     ("[pretrain]\nmask_prob = 1.5\n", "pretrain.mask_prob: must be in \\(0, 1\\)"),
     ("[train]\nsteps = 1\n", "train: unknown section"),
     ("[model\n", "not valid TOML"),

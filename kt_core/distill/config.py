@@ -28,15 +28,14 @@ a misspelt key silently ignored is a setting the site believes it has and does n
 """
 from __future__ import annotations
 
-import math
-import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
 from kt_core.distill.bert import StudentSpec
 from kt_core.distill.device import DEVICE_CHOICES
-from kt_core.distill.mixkd import DistillConfig, DistillConfigError, LossWeights
+from kt_core.config_file import ConfigError, coerce, load_table
+from kt_core.distill.mixkd import DistillConfig, LossWeights
 from kt_core.distill.text import TextDataError, TextDataSpec
 
 TASKS = ("text", "nav")
@@ -84,28 +83,22 @@ _TOP = {"task", "teacher", "method", "alpha", "temperature", "epochs", "batch_si
 
 
 def load_site_config(path: Path) -> SiteDistillConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise DistillConfigError(f"config: {path} does not exist")
-    try:
-        doc = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as err:
-        raise DistillConfigError(f"config: {path} is not valid TOML: {err}") from None
+    doc = load_table(path, "distillation config")
     if "distill" not in doc:
-        raise DistillConfigError(f"distill: {path} has no [distill] section")
+        raise ConfigError(f"distill: {path} has no [distill] section")
     return parse_distill(doc["distill"], base=path.parent)
 
 
 def parse_distill(section: Mapping[str, Any], base: Path = Path(".")) -> SiteDistillConfig:
     """The validated settings; relative paths are taken from `base` (the config file's folder)."""
     if not isinstance(section, Mapping):
-        raise DistillConfigError("distill: must be a table")
+        raise ConfigError("distill: must be a table")
     _unknown("distill", section, _TOP)
     get = _Getter("distill", section)
     task = get.choice("task", TASKS, "text")
     teacher = get.text("teacher", None)
     if not teacher:
-        raise DistillConfigError("distill.teacher: required (the path of the site's teacher checkpoint)")
+        raise ConfigError("distill.teacher: required (the path of the site's teacher checkpoint)")
     train = _training(get, task)
     student, init = _student(get)
     data = _text_data(get, base, train.seed)
@@ -120,13 +113,13 @@ def parse_distill(section: Mapping[str, Any], base: Path = Path(".")) -> SiteDis
 
         NavOptions.from_table(nav)
         if dp.enabled:
-            raise DistillConfigError("distill.dp: not supported for task \"nav\" yet: the VLN backbone reads its "
+            raise ConfigError("distill.dp: not supported for task \"nav\" yet: the VLN backbone reads its "
                                      "position tables directly, which Opacus cannot differentiate per sample")
     elif nav:
-        raise DistillConfigError("distill.nav: only for task = \"nav\"")
+        raise ConfigError("distill.nav: only for task = \"nav\"")
     processes = get.integer("processes", 1)
     if processes < 1:
-        raise DistillConfigError(f"distill.processes: must be >= 1, got {processes}")
+        raise ConfigError(f"distill.processes: must be >= 1, got {processes}")
     return SiteDistillConfig(task=task, teacher=_path(base, teacher), train=train, student=student, student_init=init,
                              data=data, out_dir=_path(base, get.text("out_dir", "distill")), processes=processes,
                              teacher_finetune=finetune, dp=dp, nav=nav)
@@ -148,11 +141,11 @@ def _training(get: "_Getter", task: str) -> DistillConfig:
                           seed=get.integer("seed", 0), device=get.text("device", "auto"), amp=get.boolean("amp", True))
     try:
         train.validate()
-    except DistillConfigError as err:
-        raise DistillConfigError(f"distill.{err}") from None
+    except ConfigError as err:
+        raise ConfigError(f"distill.{err}") from None
     device = train.device.lower()
     if device not in DEVICE_CHOICES and not device.startswith("cuda:"):
-        raise DistillConfigError(f"distill.device: {train.device!r} is not one of {', '.join(DEVICE_CHOICES)} (or cuda:N)")
+        raise ConfigError(f"distill.device: {train.device!r} is not one of {', '.join(DEVICE_CHOICES)} (or cuda:N)")
     return train
 
 
@@ -166,7 +159,7 @@ def _student(get: "_Getter") -> tuple[StudentSpec, str]:
     try:
         student.validate()
     except ValueError as err:
-        raise DistillConfigError(f"distill.{err}") from None
+        raise ConfigError(f"distill.{err}") from None
     init = sg.choice("init", STUDENT_INITS, "pretrained")
     return student, init
 
@@ -183,7 +176,7 @@ def _text_data(get: "_Getter", base: Path, seed: int) -> TextDataSpec:
     try:
         data.validate()
     except TextDataError as err:
-        raise DistillConfigError(f"distill.{err}") from None
+        raise ConfigError(f"distill.{err}") from None
     return data
 
 
@@ -193,7 +186,7 @@ def _teacher_finetune(get: "_Getter") -> TeacherFinetune:
     fg = _Getter("distill.teacher_finetune", ft_tab)
     finetune = TeacherFinetune(epochs=fg.integer("epochs", 2), lr=fg.number("lr", 1e-4), batch_size=fg.integer("batch_size", 32))
     if finetune.epochs < 1 or finetune.batch_size < 1 or finetune.lr <= 0:
-        raise DistillConfigError("distill.teacher_finetune: epochs and batch_size must be >= 1 and lr > 0")
+        raise ConfigError("distill.teacher_finetune: epochs and batch_size must be >= 1 and lr > 0")
     return finetune
 
 
@@ -205,10 +198,10 @@ def _dp_options(get: "_Getter", method: str) -> DPOptions:
                    max_grad_norm=pg.number("max_grad_norm", 1.0))
     if dp.enabled:
         if dp.noise_multiplier < 0 or dp.max_grad_norm <= 0:
-            raise DistillConfigError("distill.dp: noise_multiplier must be >= 0 and max_grad_norm > 0")
+            raise ConfigError("distill.dp: noise_multiplier must be >= 0 and max_grad_norm > 0")
         if method == "mixkd":
             # one mixed example carries two records: a per-sample clip no longer bounds one record's influence
-            raise DistillConfigError("distill.dp: DP-SGD with method \"mixkd\" is refused: each mixed example "
+            raise ConfigError("distill.dp: DP-SGD with method \"mixkd\" is refused: each mixed example "
                                      "depends on two records, so per-example clipping does not bound one record's "
                                      "influence; use method \"kd\" or \"none\" with DP")
     return dp
@@ -222,7 +215,7 @@ def _path(base: Path, value: str) -> Path:
 def _unknown(where: str, table: Mapping, allowed: set[str]) -> None:
     extra = sorted(set(table) - allowed)
     if extra:
-        raise DistillConfigError(f"{where}.{extra[0]}: unknown setting (known: {', '.join(sorted(allowed))})")
+        raise ConfigError(f"{where}.{extra[0]}: unknown setting (known: {', '.join(sorted(allowed))})")
 
 
 class _Getter:
@@ -235,31 +228,22 @@ class _Getter:
         return self.values.get(key, default)
 
     def fail(self, key: str, text: str):
-        raise DistillConfigError(f"{self.where}.{key}: {text}")
+        raise ConfigError(f"{self.where}.{key}: {text}")
+
+    def _typed(self, hint: type, key: str, default):
+        return coerce(hint, self._get(key, default), f"{self.where}.{key}")
 
     def number(self, key: str, default: float) -> float:
-        v = self._get(key, default)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            self.fail(key, f"must be a finite number, got {v!r}")
-        return float(v)
+        return self._typed(float, key, default)
 
     def integer(self, key: str, default: int) -> int:
-        v = self._get(key, default)
-        if isinstance(v, bool) or not isinstance(v, int):
-            self.fail(key, f"must be an integer, got {v!r}")
-        return int(v)
+        return self._typed(int, key, default)
 
     def boolean(self, key: str, default: bool) -> bool:
-        v = self._get(key, default)
-        if not isinstance(v, bool):
-            self.fail(key, f"must be true or false, got {v!r}")
-        return v
+        return self._typed(bool, key, default)
 
     def text(self, key: str, default: str | None) -> str | None:
-        v = self._get(key, default)
-        if v is not None and not isinstance(v, str):
-            self.fail(key, f"must be a string, got {v!r}")
-        return v
+        return None if self._get(key, default) is None else self._typed(str, key, default)
 
     def choice(self, key: str, choices: tuple[str, ...], default: str) -> str:
         v = self.text(key, default)

@@ -31,12 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kt_core.config_file import ConfigError
+
 METHODS = ("mixkd", "kd", "none")
 Batch = dict[str, Tensor]
-
-
-class DistillConfigError(ValueError):
-    """An invalid distillation setting; the message starts with the field's name."""
 
 
 @dataclass(frozen=True)
@@ -68,7 +66,7 @@ class DistillConfig:
     def validate(self) -> "DistillConfig":
         def need(ok: bool, name: str, text: str) -> None:
             if not ok:
-                raise DistillConfigError(f"{name}: {text}")
+                raise ConfigError(f"{name}: {text}")
 
         need(self.method in METHODS, "method", f"{self.method!r} is not one of {', '.join(METHODS)}")
         need(math.isfinite(self.alpha) and self.alpha > 0, "alpha",
@@ -108,7 +106,7 @@ def sample_mix(batch_size: int, alpha: float, generator: torch.Generator, device
     the CPU from the given generator (numpy's Beta seeded from it: torch's Beta takes no
     generator), so a run is reproducible whatever the device."""
     if alpha <= 0:
-        raise DistillConfigError(f"alpha: must be > 0, got {alpha}")
+        raise ConfigError(f"alpha: must be > 0, got {alpha}")
     rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
     lam = torch.from_numpy(rng.beta(alpha, alpha, size=batch_size).astype(np.float32))
     perm = torch.randperm(batch_size, generator=generator)

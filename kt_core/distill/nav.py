@@ -31,7 +31,8 @@ from torch import Tensor
 from kt_core.distill.bert import StudentTooLargeError
 from kt_core.distill.checkpoint import CheckpointError
 from kt_core.distill.loop import DictDataset, count_parameters, evaluate, fit, inference_speed
-from kt_core.distill.mixkd import DistillConfigError, MixableModule, make_objective
+from kt_core.config_file import ConfigError
+from kt_core.distill.mixkd import MixableModule, make_objective
 from kt_core.vln.backbone import VLNBackbone, VLNConfig
 from kt_core.vln.tokenizer import PAD_ID, Tokenizer
 
@@ -94,25 +95,25 @@ class NavOptions:
         known = {f.name for f in dataclasses.fields(cls)}
         for key in table:
             if key not in known:
-                raise DistillConfigError(f"distill.nav.{key}: unknown setting (known: {', '.join(sorted(known))})")
+                raise ConfigError(f"distill.nav.{key}: unknown setting (known: {', '.join(sorted(known))})")
         levels = table.get("levels")
         if isinstance(levels, str):
             levels = [levels]
         if levels is not None and (not isinstance(levels, (list, tuple)) or not levels
                                    or not all(isinstance(x, str) for x in levels)):
-            raise DistillConfigError("distill.nav.levels: must be a non-empty list of BabyAI level names")
+            raise ConfigError("distill.nav.levels: must be a non-empty list of BabyAI level names")
         opts = cls(levels=None if levels is None else tuple(levels), **{k: v for k, v in table.items() if k != "levels"})
         for name, lo in (("site_index", 0), ("student_d_model", 0), ("episodes", 1), ("eval_episodes", 1),
                          ("student_cross_layers", 1), ("teacher_rollouts", 0), ("rollout_max_steps", 1)):
             v = getattr(opts, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
-                raise DistillConfigError(f"distill.nav.{name}: must be an integer >= {lo}, got {v!r}")
+                raise ConfigError(f"distill.nav.{name}: must be an integer >= {lo}, got {v!r}")
         eps = opts.rollout_epsilon
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps <= 1:
-            raise DistillConfigError(f"distill.nav.rollout_epsilon: must be a number in [0, 1], got {eps!r}")
+            raise ConfigError(f"distill.nav.rollout_epsilon: must be a number in [0, 1], got {eps!r}")
         for name in ("demo_cache", "backbone"):
             if getattr(opts, name) is not None and not isinstance(getattr(opts, name), str):
-                raise DistillConfigError(f"distill.nav.{name}: must be a path (a string)")
+                raise ConfigError(f"distill.nav.{name}: must be a path (a string)")
         return opts
 
     def for_teacher(self, teacher) -> "NavOptions":
@@ -120,10 +121,10 @@ class NavOptions:
         vln = teacher.config.vln
         where = f"the teacher is {teacher.site}'s model from run {teacher.run_id}"
         if self.levels is not None and tuple(self.levels) != tuple(teacher.levels):
-            raise DistillConfigError(f"distill.nav.levels: {list(self.levels)}, but {where}, adapted on "
+            raise ConfigError(f"distill.nav.levels: {list(self.levels)}, but {where}, adapted on "
                                      f"{list(teacher.levels)}: the student learns on the site's own demonstrations")
         if self.site_index is not None and self.site_index != teacher.site_index:
-            raise DistillConfigError(f"distill.nav.site_index: {self.site_index}, but {where}, whose demonstrations "
+            raise ConfigError(f"distill.nav.site_index: {self.site_index}, but {where}, whose demonstrations "
                                      f"are seed block {teacher.site_index}")
         return dataclasses.replace(self, levels=tuple(teacher.levels), site_index=teacher.site_index,
                                    episodes=self.episodes or vln.episodes_per_level,

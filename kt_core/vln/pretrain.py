@@ -20,7 +20,6 @@ import dataclasses
 import math
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kt_core.config_file import build, check_known, load_table
 from kt_core.vln.babyai import BabyAIError, Demos, check_level, get_demos
 from kt_core.vln.backbone import VLNBackbone, VLNConfig, count_parameters, mask_tokens
 from kt_core.vln.checkpoint import save_backbone
@@ -37,10 +37,6 @@ from kt_core.vln.tokenizer import Tokenizer
 
 DEFAULT_LEVELS = ("BabyAI-GoToObj-v0", "BabyAI-GoToRedBlueBall-v0", "BabyAI-GoToLocal-v0", "BabyAI-GoToObjDoor-v0",
                   "BabyAI-GoToDoor-v0", "BabyAI-OpenDoor-v0")
-
-
-class PretrainConfigError(ValueError):
-    """An invalid pretraining configuration; the message starts with the dotted field name."""
 
 
 @dataclass(frozen=True)
@@ -94,65 +90,15 @@ class PretrainSettings:
 # the TOML file
 # ---------------------------------------------------------------------------------------------
 
-def _typed(where: str, value, default):
-    """`value` checked against the type of the field's default (TOML has no tuples: lists)."""
-    if isinstance(default, bool):
-        ok = isinstance(value, bool)
-        kind = "true or false"
-    elif isinstance(default, int):
-        ok = isinstance(value, int) and not isinstance(value, bool)
-        kind = "an integer"
-    elif isinstance(default, float):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value, kind = (float(value) if ok else value), "a number"
-    elif isinstance(default, str):
-        ok, kind = isinstance(value, str), "a string"
-    elif isinstance(default, tuple):
-        elem = default[0]
-        ok = isinstance(value, list) and all(type(v) is type(elem) for v in value)
-        value, kind = (tuple(value) if ok else value), f"a list of {type(elem).__name__}"
-    else:  # pragma: no cover - every field has one of the types above
-        raise TypeError(where)
-    if not ok:
-        raise PretrainConfigError(f"{where}: must be {kind}, got {value!r}")
-    return value
-
-
-def _section(cls, table, where: str, skip: frozenset = frozenset()):
-    if not isinstance(table, dict):
-        raise PretrainConfigError(f"{where}: must be a table")
-    defaults = {f.name: (f.default if f.default is not dataclasses.MISSING else f.default_factory())
-                for f in dataclasses.fields(cls) if f.name not in skip}
-    unknown = sorted(set(table) - set(defaults))
-    if unknown:
-        raise PretrainConfigError(f"{where}.{unknown[0]}: unknown field (known: {', '.join(sorted(defaults))})")
-    kwargs = {k: _typed(f"{where}.{k}", v, defaults[k]) for k, v in table.items()}
-    obj = cls(**kwargs)
-    try:
-        obj.validate()
-    except ValueError as err:
-        raise PretrainConfigError(f"{where}.{err}") from None
-    return obj
-
-
 def parse_config(doc: dict) -> tuple[VLNConfig, PretrainSettings]:
-    unknown = sorted(set(doc) - {"model", "pretrain"})
-    if unknown:
-        raise PretrainConfigError(f"{unknown[0]}: unknown section (known: model, pretrain)")
+    check_known(doc, ("model", "pretrain"), "", kind="section")
     # vocab_size comes from the tokenizer: a config cannot get it wrong
-    model = _section(VLNConfig, doc.get("model", {}), "model", skip=frozenset({"vocab_size"}))
-    return model, _section(PretrainSettings, doc.get("pretrain", {}), "pretrain")
+    model = build(VLNConfig, doc.get("model", {}), "model", skip=("vocab_size",))
+    return model, build(PretrainSettings, doc.get("pretrain", {}), "pretrain")
 
 
 def load_config(path: str | Path) -> tuple[VLNConfig, PretrainSettings]:
-    path = Path(path)
-    try:
-        doc = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise PretrainConfigError(f"{path}: file not found") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-        raise PretrainConfigError(f"{path}: not valid TOML ({err})") from None
-    return parse_config(doc)
+    return parse_config(load_table(path, "pretraining config"))
 
 
 # ---------------------------------------------------------------------------------------------
