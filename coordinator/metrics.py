@@ -8,7 +8,7 @@ from __future__ import annotations
 import threading
 
 from coordinator.coordinator import Coordinator
-from kt_core.exposition import Metric, histogram
+from kt_core.wire.exposition import Metric, histogram
 
 ROUND_SECONDS_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 

@@ -21,7 +21,7 @@ from coordinator.metrics import Traffic, collect
 from coordinator.service import OperatorServicer, ParticipantServicer, generic_handler
 from coordinator.store import Store
 from kt_core.config import RunConfig
-from kt_core.exposition import MetricsServer
+from kt_core.wire.exposition import MetricsServer
 from kt_core.wire import transport
 from security.audit import AuditLog
 from security.pki import RevocationWatcher, check_key_pair, identity_from_pem

@@ -16,7 +16,7 @@ from pathlib import Path
 import grpc
 
 from kt_core.distill.device import capabilities as device_capabilities
-from kt_core.exposition import Metric, MetricsServer
+from kt_core.wire.exposition import Metric, MetricsServer
 from kt_core.heartbeat import HEARTBEAT_FILE, write_heartbeat
 from kt_core.wire import convert, transport
 from kt_core.wire import federation_pb2 as pb

@@ -18,7 +18,7 @@ from cryptography import x509
 
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from kt_core.exposition import Metric, MetricsServer, histogram, parse, render
+from kt_core.wire.exposition import Metric, MetricsServer, histogram, parse, render
 from kt_core.wire import convert, transport
 from kt_core.wire import federation_pb2 as pb
 from kt_core.wire.federation_pb2_grpc import ParticipantServiceStub

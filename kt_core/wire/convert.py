@@ -8,7 +8,7 @@ from typing import Iterator, Mapping
 
 import numpy as np
 
-from kt_core import codec
+import kt_core.codec as codec
 from kt_core.wire import federation_pb2 as pb
 
 PROTOCOL_VERSION = pb.PROTOCOL_VERSION_1
