@@ -183,8 +183,8 @@ class Target:
 
 
 def call(target: Target, service: str, method: str, payload, request_streams: bool, response_streams: bool,
-         identity: str, raw: bool, tally: Tally) -> None:
-    """One call; its outcome goes into `tally`."""
+         identity: str, raw: bool, tally: Tally, stream_wait_s: float = STREAM_WAIT_S) -> None:
+    """One call; its outcome goes into `tally`. An open task stream is awaited `stream_wait_s`."""
     path = f"/ktfed.v1.{service}/{method}"
     channel = target.channels[identity]
     serialize = None if raw else (lambda m: m.SerializeToString())
@@ -196,7 +196,7 @@ def call(target: Target, service: str, method: str, payload, request_streams: bo
     tally.sent += 1
     try:
         if response_streams:
-            stream = rpc(request, timeout=STREAM_WAIT_S if method == "Tasks" else CALL_TIMEOUT_S)
+            stream = rpc(request, timeout=stream_wait_s if method == "Tasks" else CALL_TIMEOUT_S)
             for _ in stream:
                 if method == "Tasks":       # an accepted task stream: it is open, that is all we need
                     tally.open_streams += 1
@@ -260,12 +260,14 @@ def fuzz_rpc(target: Target, rpc, n: int, raw: bool, seed: int = 0) -> Tally:
 
 def oversize(target: Target, rpc) -> Tally:
     """One message over the coordinator's size limit on this method: refused inside gRPC, which
-    must still be logged and recorded like any other refusal."""
+    must still be logged and recorded like any other refusal (an operator method is refused for
+    the caller's role first: identity comes before size)."""
     service, method, _cls, request_streams, response_streams, _identity = rpc
     tally = Tally()
     since = time.time()
+    # the message takes longer to send than a task stream is awaited (it is refused once it arrived)
     call(target, service, method, bytes(transport.MAX_MESSAGE_BYTES + 1024), request_streams, response_streams,
-         "oversize", True, tally)
+         "oversize", True, tally, stream_wait_s=CALL_TIMEOUT_S)
     target.flush(service, "oversize", tally)
     time.sleep(0.2)
     tally.logged = target.refusals(PEERS["oversize"], since)

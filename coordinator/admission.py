@@ -4,24 +4,26 @@ Before a byte of the request is parsed (`Admission.identify`, called by the hand
 1. identity and revocation: the client certificate (coordinator.auth) and the role the call needs;
 2. run membership: a participant must be one of the current run's sites, on every call (the run
    id is not named to a non-member);
-3. the caller's allowance (coordinator.limits: calls open at once, calls per second).
-Then, as the request is parsed (`check_fields`) and read (`Admission.participant`):
-4. size and depth limits: every integer, string and nesting depth of the message is bounded;
-   the id the message claims must be the certificate's subject; the protocol version.
+3. the caller's allowance (coordinator.limits: calls open at once, calls per second; operators
+   and health callers: calls open at once).
+Then, as the request is read (`cut_short`), parsed (`check_fields`) and read (`Admission.participant`):
+4. size and depth limits: a message over gRPC's receive limit is refused inside gRPC, and the
+   plumbing records the call it ended; every integer, string and nesting depth of the message
+   is bounded; the id the message claims must be the certificate's subject; the protocol version.
 The round engine calls the content checks below (metrics, tensor declarations, capabilities)
 before it keeps anything. Every failure is a Refusal, logged and recorded by the servicer edge.
 """
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 from coordinator.auth import Authenticator
 from coordinator.errors import Code, Refusal
 from coordinator.limits import Limiter
 from kt_core import codec
 from kt_core.config import FederationSettings
-from kt_core.wire import convert
+from kt_core.wire import convert, transport
 
 # every integer a message carries fits a JSON number (the audit log) and an SQLite INTEGER
 MAX_WIRE_INT = 2 ** 53 - 1
@@ -55,8 +57,9 @@ class Admission:
         engine = self.coordinator.engine
         return engine.fed if engine is not None else FederationSettings()
 
-    def identify(self, context, role: str):
-        """Steps 1-3, before the request is parsed; returns the caller."""
+    def identify(self, context, role: str | None):
+        """Steps 1-3, before the request is read; returns the caller. `role` None: any certificate
+        of the federation's CA may call (the health service)."""
         caller = self.auth.caller(context, role)
         if role == "participant":
             # without TLS (--insecure, local debugging) nobody has an identity before the header
@@ -65,6 +68,11 @@ class Admission:
                 self.check_member(caller.name)
             # every participant call counts against its caller's allowance until it ends
             self.limits.admit(caller.name, self._federation(), context.add_callback)
+        else:
+            # an operator or a health caller is not rate limited, but holds no more calls open
+            # than a site may: no certificate can hold every worker thread
+            self.limits.admit(caller.name, self._federation(), context.add_callback, rate=False,
+                              holder="certificate")
         return caller
 
     def check_member(self, name: str) -> None:
@@ -104,6 +112,25 @@ class Admission:
 
 
 # -- step 4: what a message carries ---------------------------------------------------------------
+
+def cut_short(context, watch, received: int, stopping: Callable[[], bool]) -> Refusal | None:
+    """Why a call ended before its next message reached the coordinator, as the refusal to log and
+    record; None when nobody refused it (the caller's own deadline passed, or the server stops).
+    gRPC refuses a message over its receive limit inside its core, before any code of ours sees
+    it, and tells the server only that the call was cancelled, as it does when the peer cancels
+    or its connection drops: the record names both, since the server cannot tell them apart.
+    `watch` (a limits.Watch) knows when the watchdog ended it."""
+    if watch is not None and watch.reason:
+        return Refusal(Code.DEADLINE_EXCEEDED, watch.reason)
+    left = context.time_remaining()
+    if (left is not None and left <= 0) or stopping():
+        return None
+    what = "its request" if received == 0 else f"message {received + 1} of its request"
+    return Refusal(Code.CANCELLED,
+                   f"the call ended inside gRPC before {what} reached the coordinator: a message over "
+                   f"{transport.MAX_MESSAGE_BYTES} bytes (gRPC refuses it itself, answering RESOURCE_EXHAUSTED), "
+                   f"or a peer that cancelled or lost its connection")
+
 
 def check_fields(message, where: str = "", depth: int = 0) -> None:
     """Bound every integer, string, bytes field and nesting level of a parsed message, before any

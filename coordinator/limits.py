@@ -14,14 +14,21 @@ servicer logs and records it like any other refusal and an operator knows what t
                             two seconds' worth (0 = no rate limit)
 
 Counting happens per authenticated identity, after the certificate and membership checks and
-before the request is parsed (coordinator.admission), so one site cannot exhaust another's
-allowance and a flood of malformed calls is cut off before it costs parsing.
+before the request is read (coordinator.admission), so one site cannot exhaust another's
+allowance and a flood of malformed calls is cut off before it costs parsing. Operators and
+callers of the health service are held to max_rpcs_per_participant calls open as well (not to
+the rate): no certificate may hold every worker thread.
+
+All callers together: the server's max_concurrent_rpcs (coordinator.server.ServerSettings), which
+gRPC enforces before a call takes a worker thread or a place in the queue.
 
 Two more bounds on what a peer can make the coordinator spend:
   RecordBudget     refusals of one peer logged and recorded one by one (10 per second, bursts of
                    30); past that they are counted into the peer's next recorded refusal
-  StreamWatchdog   a client stream (Upload, SubmitSecAgg) that sends no first message, or goes
-                   idle, within the server's timeouts is ended with DEADLINE_EXCEEDED
+  StreamWatchdog   a call that sends no first message (every call, unary ones included: the
+                   server reads every request as a stream), or a client stream (Upload,
+                   SubmitSecAgg) that goes idle, within the server's timeouts is ended with
+                   DEADLINE_EXCEEDED
 """
 from __future__ import annotations
 
@@ -47,17 +54,20 @@ class Limiter:
         self._uploads = 0
 
     # -- per participant ----------------------------------------------------------------------
-    def admit(self, participant_id: str, fed: FederationSettings, on_end: Callable[[Callable[[], None]], bool]) -> None:
+    def admit(self, participant_id: str, fed: FederationSettings, on_end: Callable[[Callable[[], None]], bool],
+              *, rate: bool = True, holder: str = "participant") -> None:
         """Count one call of `participant_id` against its limits, or refuse it. `on_end` registers
         the release for when the call ends (grpc's `context.add_callback`); a call that already
-        ended (it returns False) is released at once."""
+        ended (it returns False) is released at once. Without `rate`, only the calls it holds open
+        count (operators and health callers: what must be bounded there is the threads they hold)."""
         with self._cond:
-            self._take_token(participant_id, fed.rpc_rate_per_participant)
+            if rate:
+                self._take_token(participant_id, fed.rpc_rate_per_participant)
             open_now = self._open.get(participant_id, 0)
             if open_now >= fed.max_rpcs_per_participant:
                 raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
                               f"federation.max_rpcs_per_participant: {participant_id} already has {open_now} calls "
-                              f"open, the most one participant may hold at once")
+                              f"open, the most one {holder} may hold at once")
             self._open[participant_id] = open_now + 1
         released = threading.Event()
 
@@ -154,8 +164,8 @@ class RecordBudget:
 
 # -- streams that stall ----------------------------------------------------------------------------
 class StreamWatchdog:
-    """Ends a client-streaming call whose first message does not come within `first_message_s`
-    of its start, or whose next message does not come within `idle_s`: a stalled site must not
+    """Ends a call whose first message does not come within `first_message_s` of its start, or a
+    client stream whose next message does not come within `idle_s`: a stalled caller must not
     hold a worker thread or an upload slot. One thread watches every call."""
 
     def __init__(self, first_message_s: float, idle_s: float, clock: Callable[[], float] = time.monotonic):

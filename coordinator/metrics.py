@@ -101,7 +101,8 @@ def collect(coordinator: Coordinator, traffic: Traffic, serving) -> list[Metric]
     ]
     connected = Metric("ktfed_participant_connected", "gauge", "1 when the site holds a task stream")
     contributed = Metric("ktfed_participant_rounds_contributed_total", "counter", "rounds the site contributed to")
-    uploaded = Metric("ktfed_participant_bytes_uploaded_total", "counter", "update bytes the site contributed")
+    uploaded = Metric("ktfed_participant_update_bytes_total", "counter",
+                      "update bytes the coordinator accepted from the site")
     epsilon = Metric("ktfed_participant_epsilon_spent", "gauge", "the site's reported cumulative epsilon")
     budget = Metric("ktfed_participant_epsilon_budget", "gauge", "the site's epsilon budget (0: none reported)")
     for p in status.participants:

@@ -2,17 +2,17 @@
 from __future__ import annotations
 
 import logging
-import os
+import math
 import signal
-import time
 import threading
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
+from coordinator.admission import Admission
 from coordinator.audit_trail import AuditTrail
 from coordinator.auth import Authenticator
 from coordinator.coordinator import Coordinator
@@ -20,7 +20,7 @@ from coordinator.limits import StreamWatchdog
 from coordinator.metrics import Traffic, collect
 from coordinator.service import OperatorServicer, ParticipantServicer, generic_handler
 from coordinator.store import Store
-from kt_core.config import RunConfig
+from kt_core.config import FederationSettings, RunConfig
 from kt_core.wire.exposition import MetricsServer
 from kt_core.wire import transport
 from security.audit import AuditLog
@@ -41,14 +41,50 @@ class ServerSettings:
     max_workers: int = 160
     metrics_listen: str | None = None   # HOST:PORT of the Prometheus endpoint; None = off
     audit: bool = True                  # keep the audit log (STATE/audit); off only to measure it
-    # a client-streaming call (Upload, SubmitSecAgg) that sends nothing this long after it opened,
-    # or between two messages, is ended: a stalled site must not hold a thread or an upload slot
+    # a call that sends nothing this long after it opened, or a client stream (Upload, SubmitSecAgg)
+    # between two messages, is ended: a stalled caller must not hold a thread or an upload slot
     stream_first_message_timeout_s: float = 30.0
     stream_idle_timeout_s: float = 60.0
+    # calls in progress at once, every service and caller together; gRPC refuses one more
+    # (RESOURCE_EXHAUSTED) before it takes a worker thread or a place in the queue. None: the
+    # pool's threads plus one waiting call for each site of a run of max_participants (100)
+    max_concurrent_rpcs: int | None = None
+
+    @property
+    def concurrent_rpcs(self) -> int:
+        return self.max_concurrent_rpcs or self.max_workers + FederationSettings().max_participants
+
+    def validate(self) -> None:
+        if not 4 <= self.max_workers <= 10_000:
+            raise ValueError("max_workers: must be between 4 and 10000")
+        if not self.max_workers <= self.concurrent_rpcs <= 100_000:
+            raise ValueError("max_concurrent_rpcs: must be between max_workers and 100000 (fewer calls than "
+                             "threads would leave threads no call can use)")
+        for name in ("stream_first_message_timeout_s", "stream_idle_timeout_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and 0 < value <= 86_400):
+                raise ValueError(f"{name}: must be a finite number of seconds > 0 (at most a day)")
+
+
+class HealthGate:
+    """The standard health service behind the plumbing of the coordinator's own services: any
+    certificate of the federation's CA may ask (the pod's probe uses the coordinator's own), but
+    none may hold more calls open than a site may, and a request must come within the first-
+    message timeout, so idle health calls cannot hold the worker threads either."""
+
+    def __init__(self, servicer: health.HealthServicer, admission: Admission):
+        self.servicer, self.admission = servicer, admission
+
+    def admit(self, context) -> None:
+        self.admission.identify(context, None)
+
+    def __getattr__(self, method: str):   # Check, List, Watch: the health servicer's own
+        return getattr(self.servicer, method)
 
 
 class CoordinatorServer:
     def __init__(self, settings: ServerSettings):
+        settings.validate()
         self.settings = settings
         self.store = Store(settings.state_dir)
         self.trail = AuditTrail(None, "coordinator")
@@ -68,15 +104,9 @@ class CoordinatorServer:
         self.serving = False
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_workers,
                                                              thread_name_prefix="grpc"),
-                                  options=transport.SERVER_OPTIONS)
-        record = self._record_refusal
-        watchdog = StreamWatchdog(settings.stream_first_message_timeout_s, settings.stream_idle_timeout_s)
-        participants = ParticipantServicer(self.coordinator, self.auth, self.traffic)
-        self.server.add_generic_rpc_handlers((
-            generic_handler("ParticipantService", participants, record, watchdog),
-            generic_handler("OperatorService", OperatorServicer(self.coordinator, self.auth), record),
-        ))
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+                                  options=transport.SERVER_OPTIONS, maximum_concurrent_rpcs=settings.concurrent_rpcs)
+        self._stopped = threading.Event()
+        self.server.add_generic_rpc_handlers(self._handlers())
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if settings.insecure:
             log.warning("listening WITHOUT TLS on %s (--insecure): for local debugging only", settings.listen)
@@ -91,7 +121,20 @@ class CoordinatorServer:
         if settings.metrics_listen:
             self.metrics = MetricsServer(settings.metrics_listen,
                                          lambda: collect(self.coordinator, self.traffic, lambda: self.serving))
-        self._stopped = threading.Event()
+
+    def _handlers(self) -> tuple[grpc.GenericRpcHandler, ...]:
+        """Every service, health included, through service.generic_handler: each method reads its
+        request as a stream, so admission runs before the request arrives, the watchdog bounds the
+        wait for it, and a message that gRPC refuses for its size is logged and recorded like any
+        other refusal. One admission for all three: a caller's allowance is per certificate."""
+        settings = self.settings
+        watchdog = StreamWatchdog(settings.stream_first_message_timeout_s, settings.stream_idle_timeout_s)
+        participants = ParticipantServicer(self.coordinator, self.auth, self.traffic)
+        services = (("ParticipantService", participants),
+                    ("OperatorService", OperatorServicer(self.coordinator, self.auth, participants.admission)),
+                    ("grpc.health.v1.Health", HealthGate(self.health, participants.admission)))
+        return tuple(generic_handler(name, servicer, self._record_refusal, watchdog, streamed=True,
+                                     stopping=self._stopped.is_set) for name, servicer in services)
 
     def _record_refusal(self, peer: str, method: str, code: str, reason: str) -> None:
         self.store.record_refusal(peer, method, code, reason)
@@ -111,10 +154,6 @@ class CoordinatorServer:
             self.metrics.start()
         log.info("coordinator listening on %s (mTLS %s)", self.settings.listen,
                  "off" if self.settings.insecure else "on")
-        pause = float(os.environ.get("KTFED_FAULT_PAUSE_IN_RESUME_S", "0") or 0)
-        if pause:  # fault injection: hold the NOT_SERVING window open for the tests that watch it
-            log.warning("fault injection: pausing %.1fs before resuming (health NOT_SERVING)", pause)
-            time.sleep(pause)
         if not self.coordinator.resume() and config is not None:
             self.coordinator.start_run(config)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)

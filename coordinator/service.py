@@ -12,14 +12,16 @@ import inspect
 import itertools
 import logging
 import queue
+import threading
 import time
 from typing import Callable, Iterator
 
 import grpc
+from google.protobuf import descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 
 from coordinator import messages
-from coordinator.admission import Admission, check_fields, check_version
+from coordinator.admission import Admission, check_fields, check_version, cut_short
 from coordinator.audit_trail import CountersignatureError
 from coordinator.auth import Authenticator
 from coordinator.coordinator import Coordinator
@@ -48,6 +50,8 @@ RECHECK_S = 1.0
 # what of a refusal is logged, recorded and sent back (peer names and reasons are peer-chosen text)
 MAX_REFUSAL_PEER = 128
 MAX_REFUSAL_REASON = 1000
+# how long a request stream that ended empty waits to learn whether gRPC cancelled it (_parsed)
+ENDED_WAIT_S = 0.2
 
 
 class ParticipantServicer:
@@ -237,12 +241,14 @@ class ParticipantServicer:
 
 
 class OperatorServicer:
-    def __init__(self, coordinator: Coordinator, auth: Authenticator):
+    def __init__(self, coordinator: Coordinator, auth: Authenticator, admission: Admission | None = None):
         self.coordinator = coordinator
         self.auth = auth
+        # shared with the participant service's: the allowance is per certificate
+        self.admission = admission or Admission(coordinator, auth)
 
     def admit(self, context) -> None:
-        self.auth.caller(context, "operator")
+        self.admission.identify(context, "operator")
 
     def StartRun(self, request: pb.StartRunRequest, context) -> pb.RunStatus:
         caller = self.auth.caller(context, "operator")
@@ -344,25 +350,52 @@ def _upload_parser(method: str, cls):
     return parse_upload
 
 
-def _parsed(request_iterator, parse, watch=None):
+def _parsed(request_iterator, parse, context, watch=None, stopping=lambda: False):
     """The stream's messages, parsed, holding none while the next one is awaited: a chunk lives
     only as long as the servicer keeps it (a `for raw in ...` loop would keep the last one).
-    `watch` (a limits.Watch) ends the call when the next message is too long in coming."""
+    `watch` (a limits.Watch) ends the call when the next message is too long in coming. A stream
+    that gRPC ended before a message reached us becomes a Refusal (admission.cut_short)."""
+    received = 0
     while True:
         try:
             raw = next(request_iterator, None)
         except grpc.RpcError:
-            if watch is not None and watch.reason:
-                raise Refusal(Code.DEADLINE_EXCEEDED, watch.reason) from None
-            raise
+            refusal = cut_short(context, watch, received, stopping)
+            if refusal is None:
+                raise
+            raise refusal from None
         if raw is None:
+            # gRPC reports its own end of a call as an end of stream and a cancellation, two
+            # events: a stream that ends before its first message waits a moment for the second
+            # (a later message's end, if it came alone, meets the servicer's own checks)
+            if (_ended_meanwhile(context) if received == 0 else not context.is_active()):
+                refusal = cut_short(context, watch, received, stopping)
+                if refusal is None:
+                    context.abort(Code.CANCELLED, "the call ended before its request arrived")
+                raise refusal
             return
+        received += 1
         if watch is not None:
             watch.touch()
         message = parse(raw)
         del raw
         yield message
         del message
+
+
+def _ended_meanwhile(context, wait_s: float = ENDED_WAIT_S) -> bool:
+    ended = threading.Event()
+    if context.add_callback(ended.set):   # False: the call has ended already
+        ended.wait(wait_s)
+    return not context.is_active()
+
+
+def _only(messages, method: str):
+    """The one message of a unary request (on the wire, a stream of exactly one message)."""
+    message = next(messages, None)
+    if message is None:
+        raise Refusal(Code.UNIMPLEMENTED, f"{method} requires exactly one request message")
+    return message
 
 
 def _serialize(response_cls):
@@ -372,11 +405,21 @@ def _serialize(response_cls):
     return serialize
 
 
-def generic_handler(service_name: str, servicer, record,
-                    watchdog: StreamWatchdog | None = None) -> grpc.GenericRpcHandler:
-    """The service's methods: admission before the request is parsed, parsing with bounds, the
-    servicer, refusals logged and recorded; client streams watched by `watchdog` when given."""
-    service = pb.DESCRIPTOR.services_by_name[service_name]
+def generic_handler(service_name: str, servicer, record, watchdog: StreamWatchdog | None = None, *,
+                    streamed: bool = False, stopping: Callable[[], bool] = lambda: False) -> grpc.GenericRpcHandler:
+    """The service's methods: admission before the request is read, parsing with bounds, the
+    servicer, refusals logged and recorded; client streams watched by `watchdog` when given.
+    `service_name`: one of the wire contract's services (ParticipantService, OperatorService),
+    or the full name of another service the process knows (grpc.health.v1.Health).
+
+    `streamed` (the server's): every method takes its request as a stream, a unary one included
+    (on the wire a unary request is a stream of one message, so clients see no difference).
+    gRPC then hands the call to us before the message arrives: admission runs first, the
+    watchdog bounds the wait for the message, and a message gRPC refuses (over the size limit)
+    is seen here, where the caller's identity is known, and recorded like every other refusal.
+    `stopping` says when the server is shutting down (the calls it ends are nobody's refusal)."""
+    service = pb.DESCRIPTOR.services_by_name.get(service_name) or descriptor_pool.Default().FindServiceByName(
+        service_name)
     admit = getattr(servicer, "admit", lambda context: None)
     budget = RecordBudget()
     handlers = {}
@@ -385,15 +428,31 @@ def generic_handler(service_name: str, servicer, record,
         response_cls = _message_class(method.output_type)
         parse = (_upload_parser if request_cls is pb.UploadChunk else _parser)(method.name, request_cls)
         fn = getattr(servicer, method.name)
+        name = f"{service.name}.{method.name}"
         if method.client_streaming:
             def wrapped(request_iterator, context, fn=fn, parse=parse):
                 admit(context)
                 watch = watchdog.watch(context) if watchdog is not None else None
                 try:
-                    return fn(_parsed(request_iterator, parse, watch), context)
+                    return fn(_parsed(request_iterator, parse, context, watch, stopping), context)
                 finally:
                     if watch is not None:
                         watch.done()
+        elif streamed:
+            def read(request_iterator, context, parse=parse, name=name):
+                admit(context)
+                watch = watchdog.watch(context) if watchdog is not None else None
+                try:
+                    return _only(_parsed(request_iterator, parse, context, watch, stopping), name)
+                finally:
+                    if watch is not None:
+                        watch.done()
+            if method.server_streaming:
+                def wrapped(request_iterator, context, fn=fn, read=read):
+                    yield from fn(read(request_iterator, context), context)
+            else:
+                def wrapped(request_iterator, context, fn=fn, read=read):
+                    return fn(read(request_iterator, context), context)
         elif method.server_streaming:
             def wrapped(raw, context, fn=fn, parse=parse):
                 admit(context)
@@ -402,16 +461,17 @@ def generic_handler(service_name: str, servicer, record,
             def wrapped(raw, context, fn=fn, parse=parse):
                 admit(context)
                 return fn(parse(raw), context)
-        wrapped = _refusing(f"{service_name}.{method.name}", record, wrapped, budget)
+        wrapped = _refusing(name, record, wrapped, budget)
         make = {(False, False): grpc.unary_unary_rpc_method_handler,
                 (False, True): grpc.unary_stream_rpc_method_handler,
                 (True, False): grpc.stream_unary_rpc_method_handler,
-                (True, True): grpc.stream_stream_rpc_method_handler}[(method.client_streaming, method.server_streaming)]
+                (True, True): grpc.stream_stream_rpc_method_handler}[(method.client_streaming or streamed,
+                                                                      method.server_streaming)]
         handlers[method.name] = make(wrapped, request_deserializer=None,
                                      response_serializer=_serialize(response_cls))
-    return grpc.method_handlers_generic_handler(f"ktfed.v1.{service_name}", handlers)
+    return grpc.method_handlers_generic_handler(service.full_name, handlers)
 
 
 def _message_class(descriptor):
-    return getattr(pb, descriptor.name)
+    return message_factory.GetMessageClass(descriptor)   # the generated class (pb's, or health_pb2's)
 

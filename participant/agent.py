@@ -92,9 +92,9 @@ class ParticipantAgent:
                 c.rounds_trained, site),
             Metric("ktfed_participant_rounds_declined_total", "counter", "rounds declined (privacy budget)").add(
                 c.rounds_declined, site),
-            Metric("ktfed_participant_bytes_sent_total", "counter", "update bytes accepted by the coordinator").add(
+            Metric("ktfed_participant_update_bytes_total", "counter", "update bytes the coordinator accepted").add(
                 c.bytes_sent, site),
-            Metric("ktfed_participant_bytes_received_total", "counter", "global-state bytes downloaded").add(
+            Metric("ktfed_participant_state_bytes_total", "counter", "global-state bytes downloaded").add(
                 c.bytes_downloaded, site),
             Metric("ktfed_participant_reconnects_total", "counter", "connections lost and retried").add(
                 self.reconnects, site),

@@ -83,6 +83,14 @@ class LocalFederation(Federation):
         self.participants[site] = spawn(cmd, self.workdir / "logs" / f"{site}.out", fault_harness.environment(env))
         return self.participants[site]
 
+    def start_coordinator(self, config: Path | None = None, env: dict | None = None, args: list[str] | None = None):
+        """The coordinator process; one asked for a fault (tests/fault_harness.py) runs through the harness."""
+        if not fault_harness.wanted(env):
+            return super().start_coordinator(config, env, args)
+        cmd = fault_harness.command(self.coordinator_command(config)) + list(args or ())
+        self.coordinator = spawn(cmd, self.workdir / "logs" / "coordinator.out", fault_harness.environment(env))
+        return self.coordinator
+
     def write_config(self, text: str) -> Path:
         path = self.workdir / "run.toml"
         path.write_text(text)

@@ -1,13 +1,14 @@
 """Fault injection for the integration tests, kept out of the product.
 
-A test that wants a participant to misbehave starts it through this module instead of
-`python -m ktfed` (LocalFederation.start_participant does so when the environment it passes names
-one of FAULTS):
+A test that wants a process to misbehave starts it through this module instead of `python -m
+ktfed` (LocalFederation.start_participant and start_coordinator do so when the environment they
+pass names one of FAULTS):
 
-    python -m tests.fault_harness participant run --site ... (the ktfed CLI's own arguments)
+    python -m tests.fault_harness participant run --site ...    (the ktfed CLI's own arguments)
+    python -m tests.fault_harness coordinator serve --listen ...
 
-which wraps the named seams of the participant's round recipe and secure aggregation session,
-then runs the ktfed CLI unchanged, in a real process with its real certificates and sockets:
+which wraps the named seams of the product, then runs the ktfed CLI unchanged, in a real process
+with its real certificates and sockets. Participant (its round recipe and secure aggregation):
 
     KTFED_FAULT_PAUSE_BEFORE_UPLOAD_S=S   Round.upload waits S seconds first (a site that trained
                                           but holds its update back; SIGTERM still stops it)
@@ -16,6 +17,14 @@ then runs the ktfed CLI unchanged, in a real process with its real certificates 
     KTFED_FAULT_EXIT_AFTER_SECAGG_STEP=X  the process exits (code 17) once step X was submitted
     KTFED_TEST_EXPORT_SECAGG_INPUT=DIR    each SecureUpdate writes the site's plain update and its
                                           encoded input to DIR, so a test can check the sum
+
+Coordinator (its store and its start):
+
+    KTFED_FAULT_PAUSE_BEFORE_COMMIT_S=S   a completed round's state file is written, then S seconds
+                                          pass before its records are committed (Store._write_state,
+                                          rounds >= 1): a kill meanwhile is a crash mid-save
+    KTFED_FAULT_PAUSE_IN_RESUME_S=S       Coordinator.resume waits S seconds first: the server
+                                          listens and answers health NOT_SERVING meanwhile
 """
 from __future__ import annotations
 
@@ -23,14 +32,13 @@ import functools
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
-log = logging.getLogger("participant.round")
-
 FAULTS = ("KTFED_FAULT_PAUSE_BEFORE_UPLOAD_S", "KTFED_FAULT_LEAK_PRIVATE", "KTFED_FAULT_EXIT_AFTER_SECAGG_STEP",
-          "KTFED_TEST_EXPORT_SECAGG_INPUT")
+          "KTFED_TEST_EXPORT_SECAGG_INPUT", "KTFED_FAULT_PAUSE_BEFORE_COMMIT_S", "KTFED_FAULT_PAUSE_IN_RESUME_S")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -55,12 +63,21 @@ def _wrap(owner, name: str, wrapper) -> None:
     setattr(owner, name, functools.wraps(original)(lambda *args, **kwargs: wrapper(original, *args, **kwargs)))
 
 
-def install(env=os.environ) -> None:
-    from participant.round import Round
-    from participant.secure_update import SecureSession, SecureUpdate
+def _seconds(env, name: str) -> float:
+    return float(env.get(name, "0") or 0)
 
-    pause = float(env.get("KTFED_FAULT_PAUSE_BEFORE_UPLOAD_S", "0") or 0)
+
+def install(env=os.environ) -> None:
+    install_participant(env)
+    install_coordinator(env)
+
+
+def install_participant(env) -> None:
+    log = logging.getLogger("participant.round")
+    pause = _seconds(env, "KTFED_FAULT_PAUSE_BEFORE_UPLOAD_S")
     if pause:
+        from participant.round import Round
+
         def paused_upload(upload, self, messages):
             log.warning("%s: fault injection: pausing %.1fs before uploading round %d", self.site_run.site, pause,
                         self.round)
@@ -68,11 +85,15 @@ def install(env=os.environ) -> None:
             return upload(self, messages)
         _wrap(Round, "upload", paused_upload)
     if env.get("KTFED_FAULT_LEAK_PRIVATE") == "1":
+        from participant.round import Round
+
         def leaking_update(update, self, state):
             return {**update(self, state), **self.site_run.trainer.private_tensors()}
         _wrap(Round, "update", leaking_update)
     exit_step = env.get("KTFED_FAULT_EXIT_AFTER_SECAGG_STEP")
     if exit_step:
+        from participant.secure_update import SecureSession
+
         def dying_submit(submit, self, step, payload):
             delivered = submit(self, step, payload)
             if delivered and step == exit_step:
@@ -82,6 +103,8 @@ def install(env=os.environ) -> None:
         _wrap(SecureSession, "submit", dying_submit)
     folder = env.get("KTFED_TEST_EXPORT_SECAGG_INPUT")
     if folder:
+        from participant.secure_update import SecureUpdate
+
         def exporting_init(init, self, site, run_id, round_no, *args, **kwargs):
             init(self, site, run_id, round_no, *args, **kwargs)
             out = Path(folder)
@@ -89,6 +112,31 @@ def install(env=os.environ) -> None:
             np.save(out / f"{site}-round{round_no}-update.npy", self.flat, allow_pickle=False)
             np.save(out / f"{site}-round{round_no}-encoded.npy", self.encoded, allow_pickle=False)
         _wrap(SecureUpdate, "__init__", exporting_init)
+
+
+def install_coordinator(env) -> None:
+    commit_pause = _seconds(env, "KTFED_FAULT_PAUSE_BEFORE_COMMIT_S")
+    if commit_pause:
+        from coordinator.store import Store
+
+        def paused_write(write_state, self, run_id, round_no, state):
+            written = write_state(self, run_id, round_no, state)
+            if round_no >= 1:   # round 0 is the run's creation, not a completed round
+                logging.getLogger("coordinator.store").warning(
+                    "fault injection: pausing %.1fs between state file and commit", commit_pause)
+                time.sleep(commit_pause)
+            return written
+        _wrap(Store, "_write_state", paused_write)
+    resume_pause = _seconds(env, "KTFED_FAULT_PAUSE_IN_RESUME_S")
+    if resume_pause:
+        from coordinator.coordinator import Coordinator
+
+        def paused_resume(resume, self):
+            logging.getLogger("coordinator.server").warning(
+                "fault injection: pausing %.1fs before resuming (health NOT_SERVING)", resume_pause)
+            time.sleep(resume_pause)
+            return resume(self)
+        _wrap(Coordinator, "resume", paused_resume)
 
 
 if __name__ == "__main__":

@@ -203,6 +203,30 @@ def test_chunk_over_the_size_limit(fed, sites):
              grpc.StatusCode.RESOURCE_EXHAUSTED, "exceeds the chunk limit of 1024")
 
 
+def test_a_message_over_grpcs_own_limit_mid_upload_is_recorded(fed, sites):
+    """gRPC refuses the chunk inside its core (RESOURCE_EXHAUSTED) before the coordinator sees a
+    byte of it; the coordinator sees the upload end early and records that, under the caller."""
+    site = sites["site-x"]
+    tensors = _delta(site, 0.0)
+    ca, cert, key = transport.TLSFiles.from_pki(fed.pki, site.name).read()
+    options = [o for o in transport.CHANNEL_OPTIONS if o[0] != "grpc.max_send_message_length"]
+    channel = grpc.secure_channel(fed.address, grpc.ssl_channel_credentials(ca, key, cert), options=options + [
+        ("grpc.max_send_message_length", 2 * transport.MAX_MESSAGE_BYTES)])
+    upload = channel.stream_unary("/ktfed.v1.ParticipantService/Upload")
+    before = _refusal_count(fed)
+    messages = [pb.UploadChunk(header=site.upload_header(tensors)).SerializeToString(),
+                bytes(transport.MAX_MESSAGE_BYTES + 1)]
+    with pytest.raises(grpc.RpcError) as info:
+        upload(iter(messages), timeout=30)
+    channel.close()
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+    fed.wait_for(lambda: _refusal_count(fed) == before + 1, 10, "the refusal's record")
+    (peer, method), = fed.db().execute("SELECT peer, method FROM refusals ORDER BY rowid DESC LIMIT 1").fetchall()
+    assert (peer, method) == ("site-x", "ParticipantService.Upload")
+    status = fed.status()
+    assert status.rounds_completed == 0 and status.round_in_progress == 1
+
+
 def test_digest_mismatch(fed, sites):
     site = sites["site-x"]
     tensors = _delta(site, 0.0)

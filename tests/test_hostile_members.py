@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -279,6 +280,80 @@ def test_health_and_status_answer_while_a_member_holds_all_it_may_hold(server, p
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 20 - 7
     channel.close()
     time.sleep(2.5)
+
+
+# -- a flood of idle calls from several certificates ----------------------------------------------------
+
+FLOOD_WORKERS = 16
+
+
+@pytest.fixture(scope="module")
+def small_server(pki, tmp_path_factory):
+    """A second coordinator with few worker threads and a long first-message timeout: what keeps
+    its threads free below is the per-certificate allowance, not the watchdog."""
+    from security.pki import issue
+
+    issue(pki, "operator-2", "operator")
+    settings = ServerSettings(f"127.0.0.1:{free_port()}", tmp_path_factory.mktemp("flood-state"),
+                              transport.TLSFiles.from_pki(pki, "coordinator"), crl=pki / "crl.pem",
+                              max_workers=FLOOD_WORKERS, max_concurrent_rpcs=2 * FLOOD_WORKERS,
+                              stream_first_message_timeout_s=120.0)
+    text = fast_config(rounds=3, min_participants=2, timeout=600, sites=MEMBERS).replace(
+        "[federation]\n", "[federation]\nmax_rpcs_per_participant = 3\nrpc_rate_per_participant = 0.0\n")
+    srv = CoordinatorServer(settings)
+    srv.start(load_toml(text))
+    yield srv
+    srv.stop(grace=1.0)
+
+
+def test_server_settings_bound_the_calls_in_progress():
+    base = ServerSettings("127.0.0.1:0", Path("."), None, insecure=True)
+    assert base.concurrent_rpcs == base.max_workers + 100       # one waiting call per site of a full run
+    for bad in (dict(max_workers=2), dict(max_concurrent_rpcs=10), dict(stream_idle_timeout_s=float("inf"))):
+        with pytest.raises(ValueError):
+            dataclasses.replace(base, **bad).validate()
+
+
+def test_a_flood_of_idle_calls_does_not_make_health_or_status_time_out(small_server, pki):
+    hold = threading.Event()
+
+    def nothing():
+        hold.wait(60)
+        return
+        yield  # noqa: unreachable - a request stream that sends nothing until released
+
+    channels, calls = [], []
+    paths = {"site-a": ["/ktfed.v1.ParticipantService/Join", "/ktfed.v1.ParticipantService/Upload"],
+             "site-b": ["/ktfed.v1.ParticipantService/Join", "/grpc.health.v1.Health/Check"],
+             "operator-2": ["/ktfed.v1.OperatorService/GetRunStatus", "/grpc.health.v1.Health/Check"]}
+    for name, methods in paths.items():    # a member, a certificate of no site, a second operator
+        channel = transport.open_channel(small_server.settings.listen, transport.TLSFiles.from_pki(pki, name))
+        channels.append(channel)
+        for method in methods:
+            rpc = channel.stream_unary(method)
+            calls += [rpc.future(nothing(), timeout=60) for _ in range(2 * FLOOD_WORKERS)]
+    time.sleep(2.0)        # the flood is in: what could be refused has been
+    channel = transport.open_channel(small_server.settings.listen, transport.TLSFiles.from_pki(pki, "operator"))
+    try:
+        started = time.monotonic()
+        for _ in range(3):
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+            status = OperatorServiceStub(channel).GetRunStatus(pb.RunStatusRequest(header=convert.header()), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING and status.state == "running"
+        assert time.monotonic() - started < 5
+        held = [c for c in calls if not c.done()]
+        # each certificate holds at most max_rpcs_per_participant calls open; a non-member none
+        assert len(held) <= 3 * 3, len(held)
+        codes = {c.exception().code() for c in calls if c.done()}
+        assert codes <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.PERMISSION_DENIED}, codes
+        reasons = [r for (r,) in small_server.store.db.execute("SELECT reason FROM refusals")]
+        assert any(r.startswith("federation.max_rpcs_per_participant: operator-2 already has 3 calls open, the "
+                                "most one certificate may hold at once") for r in reasons)
+        assert any("site-b is not a site of run" in r for r in reasons)
+    finally:
+        hold.set()
+        for c in [channel, *channels]:
+            c.close()
 
 
 # -- a member revoked mid-run -----------------------------------------------------------------------------

@@ -139,8 +139,8 @@ def test_participant_metrics_endpoint(federation):
     federation.wait_for(lambda: value(scrape(site_port), "ktfed_participant_rounds_trained_total", **site) >= 1,
                         60, "site-a's first round")
     later = scrape(site_port)
-    assert value(later, "ktfed_participant_bytes_sent_total", **site) > 0
-    assert value(later, "ktfed_participant_bytes_received_total", **site) > 0
+    assert value(later, "ktfed_participant_update_bytes_total", **site) > 0
+    assert value(later, "ktfed_participant_state_bytes_total", **site) > 0
     assert value(later, "ktfed_participant_epsilon_spent", **site) == 0  # no DP in this run
     federation.wait_rounds(2, timeout=120)
 
