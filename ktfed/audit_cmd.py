@@ -6,7 +6,8 @@
                  [--partial] [--run RUN]        the lenient reading (a missing log or an unsealed
                                                 run is a warning); only the entries of RUN
     ktfed audit report DIR... --ca CA.crt --out report/
-                                                a self-contained HTML page + report.json + PNG plots
+                                                a self-contained HTML page + report.json + PNG plots,
+                                                and a line per site: its policy held, or its violations
                                                 (exit 1 when verification failed; the report says why)
     ktfed audit attack [--out DIR]              the empirical leakage tests (kt_core.leakage) under six
                                                 conditions, with the real SecAgg and DP accountant
@@ -103,6 +104,8 @@ def cmd_report(args) -> int:
         return 2
     paths = write_report(result, Path(args.out), leakage_dir=Path(args.leakage) if args.leakage else None)
     print(result.summary())
+    for site in paths["site_policies"]:   # each site's policy against what it sent (report section 5)
+        print(site["line"])
     print(f"report written: {paths['html']} (with {', '.join(p.name for p in paths['files'])})")
     return 0 if result.ok else 1
 

@@ -19,6 +19,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from ktfed.audit_policy import check_sites
 from security.audit import VerifyResult, as_float
 from security.audit.crosscheck import entry_run
 
@@ -86,7 +87,8 @@ def collect(result: VerifyResult) -> dict:
                     "run", "round", "event", "threshold", "roster", "survivors", "dropouts", "reconstructed")}})
             elif e.kind == "refusal":
                 refusals.append({"producer": v.producer, "seq": e.seq, "time": e.time, **b})
-                if "budget" in str(b.get("reason", "")) and v.role != "coordinator":
+                reason = str(b.get("reason", ""))
+                if v.role != "coordinator" and ("budget" in reason or reason.startswith("site policy ")):
                     declines.append({"site": v.producer, "run": b.get("run"), "round": b.get("round"),
                                      "reason": b.get("detail") or b.get("reason")})
             elif e.kind == "countersign":
@@ -121,6 +123,7 @@ def collect(result: VerifyResult) -> dict:
                              key=lambda c: (c["sender"] or "", c["receiver"] or "", c["message"] or "")),
         "bytes_per_round": {d: dict(sorted(rounds.items(), key=lambda kv: kv[0] or 0))
                             for d, rounds in per_round.items()},
+        "site_policies": [c.to_dict() for c in check_sites(result)],
         "secagg": secagg,
         "refusals": refusals,
         "countersignatures": countersigns,
@@ -242,6 +245,7 @@ code, .mono { font-family: 'SFMono-Regular', Consolas, monospace; font-size: 0.8
 .muted { color: #5d6778; } img { max-width: 100%; border: 1px solid #dfe3ea; }
 dt { font-weight: 600; margin-top: 0.6em; } dd { margin-left: 1.2em; }
 ul.groups { margin: 0.2em 0; padding-left: 1.1em; } summary { cursor: pointer; }
+.held { color: #125c2b; } .violated { color: #8a1414; }
 """
 
 
@@ -284,6 +288,8 @@ def render_html(data: dict, images: dict[str, Path | None], leakage: dict | None
     parts = [f"<h1>Privacy audit report</h1><p class=\"muted\">Generated {_e(data['generated'])} by "
              f"<code>ktfed audit report</code> from {len(v['logs'])} audit log(s). Run(s): "
              f"{_e(', '.join(m['runs']) or 'none recorded')}.</p>", banner]
+    if data["site_policies"]:   # the verdict of section 5 at a glance
+        parts.append("<p>Site policies: " + "; ".join(_e(s["line"]) for s in data["site_policies"]) + ".</p>")
     parts.append("<h2>1. Threat model, in plain words</h2><dl>" + "".join(
         f"<dt>{_e(t['title'])}</dt><dd>{_e(t['text'])}</dd>" for t in data["threat_model"]) + "</dl>")
     parts.append("<h2>2. Run manifest</h2><h3>Who kept a log, and with which certificate</h3>" + _table(
@@ -310,29 +316,21 @@ def render_html(data: dict, images: dict[str, Path | None], leakage: dict | None
     parts.append(_table(["site", "run", "round", "epsilon (round)", "epsilon (cumulative)", "budget", "delta",
                          "noise multiplier", "sample rate", "steps", "clip", "accountant"], rows,
                         numeric={2, 3, 4, 5, 6, 7, 8, 9, 10}))
-    parts.append("<h3>Rounds a site declined (its budget would have been exceeded)</h3>" + _table(
+    parts.append("<h3>Rounds a site declined (its privacy budget, or its site policy)</h3>" + _table(
         ["site", "run", "round", "why"],
         [[_e(d["site"]), _e(d["run"]), _e(d["round"]), _e(d["reason"])] for d in data["declines"]],
         numeric={2}, empty="No site declined a round."))
     parts.append("<h2>4. What crossed each boundary</h2><p>Every message between a site and the coordinator, "
                  "counted once, with the tensors it carried (names, shapes) and its size. Both ends logged its "
-                 "SHA-256; section 7 says whether they agree.</p>" + _img(images.get("bytes"), "bytes per round"))
+                 "SHA-256; section 8 says whether they agree.</p>" + _img(images.get("bytes"), "bytes per round"))
     parts.append(_table(["from", "to", "message", "count", "total bytes", "rounds", "tensors (shape, dtype)"],
                         [[_e(c["sender"]), _e(c["receiver"]), _e(c["message"]), _e(c["count"]), _e(c["bytes"]),
                           _e(_ranges(c["rounds"])),
                           _tensors_html(c["tensors"])]
                          for c in data["boundaries"]], numeric={3, 4}))
-    parts.append("<h2>5. Secure aggregation</h2><p>Per round: who took part, who dropped out (and at which step), "
-                 "and which secrets the coordinator rebuilt from shares. A self-mask is rebuilt for a site that "
-                 "finished; a key for one that dropped; never both for the same site.</p>" + _table(
-                     ["run", "round", "event", "threshold t", "roster", "survivors", "dropouts", "secrets rebuilt"],
-                     [[_e(s["run"]), _e(s["round"]), _e(s["event"]), _e(s["threshold"]),
-                       _e(", ".join(s["roster"] or [])), _e(", ".join(s["survivors"] or [])),
-                       _e(", ".join(f"{k} ({x})" for k, x in (s["dropouts"] or {}).items()) or "none"),
-                       _e("; ".join(f'{r.get("secret")} of {r.get("of")}' for r in (s["reconstructed"] or []))
-                          or "none")]
-                      for s in data["secagg"]], numeric={1, 3}))
-    parts.append("<h2>6. Refusals and countersignatures</h2><h3>Refused messages</h3>" + _table(
+    parts.append(_policies_html(data["site_policies"]))
+    parts.append(_secagg_html(data["secagg"]))
+    parts.append("<h2>7. Refusals and countersignatures</h2><h3>Refused messages</h3>" + _table(
         ["by", "run", "round", "peer", "message", "reason", "detail"],
         [[_e(r["producer"]), _e(r.get("run")), _e(r.get("round")), _e(r.get("peer")), _e(r.get("message")),
           _e(r.get("reason")), _e(r.get("detail"))] for r in data["refusals"]]))
@@ -342,7 +340,7 @@ def render_html(data: dict, images: dict[str, Path | None], leakage: dict | None
           f'seq {_e(c["last_head"]["seq"])} <span class="mono">{_e(c["last_head"]["hash"][:16])}...</span>',
           "yes" if c["sealed"] else "<b>no</b>"]
          for site, c in sorted(data["countersignatures"].items())]))
-    parts.append("<h2>7. Verification</h2>" + banner + _table(
+    parts.append("<h2>8. Verification</h2>" + banner + _table(
         ["severity", "file", "seq", "what is wrong"],
         [[_e(p["severity"]), f'<span class="mono">{_e(p["file"])}</span>', _e(p["seq"]), _e(p["message"])]
          for p in v["errors"] + v["warnings"]], empty="No errors and no warnings."))
@@ -350,6 +348,62 @@ def render_html(data: dict, images: dict[str, Path | None], leakage: dict | None
         parts.append(_leakage_html(leakage, images.get("reconstructions")))
     return ("<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>ktfed privacy audit report"
             f"</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>\n")
+
+
+def _secagg_html(events: list[dict]) -> str:
+    return ("<h2>6. Secure aggregation</h2><p>Per round: who took part, who dropped out (and at which step), "
+            "and which secrets the coordinator rebuilt from shares. A self-mask is rebuilt for a site that "
+            "finished; a key for one that dropped; never both for the same site.</p>" + _table(
+                ["run", "round", "event", "threshold t", "roster", "survivors", "dropouts", "secrets rebuilt"],
+                [[_e(s["run"]), _e(s["round"]), _e(s["event"]), _e(s["threshold"]),
+                  _e(", ".join(s["roster"] or [])), _e(", ".join(s["survivors"] or [])),
+                  _e(", ".join(f"{k} ({x})" for k, x in (s["dropouts"] or {}).items()) or "none"),
+                  _e("; ".join(f'{r.get("secret")} of {r.get("of")}' for r in (s["reconstructed"] or []))
+                     or "none")]
+                 for s in events], numeric={1, 3}))
+
+
+def _policies_html(sites: list[dict]) -> str:
+    """Each site's policy (digest, its rules in short) beside the verdict on what it sent, then
+    what the sites refused by their policies (ktfed/audit_policy.py says what is judged)."""
+    rows, shown = [], {}   # a policy's rules are listed once; the next site with it refers back
+    for s in sites:
+        policy = "<br>".join(f'<span class="mono">{_e(p["digest"][:16])}...</span> {_e(p["source"])}<br>'
+                             f'<span class="muted">run(s) {_e(", ".join(p["runs"]))}</span>' for p in s["policies"])
+        rules = "<br>".join(f'<span class="muted">the same rules as {_e(shown[p["digest"]])}</span>'
+                            if p["digest"] in shown else "<br>".join(f"<code>{_e(r)}</code>" for r in p["rules"])
+                            for p in s["policies"])
+        shown.update({p["digest"]: s["site"] for p in s["policies"] if p["digest"] not in shown})
+        rows.append([_e(s["site"]), policy or '<span class="muted">no site policy recorded</span>', rules or "-",
+                     _policy_verdict(s)])
+    refused = [[_e(s["site"]), _e(r["run"]), _e(r["round"]), _e(r["message"]), f'<code>{_e(r["rule"])}</code>',
+                _e(r["detail"])] for s in sites for r in s["refusals"]]
+    return ("<h2>5. Each site's policy beside what crossed</h2><p>The policy each site recorded at every join "
+            "(rebuilt from its log, checked against its digest), and every message the site sent in that run "
+            "judged against it: the run's settings, each update's tensor names and size, SecAgg and DP as the "
+            "policy requires, the epsilon its ledger spent. A crossing the policy did not allow is flagged with "
+            "the rule, the run, its rounds and the first message.</p>"
+            + _table(["site", "policy (SHA-256, file, runs)", "rules (the main ones and any not at the default)",
+                      "what crossed"], rows, empty="No site log was given.")
+            + "<h3>What the sites refused by their policies</h3>"
+            + _table(["site", "run", "round", "message", "rule", "detail"], refused, numeric={2},
+                     empty="No site refused anything by its policy."))
+
+
+def _policy_verdict(s: dict) -> str:
+    if s["status"] == "none":
+        return f'<span class="muted">not judged: no site policy recorded ({_e(s["unchecked"])} messages sent)</span>'
+    found = "".join(f'<li><b><code>{_e(v["rule"])}</code></b> run {_e(v["run"])}, round(s) {_e(_ranges(v["rounds"]))}'
+                    f' ({_e(v["crossings"])} crossing(s), first: {_e(v["first"])}): {_e(v["detail"])}</li>'
+                    for v in s["violations"])
+    problems = "".join(f"<li>{_e(p)}</li>" for p in s["problems"])
+    more = f'<li class="muted">{_e(s["left_out"])} more not listed</li>' if s["left_out"] else ""
+    if s["status"] == "held":
+        head = f'<b class="held">held</b>: {_e(s["crossings"])} messages sent, each judged against it'
+    else:
+        head = f'<b class="violated">{len(s["violations"])} violation(s)</b> in {_e(s["crossings"])} messages sent' \
+            if s["violations"] else "<b>not fully judged</b>"
+    return head + (f'<ul class="groups">{found}{problems}{more}</ul>' if found or problems or more else "")
 
 
 def _tensors_html(tensors: dict) -> str:
@@ -372,7 +426,7 @@ def _leakage_html(leakage: dict, picture: Path | None) -> str:
              _e(f'{r["mia_tpr_at_1pct_fpr"]:.3f}'), _e(f'{r["epsilon_lower_bound"]:.3f}'),
              _e(r["epsilon_accountant"] if isinstance(r["epsilon_accountant"], str)
                 else _fmt(r["epsilon_accountant"]))] for r in leakage["rows"]]
-    return ("<h2>8. Empirical leakage tests</h2><p>From <code>ktfed audit attack</code>: what an attacker who sees "
+    return ("<h2>9. Empirical leakage tests</h2><p>From <code>ktfed audit attack</code>: what an attacker who sees "
             "a site's update recovers (image reconstruction PSNR / SSIM, share of images recovered), how well it "
             "tells members from non-members (AUC; 0.5 = chance), and the epsilon that one run with canaries "
             "proves at 95% confidence (a lower bound: it must never exceed the accountant's epsilon).</p>"
@@ -410,4 +464,4 @@ def write_report(result: VerifyResult, out: Path, leakage_dir: Path | None = Non
     html_path = out / "index.html"
     html_path.write_text(render_html(data, images, leakage), encoding="utf-8")
     files = [out / "report.json"] + [p for p in images.values() if p is not None]
-    return {"html": html_path, "files": files}
+    return {"html": html_path, "files": files, "site_policies": data["site_policies"]}

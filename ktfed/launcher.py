@@ -176,7 +176,21 @@ seed = 7
 enabled = {str(secure).lower()}
 clip_norm = 100.0
 bits = 16
-""" + (vln_sections(settings, sites, backbone) if backbone is not None else "")
+""" + (vln_sections(settings, sites, backbone) if backbone is not None else PRIVACY_IMAGE)
+
+
+# Record-level DP-SGD at every site of the image demo: each site derives its noise multiplier from
+# its own N so that the whole run spends epsilon 8 at delta 1e-5 (below 1/N at every site), within
+# the demo policy's max_epsilon_per_run = 10. The VLN demo trains without DP: the navigation task
+# offers no record-level DP-SGD (kt_core/nav_task.py, record_level_dp = False).
+PRIVACY_IMAGE = """
+# Record-level DP-SGD at each site; every site accounts its own epsilon and stops at its budget.
+[privacy]
+enabled = true
+target_epsilon = 8.0
+delta = 1e-5
+max_grad_norm = 1.0
+"""
 
 
 # Adam with a clip: on digits (3 sites, Dirichlet 0.5, seed 7) WAFFLe then improves every site in
@@ -188,17 +202,25 @@ TRAIN_VLN = "epochs = 2\nbatch_size = 32\nlr = 0.005\noptimizer = \"adam\"\nmax_
 
 
 def write_policies(fed: Federation, settings: DemoSettings, sites: list[str]) -> None:
-    """Each demo site's own policy (README "Site policy"): factorized updates only and, when the
-    demo runs it, secure aggregation; the coordinator's run config must meet it or the site declines.
-    The image demo trains without DP (its recipe is not tuned for DP-SGD yet), so its policy does
-    not demand DP."""
+    """Each demo site's own policy (README "Site policy"): factorized updates only, secure
+    aggregation when the demo runs it and, for the image task (whose run config asks for DP-SGD),
+    record-level DP with a bounded epsilon; the run config must meet it or the site declines."""
     from ktfed.policy_cmd import demo_policy
+    from participant.policy import loads
 
     secure = settings.secagg and len(sites) >= 2
+    text = demo_policy(settings.task, secure, dp=settings.task == "image")
+    if settings.mode == "dense":
+        # `--mode dense` is the operator asking for the dense baseline on purpose: the sites agree
+        # to it here (a real site's policy would refuse it), or every round would be declined
+        text = text.replace('adapter_modes = ["waffle", "lora", "ffa_lora"]',
+                            'adapter_modes = ["waffle", "lora", "ffa_lora", "dense"]')
+    if settings.mode not in loads(text, "the demo policy").model.adapter_modes:
+        raise SystemExit(f"error: the demo policy does not accept --mode {settings.mode}")
     for site in sites:
         path = fed.policy_file(site)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(demo_policy(settings.task, secure, dp=False))
+        path.write_text(text)
 
 
 def prepare_workdir(workdir: Path, keep: bool) -> None:

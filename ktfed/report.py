@@ -89,6 +89,43 @@ def dense_bytes_per_update(config: RunConfig) -> int:
     return task_for(config).dense_update_bytes()
 
 
+def _audit_lines(workdir: Path, audit_dirs: list[Path]) -> list[str]:
+    """The audit logs' verification, the epsilon each site spent, and each site's policy judged
+    against what it sent (ktfed.audit_policy, as the auditor's report does)."""
+    from ktfed.audit_policy import check_sites
+    from security.audit import verify
+
+    result = verify(audit_dirs, workdir / "pki" / "ca.crt")
+    lines = [f"audit logs ({len(audit_dirs)} producers, hash-chained and signed): "
+             f"{'verified' if result.ok else 'NOT verified'}, {sum(len(v.entries) for v in result.logs)} entries; "
+             f"check or report them offline with: ktfed audit verify|report {workdir / 'coordinator' / 'audit'} "
+             f"{workdir / 'sites'}/*/audit --pki {workdir / 'pki'}"]
+    ledger = {}   # each site's last DP ledger entry: what it spent of its budget by the end
+    for v in result.logs:
+        ledger.update({v.producer: e.body for e in v.entries if e.kind == "dp" and v.role != "coordinator"})
+    if ledger:
+        lines.append("differential privacy: record-level DP-SGD at every site, epsilon spent of its budget: "
+                     + ", ".join(f"{site} {_number(b, 'epsilon_cumulative'):.2f} of {_number(b, 'budget'):g}"
+                                 for site, b in sorted(ledger.items()))
+                     + f" (delta {_number(next(iter(ledger.values())), 'delta'):g})")
+    checks = check_sites(result)
+    policies = {d: p for c in checks for d, p in c.policies.items()}
+    if len(policies) == 1:   # the demo gives every site the same rules: say once what "held" held to
+        (digest, policy), = policies.items()
+        lines.append(f"site policy {digest[:12]} (every site's own file in {workdir / 'policies'}): "
+                     + "; ".join(policy["rules"]))
+    return lines + [c.line() for c in checks]
+
+
+def _number(body: dict, key: str) -> float:
+    from security.audit import AuditError, as_float
+
+    try:
+        return as_float(body.get(key)) or 0.0
+    except AuditError:
+        return float("nan")
+
+
 def summary(status: pb.RunStatus, table: RoundTable, settings, workdir: Path, seconds: float) -> str:
     lines = [f"run {status.header.run_id} {status.state}: {status.rounds_completed} rounds in {seconds:.1f}s"
              + (f", {status.aborted_attempts} aborted attempt(s) retried" if status.aborted_attempts else "")]
@@ -106,17 +143,7 @@ def summary(status: pb.RunStatus, table: RoundTable, settings, workdir: Path, se
                      f"the coordinator saw only each round's sum; SecAgg summary per round in its SQLite)")
     audit_dirs = [workdir / "coordinator" / "audit"] + sorted((workdir / "sites").glob("*/audit"))
     if all((d / "audit.jsonl").is_file() for d in audit_dirs):
-        from security.audit import verify
-
-        result = verify(audit_dirs, workdir / "pki" / "ca.crt")
-        lines.append(f"audit logs ({len(audit_dirs)} producers, hash-chained and signed): "
-                     f"{'verified' if result.ok else 'NOT verified'}, {sum(len(v.entries) for v in result.logs)} "
-                     f"entries; check or report them offline with: ktfed audit verify|report "
-                     f"{workdir / 'coordinator' / 'audit'} {workdir / 'sites'}/*/audit --pki {workdir / 'pki'}")
-    from ktfed.policy_cmd import policy_held
-
-    lines += [f"{site}: " + policy_held(workdir / "sites" / site, status.header.run_id)[1] for site in table.sites
-              if (workdir / "policies" / f"{site}.toml").is_file()]
+        lines += _audit_lines(workdir, audit_dirs)
     png = table.plot(workdir / "accuracy.png", f"ktfed demo: {settings.mode}, {len(table.sites)} sites")
     lines.append(f"coordinator state (SQLite + safetensors): {workdir / 'coordinator'}")
     lines.append(f"site-local state (private factors, never sent): {workdir / 'sites'}")

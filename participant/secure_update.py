@@ -173,7 +173,9 @@ class SecureSession:
         if step == "consistency":
             n = len(secagg.SurvivorList.from_bytes(payload).survivors)
         elif step == "masked_input" and not run.config.secagg.neighbours:
-            n = len({s.sender for s in secagg.ShareDelivery.from_bytes(payload).shares})
+            # the holders that shared keys with this site, and the site itself: its own share
+            # never travels, so it is not in the delivery
+            n = len({s.sender for s in secagg.ShareDelivery.from_bytes(payload).shares} | {run.site})
         else:
             return []
         return site_policy.check_roster(run.policy, run.config, n, f"round {self.round} secagg/{step}")

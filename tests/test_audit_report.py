@@ -84,6 +84,17 @@ def test_report_is_self_contained_and_complete(tmp_path, federation_logs, capsys
         assert fp in page and len(fp) == 64
 
 
+def test_report_says_a_site_that_recorded_no_policy_was_not_judged(tmp_path, federation_logs, capsys):
+    # the simulated sites log no `config` entry, so no policy: the report and the CLI say so
+    pki, dirs = federation_logs
+    out = tmp_path / "report"
+    assert run_cli(["audit", "report", *map(str, dirs.values()), "--pki", str(pki), "--out", str(out)]) == 0
+    assert "site-a: no site policy recorded (4 messages sent unjudged)" in capsys.readouterr().out
+    data = json.loads((out / "report.json").read_text())
+    assert [(s["site"], s["status"]) for s in data["site_policies"]] == [("site-a", "none"), ("site-b", "none")]
+    assert "not judged: no site policy recorded (4 messages sent)" in (out / "index.html").read_text()
+
+
 def test_report_of_tampered_logs_says_so(tmp_path, federation_logs):
     pki, dirs = federation_logs
     bad = tmp_path / "coordinator"

@@ -1,11 +1,18 @@
 """`ktfed demo` (what `make demo` runs), end to end as a user would run it."""
 import os
+import re
 import subprocess
 import sys
 
 import pytest
 
 from tests.test_vln_federation import backbone  # noqa: F401 - the module-scoped pretrained checkpoint
+
+
+def assert_every_policy_held(stdout: str) -> None:
+    """The summary's line per site: its policy judged, from its audit log, against what it sent."""
+    for site in ("site-a", "site-b", "site-c"):
+        assert re.search(rf"^{site}: policy [0-9a-f]{{12}} held \(\d+ messages sent", stdout, re.M), stdout
 
 
 @pytest.mark.slow
@@ -22,6 +29,10 @@ def test_image_demo_runs_a_federation_and_prints_the_summary(tmp_path):
     assert (workdir / "coordinator" / "coordinator.sqlite3").exists()
     assert "secure aggregation: on in 2 of 2 rounds" in out.stdout
     assert "audit logs (4 producers, hash-chained and signed): verified" in out.stdout
+    # under the demo's policy: factorized updates, secure aggregation and record-level DP required
+    assert "differential privacy: record-level DP-SGD at every site" in out.stdout
+    assert "secagg.required = true" in out.stdout and "privacy.required = true" in out.stdout
+    assert_every_policy_held(out.stdout)
 
 
 @pytest.mark.slow
@@ -37,6 +48,8 @@ def test_vln_demo_hosts_the_backbone_and_reports_navigation(tmp_path, backbone):
     assert "finished: 2 rounds" in out.stdout
     assert "navigation after the run" in out.stdout and "success rate" in out.stdout
     assert "audit logs (4 producers, hash-chained and signed): verified" in out.stdout
+    assert "secagg.required = true" in out.stdout and "privacy.required = false" in out.stdout
+    assert_every_policy_held(out.stdout)
 
 
 def test_demo_refuses_a_workdir_it_did_not_make(tmp_path):
@@ -45,3 +58,20 @@ def test_demo_refuses_a_workdir_it_did_not_make(tmp_path):
                          capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "was not made by `ktfed demo`" in out.stderr
     assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_demo_policies_require_secagg_and_dp_for_images_and_take_dense_only_when_asked(tmp_path):
+    from kt_core.config import load_toml
+    from ktfed.launcher import DemoSettings, Federation, demo_config, write_policies
+    from participant.policy import check_join, load
+
+    sites, fed = ["site-a", "site-b", "site-c"], Federation(tmp_path, "127.0.0.1:1")
+    for task, mode in (("image", "waffle"), ("image", "dense"), ("vln", "waffle")):
+        settings = DemoSettings(workdir=tmp_path, task=task, mode=mode)
+        write_policies(fed, settings, sites)
+        policy = load(fed.policy_file("site-a"))
+        assert policy.secagg.required and policy.privacy.required == (task == "image")
+        assert ("dense" in policy.model.adapter_modes) == (mode == "dense")
+        if task == "image":   # the demo's own run config meets its policy
+            config = load_toml(demo_config(settings, sites)).resolved()
+            assert check_join(policy, config, site="site-a", shared={}) == []

@@ -1,16 +1,22 @@
 """The site policy with real processes: a coordinator whose run breaks a site's rule gets a Decline
-naming it and not one tensor; the same site then takes part in a compliant run."""
+naming it and not one tensor; the same site then takes part in a compliant run, also when the
+operator weakens the settings of the next run after a compliant one."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
 from ktfed import policy_cmd
+from ktfed.audit_policy import check_site
 from kt_core.wire.transport import TLSFiles
+from participant.policy import loads
+from security.audit import verify
 from tests.conftest import fast_config
+from tests.test_audit_policy import with_policy
 
 
 def start_site(fed, site: str, policy_text: str | None, env: dict | None = None):
@@ -147,3 +153,85 @@ def test_cli_check_exit_codes(tmp_path):
     out = subprocess.run([sys.executable, "-m", "ktfed", "participant", "policy", "check", str(good)],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "secagg.required = true" in out.stdout
+
+
+def ktfed(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "ktfed", *map(str, args)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def operator_starts(fed, config_text: str, name: str) -> str:
+    """The operator's own command: `ktfed run start --config FILE`; returns the new run's id."""
+    path = fed.workdir / name
+    path.write_text(config_text)
+    done = ktfed("run", "start", "--coordinator", fed.address, "--pki", fed.pki, "--config", path, "--json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return json.loads(done.stdout)["run_id"]
+
+
+def site_sends(fed, site: str, run_id: str) -> list[str]:
+    """The messages this site's audit log says it sent in the run."""
+    path = fed.workdir / "sites" / site / "audit"
+    entries = [json.loads(line) for f in sorted(path.glob("*.jsonl")) for line in f.read_text().splitlines()]
+    return [e["body"]["message"] for e in entries if e["kind"] == "boundary" and e["body"]["run"] == run_id
+            and e["body"]["direction"] == "send"]
+
+
+@pytest.mark.slow
+def test_a_next_run_with_weaker_settings_is_declined_and_the_site_joins_a_compliant_one_after(federation, tmp_path):
+    sites, policy = ["site-a", "site-b"], "[secagg]\nrequired = true\n"
+    secure = fast_config(rounds=1, min_participants=2, sites=sites, epochs=1, extra="\n[secagg]\nenabled = true\n")
+    federation.start_coordinator()
+    federation.wait_serving()
+    first = operator_starts(federation, secure, "secure.toml")
+    for site in sites:
+        start_site(federation, site, policy)
+    federation.wait_for(lambda: federation.client.status(first).state == "finished", 180, "the compliant run")
+    for site in sites:
+        assert federation.participants[site].wait(30) == 0   # a site's agent ends with its run
+
+    # The operator starts the next run with secure aggregation off; the sites' agents come back
+    # (as their deployment restarts them) with the same state and policy, and decline it.
+    weaker = operator_starts(federation, fast_config(rounds=1, min_participants=2, sites=sites, epochs=1,
+                                                     timeout=10), "plain.toml")
+    for site in sites:
+        start_site(federation, site, policy)
+    federation.wait_for(lambda: set(declines(federation, weaker)) == set(sites), 120, "both sites to decline")
+    for site in sites:
+        assert "secagg.required" in declines(federation, weaker)[site]
+        assert uploaded_bytes(federation, weaker, site) == 0
+        assert set(site_sends(federation, site, weaker)) == {"decline"}   # no tensor left the site
+        refused = [e["body"] for e in site_refusals(federation, site) if e["body"]["run"] == weaker]
+        assert refused and {r["reason"] for r in refused} == {"site policy secagg.required"}
+    assert federation.client.status(weaker).rounds_completed == 0
+
+    # still joinable: the same agents take part in the operator's next compliant run
+    done = ktfed("run", "stop", "--coordinator", federation.address, "--pki", federation.pki, "--run-id", weaker)
+    assert done.returncode == 0, done.stderr
+    third = operator_starts(federation, secure, "secure-again.toml")
+    status = federation.wait_for(lambda: (s := federation.client.status(third)).state == "finished" and s, 180,
+                                 "the next compliant run")
+    assert sorted(status.rounds[0].contributors) == sites
+    for site in sites:
+        assert federation.participants[site].wait(30) == 0
+        assert "secagg/masked_input" in site_sends(federation, site, third)
+
+    # the auditor: each site's policy held over all three runs, the refusals listed beside it
+    dirs = [federation.workdir / "coordinator" / "audit"] + [federation.workdir / "sites" / s / "audit" for s in sites]
+    # --partial: a site that refused a run at join leaves when it ends without countersigning its
+    # seal, which the strict reading counts against the refused run
+    done = ktfed("audit", "report", *dirs, "--pki", federation.pki, "--out", tmp_path / "report", "--partial")
+    assert done.returncode == 0, done.stdout + done.stderr
+    for site in sites:
+        assert re.search(rf"{site}: policy [0-9a-f]{{12}} held \(\d+ messages sent, each judged against it\); "
+                         r"it refused \d+ time\(s\) by its policy \(secagg.required\)", done.stdout), done.stdout
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "<code>secagg.required = true</code>" in page and "No site refused anything" not in page
+    # the same real crossings judged under a policy they break: every masked input is flagged
+    result = verify(dirs, federation.pki / "ca.crt", partial=True)
+    views = [v for v in result.logs if v.producer == "site-a"]
+    strict = loads(policy + "[egress]\nmax_upload_bytes = 1024\n", "stricter.toml")
+    rows = check_site("site-a", with_policy(views, strict)).to_dict()["violations"]
+    assert {(r["rule"], r["run"], r["crossings"]) for r in rows} == {("egress.max_upload_bytes", first, 1),
+                                                                     ("egress.max_upload_bytes", third, 1)}
+    assert all("a masked input of" in r["detail"] and r["first"].startswith("secagg/masked_input") for r in rows)
