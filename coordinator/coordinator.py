@@ -16,6 +16,7 @@ import numpy as np
 from coordinator import secagg_round
 from coordinator.audit_trail import AuditTrail
 from coordinator.hosting import HostedBackbone, HostingError
+from coordinator.limits import ServerCapacity
 from coordinator.errors import Code, Refusal
 from coordinator.rounds import RoundEngine
 from coordinator.store import CorruptStateError, Store
@@ -64,8 +65,9 @@ def shared_specs(manifest: FactorManifest) -> dict[str, tuple[str, tuple[int, ..
 
 class Coordinator:
     def __init__(self, store: Store, trail: AuditTrail | None = None,
-                 on_failure: Callable[[RoundEngine], None] | None = None):
+                 on_failure: Callable[[RoundEngine], None] | None = None, capacity: ServerCapacity | None = None):
         self.store = store
+        self.capacity = capacity   # None: no server to carry the run (in-process use)
         self.trail = trail or AuditTrail(None, "coordinator")
         self.engine: RoundEngine | None = None
         self.manifest: FactorManifest | None = None
@@ -85,6 +87,8 @@ class Coordinator:
             config, self.backbone = host_backbone(config)
         except ConfigError as err:
             raise CorruptStateError(f"run {record.run_id}: {err}") from None
+        if self.capacity is not None and (why := self.capacity.problem(config.federation.max_participants)):
+            raise ValueError(f"cannot resume run {record.run_id}: {why}")
         self.store.sweep(record.run_id)
         self._start_engine(record.run_id, config, manifest)
         log.info("resumed run %s at round %d", record.run_id, self.engine.rounds_completed)
@@ -96,6 +100,8 @@ class Coordinator:
                 raise Refusal(Code.FAILED_PRECONDITION,
                               f"run {self.engine.run_id} is still running; stop it first")
             config = config.resolved()
+            if self.capacity is not None and (why := self.capacity.problem(config.federation.max_participants)):
+                raise Refusal(Code.INVALID_ARGUMENT, why)
             try:
                 tasks.check_levels(config)
                 config, hosted = host_backbone(config)

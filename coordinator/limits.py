@@ -20,7 +20,11 @@ callers of the health service are held to max_rpcs_per_participant calls open as
 the rate): no certificate may hold every worker thread.
 
 All callers together: the server's max_concurrent_rpcs (coordinator.server.ServerSettings), which
-gRPC enforces before a call takes a worker thread or a place in the queue.
+gRPC enforces before a call takes a worker thread or a place in the queue. Those refusals are
+gRPC's own and reach no code of ours, so a run is admitted only when the server can carry it
+(ServerCapacity): a thread for every site's task stream and room for the rest, and a call in
+progress for every site's stream plus one transfer. A run larger than that is refused when it is
+started (or resumed), naming the setting and the flag to raise, instead of aborting every round.
 
 Two more bounds on what a peer can make the coordinator spend:
   RecordBudget     refusals of one peer logged and recorded one by one (10 per second, bursts of
@@ -230,3 +234,32 @@ class Watch:
                 self._context.cancel()
         except Exception:  # noqa: BLE001 - a call that ended meanwhile needs no ending
             pass
+
+
+# threads beyond the task streams: uploads, downloads, joins, status and health calls queue for
+# these; calls beyond a stream and a transfer per site: operators, health, a burst of joins
+RESERVE_THREADS = 32
+RESERVE_CALLS = 32
+
+
+class ServerCapacity:
+    """What one coordinator process can carry: its gRPC worker threads and calls in progress."""
+
+    def __init__(self, workers: int, calls: int):
+        self.workers, self.calls = workers, calls
+
+    def problem(self, max_participants: int) -> str | None:
+        """Why a run of `max_participants` sites cannot be carried, or None."""
+        threads = max_participants + RESERVE_THREADS
+        calls = 2 * max_participants + RESERVE_CALLS
+        if threads > self.workers:
+            return (f"federation.max_participants = {max_participants}: every site holds a worker thread for its "
+                    f"task stream, so this coordinator needs {threads} threads and has {self.workers}; lower "
+                    f"federation.max_participants or start the coordinator with --max-workers {threads}")
+        if calls > self.calls:
+            return (f"federation.max_participants = {max_participants}: a site holds its task stream and one "
+                    f"transfer at once, so this coordinator needs {calls} calls in progress and allows "
+                    f"{self.calls}; lower federation.max_participants or start the coordinator with "
+                    f"--max-concurrent-rpcs {calls}")
+        return None
+

@@ -16,7 +16,7 @@ from coordinator.admission import Admission
 from coordinator.audit_trail import AuditTrail
 from coordinator.auth import Authenticator
 from coordinator.coordinator import Coordinator
-from coordinator.limits import StreamWatchdog
+from coordinator.limits import ServerCapacity, StreamWatchdog
 from coordinator.metrics import Traffic, collect
 from coordinator.service import OperatorServicer, ParticipantServicer, generic_handler
 from coordinator.store import Store
@@ -94,7 +94,8 @@ class CoordinatorServer:
             self.trail = AuditTrail(AuditLog.open(Path(settings.state_dir) / "audit", name, settings.tls.key,
                                                   settings.tls.cert, sync="on_head"), name)
         self.coordinator = Coordinator(self.store, self.trail,
-                                       on_failure=lambda _engine: self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
+                                       on_failure=lambda _engine: self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING),
+                                       capacity=ServerCapacity(settings.max_workers, settings.concurrent_rpcs))
         revocations = None
         if settings.crl is not None and not settings.insecure:
             revocations = RevocationWatcher(settings.crl, settings.tls.ca_cert)

@@ -22,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-from ktfed.cli_args import apply_env_defaults, hex_serial, host_port, positive_float, source
+from ktfed.cli_args import apply_env_defaults, hex_serial, host_port, int_between, positive_float, source
 from ktfed.exits import CLIError, StopSignals, Stopped, guarded, signal_name, stop_code
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -143,7 +143,9 @@ def cmd_coordinator(args) -> int:
     with signals:
         try:
             server = CoordinatorServer(ServerSettings(args.listen, Path(args.state), tls, crl, args.insecure,
-                                                      metrics_listen=args.metrics_listen, audit=not args.no_audit))
+                                                      metrics_listen=args.metrics_listen, audit=not args.no_audit,
+                                                      max_concurrent_rpcs=args.max_concurrent_rpcs,
+                                                      **({"max_workers": args.max_workers} if args.max_workers else {})))
             server.start(config)
             started = True
             while signals.signum is None:  # the handler only notes the signal once the run is served
@@ -369,6 +371,13 @@ def _add_service_commands(sub) -> None:
     p.add_argument("--crl", help="revocation list (default: PKI/crl.pem)")
     p.add_argument("--no-audit", action="store_true",
                    help="keep no audit log (STATE/audit): only to measure its overhead")
+    p.add_argument("--max-workers", type=int_between(4, 10_000), default=None,
+                   help="gRPC worker threads; every connected site's task stream holds one, so a run is "
+                        "refused unless this is at least federation.max_participants + 32 (default: room for "
+                        "the default federation.max_participants, 100)")
+    p.add_argument("--max-concurrent-rpcs", type=int_between(4, 100_000), default=None,
+                   help="calls in progress at once, beyond which gRPC refuses a call itself; a run is refused "
+                        "unless this is at least 2 x federation.max_participants + 32 (default: max workers + 100)")
     _add_tls_args(p)
     _add_log_args(p)
     coord.set_defaults(func=cmd_coordinator)

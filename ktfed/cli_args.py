@@ -41,6 +41,19 @@ def positive_float(text: str) -> float:
     return value
 
 
+def int_between(lo: int, hi: int):
+    """An argparse type: an integer from lo to hi."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"must be between {lo} and {hi}, got {value}")
+        return value
+    return parse
+
+
 def source(args, dest: str, flag: str) -> str:
     """How to name where a flag's value came from: `KTFED_X` when the environment set it."""
     var, raw = _FROM_ENV.get(dest, (None, None))

@@ -220,17 +220,17 @@ class ParticipantAgent:
                     break
                 kind = task.WhichOneof("kind")
                 if kind == "finished" and self.site_run.refused:
-                    # not this site's run: the site stays up for the coordinator's next run
+                    # not this site's run: the site stays up for the coordinator's next run, but
+                    # countersigns the sealed log all the same, since the site's refusals are in it
                     log.info("%s: run %s ended (%s) without this site (its policy refused the run)", self.site,
                              self.run_id, task.finished.reason)
+                    self._leave(stub, task.finished, "run finished without this site (its policy refused it)")
                     return False
                 if kind == "finished":
                     log.info("%s: run %s finished (%s)", self.site, self.run_id, task.finished.reason)
                     self.finished = True
                     self._finish(stub, task.finished)
-                    seal = self.audit.countersign_seal(self.run_id, task.finished)
-                    stub.Leave(pb.LeaveRequest(header=convert.header(self.run_id, participant_id=self.site),
-                                               reason="run finished", audit_countersignature=seal), timeout=10)
+                    self._leave(stub, task.finished, "run finished")
                     return True
                 if kind == "round":
                     self._round(stub, task.round)
@@ -240,6 +240,12 @@ class ParticipantAgent:
             stream.cancel()
         log.warning("%s: task stream ended without a verdict; the coordinator is going away", self.site)
         return True
+
+    def _leave(self, stub: ParticipantServiceStub, finished: pb.RunFinished, reason: str) -> None:
+        """Countersign the coordinator's sealed audit head and say goodbye to the run."""
+        seal = self.audit.countersign_seal(self.run_id, finished)
+        stub.Leave(pb.LeaveRequest(header=convert.header(self.run_id, participant_id=self.site), reason=reason,
+                                   audit_countersignature=seal), timeout=10)
 
     def _prepare(self, stub: ParticipantServiceStub, reply: pb.JoinReply) -> None:
         """On the first join of a run: build the site's model and check it matches the manifest."""

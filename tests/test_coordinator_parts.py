@@ -195,3 +195,21 @@ def test_an_engine_error_stops_the_run_visibly_and_a_restart_resumes_it(tmp_path
     finally:
         again.stop("shutdown")
         again.store.close()
+
+
+def test_a_run_larger_than_the_server_can_carry_is_refused_naming_the_flag(tmp_path):
+    from coordinator.coordinator import Coordinator
+    from coordinator.limits import RESERVE_CALLS, RESERVE_THREADS, ServerCapacity
+    from coordinator.store import Store
+
+    capacity = ServerCapacity(workers=160, calls=260)
+    assert capacity.problem(100) is None
+    assert "--max-workers 232" in capacity.problem(200)
+    assert "--max-concurrent-rpcs" in ServerCapacity(workers=1000, calls=300).problem(200)
+    assert ServerCapacity(200 + RESERVE_THREADS, 400 + RESERVE_CALLS).problem(200) is None
+    coord = Coordinator(Store(tmp_path), capacity=capacity)
+    sites = ", ".join(f'"s{i}"' for i in range(3))
+    config = load_toml(f"[federation]\nsites = [{sites}]\nmax_participants = 200\n[data]\ndataset = \"digits\"\n")
+    with pytest.raises(Refusal, match="federation.max_participants = 200.*--max-workers 232"):
+        coord.start_run(config)
+    assert coord.engine is None
