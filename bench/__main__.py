@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -18,7 +19,8 @@ from bench.common import RESULTS, Options, say, table, write_json  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run (default: all of {', '.join(BENCHMARKS)})")
-    parser.add_argument("--quick", action="store_true", help="a much smaller version of each (a smoke test: minutes in all, see bench/README.md)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke-size run of each (tiny sizes, one seed; about a minute in all, see bench/README.md)")
     parser.add_argument("--rounds", type=int, help="rounds per run (overrides each benchmark's default)")
     parser.add_argument("--max-train", type=int, help="waffle: training samples before partitioning (0 = all)")
     parser.add_argument("--epochs", type=int, help="waffle: local epochs per round")
@@ -38,29 +40,37 @@ def main(argv: list[str] | None = None) -> int:
                    epochs=args.epochs, keep=args.keep, grid=args.grid, out=args.out)
 
     timings, failed = [], []
-    started = time.monotonic()
+    started, cpu_start = time.monotonic(), cpu_seconds()
     # the host is shared (2 cores here): say how busy it was, since every time below depends on it
     say(f"python -m bench {' '.join(names)}{' --quick' if opts.quick else ''}: {os.cpu_count()} CPUs, "
         f"load average {os.getloadavg()[0]:.2f} at start")
     for name in names:
+        t0, cpu0 = time.monotonic(), cpu_seconds()   # importing a benchmark's libraries is part of its cost
         module = importlib.import_module(f"bench.{name}")
         say(f"\n=== {name}{' (quick)' if opts.quick else ''}: {module.DESCRIPTION}")
-        t0 = time.monotonic()
         try:
             data = module.run(opts)
         except Exception as err:  # noqa: BLE001 - report and go on with the other benchmarks
             failed.append(name)
             say(f"[{name}] FAILED: {type(err).__name__}: {err}")
-            timings.append([name, f"{time.monotonic() - t0:.1f}", "FAILED"])
+            timings.append([name, f"{time.monotonic() - t0:.1f}", f"{cpu_seconds() - cpu0:.1f}", "FAILED"])
             continue
-        elapsed = time.monotonic() - t0
-        data = {"benchmark": name, "quick": opts.quick, "wall_s": elapsed, "cpus": os.cpu_count(),
+        elapsed, cpu = time.monotonic() - t0, cpu_seconds() - cpu0
+        data = {"benchmark": name, "quick": opts.quick, "wall_s": elapsed, "cpu_s": cpu, "cpus": os.cpu_count(),
                 "load_average_1min_at_end": os.getloadavg()[0], **data}
         path = write_json(opts.out, name, data)
-        timings.append([name, f"{elapsed:.1f}", str(path)])
-    say("\n" + table(["benchmark", "wall s", "results"], timings,
-                     title=f"=== done in {time.monotonic() - started:.1f} s (load average {os.getloadavg()[0]:.2f})"))
+        timings.append([name, f"{elapsed:.1f}", f"{cpu:.1f}", str(path)])
+    say("\n" + table(["benchmark", "wall s", "cpu s", "results"], timings,
+                     title=f"=== done in {time.monotonic() - started:.1f} s, {cpu_seconds() - cpu_start:.1f} CPU s "
+                           f"(load average {os.getloadavg()[0]:.2f})"))
     return 1 if failed else 0
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and of the processes it started and waited for (coordinators,
+    participants): on a shared host, what a benchmark costs whatever else the machine was doing."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 if __name__ == "__main__":

@@ -54,11 +54,10 @@ def run(opts: Options) -> dict:
 
     # a real federation per mode on the first architecture
     label, dataset, input_dim, hidden = ARCHS[0]
-    rounds = opts.rounds or 2
-    n_sites = 2
+    rounds = opts.rounds or (1 if opts.quick else 2)
+    n_sites = 1 if opts.quick else 2   # --quick: a smoke test, each participant process costs seconds
     sites = site_names(n_sites)
-    pki = None
-    measured_rows = []
+    pki, measured_rows = None, []
     try:
         for mode in MODES:
             meta = dict(mode=mode, hidden=tuple(hidden), dataset=dataset, n_factors=N_FACTORS, chunk=1 << 20)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import socket
 import sqlite3
 import sys
 import tempfile
@@ -260,10 +261,14 @@ def run_federation(label: str, pki: PKI, sites: Sequence[str], config_toml: str,
     ok = False
     try:
         fed.start_coordinator(config)
-        fed.client = OperatorClient(fed.address, fed.operator_tls())
-        _wait(lambda: fed.client.serving(), 60, "the coordinator to serve", fed)
+        # The participants start at once: their imports overlap the coordinator's, and they retry
+        # joining (backoff capped at 1 s) until it listens. No round starts before they all joined.
         for site in sites:
             fed.start_participant(site)
+        # a gRPC channel opened before the port listens backs off for seconds: open it once it does
+        _wait(lambda: listening(fed.address), 60, "the coordinator to listen", fed)
+        fed.client = OperatorClient(fed.address, fed.operator_tls())
+        _wait(lambda: fed.client.serving(), 60, "the coordinator to serve", fed)
         deadline = started + timeout_s
         while True:
             status = fed.client.status()
@@ -302,6 +307,16 @@ def run_federation(label: str, pki: PKI, sites: Sequence[str], config_toml: str,
             shutil.rmtree(workdir, ignore_errors=True)
 
 
+def listening(address: str) -> bool:
+    """Whether something accepts TCP connections at host:port (a coordinator that is up)."""
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=0.2).close()
+    except OSError:
+        return False
+    return True
+
+
 def _wait(predicate, timeout: float, what: str, fed: BenchFederation) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -309,4 +324,4 @@ def _wait(predicate, timeout: float, what: str, fed: BenchFederation) -> None:
             raise RuntimeError(f"the coordinator exited while waiting for {what}\n{fed.tail_logs()}")
         if time.monotonic() > deadline:
             raise RuntimeError(f"timed out waiting for {what}\n{fed.tail_logs()}")
-        time.sleep(0.1)
+        time.sleep(0.05)

@@ -57,17 +57,20 @@ def settings(opts: Options, seeds: int | None = None, device: str | None = None)
     # one seed by default: on a shared 2-core CPU the text part alone takes ~10 minutes per seed;
     # `python -m bench.distill --seeds 3 --device cuda` is the full table
     seeds = seeds or int(os.environ.get("KTFED_DISTILL_SEEDS", "0") or 0) or 1
-    quick = opts.quick
+    quick = opts.quick   # a smoke test: every step of both parts, on a handful of samples
     return {
         "device": device or os.environ.get("KTFED_DISTILL_DEVICE", "auto"),
         "seeds": list(range(seeds)),
-        "text": {"samples": opts.max_train or (200 if quick else 1500), "max_len": 48, "test_fraction": 0.2,
-                 "teacher_epochs": 1 if quick else 2, "teacher_lr": 1e-4, "epochs": opts.epochs or (1 if quick else 2),
-                 "batch_size": 32, "fractions": [1.0, 0.1], "students": ["L2-H384"] if quick else list(STUDENTS)},
-        "nav": {"level": "BabyAI-GoToLocal-v0", "episodes": 40 if quick else 500, "eval_episodes": 10 if quick else 100,
-                "teacher_epochs": 3 if quick else 15, "epochs": 2 if quick else 15, "batch_size": 64, "lr": 1e-3,
+        "text": {"samples": opts.max_train or (60 if quick else 1500), "max_len": 16 if quick else 48,
+                 "test_fraction": 0.2, "teacher_epochs": 1 if quick else 2, "teacher_lr": 1e-4,
+                 "epochs": opts.epochs or (1 if quick else 2), "batch_size": 32,
+                 "fractions": [1.0] if quick else [1.0, 0.1], "students": ["L2-H384"] if quick else list(STUDENTS)},
+        "nav": {"level": "BabyAI-GoToLocal-v0", "episodes": 6 if quick else 500, "eval_episodes": 2 if quick else 100,
+                "teacher_epochs": 1 if quick else 15, "epochs": 1 if quick else 15, "batch_size": 64, "lr": 1e-3,
                 "fractions": [1.0] if quick else [1.0, 0.1]},
         "mix": MIX,
+        # CPU inference timing (kt_core.distill.loop.inference_speed): its defaults, or a few calls
+        "speed": {"latency_samples": 4, "throughput_batches": 1} if quick else {},
     }
 
 
@@ -115,7 +118,7 @@ def run_text(cfg: dict, dev: torch.device) -> dict:
     teacher_acc = evaluate(teacher, data.test, dev)["accuracy"]
     cpu = torch.device("cpu")
     res = {"teacher": {**teacher_info, "accuracy": teacher_acc, "parameters": count_parameters(teacher),
-                       "cpu_speed": inference_speed(teacher.to(cpu), data.test, cpu)}, "runs": [], "students": {}}
+                       "cpu_speed": inference_speed(teacher.to(cpu), data.test, cpu, **cfg["speed"])}, "runs": [], "students": {}}
     teacher.to(dev)
     source = load_pretrained(len(data.labels))
     for fraction in t["fractions"]:
@@ -139,7 +142,8 @@ def run_text(cfg: dict, dev: torch.device) -> dict:
                         f"({hist.samples_per_s:.0f} samples/s, {run['wall_s']:.0f} s)")
                     if name not in res["students"]:
                         res["students"][name] = {"parameters": count_parameters(student),
-                                                 "cpu_speed": inference_speed(student.to(cpu), data.test, cpu)}
+                                                 "cpu_speed": inference_speed(student.to(cpu), data.test, cpu,
+                                                                              **cfg["speed"])}
     _text_tables(res, t)
     return res
 
@@ -231,7 +235,7 @@ def run_nav(cfg: dict, dev: torch.device) -> dict:
     cpu = torch.device("cpu")
     res = {"teacher": {**info, **nav_metrics(teacher, tokenizer, ev, opts, cache, dev),
                        "parameters": model_size(teacher),
-                       "cpu_speed": inference_speed(VLNMixable(teacher).to(cpu), ev, cpu)},
+                       "cpu_speed": inference_speed(VLNMixable(teacher).to(cpu), ev, cpu, **cfg["speed"])},
            "runs": [], "train_samples": len(demos)}
     say(f"[distill/nav] {n['level']}: {demos.num_episodes} episodes ({len(demos)} samples) for training, "
         f"{n['eval_episodes']} unseen for evaluation; teacher SR {res['teacher']['success_rate']:.3f}, "
@@ -257,7 +261,8 @@ def run_nav(cfg: dict, dev: torch.device) -> dict:
                     f"action accuracy {m['action_accuracy']:.3f} ({hist.samples_per_s:.0f} samples/s)")
                 if "student" not in res:
                     res["student"] = {"parameters": count_parameters(student), "config": student.cfg.to_dict(),
-                                      "cpu_speed": inference_speed(VLNMixable(student).to(cpu), ev, cpu)}
+                                      "cpu_speed": inference_speed(VLNMixable(student).to(cpu), ev, cpu,
+                                                                 **cfg["speed"])}
     t, s = res["teacher"], res["student"]
     rows = []
     for fraction in n["fractions"]:

@@ -379,7 +379,8 @@ def run(opts: Options) -> dict:
     if not cuda:
         torch.set_num_threads(1)  # a shared 2-core host: one thread is steadier, and the ratios are what count
     batches = (64, 256) if cuda else (DEMO_BATCH,)
-    rounds, steps = (3, 2) if opts.quick else ((5, 10) if cuda else (7, 4))
+    rounds, steps = (1, 1) if opts.quick else ((5, 10) if cuda else (7, 4))   # --quick: a smoke test
+    warmup = 1 if opts.quick else 2
     out = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
            "torch": torch.__version__, "opacus": opacus.__version__, "threads": torch.get_num_threads(),
            "noise_multiplier": NOISE_MULTIPLIER, "max_grad_norm": MAX_GRAD_NORM, "optimizer": f"SGD lr {LR} momentum 0.9",
@@ -406,14 +407,14 @@ def run(opts: Options) -> dict:
                 entry = {"description": spec.description, "batches": {}}
                 for batch in batches:
                     t0 = time.monotonic()
-                    r = measure_model(spec, batch, device, rounds, steps)
+                    r = measure_model(spec, batch, device, rounds, steps, warmup)
                     entry["params"] = r["params"]
                     entry["batches"][str(batch)] = r
                     say(f"  {spec.label} ({r['params']:,} parameters), batch {batch}: {time.monotonic() - t0:.1f} s")
                 out["models"][spec.label] = entry
             if not cuda:
-                out["participant_round"] = participant_round(steps=8 if opts.quick else 30,
-                                                             repeats=2 if opts.quick else 3)
+                out["participant_round"] = participant_round(steps=2 if opts.quick else 30,
+                                                             repeats=1 if opts.quick else 3)
     finally:
         torch.set_num_threads(threads)
 

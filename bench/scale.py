@@ -50,7 +50,7 @@ def hidden_for(update_bytes: int) -> tuple[int, int]:
 
 
 def memory(opts: Options) -> list[dict]:
-    sizes = (1 * MB, 4 * MB, 10 * MB) if opts.quick else (10 * MB, 100 * MB, 500 * MB)
+    sizes = (1 * MB,) if opts.quick else (10 * MB, 100 * MB, 500 * MB)   # --quick: a smoke test
     rounds = 1 if opts.quick else 2
     pki = PKI(PARTICIPANTS)
     rows = []
@@ -100,14 +100,15 @@ def memory(opts: Options) -> list[dict]:
 def simulation(opts: Options) -> list[dict]:
     from ktfed.simulate import simulate
 
-    counts = (3, 5) if opts.quick else (3, 10, 50)
-    rounds = 2 if opts.quick else 3
+    counts = (3,) if opts.quick else (3, 10, 50)
+    rounds = 1 if opts.quick else 3
     rows = []
-    warm = Path(tempfile.mkdtemp(prefix="ktfed-bench-sim-"))
-    try:  # torch's and the data set's first use is paid here, not by the first measured count
-        simulate(load_toml(_sim_config(1)), 2, warm / "sim", timeout_s=600)
-    finally:
-        shutil.rmtree(warm, ignore_errors=True)
+    if not opts.quick:   # --quick is a smoke test: its one count pays the first use itself
+        warm = Path(tempfile.mkdtemp(prefix="ktfed-bench-sim-"))
+        try:  # torch's and the data set's first use is paid here, not by the first measured count
+            simulate(load_toml(_sim_config(1)), 2, warm / "sim", timeout_s=600)
+        finally:
+            shutil.rmtree(warm, ignore_errors=True)
     for n in counts:
         text = _sim_config(rounds)
         out = Path(tempfile.mkdtemp(prefix="ktfed-bench-sim-"))

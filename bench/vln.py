@@ -50,14 +50,14 @@ METHODS = (("zero-shot", "pretrained", None),
 
 def settings(opts: Options) -> dict:
     """--quick is a smoke test of the whole pipeline (a 40k-parameter model, minutes of training
-    cut to seconds): too small to learn the target level, so its verdict means nothing. The claim
-    is measured by the full run. --rounds N sets the pretraining steps."""
+    cut to a few dozen steps): too small to learn the target level, so its verdict means nothing.
+    The claim is measured by the full run. --rounds N sets the pretraining steps."""
     if opts.quick:
         return {"model": VLNConfig(d_model=32, n_heads=4, n_lang_layers=1, n_vision_layers=0, n_cross_layers=1),
-                "pretrain": PretrainSettings(levels=DEFAULT_LEVELS[:3], episodes_per_level=100, val_episodes=10,
-                                             rollout_episodes=0, steps=opts.rounds or 300, batch_size=64, lr=2e-3,
-                                             warmup_steps=30),
-                "target": TARGET, "finetune_episodes": 30, "finetune_steps": 100, "eval_episodes": 20}
+                "pretrain": PretrainSettings(levels=DEFAULT_LEVELS[:2], episodes_per_level=10, val_episodes=4,
+                                             rollout_episodes=0, steps=opts.rounds or 20, batch_size=32, lr=2e-3,
+                                             warmup_steps=5),
+                "target": TARGET, "finetune_episodes": 5, "finetune_steps": 5, "eval_episodes": 4}
     return {"model": VLNConfig(d_model=64, n_heads=4, n_lang_layers=1, n_vision_layers=0, n_cross_layers=2),
             "pretrain": PretrainSettings(levels=DEFAULT_LEVELS, episodes_per_level=400, val_episodes=40,
                                          rollout_episodes=0, steps=opts.rounds or 1500, batch_size=64, lr=2e-3),

@@ -26,6 +26,7 @@ from kt_core.models import ModelConfig
 NAME = "waffle"
 DESCRIPTION = "WAFFLe vs FedAvg / FedProx / local-only, 10 sites with 2-class shards (in-process simulation)"
 N_SITES = 10
+QUICK_SITES = 4          # --quick: a smoke test of the comparison, seconds
 HIDDEN = (256, 128)
 N_FACTORS = 16
 METHODS = ("waffle", "fedavg", "fedprox", "local")
@@ -45,8 +46,9 @@ def settings(opts: Options) -> dict:
     max_train = default_train if opts.max_train is None else opts.max_train
     train = OPTIMIZERS["sgd"]
     return {"dataset": dataset, "note": note, "max_train": max_train or None,
-            "rounds": opts.rounds or (3 if opts.quick else 30), "epochs": opts.epochs or 1,
-            "sites": N_SITES, "hidden": list(HIDDEN), "n_factors": N_FACTORS, "batch_size": train.batch_size,
+            "rounds": opts.rounds or (1 if opts.quick else 30), "epochs": opts.epochs or 1,
+            "sites": QUICK_SITES if opts.quick else N_SITES, "hidden": list(HIDDEN), "n_factors": N_FACTORS,
+            "batch_size": train.batch_size,
             "lr": train.lr, "max_grad_norm": train.max_grad_norm, "optimizer": "sgd, momentum 0.9",
             "prox_mu": PROX_MU, "partition": "shards, 2 classes per site, seed 0"}
 
@@ -66,10 +68,10 @@ def run(opts: Options) -> dict:
         say(f"[waffle] NOTE: {cfg['note']}")
     torch.set_num_threads(1)  # small MLPs: one thread is as fast here, and steadier
     data = load_dataset(cfg["dataset"], max_train=cfg["max_train"])
-    sites = [f"site-{i:02d}" for i in range(N_SITES)]
+    sites = [f"site-{i:02d}" for i in range(cfg["sites"])]
     spec = PartitionSpec(scheme="shards", classes_per_site=2, seed=0)
     splits = {s: tuple(torch.from_numpy(a) for a in site_split(data, sites, s, spec)) for s in sites}
-    say(f"[waffle] {data.name}: {len(data.train_y)} training samples over {N_SITES} sites, "
+    say(f"[waffle] {data.name}: {len(data.train_y)} training samples over {cfg['sites']} sites, "
         f"{cfg['rounds']} rounds x {cfg['epochs']} local epoch(s), MLP {list(HIDDEN)}")
     mc = ModelConfig(input_dim=data.input_dim, hidden=HIDDEN, num_classes=data.num_classes, n_factors=N_FACTORS)
     tc = dataclasses.replace(OPTIMIZERS["sgd"], epochs=cfg["epochs"])
@@ -86,12 +88,12 @@ def run(opts: Options) -> dict:
             m["swap_test"] = swap_test(r["models"], splits)
         out["methods"][method] = m
         say(f"  {method:<8} {m['final']['mean']:.3f} ± {m['final']['std']:.3f}, {r['wall_s']:.1f} s")
-    _report(out)
+    _report(out, cfg["sites"])
     _plot(out, opts)
     return out
 
 
-def _report(out: dict) -> None:
+def _report(out: dict, n_sites: int) -> None:
     rows = []
     for method, m in out["methods"].items():
         final, pre = m["final"], m["final_after_local_training"]
@@ -102,7 +104,7 @@ def _report(out: dict) -> None:
     rows.append(["majority", f"{out['majority_floor']['mean']:.4f}", f"{out['majority_floor']['std']:.4f}",
                  f"{out['majority_floor']['min']:.3f}", "-", "-", "-", "-"])
     say(table(["method", "acc mean", "acc std", "min", "acc after local training", "shared params", "up/round/site",
-               "wall s"], rows, title=f"\nlocal test accuracy across {N_SITES} sites after the last round (after aggregation)"))
+               "wall s"], rows, title=f"\nlocal test accuracy across {n_sites} sites after the last round (after aggregation)"))
     w, f = out["methods"]["waffle"], out["methods"]["fedavg"]
     g, sw = w["private_gates"], w["swap_test"]
     say(f"\nWAFFLe private selection: {g['fraction_on']:.2f} of the gates on (per layer "

@@ -53,8 +53,9 @@ METHODS = ("waffle", "fedavg", "fedprox", "local")
 ROUNDS = 30
 # Fashion-MNIST before partitioning: 60k samples x the grid would not fit any time budget
 MAX_TRAIN = {"fashion-mnist": 6000, "digits": None}
-QUICK = {"datasets": ["digits"], "partitions": ["shards2", "dir0.1"], "sites": [10], "seeds": 1,
-         "optimizers": ["sgd", "adam"], "rounds": 10}
+# --quick: one cell, one round (a smoke test of the grid, seconds)
+QUICK = {"datasets": ["digits"], "partitions": ["shards2"], "sites": [5], "seeds": 1, "optimizers": ["sgd"],
+         "rounds": 1}
 
 
 def _splits(data, n_sites: int, spec: PartitionSpec) -> tuple[dict, int]:

@@ -55,6 +55,17 @@ THREAT_MODEL = [
 ]
 
 
+def _settled(rows: list[dict]) -> list[dict]:
+    """A site's DP records, the last word on each ledger row: a row logged as spent after training
+    and logged again as withheld when its update never left (security.dp.ledger) is shown once,
+    withheld."""
+    last: dict = {}
+    for i, r in enumerate(rows):
+        key = (str(r["run"]), r["ledger_seq"]) if r.get("ledger_seq") is not None else ("", i)
+        last[key] = r
+    return sorted(last.values(), key=lambda r: (str(r["run"]), r["round"] or 0))
+
+
 def collect(result: VerifyResult) -> dict:
     """Everything the report shows, from the verified entries, as plain JSON-ready data."""
     logs = [v for v in result.logs if v.producer]
@@ -81,7 +92,8 @@ def collect(result: VerifyResult) -> dict:
                     "delta": as_float(b.get("delta")), "noise_multiplier": as_float(b.get("noise_multiplier")),
                     "sample_rate": as_float(b.get("sample_rate")), "steps": b.get("steps"),
                     "max_grad_norm": as_float(b.get("max_grad_norm")), "budget": as_float(b.get("budget")),
-                    "accountant": b.get("accountant"), "accountant_version": b.get("accountant_version")})
+                    "accountant": b.get("accountant"), "accountant_version": b.get("accountant_version"),
+                    "state": str(b.get("state") or "spent")[:40], "ledger_seq": b.get("ledger_seq")})
             elif e.kind == "secagg":
                 secagg.append({"producer": v.producer, **{k: b.get(k) for k in (
                     "run", "round", "event", "threshold", "roster", "survivors", "dropouts", "reconstructed")}})
@@ -116,8 +128,7 @@ def collect(result: VerifyResult) -> dict:
             {"producer": v.producer, "role": v.role, "file": v.file, "entries": len(v.entries), "closed": v.closed,
              "certificates": list(v.certificates.values())} for v in logs]},
         "threat_model": [{"title": t, "text": x} for t, x in THREAT_MODEL],
-        "privacy": {site: sorted(rows, key=lambda r: (str(r["run"]), r["round"] or 0))
-                    for site, rows in privacy.items()},
+        "privacy": {site: _settled(rows) for site, rows in privacy.items()},
         "declines": _unique_declines(declines),
         "boundaries": sorted(crossings.values(),
                              key=lambda c: (c["sender"] or "", c["receiver"] or "", c["message"] or "")),
@@ -309,13 +320,13 @@ def render_html(data: dict, images: dict[str, Path | None], leakage: dict | None
     rows = []
     for site, entries in sorted(data["privacy"].items()):
         for r in entries:
-            rows.append([_e(site), _e(r["run"]), _e(r["round"]), _e(_fmt(r["epsilon_round"])),
+            rows.append([_e(site), _e(r["run"]), _e(r["round"]), _e(r.get("state", "spent")), _e(_fmt(r["epsilon_round"])),
                          _e(_fmt(r["epsilon_cumulative"])), _e(_fmt(r["budget"])), _e(_fmt(r["delta"], 3)),
                          _e(_fmt(r["noise_multiplier"])), _e(_fmt(r["sample_rate"])), _e(r["steps"]),
                          _e(_fmt(r["max_grad_norm"])), _e(f'{r["accountant"]} ({r["accountant_version"]})')])
-    parts.append(_table(["site", "run", "round", "epsilon (round)", "epsilon (cumulative)", "budget", "delta",
-                         "noise multiplier", "sample rate", "steps", "clip", "accountant"], rows,
-                        numeric={2, 3, 4, 5, 6, 7, 8, 9, 10}))
+    parts.append(_table(["site", "run", "round", "ledger state", "epsilon (round)", "epsilon (cumulative)", "budget",
+                         "delta", "noise multiplier", "sample rate", "steps", "clip", "accountant"], rows,
+                        numeric={2, 4, 5, 6, 7, 8, 9, 10, 11}))
     parts.append("<h3>Rounds a site declined (its privacy budget, or its site policy)</h3>" + _table(
         ["site", "run", "round", "why"],
         [[_e(d["site"]), _e(d["run"]), _e(d["round"]), _e(d["reason"])] for d in data["declines"]],

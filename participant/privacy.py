@@ -3,9 +3,11 @@
 Like Opacus' PrivacyEngine it is made once (per run) and then asked to train and to protect:
 
     privacy = SitePrivacy(site, run_id, config, task, state_dir=..., num_samples=N, ...)
+    privacy.next_task(r, t)                                            # what became of earlier attempts
     result = privacy.train(model, data, cfg, round_no=r, task_id=t)   # raises BudgetExceeded
     privacy.decline(err, round_no=r, task_id=t)                        # the hard stop, recorded
     update = privacy.protect_update(update)                            # user-level clip (+ noise)
+    privacy.released(t) | privacy.release_later(t, sent) | privacy.withhold(t, why)
     privacy.metrics()                                                  # what the site reports
 
 It owns the site's privacy ledger (security.dp.ledger: the budget check before training, the spend
@@ -13,12 +15,21 @@ after it, the declines), record-level DP-SGD (security.dp.engine, after the ledg
 round's epsilon) and user-level DP on the update (security.dp.user_level); each DP round's ledger
 row also goes into the site's audit trail. A round that would pass the budget raises
 BudgetExceeded before any training. Nothing outside this module reads the ledger's rows.
+
+Epsilon is spent on what leaves the site, not on training alone. After DP-SGD the engine keeps the
+model as it was before that attempt until the round says what became of the update: `released`
+(it goes to the coordinator: the row stays spent), `release_later` (secure aggregation: the update
+leaves with the masked input, a later step; the session is asked when the attempt is over) or
+`withhold` (nothing derived from it leaves: the model goes back to before the training, and the
+row is withheld, epsilon 0). An attempt whose fate the site cannot tell (a crash, an error) stays
+spent. When a retry of a round arrives, the earlier attempts of that round are marked aborted.
 """
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -60,6 +71,15 @@ class _RecordLevel:
     last: LedgerEntry | None = None     # the last round's settled row (what the site reports)
 
 
+@dataclass
+class _Unreleased:
+    """The last attempt this site trained whose update has not left yet: what undoing it needs."""
+    entry: LedgerEntry
+    model: nn.Module
+    before: dict[str, torch.Tensor]            # the model's state before this attempt's DP-SGD
+    sent: Callable[[], bool] | None = None     # secure aggregation: did the masked input go out?
+
+
 class SitePrivacy:
     def __init__(self, site: str, run_id: str, config: RunConfig, task: Task, *, state_dir: Path,
                  num_samples: int, model: nn.Module, local_budget: float | None = None, audit=None):
@@ -71,6 +91,7 @@ class SitePrivacy:
         self.num_samples = num_samples
         p = config.privacy
         self.record: _RecordLevel | None = None
+        self.unreleased: _Unreleased | None = None
         if p.enabled and p.mode == "dp_sgd":
             self.record = self._open_record_level(Path(state_dir), model, local_budget)
         elif local_budget is not None and not p.enabled:
@@ -152,10 +173,11 @@ class SitePrivacy:
                                    max_grad_norm=p.max_grad_norm, delta=p.delta, budget=rec.budget,
                                    accountant=p.accountant, params=params)
         x, y = task.dp_records(data)
+        before = {name: value.detach().clone() for name, value in model.state_dict().items()}
         result = self._dp_sgd(model, x, y, cfg)
         entry = rec.ledger.settle(entry, result.steps)
-        rec.spent, rec.spent_rdp, rec.last = entry.eps_cum(), entry.eps_cum_rdp, entry
-        self.audit.dp_ledger(entry)
+        self._note(entry)
+        self.unreleased = _Unreleased(entry, model, before)
         return TrainResult(num_samples=n, steps=result.steps, loss=result.loss, seconds=result.seconds)
 
     def _dp_sgd(self, model: nn.Module, x, y, cfg: TrainConfig):
@@ -184,6 +206,73 @@ class SitePrivacy:
         self.record.ledger.record_decline(run_id=self.run_id, round_no=round_no, task_id=task_id, reason=str(err),
                                           spent=err.spent, would_be=err.would_be, budget=err.budget,
                                           accountant=self.record.accountant)
+
+    def _note(self, entry: LedgerEntry) -> None:
+        """A ledger row changed: what the site reports, and its audit trail."""
+        rec = self.record
+        rec.spent, rec.spent_rdp, rec.last = entry.eps_cum(), entry.eps_cum_rdp, entry
+        self.audit.dp_ledger(entry)
+
+    # -- what became of an attempt's update -------------------------------------------------------
+    def released(self, task_id: str) -> None:
+        """The attempt's update leaves the site now: its row stays spent, whatever the coordinator
+        then makes of the attempt."""
+        if self.unreleased is not None and self.unreleased.entry.task_id == task_id:
+            self.unreleased = None
+
+    def release_later(self, task_id: str, sent: Callable[[], bool]) -> None:
+        """Under secure aggregation the update leaves with the masked input, a step the coordinator
+        opens later: `sent()` says, once the attempt is over, whether it got that far."""
+        if self.unreleased is not None and self.unreleased.entry.task_id == task_id:
+            self.unreleased.sent = sent
+
+    def withhold(self, task_id: str, why: str) -> bool:
+        """Nothing derived from the attempt's training leaves the site: the model goes back to
+        before it and the ledger row is withheld (epsilon 0). True when the model was restored
+        (the caller keeps the private factors on disk as they now are)."""
+        u = self.unreleased
+        if u is None or u.entry.task_id != task_id:
+            return False
+        self.unreleased = None
+        u.model.load_state_dict(u.before)
+        entry = self.record.ledger.withhold(u.entry, why)
+        self._note(entry)
+        log.info("%s: round %d: update not released (%s): DP-SGD undone, epsilon stays %.4f", self.site,
+                 entry.round, why, entry.eps_cum())
+        return True
+
+    def next_task(self, round_no: int, task_id: str) -> bool:
+        """A task arrived: an earlier attempt is over. Its update, if secure aggregation never sent
+        it, is withheld; the earlier attempts of this round were aborted (this is their retry).
+        True when the model was restored (see withhold)."""
+        if self.record is None:
+            return False
+        restored = self._settle_unreleased(f"the attempt ended before its masked input was sent "
+                                           f"(a task for round {round_no} arrived)")
+        for e in self.record.ledger.mark_aborted(run_id=self.run_id, round_no=round_no, keep_task_id=task_id,
+                                                 note=f"attempt aborted: round {round_no} was retried"):
+            log.info("%s: round %d: the attempt of task %s was aborted (a retry arrived); its ledger row stays %s",
+                     self.site, round_no, e.task_id[:8], e.state)
+        return restored
+
+    def run_finished(self, rounds_completed: int) -> bool:
+        """The run ended after `rounds_completed` rounds: attempts of later rounds did not complete.
+        True when the model was restored (see withhold)."""
+        if self.record is None:
+            return False
+        restored = self._settle_unreleased("the run ended before the masked input was sent")
+        self.record.ledger.mark_aborted(run_id=self.run_id, after_round=rounds_completed,
+                                        note=f"attempt aborted: the run ended after {rounds_completed} round(s)")
+        return restored
+
+    def _settle_unreleased(self, why: str) -> bool:
+        u = self.unreleased
+        if u is None:
+            return False
+        if u.sent is not None and not u.sent():
+            return self.withhold(u.entry.task_id, why)
+        self.unreleased = None   # released, or it may have been: the row stays spent
+        return False
 
     # -- the update -------------------------------------------------------------------------------
     def protect_update(self, update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

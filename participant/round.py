@@ -29,6 +29,9 @@ from security.egress import EgressRefused
 
 log = logging.getLogger(__name__)
 
+# the secure aggregation client's stages before it has produced the masked input (security.secagg)
+MASK_NOT_SENT = ("advertise", "share_keys", "masked_input")
+
 
 class Round:
     """One RoundTask of the coordinator's, carried out at this site."""
@@ -41,6 +44,10 @@ class Round:
         """Returns the secure aggregation session when the round goes on step by step."""
         run, task = self.site_run, self.task
         run.audit.boundary(run.run_id, "receive", self.round, "task", task.global_state_digest)
+        # a new task ends the attempt before it: the privacy engine settles what that one cost
+        # (a site whose policy refused the run has no trainer: it trains nothing and spends nothing)
+        if run.trainer is not None and run.trainer.privacy.next_task(self.round, task.task_id.hex()):
+            run.trainer.save_private()
         violations = run.refused or site_policy.check_task(run.policy, run.config, round_no=self.round,
                                                            secure=task.secure_aggregation,
                                                            roster_size=len(task.roster))
@@ -56,13 +63,19 @@ class Round:
             return None
         update = self.update(state)
         if not self.guard(update):
+            self.withhold("the egress guard stopped the update")
             return None
         metrics = run.policy.reported_metrics({
             "accuracy_before": before["accuracy"], "accuracy": after["accuracy"], "loss": result.loss,
             "train_seconds": result.seconds, "compute_seconds": time.perf_counter() - started,
             **run.trainer.privacy_metrics()})
         if task.secure_aggregation:
-            return SecureSession.begin(run, self.stub, task, update, metrics)
+            return self.send_secure(update, metrics)
+        if self.past_deadline():
+            log.warning("%s: round %d: the deadline passed before the update was ready: not sent", run.site,
+                        self.round)
+            self.withhold("the round's deadline passed before the update was ready")
+            return None
         receipt, tensors = self.send(update, metrics)
         if receipt is not None:
             log.info("%s: round %d: accuracy %.3f -> %.3f, loss %.3f, sent %d bytes in %d shared tensors (%.2fs)",
@@ -113,6 +126,7 @@ class Round:
         header.audit_countersignature = token
         specs, messages = convert.upload_messages(header, update, run.chunk_bytes)
         sent = run.audit.boundary(run.run_id, "send", self.round, "update", codec.state_digest(specs), specs)
+        run.trainer.privacy.released(task.task_id.hex())   # from here on the update may be out
         try:
             receipt = self.upload(messages)
         except grpc.RpcError as err:
@@ -125,6 +139,30 @@ class Round:
         run.counters.rounds_trained += 1
         run.counters.bytes_sent += receipt.bytes_received
         return receipt, len(specs)
+
+    def send_secure(self, update: dict[str, np.ndarray], metrics: dict[str, float]) -> SecureSession | None:
+        """Encode the update and advertise keys; the update itself leaves with the masked input, a
+        step the coordinator opens later, so the privacy engine asks the session once the attempt
+        is over. A session that ends in a refusal may have sent it, and counts as sent."""
+        session = SecureSession.begin(self.site_run, self.stub, self.task, update, metrics)
+        task_id = self.task.task_id.hex()
+        if session is None:
+            self.withhold("this site did not take part in the round's secure aggregation")
+        else:
+            client = session.update.client
+            self.site_run.trainer.privacy.release_later(task_id, lambda: client.stage not in MASK_NOT_SENT)
+        return session
+
+    def past_deadline(self) -> bool:
+        """Whether the task's deadline has passed by this site's clock: the coordinator refuses a
+        late update, so sending one would only spend privacy."""
+        return bool(self.task.deadline_unix_ms) and time.time() * 1000 > self.task.deadline_unix_ms
+
+    def withhold(self, why: str) -> None:
+        """Nothing of this attempt's update leaves the site: the privacy engine undoes its training
+        (no epsilon spent), and the private factors on disk go back with it."""
+        if self.site_run.trainer.privacy.withhold(self.task.task_id.hex(), why):
+            self.site_run.trainer.save_private()
 
     def upload(self, messages) -> pb.UploadReceipt:
         """The plain upload RPC itself."""

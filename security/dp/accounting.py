@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
-import opacus
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
+
+# Opacus is imported where it is used: importing it costs about two CPU seconds, which every
+# coordinator and participant process would otherwise pay at start, DP or not.
 
 ACCOUNTANTS = ("prv", "rdp")
 
@@ -53,6 +53,8 @@ class RoundSpend:
 
 
 def accountant_version() -> str:
+    import opacus
+
     return f"opacus {opacus.__version__}"
 
 
@@ -71,6 +73,8 @@ def _history(spends: Iterable[RoundSpend]) -> list[tuple[float, float, int]]:
 
 
 def _rdp(history, delta: float) -> float:
+    from opacus.accountants import RDPAccountant
+
     acc = RDPAccountant()
     acc.history = list(history)
     with warnings.catch_warnings():  # "optimal order is the largest alpha": the bound stays valid
@@ -79,6 +83,8 @@ def _rdp(history, delta: float) -> float:
 
 
 def _prv(history, delta: float, eps_hint: float) -> float:
+    from opacus.accountants import PRVAccountant
+
     acc = PRVAccountant()
     acc.history = list(history)
     # The PRV accountant returns estimate + eps_error (an upper bound). Keep the slack well under
@@ -125,6 +131,8 @@ def noise_multiplier_for(target_epsilon: float, delta: float, sample_rate: float
         raise AccountingError(f"delta must be in (0, 1), got {delta!r}")
     if accountant not in ACCOUNTANTS:
         raise AccountingError(f"unknown accountant {accountant!r} (choose {', '.join(ACCOUNTANTS)})")
+    from opacus.accountants.utils import get_noise_multiplier
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
