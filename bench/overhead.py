@@ -49,6 +49,27 @@ def shared_size(v: dict) -> tuple[int, int]:
     return m.shared_numel(), m.shared_nbytes()
 
 
+def _median_ms(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return float(np.median(times))
+
+
+def _persist(state) -> None:
+    """An approximation of the store's write of a round's state: safetensors, then fsync."""
+    import os
+
+    from safetensors.numpy import save_file
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "round.safetensors")
+        save_file({n: np.ascontiguousarray(a) for n, a in state.items()}, path)
+        with open(path, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
 def cpu_breakdown(v: dict, n_sites: int = N_SITES, repeat: int = 3) -> dict:
     """Single-thread CPU cost of the per-round steps that the wire and the aggregate need, with the
     product's own functions on this model's shared state (median of `repeat`). The coordinator is
@@ -101,23 +122,6 @@ def cpu_breakdown(v: dict, n_sites: int = N_SITES, repeat: int = 3) -> dict:
         strategy.add(received, 100)
         return strategy.finish()
 
-    def persist():
-        from safetensors.numpy import save_file
-        import os
-        with tempfile.TemporaryDirectory() as d:
-            path = os.path.join(d, "round.safetensors")
-            save_file({n: np.ascontiguousarray(a) for n, a in state.items()}, path)
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-
-    def timed(fn) -> float:
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1000)
-        return float(np.median(times))
-
     fedavg_add()
     steps = [
         ("participant", "assemble the downloaded global state (parse, SHA-256, copies, finiteness)", assemble_download),
@@ -128,9 +132,9 @@ def cpu_breakdown(v: dict, n_sites: int = N_SITES, repeat: int = 3) -> dict:
         ("coordinator", "FedAvg.begin + add + finish", fedavg_finish),
         ("coordinator", "encode the new global state (to_bytes, SHA-256), between rounds", lambda: codec.encode(state)),
         ("coordinator", "persist: safetensors write + fsync (approximation of the store's), between rounds",
-         persist),
+         lambda: _persist(state)),
     ]
-    rows = [{"side": side, "step": what, "ms": timed(fn)} for side, what, fn in steps]
+    rows = [{"side": side, "step": what, "ms": _median_ms(fn, repeat)} for side, what, fn in steps]
     per_site = [rows[2]["ms"], rows[3]["ms"], rows[4]["ms"]]
     coordinator_in_round = n_sites * sum(per_site) + rows[5]["ms"]
     return {"steps": rows, "sites": n_sites,

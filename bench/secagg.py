@@ -181,10 +181,15 @@ def run_case(n: int, m: int, k: int, drop: bool, seed: int = 0) -> dict:
         if gc_was:
             gc.enable()
 
+    return _case_figures(n, m, k, server.t, roster, dropped, result, expected, clock)
+
+
+def _case_figures(n: int, m: int, k: int, threshold: int, roster, dropped, result, expected, clock) -> dict:
+    """One case's row: per-client and server seconds by step, bytes each way, and the exactness check."""
     finished = [u for u in roster if u in result.survivors]
     per_client = [sum(clock.client_s[u].values()) for u in finished]
     return {
-        "n": n, "m": m, "k": k, "degree": effective_degree(n, k), "threshold": server.t,
+        "n": n, "m": m, "k": k, "degree": effective_degree(n, k), "threshold": threshold,
         "dropped": [dropped] if dropped else [], "survivors": len(result.survivors),
         "exact": bool(np.array_equal(result.total, expected)),
         "client_s": float(np.mean(per_client)), "client_s_max": float(np.max(per_client)),

@@ -16,10 +16,12 @@ from coordinator.admission import Admission
 from coordinator.audit_trail import AuditTrail
 from coordinator.auth import Authenticator
 from coordinator.coordinator import Coordinator
-from coordinator.limits import ServerCapacity, StreamWatchdog
+from coordinator.core_log import HANDSHAKE_PEER
+from coordinator.limits import RecordBudget, ServerCapacity, StreamWatchdog
 from coordinator.metrics import Traffic, collect
-from coordinator.service import OperatorServicer, ParticipantServicer, generic_handler
+from coordinator.service import MAX_REFUSAL_REASON, OperatorServicer, ParticipantServicer, generic_handler
 from coordinator.store import Store
+from kt_core.bounded import escape_field
 from kt_core.config import FederationSettings, RunConfig
 from kt_core.wire.exposition import MetricsServer
 from kt_core.wire import transport
@@ -102,6 +104,7 @@ class CoordinatorServer:
         self.auth = Authenticator(revocations, insecure=settings.insecure)
         self.health = health.HealthServicer()
         self.traffic = Traffic()
+        self._handshake_budget = RecordBudget()
         self.serving = False
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=settings.max_workers,
                                                              thread_name_prefix="grpc"),
@@ -136,6 +139,17 @@ class CoordinatorServer:
                     ("grpc.health.v1.Health", HealthGate(self.health, participants.admission)))
         return tuple(generic_handler(name, servicer, self._record_refusal, watchdog, streamed=True,
                                      stopping=self._stopped.is_set) for name, servicer in services)
+
+    def record_handshake_failure(self, reason: str) -> None:
+        """A TLS handshake that gRPC's core refused (coordinator.core_log): logged and recorded like
+        a refusal, under one peer name since the core does not say who it was."""
+        reason = escape_field(f"TLS handshake refused: {reason}", MAX_REFUSAL_REASON)
+        held = self._handshake_budget.take(HANDSHAKE_PEER)
+        if held is None:
+            return
+        more = f" (and {held} more failed handshakes before this one, not recorded one by one)" if held else ""
+        log.warning("refused a TLS connection: %s%s", reason, more)
+        self._record_refusal(HANDSHAKE_PEER, "TLS", "UNAUTHENTICATED", reason + more)
 
     def _record_refusal(self, peer: str, method: str, code: str, reason: str) -> None:
         self.store.record_refusal(peer, method, code, reason)

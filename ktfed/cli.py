@@ -119,6 +119,7 @@ def cmd_pki(args) -> int:
 # -- coordinator --------------------------------------------------------------------------------
 
 def cmd_coordinator(args) -> int:
+    from coordinator.core_log import CoreLogTap
     from coordinator.server import CoordinatorServer, ServerSettings
     from coordinator.store import CorruptStateError
     from kt_core.config import ConfigError, load_file
@@ -139,13 +140,16 @@ def cmd_coordinator(args) -> int:
     _check_listen(args, "metrics_listen", "--metrics-listen")
     started = False
     signals = StopSignals(lambda: None, interruptible=lambda: not started)
-    server = None
+    server = tap = None
     with signals:
         try:
             server = CoordinatorServer(ServerSettings(args.listen, Path(args.state), tls, crl, args.insecure,
                                                       metrics_listen=args.metrics_listen, audit=not args.no_audit,
                                                       max_concurrent_rpcs=args.max_concurrent_rpcs,
                                                       **({"max_workers": args.max_workers} if args.max_workers else {})))
+            # gRPC's core reports a failed TLS handshake only on stderr: the tap records it
+            tap = CoreLogTap(server.record_handshake_failure)
+            tap.start()
             server.start(config)
             started = True
             while signals.signum is None:  # the handler only notes the signal once the run is served
@@ -159,6 +163,8 @@ def cmd_coordinator(args) -> int:
         finally:
             if server is not None:
                 server.stop()
+            if tap is not None:
+                tap.stop()
     log.info("stopped by %s: the round in progress was abandoned; the next start resumes at the last "
              "committed round", signal_name(signals.signum))
     return stop_code(signals.signum)

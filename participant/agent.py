@@ -287,7 +287,4 @@ class ParticipantAgent:
             detail = f"{err.code().name}: {err.details()}" if isinstance(err, grpc.RpcError) else str(err)
             log.error("%s: the run's final global state could not be fetched (%s): no adapted model is written, "
                       "and the final evaluation measures this site's last local model", self.site, detail)
-        # the run's end closes its last attempt: the privacy engine settles what that one cost
-        if self.trainer.privacy.run_finished(finished.header.round):
-            self.trainer.save_private()
         self.trainer.conclude(self.settings.state_dir, final, round_no=finished.header.round, reason=finished.reason)

@@ -104,6 +104,9 @@ class LocalTrainer:
         evaluation, of that model, to STATE/evaluation-<run>.json. Returns the adapted model's
         path (None without the final state: no file then, since the last local model is not the
         federation's)."""
+        # the run's end closes its last attempt: the privacy engine settles what that one cost
+        # (and puts the private factors back when that attempt's update never left)
+        self.privacy.run_finished(round_no)
         self.save_private()
         path = None
         if final is not None:

@@ -284,7 +284,9 @@ def test_health_and_status_answer_while_a_member_holds_all_it_may_hold(server, p
 
 # -- a flood of idle calls from several certificates ----------------------------------------------------
 
-FLOOD_WORKERS = 16
+# few threads, as few as a run of the suite's sites may have (coordinator.limits.ServerCapacity:
+# a stream per site and 32 more)
+FLOOD_WORKERS = 40
 
 
 @pytest.fixture(scope="module")
@@ -299,7 +301,8 @@ def small_server(pki, tmp_path_factory):
                               max_workers=FLOOD_WORKERS, max_concurrent_rpcs=2 * FLOOD_WORKERS,
                               stream_first_message_timeout_s=120.0)
     text = fast_config(rounds=3, min_participants=2, timeout=600, sites=MEMBERS).replace(
-        "[federation]\n", "[federation]\nmax_rpcs_per_participant = 3\nrpc_rate_per_participant = 0.0\n")
+        "[federation]\n", "[federation]\nmax_participants = 3\nmax_rpcs_per_participant = 3\n"
+                           "rpc_rate_per_participant = 0.0\n")
     srv = CoordinatorServer(settings)
     srv.start(load_toml(text))
     yield srv

@@ -1,9 +1,9 @@
-"""Failed TLS handshakes against a real coordinator process: the limit README's security notes
-describe. A client with a certificate of another CA, an expired certificate of the federation's
-CA, or none at all never gets past gRPC's core: no call exists, so nothing reaches the
-coordinator's log or its refusals table; gRPC's core writes the reason (without the peer) to the
-process's stderr, and the coordinator serves on. If gRPC starts telling the process about failed
-handshakes, or stops writing that line, this test says the README is out of date."""
+"""Failed TLS handshakes against a real coordinator process. A client with a certificate of another
+CA, an expired certificate of the federation's CA, or none at all never gets past gRPC's core: no
+call exists. The core writes the reason (without the peer) to the process's stderr, which the
+coordinator taps (coordinator/core_log.py): each failed handshake is logged and recorded as a
+refusal, the line still reaches stderr, and the coordinator serves on. If gRPC stops writing that
+line, this test fails: the tap would then see nothing."""
 from __future__ import annotations
 
 import datetime
@@ -36,7 +36,7 @@ def _expired(pki) -> tuple[bytes, bytes]:
                               serialization.NoEncryption()), cert.public_bytes(serialization.Encoding.PEM))
 
 
-def test_failed_handshakes_reach_only_grpcs_own_stderr_line(federation, tmp_path):
+def test_failed_handshakes_are_logged_and_recorded_and_reach_stderr(federation, tmp_path):
     federation.start_coordinator(federation.write_config(fast_config()))
     federation.wait_serving()
     ca = (federation.pki / "ca.crt").read_bytes()
@@ -55,8 +55,15 @@ def test_failed_handshakes_reach_only_grpcs_own_stderr_line(federation, tmp_path
     out = federation.workdir / "logs" / "coordinator.out"
     federation.wait_for(lambda: all("Handshake failed with error SSL_ERROR_SSL" in _line(out.read_text(), reason)
                                     for reason in clients), 10, "gRPC core's line for each failed handshake")
-    assert federation.db().execute("SELECT COUNT(*) FROM refusals").fetchone()[0] == 0
-    assert "Handshake failed" not in federation.log()
+    def recorded():
+        return [r for (r,) in federation.db().execute("SELECT reason FROM refusals WHERE method = 'TLS'")]
+
+    federation.wait_for(lambda: all(any(reason in r for r in recorded()) for reason in clients), 10,
+                        "a recorded refusal for each failed handshake")
+    rows = federation.db().execute("SELECT peer, code FROM refusals WHERE method = 'TLS'").fetchall()
+    assert set(rows) == {("(failed TLS handshake)", "UNAUTHENTICATED")}
+    for reason in clients:
+        assert reason in _line(federation.log(), reason) and "refused a TLS connection" in federation.log()
     assert federation.client.serving()
 
 

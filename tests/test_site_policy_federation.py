@@ -234,3 +234,41 @@ def test_a_next_run_with_weaker_settings_is_declined_and_the_site_joins_a_compli
     assert {(r["rule"], r["run"], r["crossings"]) for r in rows} == {("egress.max_upload_bytes", first, 1),
                                                                      ("egress.max_upload_bytes", third, 1)}
     assert all("a masked input of" in r["detail"] and r["first"].startswith("secagg/masked_input") for r in rows)
+
+
+# One rule of each kind that a run's settings can break at join, each held by its own site; the
+# run (record-level DP-SGD, secure aggregation with t = 5) breaks every one of them.
+JOIN_RULES = {
+    "site-a": ("[model]\ntasks = ['vln']\n", "model.tasks"),
+    "site-b": ("[egress]\nmax_upload_bytes = 100\n", "egress.max_upload_bytes"),
+    "site-c": ("[privacy]\nlevels = ['user']\n", "privacy.levels"),
+    "site-d": ("[privacy]\nmax_epsilon_per_run = 1.0\n", "privacy.max_epsilon_per_run"),
+    "site-e": ("[privacy]\nmax_delta = 1e-6\n", "privacy.max_delta"),
+    "site-f": ("[privacy]\nmax_clip_norm = 0.01\n", "privacy.max_clip_norm"),
+    "site-g": ("[privacy]\nmax_epsilon_lifetime = 2.0\n", "privacy.max_epsilon_lifetime"),
+    "site-h": ("[secagg]\nrequired = true\nactive_required = true\n", "secagg.active_required"),
+    "site-i": ("[secagg]\nrequired = true\nmin_threshold = 7\n", "secagg.min_threshold"),
+    "site-j": ("[secagg]\nrequired = true\nmin_participants = 9\n", "secagg.min_participants"),
+}
+
+
+@pytest.mark.slow
+def test_each_join_rule_refuses_a_real_run_that_breaks_it_naming_the_rule_and_sending_nothing(federation):
+    sites = sorted(JOIN_RULES)
+    extra = ("\n[privacy]\nenabled = true\ntarget_epsilon = 8.0\ndelta = 1e-4\nmax_grad_norm = 1.0\n"
+             "\n[secagg]\nenabled = true\nthreshold = 5\n")
+    federation.start_coordinator()
+    federation.wait_serving()
+    run = federation.client.start(fast_config(rounds=2, min_participants=5, timeout=30, sites=sites, epochs=1,
+                                              extra=extra)).header.run_id
+    for site in sites:
+        start_site(federation, site, JOIN_RULES[site][0])
+    federation.wait_for(lambda: set(declines(federation, run)) == set(sites), 240, "every site to decline")
+    for site, (_, rule) in JOIN_RULES.items():
+        assert rule in declines(federation, run)[site], (site, declines(federation, run)[site])
+        assert f"site policy {rule}" in federation.log(site)
+        assert uploaded_bytes(federation, run, site) == 0
+        assert set(site_sends(federation, site, run)) <= {"decline"}     # no tensor, no SecAgg step
+        refused = [e["body"] for e in site_refusals(federation, site) if e["body"]["run"] == run]
+        assert refused and any(r["reason"] == f"site policy {rule}" for r in refused)
+    assert federation.client.status(run).rounds_completed == 0
