@@ -302,6 +302,16 @@ def _privacy(policy: SitePolicy, config: RunConfig, site: str, history: "RunHist
     return out
 
 
+def check_noise(policy: SitePolicy, noise_multiplier: float | None) -> list[Violation]:
+    """The noise multiplier this site derived for a run that names only a target epsilon (the run
+    config cannot be checked for it at join: the site computes it from its own sample count)."""
+    least = policy.privacy.min_noise_multiplier
+    if least and noise_multiplier is not None and noise_multiplier < least:
+        return [Violation("privacy.min_noise_multiplier", f"the run's target epsilon gives this site a noise "
+                                                          f"multiplier of {noise_multiplier:.4g}, below {least:g}")]
+    return []
+
+
 def check_task(policy: SitePolicy, config: RunConfig, *, round_no: int, secure: bool, roster_size: int
                ) -> list[Violation]:
     """The settings of one round: the coordinator may not weaken what was agreed at join."""

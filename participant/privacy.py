@@ -111,6 +111,11 @@ class SitePrivacy:
         return self.record.budget if self.record else None
 
     @property
+    def noise_multiplier(self) -> float | None:
+        """DP-SGD's noise multiplier at this site (None without record-level DP)."""
+        return self.record.noise_multiplier if self.record else None
+
+    @property
     def ledger(self) -> PrivacyLedger | None:
         return self.record.ledger if self.record else None
 

@@ -172,11 +172,16 @@ class SiteRun:
         states.cached = None
         audit.config(run_id, json.loads(reply.run_config_json), policy)
         refused = tuple(join_violations(settings, policy, config, reply))
-        if refused:
-            for violation in refused:
+
+        def refusing(violations) -> "SiteRun":
+            for violation in violations:
                 log.error("%s: run %s: %s", settings.site, run_id, violation)
                 audit.refusal(run_id, reply.header.round, "join", f"site policy {violation.rule}", violation.detail)
-            return cls(settings, run_id, config, None, None, audit, states, counters, stopping, policy, refused)
+            return cls(settings, run_id, config, None, None, audit, states, counters, stopping, policy,
+                       tuple(violations))
+
+        if refused:
+            return refusing(refused)
         backbone = None
         if task_for(config).hosts_backbone:
             backbone = fetch_backbone(settings, stub, reply, config, audit, counters)
@@ -185,6 +190,8 @@ class SiteRun:
         if trainer.manifest.digest() != reply.manifest_digest:
             raise RuntimeError("the coordinator's factor manifest differs from the model this site builds "
                                "(incompatible software versions)")
+        if noisy := site_policy.check_noise(policy, trainer.privacy.noise_multiplier):
+            return refusing(noisy)   # nothing trained or sent: the trainer is dropped
         run_history(settings).record(run_id, config.privacy.budget_for(settings.site, settings.epsilon_budget)
                                      if site_policy.privacy_level(config) == site_policy.RECORD else None)
         roles = {e.name: convert.ROLE_FROM_PB[e.role] for e in reply.manifest}

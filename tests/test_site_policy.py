@@ -226,3 +226,12 @@ def test_the_kubernetes_base_ships_a_valid_policy_that_refuses_dense_updates():
     policy = site_policy.load(Path(__file__).resolve().parents[1] / "k8s/base/participant/site-policy.toml")
     assert "dense" not in policy.model.adapter_modes
     assert policy.egress.max_upload_bytes == 256 << 20
+
+
+def test_the_noise_a_site_derives_from_a_target_epsilon_is_held_to_the_policy():
+    from participant.policy import check_noise
+
+    policy = loads("[privacy]\nmin_noise_multiplier = 1.0\n", "p.toml")
+    assert rules(check_noise(policy, 0.68)) == ["privacy.min_noise_multiplier"]
+    assert check_noise(policy, 1.2) == [] and check_noise(policy, None) == []
+    assert check_noise(SitePolicy(), 0.01) == []

@@ -237,7 +237,7 @@ def test_a_next_run_with_weaker_settings_is_declined_and_the_site_joins_a_compli
 
 
 # One rule of each kind that a run's settings can break at join, each held by its own site; the
-# run (record-level DP-SGD, secure aggregation with t = 5) breaks every one of them.
+# run (record-level DP-SGD, secure aggregation with t = 6 of 11) breaks every one of them.
 JOIN_RULES = {
     "site-a": ("[model]\ntasks = ['vln']\n", "model.tasks"),
     "site-b": ("[egress]\nmax_upload_bytes = 100\n", "egress.max_upload_bytes"),
@@ -247,19 +247,26 @@ JOIN_RULES = {
     "site-f": ("[privacy]\nmax_clip_norm = 0.01\n", "privacy.max_clip_norm"),
     "site-g": ("[privacy]\nmax_epsilon_lifetime = 2.0\n", "privacy.max_epsilon_lifetime"),
     "site-h": ("[secagg]\nrequired = true\nactive_required = true\n", "secagg.active_required"),
-    "site-i": ("[secagg]\nrequired = true\nmin_threshold = 7\n", "secagg.min_threshold"),
+    "site-i": ("[secagg]\nrequired = true\nmin_threshold = 8\n", "secagg.min_threshold"),
     "site-j": ("[secagg]\nrequired = true\nmin_participants = 9\n", "secagg.min_participants"),
+    # the run names a target epsilon: the site derives its noise multiplier and checks that
+    "site-k": ("[privacy]\nmin_noise_multiplier = 50.0\n", "privacy.min_noise_multiplier"),
 }
 
 
 @pytest.mark.slow
 def test_each_join_rule_refuses_a_real_run_that_breaks_it_naming_the_rule_and_sending_nothing(federation):
+    from security.pki import issue
+
     sites = sorted(JOIN_RULES)
+    for site in sites:    # the federation's PKI holds certificates for the suite's usual sites only
+        if not (federation.pki / "issued" / f"{site}.crt").exists():
+            issue(federation.pki, site, "participant")
     extra = ("\n[privacy]\nenabled = true\ntarget_epsilon = 8.0\ndelta = 1e-4\nmax_grad_norm = 1.0\n"
-             "\n[secagg]\nenabled = true\nthreshold = 5\n")
+             "\n[secagg]\nenabled = true\nthreshold = 6\n")
     federation.start_coordinator()
     federation.wait_serving()
-    run = federation.client.start(fast_config(rounds=2, min_participants=5, timeout=30, sites=sites, epochs=1,
+    run = federation.client.start(fast_config(rounds=2, min_participants=6, timeout=30, sites=sites, epochs=1,
                                               extra=extra)).header.run_id
     for site in sites:
         start_site(federation, site, JOIN_RULES[site][0])
