@@ -7,6 +7,7 @@ in the store before the status goes back.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import itertools
@@ -383,6 +384,17 @@ def _parsed(request_iterator, parse, context, watch=None, stopping=lambda: False
         del message
 
 
+@contextlib.contextmanager
+def _watching(watchdog: StreamWatchdog | None, context):
+    """The watchdog's Watch over one call while its request is read (None without a watchdog)."""
+    watch = watchdog.watch(context) if watchdog is not None else None
+    try:
+        yield watch
+    finally:
+        if watch is not None:
+            watch.done()
+
+
 def _ended_meanwhile(context, wait_s: float = ENDED_WAIT_S) -> bool:
     ended = threading.Event()
     if context.add_callback(ended.set):   # False: the call has ended already
@@ -432,21 +444,13 @@ def generic_handler(service_name: str, servicer, record, watchdog: StreamWatchdo
         if method.client_streaming:
             def wrapped(request_iterator, context, fn=fn, parse=parse):
                 admit(context)
-                watch = watchdog.watch(context) if watchdog is not None else None
-                try:
+                with _watching(watchdog, context) as watch:
                     return fn(_parsed(request_iterator, parse, context, watch, stopping), context)
-                finally:
-                    if watch is not None:
-                        watch.done()
         elif streamed:
             def read(request_iterator, context, parse=parse, name=name):
                 admit(context)
-                watch = watchdog.watch(context) if watchdog is not None else None
-                try:
+                with _watching(watchdog, context) as watch:
                     return _only(_parsed(request_iterator, parse, context, watch, stopping), name)
-                finally:
-                    if watch is not None:
-                        watch.done()
             if method.server_streaming:
                 def wrapped(request_iterator, context, fn=fn, read=read):
                     yield from fn(read(request_iterator, context), context)

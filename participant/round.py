@@ -29,9 +29,6 @@ from security.egress import EgressRefused
 
 log = logging.getLogger(__name__)
 
-# the secure aggregation client's stages before it has produced the masked input (security.secagg)
-MASK_NOT_SENT = ("advertise", "share_keys", "masked_input")
-
 
 class Round:
     """One RoundTask of the coordinator's, carried out at this site."""
@@ -150,7 +147,7 @@ class Round:
             self.withhold("this site did not take part in the round's secure aggregation")
         else:
             client = session.update.client
-            self.site_run.trainer.privacy.release_later(task_id, lambda: client.stage not in MASK_NOT_SENT)
+            self.site_run.trainer.privacy.release_later(task_id, lambda: client.masked_input_may_have_left)
         return session
 
     def past_deadline(self) -> bool:

@@ -70,6 +70,13 @@ class SecAggClient:
     def _who(self) -> str:
         return f"participant {self.id}"
 
+    @property
+    def masked_input_may_have_left(self) -> bool:
+        """Whether this participant may have produced (and so sent) its masked input: past the
+        steps before it, or aborted at a step the client cannot place (counted as sent: a privacy
+        ledger must not under-count)."""
+        return self.stage not in ("advertise", "share_keys", "masked_input")
+
     def _enter(self, stage: str) -> None:
         if self.stage != stage:
             raise SecAggError(f"{self._who()}: cannot run step {stage!r} now (state: {self.stage})")
