@@ -37,7 +37,7 @@ def run(opts: Options) -> dict:
     n_sites = QUICK_SITES if opts.quick else N_SITES
     sites = site_names(n_sites)
     pki = PKI(n_sites)
-    base = federation_config(sites=sites, rounds=rounds, mode="waffle", hidden=(256, 128), max_steps=5)
+    base = federation_config(sites=sites, rounds=rounds, adapter="waffle", hidden=(256, 128), max_steps=5)
     configs = {"plain": base}
     if not opts.quick:
         configs["secagg"] = base + "\n[secagg]\nenabled = true\nclip_norm = 100.0\n"

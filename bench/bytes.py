@@ -1,7 +1,7 @@
 """Bytes per round per participant: WAFFLe (factorized) vs dense FedAvg, LoRA and FFA-LoRA.
 
 Two sources that must agree: the factor manifest (`shared_nbytes`, what the egress guard lets out)
-and a real federation (`RoundSummary.bytes_by_participant`, the tensor payload bytes the
+and a real federation (`RoundSummary.bytes_by_site`, the tensor payload bytes the
 coordinator received per site and round; gRPC/TLS framing not included). A participant also
 downloads the global shared state once per round: the same size, by construction.
 """
@@ -30,7 +30,7 @@ ARCHS = [
 
 
 def manifest_bytes(mode: str, input_dim: int, hidden) -> tuple[int, int]:
-    cfg = ModelConfig(mode=mode, input_dim=input_dim, hidden=tuple(hidden), n_factors=N_FACTORS, lora_rank=LORA_RANK)
+    cfg = ModelConfig(adapter=mode, input_dim=input_dim, hidden=tuple(hidden), n_factors=N_FACTORS, lora_rank=LORA_RANK)
     m = manifest_of(build_model(cfg))
     return m.shared_numel(), m.shared_nbytes()
 
@@ -70,18 +70,18 @@ def run(opts: Options) -> dict:
             else:
                 say(f"[bytes] measuring {mode} on {label}: {n_sites} participant processes, {rounds} rounds")
                 pki = pki or PKI(n_sites)
-                cfg = federation_config(sites=sites, rounds=rounds, mode=mode, hidden=hidden, dataset=dataset,
+                cfg = federation_config(sites=sites, rounds=rounds, adapter=mode, hidden=hidden, dataset=dataset,
                                         n_factors=N_FACTORS, lora_rank=LORA_RANK, epochs=1, batch_size=32,
                                         lr=0.01, max_steps=1)
                 result = run_federation(f"bytes-{mode}", pki, sites, cfg, rounds, keep=opts.keep,
                                         meta=meta,
                                         on_round=lambda r, m=mode: say(
-                                            f"  {m} round {r['round']}: {r['bytes_by_participant']}"))
-            per = [b for r in result.rounds for b in r["bytes_by_participant"].values()]
+                                            f"  {m} round {r['round']}: {r['bytes_by_site']}"))
+            per = [b for r in result.rounds for b in r["bytes_by_site"].values()]
             expected = manifest_bytes(mode, input_dim, hidden)[1]
             out["measured"][mode] = {
                 "arch": label, "run": result.label,
-                "rounds": [{"round": r["round"], "bytes_by_participant": r["bytes_by_participant"],
+                "rounds": [{"round": r["round"], "bytes_by_site": r["bytes_by_site"],
                             "bytes_received": r["bytes_received"]} for r in result.rounds],
                 "bytes_per_round_per_participant": sum(per) / len(per), "min": min(per), "max": max(per),
                 "manifest_bytes": expected, "matches_manifest": min(per) == max(per) == expected}
@@ -100,7 +100,7 @@ def run(opts: Options) -> dict:
                               mib(rec["bytes_per_round_per_participant"]), f"{rec['manifest_bytes']:,}",
                               "yes" if rec["matches_manifest"] else "NO", f"{ratio:.1f}x"])
     say(table(["mode", "bytes up/round/site", "", "manifest", "equal", f"dense ({dense_src}) / mode"], measured_rows,
-              title=f"\nmeasured in real federations ({label}; bytes_by_participant, every round and site)"))
+              title=f"\nmeasured in real federations ({label}; bytes_by_site, every round and site)"))
 
     waffle = out["measured"].get("waffle")
     if waffle:

@@ -113,7 +113,7 @@ def mib(n: float) -> str:
 # a real federation on loopback
 # ---------------------------------------------------------------------------------------------
 
-def federation_config(*, sites: Sequence[str], rounds: int, mode: str, hidden: Sequence[int],
+def federation_config(*, sites: Sequence[str], rounds: int, adapter: str, hidden: Sequence[int],
                       dataset: str = "digits", n_factors: int = 16, lora_rank: int = 8, epochs: int = 1, batch_size: int = 32,
                       lr: float = 0.01, max_steps: int | None = None, timeout_s: float = 120,
                       scheme: str = "iid", seed: int = 1, max_chunk_bytes: int = 1 << 20) -> str:
@@ -122,14 +122,14 @@ def federation_config(*, sites: Sequence[str], rounds: int, mode: str, hidden: S
     return f"""# written by bench
 [federation]
 rounds = {rounds}
-min_participants = {len(sites)}
+min_sites = {len(sites)}
 round_timeout_s = {timeout_s}
 sites = [{names}]
 seed = {seed}
 max_chunk_bytes = {max_chunk_bytes}
 
 [model]
-mode = "{mode}"
+adapter = "{adapter}"
 hidden = [{", ".join(str(h) for h in hidden)}]
 n_factors = {n_factors}
 lora_rank = {lora_rank}
@@ -156,7 +156,7 @@ class BenchFederation(Federation):
     # The benchmarks measure dense FedAvg as the baseline, which the default site policy refuses
     # (every weight would leave): these sites are the bench's own, and their policy says so.
     SITE_POLICY = ('# written by bench: the dense baseline is measured too\n'
-                   '[model]\nadapter_modes = ["waffle", "lora", "ffa_lora", "dense"]\n')
+                   '[model]\nadapters = ["waffle", "lora", "ffa_lora", "dense"]\n')
 
     def __init__(self, workdir: Path, pki: Path):
         super().__init__(workdir, f"127.0.0.1:{free_port()}")
@@ -241,7 +241,7 @@ def round_record(r) -> dict:
     compute = {k.split("/", 1)[0]: v for k, v in metrics.items() if k.endswith("/compute_seconds")}
     return {"round": int(r.round), "seconds": float(r.seconds), "contributors": list(r.contributors),
             "dropped": list(r.dropped), "bytes_received": int(r.bytes_received),
-            "bytes_by_participant": {k: int(v) for k, v in r.bytes_by_participant.items()},
+            "bytes_by_site": {k: int(v) for k, v in r.bytes_by_site.items()},
             "compute_seconds": compute, "metrics": metrics}
 
 

@@ -64,7 +64,7 @@ NOISE_MULTIPLIER = 1.0
 MAX_GRAD_NORM = 1.0
 LR = 0.05                 # the demo's [train] lr
 DEMO_BATCH = 64           # the demo's [train] batch_size
-DEMO_MODEL = dict(mode="waffle", input_dim=784, hidden=(256, 128), num_classes=10, n_factors=16)
+DEMO_MODEL = dict(adapter="waffle", input_dim=784, hidden=(256, 128), num_classes=10, n_factors=16)
 
 
 def bench_device() -> torch.device:
@@ -143,7 +143,7 @@ class ModelSpec:
 
 def model_specs(device: torch.device, quick: bool) -> list[ModelSpec]:
     def mlp(mode: str) -> Callable[[], nn.Module]:
-        return lambda: build_model(ModelConfig(**{**DEMO_MODEL, "mode": mode}, seed=0))
+        return lambda: build_model(ModelConfig(**{**DEMO_MODEL, "adapter": mode}, seed=0))
 
     def images(b, dev, gen):
         return (torch.randn(b, DEMO_MODEL["input_dim"], generator=gen).to(dev),

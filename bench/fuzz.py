@@ -4,7 +4,7 @@
                                            --quick: 80)
 
 A coordinator process serves a two-site run on 127.0.0.1 with mutual TLS. Two hand-driven sites
-(site-x, site-a) hold their task streams so round 1 stays open; the fuzzer then sends, per RPC
+(site-x, site-a) hold their assignment streams so round 1 stays open; the fuzzer then sends, per RPC
 (bench/fuzz_messages.py): a valid message with one field at a time set to each hostile value,
 messages drawn by hypothesis from the message's own descriptor (every field: boundary integers,
 NaN and infinities, huge and control-character strings, nested JSON and TOML bombs, headers valid
@@ -14,7 +14,7 @@ peer's refusals past the coordinator's record budget count as recorded when a la
 peer carries their number. It counts per RPC:
 
     crashes     the coordinator process died
-    hangs       a call that got no answer within its deadline (a task stream that is open is not one)
+    hangs       a call that got no answer within its deadline (an assignment stream that is open is not one)
     unknown     UNKNOWN or INTERNAL statuses: an exception the servicer did not turn into a refusal
     unlogged    refusals (a non-OK status) without their row in the coordinator's `refusals` table
     forged      lines of the coordinator's text log begun by a newline inside a message field
@@ -43,12 +43,12 @@ DESCRIPTION = "hostile wire messages and raw bytes, every RPC, against a real mT
 PER_RPC = 5_000          # structured messages per RPC, and as many raw byte strings
 QUICK_PER_RPC = 40        # --quick: a smoke test of the campaign, seconds
 CALL_TIMEOUT_S = 10.0
-STREAM_WAIT_S = 0.3       # a task stream that says nothing this long was accepted and is held open
+STREAM_WAIT_S = 0.3       # an assignment stream that says nothing this long was accepted and is held open
 
 # (service, method, request type, request streams, response streams, identity)
 RPCS = [
     ("ParticipantService", "Join", pb.JoinRequest, False, False, "site-b"),
-    ("ParticipantService", "Tasks", pb.TaskStreamRequest, False, True, "site-b"),
+    ("ParticipantService", "Assignments", pb.AssignmentStreamRequest, False, True, "site-b"),
     ("ParticipantService", "DownloadState", pb.StateRequest, False, True, "site-a"),
     ("ParticipantService", "Upload", pb.UploadChunk, True, False, "site-a"),
     ("ParticipantService", "Leave", pb.LeaveRequest, False, False, "site-b"),
@@ -91,10 +91,10 @@ class Target:
 
         workdir.mkdir(parents=True, exist_ok=True)
         self.fed = LocalFederation(workdir, pki)
-        config = fast_config(rounds=50, min_participants=2, timeout=3600, sites=SITES)
+        config = fast_config(rounds=50, min_sites=2, timeout=3600, sites=SITES)
         # into [federation] (the first section, whose first `seed` line this is): no rate limit, since
         # the campaign measures handling, not the limiter (which would refuse almost every call)
-        config = config.replace("seed = 3\n", "seed = 3\nrpc_rate_per_participant = 0.0\n"
+        config = config.replace("seed = 3\n", "seed = 3\nrpc_rate_per_site = 0.0\n"
                                 "gather_timeout_s = 0.5\n", 1)
         self.fed.start_coordinator(self.fed.write_config(config))
         self.fed.wait_serving()
@@ -111,28 +111,28 @@ class Target:
         self._hold_round()
 
     def _hold_round(self) -> None:
-        """site-x and site-a join and hold their task streams: round 1 opens and stays open."""
+        """site-x and site-a join and hold their assignment streams: round 1 opens and stays open."""
         from kt_core.wire.federation_pb2_grpc import ParticipantServiceStub
 
         tasks = {}
         for name in ("site-x", "site-a"):
             stub = ParticipantServiceStub(self.channels[name])
-            reply = stub.Join(pb.JoinRequest(header=convert.header(participant_id=name)), timeout=30)
+            reply = stub.Join(pb.JoinRequest(header=convert.header(site_id=name)), timeout=30)
             self.ctx.run_id, self.ctx.backbone = reply.header.run_id, reply.backbone_sha256
-            stream = stub.Tasks(pb.TaskStreamRequest(header=convert.header(self.ctx.run_id, participant_id=name)))
+            stream = stub.Assignments(pb.AssignmentStreamRequest(header=convert.header(self.ctx.run_id, site_id=name)))
             self._streams.append(stream)
             tasks[name] = threading.Event()
             threading.Thread(target=self._follow, args=(stream, tasks[name]), daemon=True).start()
         for event in tasks.values():
             if not event.wait(60):
-                raise RuntimeError(f"no round task reached the fuzzer's sites\n{self.fed.tail_logs()}")
+                raise RuntimeError(f"no round assignment reached the fuzzer's sites\n{self.fed.tail_logs()}")
 
     def _follow(self, stream, got) -> None:
         try:
             for task in stream:
                 if task.WhichOneof("kind") == "round":
                     r = task.round
-                    self.ctx.round, self.ctx.task_id, self.ctx.digest = r.header.round, r.task_id, r.global_state_digest
+                    self.ctx.round, self.ctx.attempt_id, self.ctx.digest = r.header.round, r.attempt_id, r.global_state_digest
                     got.set()
         except grpc.RpcError:
             pass
@@ -195,7 +195,7 @@ class Target:
 
 def call(target: Target, service: str, method: str, payload, request_streams: bool, response_streams: bool,
          identity: str, raw: bool, tally: Tally, stream_wait_s: float = STREAM_WAIT_S) -> None:
-    """One call; its outcome goes into `tally`. An open task stream is awaited `stream_wait_s`."""
+    """One call; its outcome goes into `tally`. An open assignment stream is awaited `stream_wait_s`."""
     path = f"/ktfed.v1.{service}/{method}"
     channel = target.channels[identity]
     serialize = None if raw else (lambda m: m.SerializeToString())
@@ -207,9 +207,9 @@ def call(target: Target, service: str, method: str, payload, request_streams: bo
     tally.sent += 1
     try:
         if response_streams:
-            stream = rpc(request, timeout=stream_wait_s if method == "Tasks" else CALL_TIMEOUT_S)
+            stream = rpc(request, timeout=stream_wait_s if method == "Assignments" else CALL_TIMEOUT_S)
             for _ in stream:
-                if method == "Tasks":       # an accepted task stream: it is open, that is all we need
+                if method == "Assignments":       # an accepted assignment stream: it is open, that is all we need
                     tally.open_streams += 1
                     stream.cancel()
                     return
@@ -219,10 +219,10 @@ def call(target: Target, service: str, method: str, payload, request_streams: bo
     except grpc.RpcError as err:
         code = err.code()
         tally.codes[code.name] += 1
-        if code == grpc.StatusCode.CANCELLED and method == "Tasks":
+        if code == grpc.StatusCode.CANCELLED and method == "Assignments":
             return
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            if method == "Tasks":            # held open with nothing to push: not a hang
+            if method == "Assignments":            # held open with nothing to push: not a hang
                 tally.open_streams += 1
                 return
             tally.hangs += 1
@@ -276,7 +276,7 @@ def oversize(target: Target, rpc) -> Tally:
     service, method, _cls, request_streams, response_streams, _identity = rpc
     tally = Tally()
     since = time.time()
-    # the message takes longer to send than a task stream is awaited (it is refused once it arrived)
+    # the message takes longer to send than an assignment stream is awaited (it is refused once it arrived)
     call(target, service, method, bytes(transport.MAX_MESSAGE_BYTES + 1024), request_streams, response_streams,
          "oversize", True, tally, stream_wait_s=CALL_TIMEOUT_S)
     target.flush(service, "oversize", tally)

@@ -41,18 +41,18 @@ class Context:
     """What a valid message would carry right now (the fuzzer's hand-driven sites keep it current)."""
     run_id: str = ""
     round: int = 1
-    task_id: bytes = b""
+    attempt_id: bytes = b""
     digest: str = ""
     backbone: str = ""
 
-    def header(self, pid: str) -> pb.Header:
-        return convert.header(self.run_id, self.round, pid)
+    def header(self, site_id: str) -> pb.Header:
+        return convert.header(self.run_id, self.round, site_id)
 
 
 
 # ---------------------------------------------------------------- strategies from the descriptors
 
-def _scalar(f: _d.FieldDescriptor, pid: str):
+def _scalar(f: _d.FieldDescriptor, site_id: str):
     t = f.type
     if t in (f.TYPE_UINT64, f.TYPE_FIXED64):
         return st.sampled_from(BOUNDARY_UINTS) | st.integers(0, 2**64 - 1)
@@ -72,48 +72,48 @@ def _scalar(f: _d.FieldDescriptor, pid: str):
         texts = st.sampled_from(HOSTILE_TEXT) | st.text(max_size=40)
         if f.name == "run_config_toml":
             return st.sampled_from(HOSTILE_TOML) | texts
-        if f.name == "participant_id":
-            return st.just(pid) | texts
+        if f.name == "site_id":
+            return st.just(site_id) | texts
         return texts
     if t == f.TYPE_BYTES:
         return st.sampled_from(HOSTILE_BYTES) | st.binary(max_size=64)
     raise ValueError(f"no strategy for field type {t} ({f.full_name})")
 
 
-def message_strategy(descriptor: _d.Descriptor, ctx: Context, pid: str, depth: int = 0):
+def message_strategy(descriptor: _d.Descriptor, ctx: Context, site_id: str, depth: int = 0):
     """Any message of this type: every field unset or drawn. A Header is wholly valid half of the
     time, and otherwise valid field by field, so one hostile field meets the checks behind the
     others (a round of 2^53 + 1 in the right run, from the right participant)."""
     cls = getattr(pb, descriptor.name, None)
     if descriptor.name == "Header":
         current = {"protocol_version": lambda: 1, "run_id": lambda: ctx.run_id, "round": lambda: ctx.round,
-                   "participant_id": lambda: pid}
+                   "site_id": lambda: site_id}
         mixed = st.fixed_dictionaries({name: st.just(None).map(lambda _, get=get: get()) | _scalar(
-            descriptor.fields_by_name[name], pid) for name, get in current.items()}).map(lambda v: _build(cls, v))
-        return st.just(None).map(lambda _: ctx.header(pid)) | mixed
-    return _fields(descriptor, cls, ctx, pid, depth)
+            descriptor.fields_by_name[name], site_id) for name, get in current.items()}).map(lambda v: _build(cls, v))
+        return st.just(None).map(lambda _: ctx.header(site_id)) | mixed
+    return _fields(descriptor, cls, ctx, site_id, depth)
 
 
-def _fields(descriptor, cls, ctx: Context, pid: str, depth: int):
+def _fields(descriptor, cls, ctx: Context, site_id: str, depth: int):
     parts = {}
     for f in descriptor.fields:
-        parts[f.name] = st.none() | _field_value(f, ctx, pid, depth)
+        parts[f.name] = st.none() | _field_value(f, ctx, site_id, depth)
     return st.fixed_dictionaries(parts).map(lambda values: _build(cls, values))
 
 
-def _field_value(f: _d.FieldDescriptor, ctx: Context, pid: str, depth: int):
+def _field_value(f: _d.FieldDescriptor, ctx: Context, site_id: str, depth: int):
     if f.message_type is not None and f.message_type.GetOptions().map_entry:
-        key = _scalar(f.message_type.fields_by_name["key"], pid)
+        key = _scalar(f.message_type.fields_by_name["key"], site_id)
         value_field = f.message_type.fields_by_name["value"]
-        value = (message_strategy(value_field.message_type, ctx, pid, depth + 1) if value_field.message_type
-                 else _scalar(value_field, pid))
+        value = (message_strategy(value_field.message_type, ctx, site_id, depth + 1) if value_field.message_type
+                 else _scalar(value_field, site_id))
         return st.dictionaries(key, value, max_size=3)
     if f.message_type is not None:
-        one = (st.none() if depth >= 3 else message_strategy(f.message_type, ctx, pid, depth + 1))
+        one = (st.none() if depth >= 3 else message_strategy(f.message_type, ctx, site_id, depth + 1))
         return st.lists(one.filter(lambda m: m is not None), max_size=3) if _repeated(f) else one
-    one = _scalar(f, pid)
-    if f.name == "task_id":
-        one = st.just(None).map(lambda _: ctx.task_id) | one
+    one = _scalar(f, site_id)
+    if f.name == "attempt_id":
+        one = st.just(None).map(lambda _: ctx.attempt_id) | one
     elif f.name in ("global_state_digest", "base_state_digest"):
         one = st.just(None).map(lambda _: ctx.digest) | one
     return st.lists(one, max_size=4) if _repeated(f) else one
@@ -147,8 +147,8 @@ def _build(cls, values: dict):
     return message
 
 
-def request_strategy(request_cls, streaming: bool, ctx: Context, pid: str):
-    one = message_strategy(request_cls.DESCRIPTOR, ctx, pid)
+def request_strategy(request_cls, streaming: bool, ctx: Context, site_id: str):
+    one = message_strategy(request_cls.DESCRIPTOR, ctx, site_id)
     return st.lists(one, min_size=1, max_size=4) if streaming else one
 
 
@@ -163,22 +163,22 @@ def _kind(f: _d.FieldDescriptor) -> str | None:
             f.TYPE_BYTES: "bytes"}.get(f.type)
 
 
-def valid_base(cls, ctx: Context, pid: str):
+def valid_base(cls, ctx: Context, site_id: str):
     """A message that passes the first checks: the current header, task and state digest."""
     message = cls()
     for f in cls.DESCRIPTOR.fields:
         if f.message_type is not None and f.message_type.name == "Header":
-            getattr(message, f.name).CopyFrom(ctx.header(pid))
+            getattr(message, f.name).CopyFrom(ctx.header(site_id))
         elif f.message_type is not None and f.name == "header":
-            getattr(message, f.name).CopyFrom(valid_base(getattr(pb, f.message_type.name), ctx, pid))
-        elif f.name == "task_id":
-            message.task_id = ctx.task_id
+            getattr(message, f.name).CopyFrom(valid_base(getattr(pb, f.message_type.name), ctx, site_id))
+        elif f.name == "attempt_id":
+            message.attempt_id = ctx.attempt_id
         elif f.name in ("global_state_digest", "base_state_digest"):
             setattr(message, f.name, ctx.digest)
     return message
 
 
-def boundary_sweep(cls, ctx: Context, pid: str) -> list:
+def boundary_sweep(cls, ctx: Context, site_id: str) -> list:
     """The valid base with one scalar field at a time (nested ones too) set to each hostile value:
     the systematic half of the campaign, before the random half."""
     out = []
@@ -192,7 +192,7 @@ def boundary_sweep(cls, ctx: Context, pid: str) -> list:
                     walk(getattr(message, f.name), path + [f.name])
                 continue
             for value in SWEEP.get(_kind(f), ()):
-                copy = valid_base(cls, ctx, pid)
+                copy = valid_base(cls, ctx, site_id)
                 target = copy
                 for name in path:
                     target = getattr(target, name)
@@ -202,11 +202,11 @@ def boundary_sweep(cls, ctx: Context, pid: str) -> list:
                     continue
                 out.append(copy)
 
-    walk(valid_base(cls, ctx, pid), [])
+    walk(valid_base(cls, ctx, site_id), [])
     return out
 
 
-def raw_strategy(request_cls, ctx: Context, pid: str):
+def raw_strategy(request_cls, ctx: Context, site_id: str):
     """Raw bytes on the method's path: random, or a valid message with a few bytes flipped."""
     def flipped(args):
         message, positions = args
@@ -216,6 +216,6 @@ def raw_strategy(request_cls, ctx: Context, pid: str):
                 data[p % len(data)] ^= 0xFF
         return bytes(data)
 
-    valid = st.tuples(message_strategy(request_cls.DESCRIPTOR, ctx, pid), st.lists(st.integers(0, 1 << 16),
+    valid = st.tuples(message_strategy(request_cls.DESCRIPTOR, ctx, site_id), st.lists(st.integers(0, 1 << 16),
                                                                                     max_size=3)).map(flipped)
     return st.binary(max_size=300) | valid

@@ -1,7 +1,7 @@
 """Load: many lightweight participants in ONE process against one real coordinator process.
 
 Each lightweight participant is a thread with its own gRPC channel and its own certificate from
-the federation CA (mutual TLS on 127.0.0.1). It joins, holds the task stream, downloads the global
+the federation CA (mutual TLS on 127.0.0.1). It joins, holds the assignment stream, downloads the global
 state when it changes (streamed and discarded), and uploads a synthetic update of the manifest's
 shapes: the constant c_i in every entry, with num_samples n_i. No training. So the coordinator does
 all of its real work (checks, spooling, folding, persisting, serving downloads) and the final
@@ -119,17 +119,17 @@ class LoadParticipant(threading.Thread):
     def _run(self) -> None:
         with transport.open_channel(self.address, transport.TLSFiles.from_pki(self.pki, self.site)) as channel:
             stub = ParticipantServiceStub(channel)
-            join = stub.Join(pb.JoinRequest(header=convert.header(participant_id=self.site)), timeout=120)
+            join = stub.Join(pb.JoinRequest(header=convert.header(site_id=self.site)), timeout=120)
             run_id = join.header.run_id
             shared = [(e.name, e.dtype, tuple(e.shape)) for e in join.manifest if e.role == pb.ManifestEntry.SHARED]
             update = SyntheticUpdate(shared, self.value, join.max_chunk_bytes)
-            stream = stub.Tasks(pb.TaskStreamRequest(header=convert.header(run_id, participant_id=self.site)))
+            stream = stub.Assignments(pb.AssignmentStreamRequest(header=convert.header(run_id, site_id=self.site)))
             try:
                 for task in stream:
                     kind = task.WhichOneof("kind")
                     if kind == "finished":
                         self.finished = True
-                        stub.Leave(pb.LeaveRequest(header=convert.header(run_id, participant_id=self.site),
+                        stub.Leave(pb.LeaveRequest(header=convert.header(run_id, site_id=self.site),
                                                    reason="load test done"), timeout=30)
                         return
                     if kind == "round":
@@ -137,7 +137,7 @@ class LoadParticipant(threading.Thread):
             finally:
                 stream.cancel()
 
-    def _round(self, stub, run_id: str, task: pb.RoundTask, update: SyntheticUpdate) -> None:
+    def _round(self, stub, run_id: str, task: pb.RoundAssignment, update: SyntheticUpdate) -> None:
         t0 = time.perf_counter()
         if self.download and task.global_state_digest != self._digest:
             for message in stub.DownloadState(pb.StateRequest(header=convert.header(run_id, task.header.round, self.site),
@@ -146,7 +146,7 @@ class LoadParticipant(threading.Thread):
                     self.bytes_down += len(message.chunk.data)
             self._digest = task.global_state_digest
         t1 = time.perf_counter()
-        head = pb.UploadHeader(header=convert.header(run_id, task.header.round, self.site), task_id=task.task_id,
+        head = pb.UploadHeader(header=convert.header(run_id, task.header.round, self.site), attempt_id=task.attempt_id,
                                base_state_digest=task.global_state_digest, num_samples=self.samples)
         receipt = stub.Upload(update.messages(head), timeout=900)
         self.uploads += 1
@@ -166,7 +166,7 @@ def load_config(sites, rounds: int, hidden, chunk: int = 1 << 20, timeout_s: flo
     return f"""# written by bench load
 [federation]
 rounds = {rounds}
-min_participants = {len(sites)}
+min_sites = {len(sites)}
 round_timeout_s = {timeout_s}
 gather_timeout_s = 30
 sites = [{names}]
@@ -174,7 +174,7 @@ seed = 1
 max_chunk_bytes = {chunk}
 
 [model]
-mode = "dense"
+adapter = "dense"
 hidden = [{", ".join(str(h) for h in hidden)}]
 seed = 1
 
@@ -299,7 +299,7 @@ def _check(workdir: Path, status, workers, rounds: int) -> dict[str, bool]:
     db = sqlite3.connect(workdir / "coordinator" / "coordinator.sqlite3")
     try:
         per_pair = db.execute("SELECT MAX(c), COUNT(*) FROM (SELECT COUNT(*) AS c FROM uploads "
-                              "GROUP BY round, participant_id)").fetchone()
+                              "GROUP BY round, site_id)").fetchone()
         total = db.execute("SELECT COUNT(*) FROM uploads").fetchone()[0]
         refusals = db.execute("SELECT COUNT(*) FROM refusals").fetchone()[0]
         (run_id,) = db.execute("SELECT run_id FROM runs").fetchone()
@@ -311,7 +311,7 @@ def _check(workdir: Path, status, workers, rounds: int) -> dict[str, bool]:
         and total == n * rounds,
         "RunStatus: every round has every participant": all(len(r.contributors) == n for r in status.rounds),
         "RunStatus: rounds_contributed == rounds for each": all(p.rounds_contributed == rounds
-                                                                  for p in status.participants),
+                                                                  for p in status.sites),
         "participants: every upload acknowledged": sum(w.uploads for w in workers) == n * rounds,
         "no refusals recorded, no aborted attempts": refusals == 0 and status.aborted_attempts == 0,
     }

@@ -44,7 +44,7 @@ def variants(quick: bool = False) -> list[dict]:
 
 
 def shared_size(v: dict) -> tuple[int, int]:
-    cfg = ModelConfig(mode=v["mode"], input_dim=64, hidden=tuple(v["hidden"]), n_factors=v["n_factors"])
+    cfg = ModelConfig(adapter=v["mode"], input_dim=64, hidden=tuple(v["hidden"]), n_factors=v["n_factors"])
     m = manifest_of(build_model(cfg))
     return m.shared_numel(), m.shared_nbytes()
 
@@ -74,7 +74,7 @@ def cpu_breakdown(v: dict, n_sites: int = N_SITES, repeat: int = 3) -> dict:
     """Single-thread CPU cost of the per-round steps that the wire and the aggregate need, with the
     product's own functions on this model's shared state (median of `repeat`). The coordinator is
     one Python process, so its part of a round runs one step at a time."""
-    cfg = ModelConfig(mode=v["mode"], input_dim=64, hidden=tuple(v["hidden"]), n_factors=v["n_factors"])
+    cfg = ModelConfig(adapter=v["mode"], input_dim=64, hidden=tuple(v["hidden"]), n_factors=v["n_factors"])
     state = {n: t.numpy() for n, t in shared_state(build_model(cfg)).items()}
     update = {n: (a * 1e-3).astype(a.dtype) for n, a in state.items()}
     chunk = v["chunk"]
@@ -158,7 +158,7 @@ def analyse(result) -> list[dict]:
         rows.append({"round": r["round"], "round_ms": r["seconds"] * 1000, "slowest_compute_ms": slowest * 1000,
                      "slowest_site": slowest_site, "overhead_ms": (r["seconds"] - slowest) * 1000,
                      "gap_ms": gap, "contributors": len(r["contributors"]),
-                     "bytes_up_per_site": max(r["bytes_by_participant"].values(), default=0)})
+                     "bytes_up_per_site": max(r["bytes_by_site"].values(), default=0)})
     return rows
 
 
@@ -183,7 +183,7 @@ def run(opts: Options) -> dict:
                 say(f"  {label} round {r['round']:>2}/{rounds}: {r['seconds'] * 1000:7.1f} ms, slowest compute "
                     f"{slowest * 1000:7.1f} ms, overhead {(r['seconds'] - slowest) * 1000:6.1f} ms")
 
-            cfg = federation_config(sites=sites, rounds=rounds, mode=v["mode"], hidden=v["hidden"], dataset=DATASET,
+            cfg = federation_config(sites=sites, rounds=rounds, adapter=v["mode"], hidden=v["hidden"], dataset=DATASET,
                                     n_factors=v["n_factors"], epochs=1, batch_size=32, lr=0.01, max_steps=2,
                                     max_chunk_bytes=v["chunk"])
             meta = dict(mode=v["mode"], hidden=tuple(v["hidden"]), dataset=DATASET, n_factors=v["n_factors"],

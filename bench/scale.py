@@ -133,12 +133,12 @@ def _sim_config(rounds: int) -> str:
     return f"""
 [federation]
 rounds = {rounds}
-min_participants = 2
+min_sites = 2
 sites = ["site-a", "site-b", "site-c"]
 seed = 3
 
 [model]
-mode = "waffle"
+adapter = "waffle"
 hidden = [64]
 n_factors = 8
 seed = 3

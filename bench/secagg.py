@@ -38,7 +38,7 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from security.secagg import (ConsistencyAck, KeyAdvertisement, KeyRoster, MaskedInput, SecAggClient,
-                             SecAggServer, SecAggSettings, ShareDelivery, ShareKeys, SurvivorList,
+                             SecAggServer, SecAggProtocolSettings, ShareDelivery, ShareKeys, SurvivorList,
                              UnmaskRequest, UnmaskShares, effective_degree, encode_input)
 from security.secagg import primitives
 
@@ -114,7 +114,7 @@ class Clock:
 def run_case(n: int, m: int, k: int, drop: bool, seed: int = 0) -> dict:
     """One SecAgg round of n participants over m-entry float updates; returns times, bytes and a check
     that the unmasked sum equals the survivors' encoded inputs summed in Z_{2^32}."""
-    settings = SecAggSettings(neighbours=k)
+    settings = SecAggProtocolSettings(neighbours=k)
     roster = [f"site-{i:03d}" for i in range(n)]
     dropped = roster[1] if drop else None
     state_hash = hashlib.sha256(b"bench global state").digest()

@@ -18,7 +18,7 @@ Memory: the coordinator's VmRSS (/proc) as each round commits, less `warmup` rou
 flat: the last 10 rounds' median is <= the first 5's + max(5 %, 16 MiB). Coordinator kills: first 60 %.
 
 Defect found by this soak, mended: the coordinator's gRPC limits were sized for 100 sites, and with
-~150 connected every round deadlocked (every task stream holds a worker thread). A coordinator now
+~150 connected every round deadlocked (every assignment stream holds a worker thread). A coordinator now
 refuses a run it cannot carry (coordinator.limits.ServerCapacity), and the soak starts it for more
 than 100 sites with `--max-workers` and `--max-concurrent-rpcs` as that check asks.
 """
@@ -67,7 +67,7 @@ class Plan:
     status_every_s: float = 2.0        # the operator's dashboard polls RunStatus this often (0: never)
 
     @property
-    def min_participants(self) -> int:
+    def min_sites(self) -> int:
         """Rounds complete with one client process down and as many sites again still reconnecting."""
         return max(1, self.sites - 2 * -(-self.sites // self.processes))
 
@@ -82,8 +82,8 @@ def soak_config(plan: Plan, sites: list[str]) -> str:
     return f"""# written by bench soak
 [federation]
 rounds = {plan.rounds}
-min_participants = {plan.min_participants}
-max_participants = {plan.sites}
+min_sites = {plan.min_sites}
+max_sites = {plan.sites}
 round_timeout_s = {plan.round_timeout_s}
 gather_timeout_s = 1.0
 retry_backoff_s = 0.5
@@ -93,7 +93,7 @@ sites = [{names}]
 seed = {plan.seed}
 
 [model]
-mode = "dense"
+adapter = "dense"
 hidden = [16]
 seed = {plan.seed}
 
@@ -120,7 +120,7 @@ def schedule(plan: Plan) -> list[Kill]:
     coordinator_rounds = list(range(first, max(first + 1, int(plan.rounds * 0.6))))
     chosen = sorted(rng.sample(coordinator_rounds, min(plan.coordinator_kills, len(coordinator_rounds))))
     free = [r for r in range(1, plan.rounds - 1) if r not in chosen]
-    most = max(1, plan.min_participants - 1)     # fewer than a round needs: the kill lands before its commit
+    most = max(1, plan.min_sites - 1)     # fewer than a round needs: the kill lands before its commit
     kills = [Kill("coordinator", r, rng.randint(1, most)) for r in chosen]
     kills += [Kill("sites", r, rng.randint(1, most), rng.randrange(plan.processes), rng.uniform(0.5, 3.0))
               for r in sorted(rng.sample(free, min(plan.site_kills, len(free))))]
@@ -278,16 +278,16 @@ def verify(workdir: Path, plan: Plan, status=None) -> dict:
         run_id, state = db.execute("SELECT run_id, state FROM runs ORDER BY created_at DESC LIMIT 1").fetchone()
         rounds = {r: (json.loads(c), f) for r, c, f in db.execute(
             "SELECT round, contributors_json, state_file FROM rounds WHERE run_id = ? ORDER BY round", (run_id,))}
-        rows = db.execute("SELECT round, participant_id, task_id, num_samples FROM uploads WHERE run_id = ?",
+        rows = db.execute("SELECT round, site_id, attempt_id, num_samples FROM uploads WHERE run_id = ?",
                           (run_id,)).fetchall()
-        (aborted,) = db.execute("SELECT COUNT(*) FROM aborted_rounds WHERE run_id = ?", (run_id,)).fetchone()
+        (aborted,) = db.execute("SELECT COUNT(*) FROM aborted_attempts WHERE run_id = ?", (run_id,)).fetchone()
     by_round: dict[int, list[tuple[str, str, int]]] = {}
-    for r, pid, task, n in rows:
-        by_round.setdefault(r, []).append((pid, task, n))
+    for r, site_id, task, n in rows:
+        by_round.setdefault(r, []).append((site_id, task, n))
     committed_task = {r: {t for _, t, _ in ups} for r, ups in by_round.items()}
     events = read_events(sorted((workdir / "clients").glob("*.jsonl")))
-    begun = {(e["site"], e["round"], e["task"]) for e in events if e["ev"] == "begin"}
-    acks = [(e["site"], e["round"], e["task"]) for e in events if e["ev"] == "ack"]
+    begun = {(e["site"], e["round"], e["attempt"]) for e in events if e["ev"] == "begin"}
+    acks = [(e["site"], e["round"], e["attempt"]) for e in events if e["ev"] == "ack"]
     contributors = {r: c for r, (c, _) in rounds.items() if r > 0}
 
     lost = [a for a in acks if a[2] in committed_task.get(a[1], ()) and a[0] not in contributors.get(a[1], ())]
@@ -312,7 +312,7 @@ def verify(workdir: Path, plan: Plan, status=None) -> dict:
         "0 lost updates": not lost,
         "0 double-counted updates": double == 0,
         "every contributor uploaded for that attempt": not phantom,
-        "one attempt (task id) per committed round": all(len(t) == 1 for t in committed_task.values()),
+        "one attempt (attempt id) per committed round": all(len(t) == 1 for t in committed_task.values()),
         "contributors == upload records, every round": all(
             sorted(contributors[r]) == sorted(p for p, _, _ in by_round.get(r, ())) for r in contributors),
         "recorded num_samples are the sites'": not wrong_samples,
@@ -321,7 +321,7 @@ def verify(workdir: Path, plan: Plan, status=None) -> dict:
     if status is not None:
         counts = {p: sum(p in c for c in contributors.values()) for p in {x for c in contributors.values() for x in c}}
         out["checks"]["RunStatus: rounds_contributed matches the records"] = all(
-            p.rounds_contributed == counts.get(p.participant_id, 0) for p in status.participants)
+            p.rounds_contributed == counts.get(p.site_id, 0) for p in status.sites)
     return out
 
 
@@ -391,7 +391,7 @@ def run_soak(plan: Plan, pki: PKI | None = None, keep: bool = False, workdir: Pa
         result["checks"]["coordinator memory flat"] = bool(result["memory"].get("flat"))
         log = (workdir / "logs" / "coordinator.log").read_text(errors="replace")
         fired = Counter(k.what for k in kills if k.fired_at_round is not None)
-        result.update(plan=asdict(plan), min_participants=plan.min_participants, wall_s=wall,
+        result.update(plan=asdict(plan), min_sites=plan.min_sites, wall_s=wall,
                       coordinator_grpc=_grpc(plan), kills=[asdict(k) for k in kills],
                       site_kills=fired["sites"], coordinator_kills=fired["coordinator"],
                       resumes=log.count("resumed run"), rss=progress.rss, status_calls=progress.statuses)

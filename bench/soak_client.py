@@ -3,7 +3,7 @@
     python -m bench.soak_client --address HOST:PORT --pki DIR --log FILE site-000 site-001 ...
 
 A client process hosts many sites, each a thread with its own gRPC channel and its own certificate
-from the federation CA (mutual TLS on 127.0.0.1). A site joins, holds the task stream, downloads
+from the federation CA (mutual TLS on 127.0.0.1). A site joins, holds the assignment stream, downloads
 the global state whenever its digest changes (streamed and discarded, as bench/load.py does), and
 uploads `site_update(site, round)`: every shared tensor filled with one value known per (site,
 round), with a sample count known per (site, round). No training, no torch. So the soak can replay
@@ -17,11 +17,11 @@ On the coordinator's side: `grpc_limits` (the flags a coordinator needs for a ru
 
 What each site did goes to the log file, one JSON object a line, each line one write() on an
 O_APPEND descriptor, so a SIGKILL never leaves half a line before a whole one:
-  {"ev": "begin", "site", "round", "task"}   written before the upload's first byte leaves, so
+  {"ev": "begin", "site", "round", "attempt"}   written before the upload's first byte leaves, so
                                              every update the coordinator can have counted has one
-  {"ev": "ack", "site", "round", "task", "digest"}   the coordinator's receipt came back
-  {"ev": "refused", "site", "round", "task", "code", "why"}   the upload was refused
-  {"ev": "finished", "site", "rounds"}     the run's verdict arrived on the task stream
+  {"ev": "ack", "site", "round", "attempt", "digest"}   the coordinator's receipt came back
+  {"ev": "refused", "site", "round", "attempt", "code", "why"}   the upload was refused
+  {"ev": "finished", "site", "rounds"}     the run's verdict arrived on the assignment stream
   {"ev": "error", "site", "why"}           anything else that broke a session (it reconnects)
 """
 from __future__ import annotations
@@ -95,7 +95,7 @@ def read_events(paths) -> list[dict]:
 
 
 class SoakSite(threading.Thread):
-    """One site: join, hold the task stream, answer each round; reconnect whenever the stream breaks."""
+    """One site: join, hold the assignment stream, answer each round; reconnect whenever the stream breaks."""
 
     def __init__(self, site: str, address: str, pki: Path, events: EventLog, stop: threading.Event):
         super().__init__(name=f"soak-{site}", daemon=True)
@@ -125,45 +125,45 @@ class SoakSite(threading.Thread):
                 self.stop.wait(self._rng.uniform(BACKOFF_MIN_S / 2, cap))
 
     def _session(self) -> None:
-        """One connection: Join, then the task stream until it ends (or the connection does)."""
+        """One connection: Join, then the assignment stream until it ends (or the connection does)."""
         tls = transport.TLSFiles.from_pki(self.pki, self.site)
         with transport.open_channel(self.address, tls) as channel:
             stub = ParticipantServiceStub(channel)
-            join = stub.Join(pb.JoinRequest(header=convert.header(participant_id=self.site)), timeout=JOIN_TIMEOUT_S)
+            join = stub.Join(pb.JoinRequest(header=convert.header(site_id=self.site)), timeout=JOIN_TIMEOUT_S)
             run_id = join.header.run_id
             shared = [(e.name, e.dtype, tuple(e.shape)) for e in join.manifest if e.role == pb.ManifestEntry.SHARED]
             chunk = _chunk_bytes(shared, join.max_chunk_bytes)
-            stream = stub.Tasks(pb.TaskStreamRequest(header=convert.header(run_id, participant_id=self.site)))
+            stream = stub.Assignments(pb.AssignmentStreamRequest(header=convert.header(run_id, site_id=self.site)))
             try:
-                for task in stream:
+                for assignment in stream:
                     if self.stop.is_set():
                         return
-                    kind = task.WhichOneof("kind")
+                    kind = assignment.WhichOneof("kind")
                     if kind == "finished":
-                        self._finish(stub, run_id, task.finished)
+                        self._finish(stub, run_id, assignment.finished)
                         return
                     if kind == "round":
-                        self._round(stub, run_id, task.round, shared, chunk)
+                        self._round(stub, run_id, assignment.round, shared, chunk)
             except grpc.RpcError as err:
                 if err.code() not in CONNECTION_CODES:
                     raise
             finally:
                 stream.cancel()
 
-    def _round(self, stub, run_id: str, task: pb.RoundTask, shared, chunk: int) -> None:
-        round_no, task_hex = task.header.round, task.task_id.hex()
-        if task.global_state_digest != self._digest:
-            self._download(stub, run_id, task)
+    def _round(self, stub, run_id: str, assignment: pb.RoundAssignment, shared, chunk: int) -> None:
+        round_no, attempt_hex = assignment.header.round, assignment.attempt_id.hex()
+        if assignment.global_state_digest != self._digest:
+            self._download(stub, run_id, assignment)
         value, samples = site_update(self.site, round_no)
         update = SyntheticUpdate(shared, value, chunk)
         for attempt in range(UPLOAD_TRIES):
-            head = pb.UploadHeader(header=convert.header(run_id, round_no, self.site), task_id=task.task_id,
-                                   base_state_digest=task.global_state_digest, num_samples=samples)
-            self.events.write(ev="begin", site=self.site, round=round_no, task=task_hex)
+            head = pb.UploadHeader(header=convert.header(run_id, round_no, self.site), attempt_id=assignment.attempt_id,
+                                   base_state_digest=assignment.global_state_digest, num_samples=samples)
+            self.events.write(ev="begin", site=self.site, round=round_no, attempt=attempt_hex)
             try:
                 receipt = stub.Upload(update.messages(head), timeout=TRANSFER_TIMEOUT_S)
             except grpc.RpcError as err:
-                self.events.write(ev="refused", site=self.site, round=round_no, task=task_hex,
+                self.events.write(ev="refused", site=self.site, round=round_no, attempt=attempt_hex,
                                   code=err.code().name, why=(err.details() or "")[:300])
                 if err.code() in CONNECTION_CODES:
                     raise
@@ -171,22 +171,22 @@ class SoakSite(threading.Thread):
                     time.sleep(0.5)
                     continue
                 return
-            self.events.write(ev="ack", site=self.site, round=round_no, task=task_hex, digest=receipt.update_digest)
+            self.events.write(ev="ack", site=self.site, round=round_no, attempt=attempt_hex, digest=receipt.update_digest)
             return
 
-    def _download(self, stub, run_id: str, task: pb.RoundTask) -> None:
-        request = pb.StateRequest(header=convert.header(run_id, task.header.round, self.site),
-                                  global_state_digest=task.global_state_digest)
+    def _download(self, stub, run_id: str, assignment: pb.RoundAssignment) -> None:
+        request = pb.StateRequest(header=convert.header(run_id, assignment.header.round, self.site),
+                                  global_state_digest=assignment.global_state_digest)
         for message in stub.DownloadState(request, timeout=TRANSFER_TIMEOUT_S):
-            if message.HasField("header") and message.header.global_state_digest != task.global_state_digest:
-                raise RuntimeError(f"downloaded state {message.header.global_state_digest[:16]} is not the task's")
-        self._digest = task.global_state_digest
+            if message.HasField("header") and message.header.global_state_digest != assignment.global_state_digest:
+                raise RuntimeError(f"downloaded state {message.header.global_state_digest[:16]} is not the assignment's")
+        self._digest = assignment.global_state_digest
 
     def _finish(self, stub, run_id: str, finished: pb.RunFinished) -> None:
         self.events.write(ev="finished", site=self.site, rounds=finished.header.round)
         self.finished = True
         try:
-            stub.Leave(pb.LeaveRequest(header=convert.header(run_id, participant_id=self.site),
+            stub.Leave(pb.LeaveRequest(header=convert.header(run_id, site_id=self.site),
                                        reason="soak done"), timeout=10)
         except grpc.RpcError:
             pass   # the verdict is what matters; a coordinator that already went is fine
@@ -252,13 +252,13 @@ class RoundWatch:
         return self.updates
 
 
-# what the coordinator's defaults are sized for (coordinator/server.py, FederationSettings.max_participants)
+# what the coordinator's defaults are sized for (coordinator/server.py, FederationSettings.max_sites)
 STOCK_SITES = 100
 
 
 def grpc_limits(sites: int) -> tuple[int, int]:
     """(threads, calls in progress) a coordinator needs for `sites`, as it checks them itself
-    (coordinator.limits.ServerCapacity): a task stream per site and room, a stream and a transfer
+    (coordinator.limits.ServerCapacity): an assignment stream per site and room, a stream and a transfer
     per site and room."""
     from coordinator.limits import RESERVE_CALLS, RESERVE_THREADS
 

@@ -155,7 +155,7 @@ def _model_for(start: str, backbone: VLNBackbone) -> torch.nn.Module:
         return VLNBackbone(dataclasses.replace(backbone.cfg, seed=backbone.cfg.seed + 1))
     model = copy.deepcopy(backbone)
     if start == "adapters":
-        return adapt_backbone(model, AdapterConfig(mode="waffle", n_factors=16))
+        return adapt_backbone(model, AdapterConfig(adapter="waffle", n_factors=16))
     return model
 
 

@@ -75,7 +75,7 @@ NAME = "vln_fed"
 DESCRIPTION = "VLN adapters: federated (WAFFLe) vs local-only vs centralized, 3 non-IID sites with little data"
 LEVELS = ("BabyAI-PickupDist-v0", "BabyAI-GoToLocal-v0", "BabyAI-OpenDoor-v0")
 KINDS = ("local-only", "federated", "centralized")
-ADAPTER = AdapterConfig(mode="waffle", n_factors=16, private_head=True)
+ADAPTER = AdapterConfig(adapter="waffle", n_factors=16, private_head=True)
 LR = {"local-only": 1e-3, "federated": 5e-3, "centralized": 5e-3}      # each kind's best on validation
 RECIPE = dict(episodes=50, rounds=16, steps=10, lr=LR, batch_size=32)
 QUICK = dict(episodes=4, rounds=2, steps=2, lr=LR, batch_size=32)   # a smoke test (see quick_backbone)

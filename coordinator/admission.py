@@ -29,7 +29,7 @@ from kt_core.wire import convert, transport
 MAX_WIRE_INT = 2 ** 53 - 1
 MAX_STRING = 256                       # characters of a string field not named below
 STRING_LIMITS = {"run_config_toml": 1 << 20, "reason": 4096, "name": 1024}
-MAX_BYTES = {"task_id": 64, "sha256": 64, "audit_countersignature": 64 << 10}
+MAX_BYTES = {"attempt_id": 64, "sha256": 64, "audit_countersignature": 64 << 10}
 MAX_MESSAGE_DEPTH = 8
 MAX_METRICS = 32
 MAX_METRIC_NAME = 64
@@ -89,7 +89,7 @@ class Admission:
 
     def participant(self, context, header) -> str:
         """The caller's identity once the parsed header agrees with its certificate."""
-        caller = self.auth.caller(context, "participant", header.participant_id)
+        caller = self.auth.caller(context, "participant", header.site_id)
         if self.auth.insecure:
             self.check_member(caller.name)
         check_version(header)
@@ -97,13 +97,13 @@ class Admission:
         # countersignatures, SecAgg's active option) with its new key
         pems = context.auth_context().get("x509_pem_cert")
         if pems and self.coordinator.engine is not None:
-            self.coordinator.engine.note_certificate(caller.name, pems[0])
+            self.coordinator.engine.sessions.note_certificate(caller.name, pems[0])
         return caller.name
 
-    def join(self, pid: str, run_id: str):
+    def join(self, site_id: str, run_id: str):
         """The run a Join asks for (empty: the current one), if the caller is one of its sites."""
         engine = self.coordinator.current()
-        self.check_member(pid)
+        self.check_member(site_id)
         if run_id and run_id != engine.run_id:
             raise Refusal(Code.NOT_FOUND, f"unknown run id {run_id!r}")
         if engine.state != "running":

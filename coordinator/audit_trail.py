@@ -2,7 +2,7 @@
 each site, the countersignatures sites return, secure-aggregation events and refusals.
 
 The round engine calls these hooks; with no log (--insecure) they do nothing. A message pushed on
-a task stream has no acknowledgement of its own: the site's next answer proves it arrived, and
+an assignment stream has no acknowledgement of its own: the site's next answer proves it arrived, and
 what a site never answered before it dropped out is marked `undelivered` when the attempt closes,
 so an auditor does not take a dropout for a coordinator that logged sends it never made.
 """

@@ -87,7 +87,7 @@ class Coordinator:
             config, self.backbone = host_backbone(config)
         except ConfigError as err:
             raise CorruptStateError(f"run {record.run_id}: {err}") from None
-        if self.capacity is not None and (why := self.capacity.problem(config.federation.max_participants)):
+        if self.capacity is not None and (why := self.capacity.problem(config.federation.max_sites)):
             raise ValueError(f"cannot resume run {record.run_id}: {why}")
         self.store.sweep(record.run_id)
         self._start_engine(record.run_id, config, manifest)
@@ -100,7 +100,7 @@ class Coordinator:
                 raise Refusal(Code.FAILED_PRECONDITION,
                               f"run {self.engine.run_id} is still running; stop it first")
             config = config.resolved()
-            if self.capacity is not None and (why := self.capacity.problem(config.federation.max_participants)):
+            if self.capacity is not None and (why := self.capacity.problem(config.federation.max_sites)):
                 raise Refusal(Code.INVALID_ARGUMENT, why)
             try:
                 tasks.check_levels(config)
@@ -119,7 +119,7 @@ class Coordinator:
             self._start_engine(run_id, config, manifest)
             log.info("started run %s: %d rounds, sites %s, model %s with %d shared parameters",
                      run_id, config.federation.rounds, ", ".join(config.federation.sites),
-                     config.model.mode, manifest.shared_numel())
+                     config.model.adapter, manifest.shared_numel())
             if config.secagg.enabled:
                 sa = config.secagg
                 log.info("run %s: secure aggregation on (threshold %s, %s, clip norm %g, %d fractional bits%s)",
@@ -130,7 +130,7 @@ class Coordinator:
     def _start_engine(self, run_id: str, config: RunConfig, manifest: FactorManifest) -> None:
         self.manifest = manifest
         self.engine = RoundEngine(self.store, run_id, config, shared_specs(manifest),
-                                  strategy_for(config), trail=self.trail)
+                                  strategy_for(config), trail=self.trail, manifest_digest=manifest.digest())
         self._thread = threading.Thread(target=self._drive, args=(self.engine,), name=f"rounds-{run_id}", daemon=True)
         self._thread.start()
 
@@ -144,7 +144,7 @@ class Coordinator:
             log.exception("run %s: the round engine failed; the run stops here (a restart resumes it at "
                           "round %d)", engine.run_id, engine.rounds_completed + 1)
             engine.stop("failed")
-            engine.end_streams()
+            engine.sessions.end_streams()
             if self.on_failure is not None:
                 self.on_failure(engine)
 

@@ -1,28 +1,28 @@
-"""Back-pressure and limits: what one participant, and all of them together, may hold open.
+"""Back-pressure and limits: what one site, and all of them together, may hold open.
 
 The limits are `[federation]` settings of the run (kt_core.config.FederationSettings); a refusal
 is a Refusal(RESOURCE_EXHAUSTED) whose message starts with the setting that was hit, so the
 servicer logs and records it like any other refusal and an operator knows what to raise:
 
-  max_participants          task streams per run; one more is refused at connect (RoundEngine.connect)
+  max_sites                 assignment streams per run; one more is refused at connect (Sessions.connect)
   max_concurrent_uploads    uploads received at once. One more WAITS up to upload_queue_timeout_s
                             for a slot (a round's uploads arrive in a burst; queueing them briefly
                             costs less than a refused site retraining), then is refused
-  max_rpcs_per_participant  calls one participant may have open at once, its task stream included
+  max_rpcs_per_site         calls one site may have open at once, its assignment stream included
                             (an agent needs two: the stream plus one download or upload)
-  rpc_rate_per_participant  calls per second one participant may start, a token bucket holding
+  rpc_rate_per_site         calls per second one site may start, a token bucket holding
                             two seconds' worth (0 = no rate limit)
 
 Counting happens per authenticated identity, after the certificate and membership checks and
 before the request is read (coordinator.admission), so one site cannot exhaust another's
 allowance and a flood of malformed calls is cut off before it costs parsing. Operators and
-callers of the health service are held to max_rpcs_per_participant calls open as well (not to
+callers of the health service are held to max_rpcs_per_site calls open as well (not to
 the rate): no certificate may hold every worker thread.
 
 All callers together: the server's max_concurrent_rpcs (coordinator.server.ServerSettings), which
 gRPC enforces before a call takes a worker thread or a place in the queue. Those refusals are
 gRPC's own and reach no code of ours, so a run is admitted only when the server can carry it
-(ServerCapacity): a thread for every site's task stream and room for the rest, and a call in
+(ServerCapacity): a thread for every site's assignment stream and room for the rest, and a call in
 progress for every site's stream plus one transfer. A run larger than that is refused when it is
 started (or resumed), naming the setting and the flag to raise, instead of aborting every round.
 
@@ -58,21 +58,21 @@ class Limiter:
         self._uploads = 0
 
     # -- per participant ----------------------------------------------------------------------
-    def admit(self, participant_id: str, fed: FederationSettings, on_end: Callable[[Callable[[], None]], bool],
+    def admit(self, site_id: str, fed: FederationSettings, on_end: Callable[[Callable[[], None]], bool],
               *, rate: bool = True, holder: str = "participant") -> None:
-        """Count one call of `participant_id` against its limits, or refuse it. `on_end` registers
+        """Count one call of `site_id` against its limits, or refuse it. `on_end` registers
         the release for when the call ends (grpc's `context.add_callback`); a call that already
         ended (it returns False) is released at once. Without `rate`, only the calls it holds open
         count (operators and health callers: what must be bounded there is the threads they hold)."""
         with self._cond:
             if rate:
-                self._take_token(participant_id, fed.rpc_rate_per_participant)
-            open_now = self._open.get(participant_id, 0)
-            if open_now >= fed.max_rpcs_per_participant:
+                self._take_token(site_id, fed.rpc_rate_per_site)
+            open_now = self._open.get(site_id, 0)
+            if open_now >= fed.max_rpcs_per_site:
                 raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"federation.max_rpcs_per_participant: {participant_id} already has {open_now} calls "
+                              f"federation.max_rpcs_per_site: {site_id} already has {open_now} calls "
                               f"open, the most one {holder} may hold at once")
-            self._open[participant_id] = open_now + 1
+            self._open[site_id] = open_now + 1
         released = threading.Event()
 
         def release() -> None:
@@ -80,32 +80,32 @@ class Limiter:
                 return
             released.set()
             with self._cond:
-                left = self._open.get(participant_id, 1) - 1
+                left = self._open.get(site_id, 1) - 1
                 if left > 0:
-                    self._open[participant_id] = left
+                    self._open[site_id] = left
                 else:
-                    self._open.pop(participant_id, None)
+                    self._open.pop(site_id, None)
 
         if not on_end(release):
             release()
 
-    def _take_token(self, participant_id: str, rate: float) -> None:
+    def _take_token(self, site_id: str, rate: float) -> None:
         if rate <= 0:
             return
         capacity = max(1.0, rate * BURST_SECONDS)
         now = self._clock()
-        tokens, then = self._buckets.get(participant_id, (capacity, now))
+        tokens, then = self._buckets.get(site_id, (capacity, now))
         tokens = min(capacity, tokens + (now - then) * rate)
         if tokens < 1.0:
-            self._buckets[participant_id] = (tokens, now)
+            self._buckets[site_id] = (tokens, now)
             raise Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"federation.rpc_rate_per_participant: {participant_id} started calls faster than "
+                          f"federation.rpc_rate_per_site: {site_id} started calls faster than "
                           f"{rate:g} per second (bursts up to {capacity:g}); slow down")
-        self._buckets[participant_id] = (tokens - 1.0, now)
+        self._buckets[site_id] = (tokens - 1.0, now)
 
-    def open_calls(self, participant_id: str) -> int:
+    def open_calls(self, site_id: str) -> int:
         with self._cond:
-            return self._open.get(participant_id, 0)
+            return self._open.get(site_id, 0)
 
     # -- all participants together ------------------------------------------------------------
     @contextmanager
@@ -236,7 +236,7 @@ class Watch:
             pass
 
 
-# threads beyond the task streams: uploads, downloads, joins, status and health calls queue for
+# threads beyond the assignment streams: uploads, downloads, joins, status and health calls queue for
 # these; calls beyond a stream and a transfer per site: operators, health, a burst of joins
 RESERVE_THREADS = 32
 RESERVE_CALLS = 32
@@ -248,18 +248,18 @@ class ServerCapacity:
     def __init__(self, workers: int, calls: int):
         self.workers, self.calls = workers, calls
 
-    def problem(self, max_participants: int) -> str | None:
-        """Why a run of `max_participants` sites cannot be carried, or None."""
-        threads = max_participants + RESERVE_THREADS
-        calls = 2 * max_participants + RESERVE_CALLS
+    def problem(self, max_sites: int) -> str | None:
+        """Why a run of `max_sites` sites cannot be carried, or None."""
+        threads = max_sites + RESERVE_THREADS
+        calls = 2 * max_sites + RESERVE_CALLS
         if threads > self.workers:
-            return (f"federation.max_participants = {max_participants}: every site holds a worker thread for its "
-                    f"task stream, so this coordinator needs {threads} threads and has {self.workers}; lower "
-                    f"federation.max_participants or start the coordinator with --max-workers {threads}")
+            return (f"federation.max_sites = {max_sites}: every site holds a worker thread for its "
+                    f"assignment stream, so this coordinator needs {threads} threads and has {self.workers}; lower "
+                    f"federation.max_sites or start the coordinator with --max-workers {threads}")
         if calls > self.calls:
-            return (f"federation.max_participants = {max_participants}: a site holds its task stream and one "
+            return (f"federation.max_sites = {max_sites}: a site holds its assignment stream and one "
                     f"transfer at once, so this coordinator needs {calls} calls in progress and allows "
-                    f"{self.calls}; lower federation.max_participants or start the coordinator with "
+                    f"{self.calls}; lower federation.max_sites or start the coordinator with "
                     f"--max-concurrent-rpcs {calls}")
         return None
 

@@ -92,21 +92,21 @@ def collect(coordinator: Coordinator, traffic: Traffic, serving) -> list[Metric]
             status.round_in_progress, run),
         Metric("ktfed_aborted_attempts_total", "counter", "round attempts aborted (too few updates)").add(
             status.aborted_attempts, run),
-        Metric("ktfed_participants_connected", "gauge", "participants holding a task stream").add(
-            sum(p.connected for p in status.participants), run),
+        Metric("ktfed_sites_connected", "gauge", "participants holding an assignment stream").add(
+            sum(p.connected for p in status.sites), run),
         histogram("ktfed_round_duration_seconds", "wall time of each completed round of the current run",
                   (r.seconds for r in records), ROUND_SECONDS_BUCKETS),
         Metric("ktfed_round_bytes_received_total", "counter", "update bytes aggregated in completed rounds").add(
             sum(r.bytes_received for r in records), run),
     ]
-    connected = Metric("ktfed_participant_connected", "gauge", "1 when the site holds a task stream")
-    contributed = Metric("ktfed_participant_rounds_contributed_total", "counter", "rounds the site contributed to")
-    uploaded = Metric("ktfed_participant_update_bytes_total", "counter",
+    connected = Metric("ktfed_site_connected", "gauge", "1 when the site holds an assignment stream")
+    contributed = Metric("ktfed_site_rounds_contributed_total", "counter", "rounds the site contributed to")
+    uploaded = Metric("ktfed_site_update_bytes_total", "counter",
                       "update bytes the coordinator accepted from the site")
-    epsilon = Metric("ktfed_participant_epsilon_spent", "gauge", "the site's reported cumulative epsilon")
-    budget = Metric("ktfed_participant_epsilon_budget", "gauge", "the site's epsilon budget (0: none reported)")
-    for p in status.participants:
-        site = {"site": p.participant_id}
+    epsilon = Metric("ktfed_site_epsilon_spent", "gauge", "the site's reported cumulative epsilon")
+    budget = Metric("ktfed_site_epsilon_budget", "gauge", "the site's epsilon budget (0: none reported)")
+    for p in status.sites:
+        site = {"site": p.site_id}
         connected.add(1 if p.connected else 0, site)
         contributed.add(p.rounds_contributed, site)
         uploaded.add(p.bytes_uploaded, site)

@@ -16,7 +16,7 @@ def record_privacy(engine: "RoundEngine", round_no: int, r: PrivacyRound | None)
     the auditor."""
     if r is None:
         return
-    engine.store.record_privacy_round(engine.run_id, round_no, r.mode, r.noise_multiplier, r.clip_norm,
+    engine.store.record_privacy_round(engine.run_id, round_no, r.mechanism, r.noise_multiplier, r.clip_norm,
                                       r.contributors, r.noise_std, r.delta, r.epsilon_prv, r.epsilon_rdp,
                                       r.accountant_version)
     trail = engine.trail
@@ -26,7 +26,7 @@ def record_privacy(engine: "RoundEngine", round_no: int, r: PrivacyRound | None)
                            delta=r.delta, epsilon_round=r.epsilon_round_prv, epsilon_cumulative=r.epsilon_prv,
                            epsilon_cumulative_rdp=r.epsilon_rdp, accountant="prv",
                            accountant_version=r.accountant_version,
-                           params={"mode": r.mode, "contributors": r.contributors, "central_noise_std": r.noise_std})
+                           params={"mechanism": r.mechanism, "contributors": r.contributors, "central_noise_std": r.noise_std})
 
 
 def audit_attempt_end(engine: "RoundEngine", attempt: Attempt, secagg_event: str, how: str) -> None:
@@ -36,8 +36,8 @@ def audit_attempt_end(engine: "RoundEngine", attempt: Attempt, secagg_event: str
     if sa is not None:
         missing: dict[str, str] = {}
         for step, _answered, absent in sa.history:
-            for pid in absent:
-                missing.setdefault(pid, step)
+            for site_id in absent:
+                missing.setdefault(site_id, step)
         engine.trail.secagg(engine.run_id, attempt.round, secagg_event, attempt.secagg_summary, missing,
                             sa.threshold, sa.roster)
     engine.trail.attempt_closed(attempt.round, how)

@@ -1,7 +1,7 @@
 """What the coordinator knows of a run's sites, and the run status the operator reads.
 
 The round engine notes what happens (a connect, an upload, a decline, the epsilon a site reported);
-`Participants` keeps it, rebuilt from the store after a restart, and `run_status` turns it with the
+`Sites` keeps it, rebuilt from the store after a restart, and `run_status` turns it with the
 store's round records into the operator's `RunStatus` message.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ from kt_core.wire import federation_pb2 as pb
 
 
 @dataclass
-class ParticipantInfo:
+class SiteInfo:
     connected: bool = False
     rounds_contributed: int = 0
     bytes_uploaded: int = 0
@@ -39,37 +39,37 @@ class ParticipantInfo:
             self.epsilon_spent, self.epsilon_budget = spent, budget
 
 
-def site_metrics(metrics: Mapping[str, float], pid: str) -> dict[str, float]:
+def site_metrics(metrics: Mapping[str, float], site_id: str) -> dict[str, float]:
     """A site's own entries of a round's metrics (stored as "<site>/<name>")."""
-    return {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(pid + "/")}
+    return {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith(site_id + "/")}
 
 
-class Participants(dict):
-    """participant id -> ParticipantInfo, with an entry for every site of the run."""
+class Sites(dict):
+    """participant id -> SiteInfo, with an entry for every site of the run."""
 
-    def __missing__(self, pid: str) -> ParticipantInfo:
-        info = self[pid] = ParticipantInfo()
+    def __missing__(self, site_id: str) -> SiteInfo:
+        info = self[site_id] = SiteInfo()
         return info
 
     @classmethod
-    def restored(cls, store: Store, run_id: str, sites) -> "Participants":
+    def restored(cls, store: Store, run_id: str, sites) -> "Sites":
         """The run's sites as the store remembers them: contributions, last epsilon, declines."""
-        known = cls({s: ParticipantInfo() for s in sites})
+        known = cls({s: SiteInfo() for s in sites})
         for upload in store.uploads(run_id):
-            info = known[upload["participant_id"]]
+            info = known[upload["site_id"]]
             info.rounds_contributed += 1
             info.bytes_uploaded += upload["bytes"]
         for rec in store.rounds(run_id):
-            for pid in rec.contributors:
-                known[pid].note_privacy(site_metrics(rec.metrics, pid))
+            for site_id in rec.contributors:
+                known[site_id].note_privacy(site_metrics(rec.metrics, site_id))
         for d in store.declines(run_id):
-            known[d["participant_id"]].note_decline(d["code"], d["reason"], d["epsilon_spent"], d["epsilon_budget"])
+            known[d["site_id"]].note_decline(d["code"], d["reason"], d["epsilon_spent"], d["epsilon_budget"])
         return known
 
-    def note_capabilities(self, pid: str, caps: pb.Capabilities) -> None:
+    def note_capabilities(self, site_id: str, caps: pb.Capabilities) -> None:
         kept = pb.Capabilities()
         kept.CopyFrom(caps)
-        self[pid].capabilities = kept
+        self[site_id].capabilities = kept
 
 
 def run_status(engine) -> pb.RunStatus:
@@ -80,11 +80,11 @@ def run_status(engine) -> pb.RunStatus:
             header=convert.header(engine.run_id, engine.rounds_completed), state=engine.state,
             rounds_completed=engine.rounds_completed, rounds_total=engine.fed.rounds,
             round_in_progress=attempt.round if attempt and not attempt.closed else 0,
-            global_state_digest=engine.global_digest,
+            global_state_digest=engine.global_digest, manifest_digest=engine.manifest_digest,
             aborted_attempts=engine.store.aborted_count(engine.run_id))
-        for pid in sorted(engine.participants):
-            info = engine.participants[pid]
-            status.participants.add(participant_id=pid, connected=pid in engine.sessions,
+        for site_id in sorted(engine.sites):
+            info = engine.sites[site_id]
+            status.sites.add(site_id=site_id, connected=site_id in engine.sessions,
                                     rounds_contributed=info.rounds_contributed,
                                     bytes_uploaded=info.bytes_uploaded, last_metrics=info.last_metrics,
                                     privacy_status=info.privacy_status, epsilon_spent=info.epsilon_spent,
@@ -92,12 +92,12 @@ def run_status(engine) -> pb.RunStatus:
                                     capabilities=info.capabilities)
     declined: dict[int, set[str]] = {}
     for d in engine.store.declines(engine.run_id):
-        declined.setdefault(d["round"], set()).add(d["participant_id"])
+        declined.setdefault(d["round"], set()).add(d["site_id"])
     for rec in engine.store.rounds(engine.run_id):
         status.rounds.add(round=rec.round, contributors=rec.contributors, dropped=rec.dropped,
                           bytes_received=rec.bytes_received, seconds=rec.seconds,
                           global_state_digest=rec.state_digest, metrics=rec.metrics,
-                          bytes_by_participant=rec.bytes_by_participant,
+                          bytes_by_site=rec.bytes_by_site,
                           declined=sorted(declined.get(rec.round, ())),
-                          secure_aggregation=rec.secagg is not None)
+                          secagg=rec.secagg is not None)
     return status

@@ -26,7 +26,7 @@ from kt_core import vector
 from kt_core.config import ConfigError, RunConfig
 from security import secagg
 from security.dp import user_level
-from security.secagg import SecAggError, SecAggServer, SecAggSettings
+from security.secagg import SecAggError, SecAggServer, SecAggProtocolSettings
 
 log = logging.getLogger(__name__)
 
@@ -42,36 +42,32 @@ SMALL_STEP_BASE_BYTES = 64 * 1024
 SMALL_STEP_PER_PEER_BYTES = 4 * 1024
 
 
-def protocol_settings(config: RunConfig) -> SecAggSettings:
-    return SecAggSettings.from_mapping(config.secagg.protocol_settings())
-
-
 def check_config(config: RunConfig, shared: vector.Specs) -> None:
     """Refuse a run whose [secagg] (or its pairing with [privacy]) cannot give what it promises.
     Raises ConfigError naming the field."""
     s, p, fed = config.secagg, config.privacy, config.federation
-    distributed = p.enabled and p.mode == "distributed"
+    distributed = p.enabled and p.mechanism == "distributed"
     if distributed and not s.enabled:
-        raise ConfigError("privacy.mode: distributed noise shares give their guarantee only under secure "
+        raise ConfigError("privacy.mechanism: distributed noise shares give their guarantee only under secure "
                           "aggregation; set secagg.enabled = true")
     if not s.enabled:
         return
-    n_max = min(len(fed.sites), fed.max_participants)
-    settings = protocol_settings(config)
+    n_max = min(len(fed.sites), fed.max_sites)
+    settings = SecAggProtocolSettings.from_section(config.secagg)
     try:
         settings.validate(max(n_max, 2))
     except SecAggError as err:
         raise ConfigError(str(err)) from None
-    if fed.min_participants < 2:
-        raise ConfigError("federation.min_participants: secure aggregation needs at least 2 participants")
-    if settings.threshold and fed.min_participants < settings.threshold:
-        raise ConfigError(f"federation.min_participants: {fed.min_participants} is below secagg.threshold "
+    if fed.min_sites < 2:
+        raise ConfigError("federation.min_sites: secure aggregation needs at least 2 participants")
+    if settings.threshold and fed.min_sites < settings.threshold:
+        raise ConfigError(f"federation.min_sites: {fed.min_sites} is below secagg.threshold "
                           f"{settings.threshold}; every smaller round would abort")
     if distributed:
-        t_min = settings.threshold_for(fed.min_participants)
+        t_min = settings.threshold_for(fed.min_sites)
         if t_min < p.min_survivors:
             raise ConfigError(f"privacy.min_survivors: the noise is calibrated for {p.min_survivors} honest "
-                              f"survivors but a round of {fed.min_participants} may unmask with t = {t_min}; "
+                              f"survivors but a round of {fed.min_sites} may unmask with t = {t_min}; "
                               "raise secagg.threshold or lower privacy.min_survivors")
         # The SecAgg clip must not bind on a clipped update plus its noise share, or the shares would
         # no longer sum to the Gaussian the accountant assumes.
@@ -98,7 +94,7 @@ class SecAggRound:
     run_id: str
     round_no: int
     roster: tuple[str, ...]
-    settings: SecAggSettings
+    settings: SecAggProtocolSettings
     shared: vector.Specs
     weight_scale: int
     verify_keys: Mapping | None = None
@@ -126,29 +122,29 @@ class SecAggRound:
             return 4 * self.length + SMALL_STEP_BASE_BYTES
         return SMALL_STEP_BASE_BYTES + SMALL_STEP_PER_PEER_BYTES * len(self.roster)
 
-    def check_open(self, participant_id: str, step: str) -> None:
+    def check_open(self, site_id: str, step: str) -> None:
         """What can be refused before the payload is read (wrong step, not expected, duplicate)."""
         if step not in STEPS:
             raise SecAggError(f"unknown secure aggregation step {step!r}")
-        if participant_id in self.received and step == self.step:
-            raise DuplicateSubmission(f"{participant_id} already sent its {step} for round {self.round_no}")
+        if site_id in self.received and step == self.step:
+            raise DuplicateSubmission(f"{site_id} already sent its {step} for round {self.round_no}")
         if step != self.step:
             raise OutOfPhase(f"{step} is not open: round {self.round_no} is at step {self.step}")
-        if participant_id not in self.expected:
-            raise SecAggError(f"{participant_id} is not expected at step {step} of round {self.round_no} "
+        if site_id not in self.expected:
+            raise SecAggError(f"{site_id} is not expected at step {step} of round {self.round_no} "
                               "(not in the roster, or dropped at an earlier step)")
 
-    def receive(self, participant_id: str, step: str, payload: bytes, metrics: Mapping[str, float]) -> None:
-        self.check_open(participant_id, step)
+    def receive(self, site_id: str, step: str, payload: bytes, metrics: Mapping[str, float]) -> None:
+        self.check_open(site_id, step)
         message = _MESSAGE[step].from_bytes(payload)
-        if message.sender != participant_id:
-            raise SecAggError(f"{step} message claims sender {message.sender!r}, but the caller is {participant_id}")
+        if message.sender != site_id:
+            raise SecAggError(f"{step} message claims sender {message.sender!r}, but the caller is {site_id}")
         getattr(self.server, _RECEIVE[step])(message)
-        self.received.add(participant_id)
-        self.bytes_in[participant_id] = self.bytes_in.get(participant_id, 0) + len(payload)
+        self.received.add(site_id)
+        self.bytes_in[site_id] = self.bytes_in.get(site_id, 0) + len(payload)
         if step == "masked_input":
-            self.metrics[participant_id] = dict(metrics)
-            self.payload_digests[participant_id] = hashlib.sha256(payload).hexdigest()
+            self.metrics[site_id] = dict(metrics)
+            self.payload_digests[site_id] = hashlib.sha256(payload).hexdigest()
 
     def waiting_for(self, alive: set[str]) -> set[str]:
         return (self.expected & alive) - self.received
@@ -202,26 +198,27 @@ class SecAggDriver:
         e = self.engine
         verify = None
         if e.config.secagg.active:
-            verify = {pid: x509.load_pem_x509_certificate(e.certificates[pid]).public_key() for pid in selected}
-        return SecAggRound(e.run_id, round_no, tuple(sorted(selected)), protocol_settings(e.config), e.shared_specs,
+            verify = {site: x509.load_pem_x509_certificate(e.sessions.certificate(site)).public_key() for site in selected}
+        settings = SecAggProtocolSettings.from_section(e.config.secagg)
+        return SecAggRound(e.run_id, round_no, tuple(sorted(selected)), settings, e.shared_specs,
                            e.strategy.secagg_weight_scale(), verify_keys=verify)
 
     @staticmethod
-    def can_rejoin(attempt, participant_id: str) -> bool:
+    def can_rejoin(attempt, site_id: str) -> bool:
         """A secure round can take a site back only before it advertised keys: its protocol
         state did not survive the lost connection."""
         sa = attempt.secagg
-        return sa is None or (sa.step == "advertise" and participant_id not in sa.received)
+        return sa is None or (sa.step == "advertise" and site_id not in sa.received)
 
-    def check(self, participant_id: str, round_no: int, task_id: bytes, step: str, size: int):
+    def check(self, site_id: str, round_no: int, attempt_id: bytes, step: str, size: int):
         """Everything that can be refused before a SecAgg payload is read; returns the attempt."""
         with self.engine.cond:
-            attempt = self.engine.answers.answered_by(participant_id, round_no, task_id, f"secure aggregation {step}")
+            attempt = self.engine.answers.answered_by(site_id, round_no, attempt_id, f"secure aggregation {step}")
             sa = attempt.secagg
             if sa is None:
                 raise Refusal(Code.FAILED_PRECONDITION, f"round {attempt.round} does not run under secure aggregation")
             try:
-                sa.check_open(participant_id, step)
+                sa.check_open(site_id, step)
             except SecAggError as err:
                 raise secagg_refusal(err) from None
             limit = sa.max_payload(step)
@@ -230,7 +227,7 @@ class SecAggDriver:
                               f"{step}: declared payload of {size} bytes is outside 1..{limit}")
             return attempt
 
-    def submit(self, attempt, participant_id: str, step: str, payload: bytes, metrics: Mapping[str, float],
+    def submit(self, attempt, site_id: str, step: str, payload: bytes, metrics: Mapping[str, float],
                countersignature: bytes = b"") -> None:
         """Hand one participant's answer to the open SecAgg step."""
         if step == "masked_input":
@@ -240,13 +237,13 @@ class SecAggDriver:
             if attempt is not e.attempt or attempt.closed:
                 raise Refusal(Code.FAILED_PRECONDITION, f"round {attempt.round} closed while the {step} was in flight")
             try:
-                attempt.secagg.receive(participant_id, step, payload, metrics)
+                attempt.secagg.receive(site_id, step, payload, metrics)
             except SecAggError as err:
                 raise secagg_refusal(err) from None
-            e.answers.audit_received(attempt, participant_id, f"secagg/{step}", hashlib.sha256(payload).hexdigest(),
+            e.answers.audit_received(attempt, site_id, f"secagg/{step}", hashlib.sha256(payload).hexdigest(),
                              countersignature=countersignature, nbytes=len(payload))
             e.cond.notify_all()
-        log.info("round %d: secure aggregation %s from %s (%d bytes)", attempt.round, step, participant_id,
+        log.info("round %d: secure aggregation %s from %s (%d bytes)", attempt.round, step, site_id,
                  len(payload))
 
     def collect(self, attempt) -> str | None:
@@ -268,13 +265,13 @@ class SecAggDriver:
         e = self.engine
         e.strategy.add_aggregate(result.weighted_sum, result.weight)
         with e.cond:
-            for pid in result.survivors:
+            for site_id in result.survivors:
                 # what the record holds of a site: the size and digest of its masked vector
-                attempt.uploads[pid] = UploadRecord(pid, attempt.task_id.hex(), 0, (), sa.bytes_in.get(pid, 0),
-                                                    sa.payload_digests[pid])
-                metrics = sa.metrics.get(pid, {})
-                e.participants[pid].note_privacy(metrics)
-                attempt.note_metrics(pid, metrics)
+                attempt.uploads[site_id] = UploadRecord(site_id, attempt.attempt_id.hex(), 0, (), sa.bytes_in.get(site_id, 0),
+                                                    sa.payload_digests[site_id])
+                metrics = sa.metrics.get(site_id, {})
+                e.sites[site_id].note_privacy(metrics)
+                attempt.note_metrics(site_id, metrics)
             attempt.dropped = set(attempt.selected) - set(result.survivors) - set(attempt.declined)
         attempt.secagg_summary = summary(sa, result)
         log.info("round %d: secure aggregation unmasked the sum of %d input(s) (t=%d); masks of %s recovered",
@@ -288,7 +285,7 @@ class SecAggDriver:
         while True:
             with e.cond:
                 while not e.stopped.is_set():
-                    alive = (set(e.sessions) & attempt.selected) - set(attempt.declined)
+                    alive = (e.sessions.connected() & attempt.selected) - set(attempt.declined)
                     if not sa.waiting_for(alive) or time.monotonic() >= deadline:
                         break
                     e.cond.wait(timeout=min(deadline - time.monotonic(), 0.5))
@@ -303,9 +300,9 @@ class SecAggDriver:
                 except SecAggError as err:
                     attempt.closed = True
                     return f"secure aggregation: {err}"
-                for pid, (step, payload) in out.items():
-                    if pid in e.sessions:
-                        e.push_secagg_step(attempt, pid, step, payload)
+                for site_id, (step, payload) in out.items():
+                    if site_id in e.sessions:
+                        e.push_secagg_step(attempt, site_id, step, payload)
                 deadline = time.monotonic() + e.config.secagg.step_timeout_s
                 log.info("round %d: secure aggregation step %s opened for %d participant(s)",
                          attempt.round, sa.step, len(out))

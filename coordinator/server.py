@@ -38,7 +38,7 @@ class ServerSettings:
     tls: transport.TLSFiles | None      # None only with insecure
     crl: Path | None = None
     insecure: bool = False
-    # each connected participant holds one task stream: room for max_participants (100) streams,
+    # each connected participant holds one assignment stream: room for max_sites (100) streams,
     # max_concurrent_uploads (16) and the short calls
     max_workers: int = 160
     metrics_listen: str | None = None   # HOST:PORT of the Prometheus endpoint; None = off
@@ -49,12 +49,12 @@ class ServerSettings:
     stream_idle_timeout_s: float = 60.0
     # calls in progress at once, every service and caller together; gRPC refuses one more
     # (RESOURCE_EXHAUSTED) before it takes a worker thread or a place in the queue. None: the
-    # pool's threads plus one waiting call for each site of a run of max_participants (100)
+    # pool's threads plus one waiting call for each site of a run of max_sites (100)
     max_concurrent_rpcs: int | None = None
 
     @property
     def concurrent_rpcs(self) -> int:
-        return self.max_concurrent_rpcs or self.max_workers + FederationSettings().max_participants
+        return self.max_concurrent_rpcs or self.max_workers + FederationSettings().max_sites
 
     def validate(self) -> None:
         if not 4 <= self.max_workers <= 10_000:

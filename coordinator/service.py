@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 SEND_CHUNK_BYTES = 1 << 20
 
 HEARTBEAT_S = 5.0
-# how often an open task stream re-checks its certificate: a revocation ends it within this
+# how often an open assignment stream re-checks its certificate: a revocation ends it within this
 RECHECK_S = 1.0
 # what of a refusal is logged, recorded and sent back (peer names and reasons are peer-chosen text)
 MAX_REFUSAL_PEER = 128
@@ -74,11 +74,11 @@ class ParticipantServicer:
         return self.admission.participant(context, header)
 
     def Join(self, request: pb.JoinRequest, context) -> pb.JoinReply:
-        pid = self._caller(context, request.header)
-        engine = self.admission.join(pid, request.header.run_id)
-        engine.refuse_duplicate(pid)
+        site_id = self._caller(context, request.header)
+        engine = self.admission.join(site_id, request.header.run_id)
+        engine.sessions.refuse_duplicate(site_id)
         manifest = self.coordinator.manifest
-        reply = pb.JoinReply(header=convert.header(engine.run_id, engine.rounds_completed, pid),
+        reply = pb.JoinReply(header=convert.header(engine.run_id, engine.rounds_completed, site_id),
                              run_config_json=engine.config.to_json(), manifest_digest=manifest.digest(),
                              max_chunk_bytes=engine.fed.max_chunk_bytes)
         if self.coordinator.backbone is not None:
@@ -86,45 +86,45 @@ class ParticipantServicer:
             reply.backbone_bytes = self.coordinator.backbone.size
         for e in manifest.entries:
             reply.manifest.add(name=e.name, role=convert.ROLE_TO_PB[e.role.value], dtype=e.dtype, shape=e.shape)
-        engine.note_capabilities(pid, request.capabilities)
+        engine.sessions.note_capabilities(site_id, request.capabilities)
         caps = request.capabilities
-        log.info("%s joined run %s (%s, %d cpus%s)", pid, engine.run_id, escape_field(caps.software_version or "?"),
+        log.info("%s joined run %s (%s, %d cpus%s)", site_id, engine.run_id, escape_field(caps.software_version or "?"),
                  caps.cpu_count, escape_field("".join(f", {a}" for a in caps.accelerators), 1000))
         return reply
 
-    def Tasks(self, request: pb.TaskStreamRequest, context) -> Iterator[pb.Task]:
-        pid = self._caller(context, request.header)
+    def Assignments(self, request: pb.AssignmentStreamRequest, context) -> Iterator[pb.Assignment]:
+        site_id = self._caller(context, request.header)
         engine = self.coordinator.engine_for(request.header.run_id)
-        session = engine.connect(pid, alive=context.is_active)
-        context.add_callback(lambda: engine.disconnect(session))
+        session = engine.sessions.connect(site_id, alive=context.is_active)
+        context.add_callback(lambda: engine.sessions.disconnect(session))
         quiet_since = time.monotonic()
         while context.is_active():
             try:
-                task = session.queue.get(timeout=RECHECK_S)
+                assignment = session.queue.get(timeout=RECHECK_S)
             except queue.Empty:
                 self.admission.still_valid(context)   # a revoked site's stream ends here
                 if time.monotonic() - quiet_since >= HEARTBEAT_S:
                     quiet_since = time.monotonic()
                     yield messages.heartbeat()
                 continue
-            if task is None:
+            if assignment is None:
                 return
-            self.admission.still_valid(context)       # never push a task to a revoked site
-            yield task
-            if messages.is_finished(task):
+            self.admission.still_valid(context)       # never push an assignment to a revoked site
+            yield assignment
+            if messages.is_finished(assignment):
                 return
 
     def DownloadState(self, request: pb.StateRequest, context) -> Iterator[pb.StateChunk]:
-        pid = self._caller(context, request.header)
+        site_id = self._caller(context, request.header)
         engine = self.coordinator.engine_for(request.header.run_id)
         # an empty digest asks for the current global state: after RunFinished (which names no
         # digest) a site fetches the run's final state this way; the reply's header names it
         digest = request.global_state_digest or engine.global_digest
         # streamed from the state file by offsets; the digests were computed when it was written
         state = engine.state_for(digest)
-        engine.note_state_sent(pid, request.header.round, digest, state.specs)
+        engine.sessions.note_state_sent(site_id, request.header.round, digest, state.specs)
         yield pb.StateChunk(header=pb.StateHeader(
-            header=convert.header(engine.run_id, engine.rounds_completed, pid),
+            header=convert.header(engine.run_id, engine.rounds_completed, site_id),
             global_state_digest=digest,
             tensors=[convert.spec_to_pb(spec) for spec in state.specs]))
         for name, offset, data in state.chunks(min(engine.fed.max_chunk_bytes, SEND_CHUNK_BYTES)):
@@ -142,9 +142,9 @@ class ParticipantServicer:
         if first is None or isinstance(first, chunks.ChunkView):
             raise Refusal(Code.INVALID_ARGUMENT, "an upload must start with an UploadHeader")
         head = first.header
-        pid = self._caller(context, head.header)
+        site_id = self._caller(context, head.header)
         engine = self.coordinator.engine_for(head.header.run_id)
-        attempt = engine.answers.check_upload(pid, head)
+        attempt = engine.answers.check_upload(site_id, head)
         fed = engine.fed
         specs = tuple(convert.spec_from_pb(s) for s in head.tensors)
         digest = codec.state_digest(specs)
@@ -160,34 +160,34 @@ class ParticipantServicer:
                         del chunk     # the received bytes go before the next chunk arrives
                     update = spool.finish()
                     self.traffic.received(spool.bytes_received)
-                    record = UploadRecord(pid, head.task_id.hex(), head.num_samples, specs, spool.bytes_received,
+                    record = UploadRecord(site_id, head.attempt_id.hex(), head.num_samples, specs, spool.bytes_received,
                                           digest)
                     engine.answers.submit(attempt, record, update, dict(head.metrics), head.audit_countersignature)
             except codec.WireError as err:
                 raise wire_refusal(err) from None
             except OSError as err:
-                log.error("upload from %s could not be buffered: %s", pid, err)
+                log.error("upload from %s could not be buffered: %s", site_id, err)
                 raise Refusal(Code.RESOURCE_EXHAUSTED,
                               f"the coordinator could not buffer the upload on disk: {err}") from None
-        return pb.UploadReceipt(header=convert.header(engine.run_id, attempt.round, pid),
+        return pb.UploadReceipt(header=convert.header(engine.run_id, attempt.round, site_id),
                                 bytes_received=record.bytes, update_digest=digest)
 
     def Decline(self, request: pb.DeclineRequest, context) -> pb.DeclineReply:
-        pid = self._caller(context, request.header)
+        site_id = self._caller(context, request.header)
         engine = self.coordinator.engine_for(request.header.run_id)
-        attempt = engine.answers.decline(pid, messages.decline_answer(request))
-        return pb.DeclineReply(header=convert.header(engine.run_id, attempt.round, pid))
+        attempt = engine.answers.decline(site_id, messages.decline_answer(request))
+        return pb.DeclineReply(header=convert.header(engine.run_id, attempt.round, site_id))
 
     def SubmitSecAgg(self, request_iterator: Iterator[pb.SecAggSubmission], context) -> pb.SecAggReceipt:
         first = next(request_iterator, None)
         if first is None or not first.HasField("header"):
             raise Refusal(Code.INVALID_ARGUMENT, "a SecAgg submission must start with its header")
-        pid = self._caller(context, first.header)
+        site_id = self._caller(context, first.header)
         engine = self.coordinator.engine_for(first.header.run_id)
         step = convert.SECAGG_STEP_FROM_PB.get(first.step)
         if step is None:
             raise Refusal(Code.INVALID_ARGUMENT, f"unknown secure aggregation step {first.step}")
-        attempt = engine.secagg.check(pid, first.header.round, first.task_id, step, first.payload_bytes)
+        attempt = engine.secagg.check(site_id, first.header.round, first.attempt_id, step, first.payload_bytes)
         # The declared size was checked against the step's bound: that much is allocated once and
         # filled in place, and no more is read (a masked vector is as large as the update).
         payload, size = bytearray(first.payload_bytes), 0
@@ -206,11 +206,11 @@ class ParticipantServicer:
             raise Refusal(Code.INVALID_ARGUMENT,
                           f"{step}: payload holds {size} bytes, {first.payload_bytes} declared")
         self.traffic.received(size)
-        engine.secagg.submit(attempt, pid, step, payload, dict(first.metrics), first.audit_countersignature)
-        return pb.SecAggReceipt(header=convert.header(engine.run_id, attempt.round, pid), bytes_received=size)
+        engine.secagg.submit(attempt, site_id, step, payload, dict(first.metrics), first.audit_countersignature)
+        return pb.SecAggReceipt(header=convert.header(engine.run_id, attempt.round, site_id), bytes_received=size)
 
     def DownloadBackbone(self, request: pb.BackboneRequest, context) -> Iterator[pb.BackboneChunk]:
-        pid = self._caller(context, request.header)
+        site_id = self._caller(context, request.header)
         engine = self.coordinator.engine_for(request.header.run_id)
         hosted = self.coordinator.backbone
         if hosted is None:
@@ -225,17 +225,17 @@ class ParticipantServicer:
         except HostingError as err:
             raise Refusal(Code.DATA_LOSS, str(err)) from None
         # logged once the whole checkpoint went out (the site logs its receipt once it checked it)
-        engine.trail.sent(engine.run_id, request.header.round, pid, "backbone", hosted.sha256, nbytes=hosted.size,
+        engine.trail.sent(engine.run_id, request.header.round, site_id, "backbone", hosted.sha256, nbytes=hosted.size,
                           awaits_answer=False)
-        log.info("%s downloaded the backbone (%d bytes from offset %d)", pid, hosted.size, request.offset)
+        log.info("%s downloaded the backbone (%d bytes from offset %d)", site_id, hosted.size, request.offset)
 
     def Leave(self, request: pb.LeaveRequest, context) -> pb.LeaveReply:
-        pid = self._caller(context, request.header)
-        log.info("%s left: %s", pid, escape_field(request.reason or "no reason given"))
+        site_id = self._caller(context, request.header)
+        log.info("%s left: %s", site_id, escape_field(request.reason or "no reason given"))
         if request.audit_countersignature:
             engine = self.coordinator.engine_for(request.header.run_id)
             try:
-                engine.trail.seal_countersigned(pid, request.audit_countersignature, engine.certificates.get(pid))
+                engine.trail.seal_countersigned(site_id, request.audit_countersignature, engine.sessions.certificate(site_id))
             except CountersignatureError as err:   # the audit log has recorded it as a refusal
                 raise Refusal(Code.INVALID_ARGUMENT, f"audit countersignature refused: {err}") from None
         return pb.LeaveReply()

@@ -27,6 +27,13 @@ from kt_core.durable import open_durable_sqlite
 
 log = logging.getLogger(__name__)
 
+# The records' schema version (SQLite's user_version). 2: the one-name-per-concept renames
+# (participant_id -> site_id, task_id -> attempt_id, aborted_rounds -> aborted_attempts). A store
+# written before (version 0, which had no version) is refused with its version named rather than
+# migrated: its run's audit log is of the old format too, so such a run could not be resumed
+# consistently anyway; start it again in a fresh state folder.
+SCHEMA_VERSION = 2
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     run_id TEXT PRIMARY KEY, config_json TEXT NOT NULL, manifest_json TEXT NOT NULL,
@@ -37,21 +44,21 @@ CREATE TABLE IF NOT EXISTS rounds (
     seconds REAL NOT NULL, metrics_json TEXT NOT NULL, completed_at REAL NOT NULL,
     PRIMARY KEY (run_id, round));
 CREATE TABLE IF NOT EXISTS uploads (
-    run_id TEXT NOT NULL, round INTEGER NOT NULL, participant_id TEXT NOT NULL, task_id TEXT NOT NULL,
+    run_id TEXT NOT NULL, round INTEGER NOT NULL, site_id TEXT NOT NULL, attempt_id TEXT NOT NULL,
     num_samples INTEGER NOT NULL, tensors_json TEXT NOT NULL, bytes INTEGER NOT NULL,
     update_digest TEXT NOT NULL, received_at REAL NOT NULL,
-    PRIMARY KEY (run_id, round, participant_id));
-CREATE TABLE IF NOT EXISTS aborted_rounds (
-    run_id TEXT NOT NULL, round INTEGER NOT NULL, task_id TEXT NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL);
+    PRIMARY KEY (run_id, round, site_id));
+CREATE TABLE IF NOT EXISTS aborted_attempts (
+    run_id TEXT NOT NULL, round INTEGER NOT NULL, attempt_id TEXT NOT NULL, reason TEXT NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS declines (
-    run_id TEXT NOT NULL, round INTEGER NOT NULL, participant_id TEXT NOT NULL, task_id TEXT NOT NULL,
+    run_id TEXT NOT NULL, round INTEGER NOT NULL, site_id TEXT NOT NULL, attempt_id TEXT NOT NULL,
     code TEXT NOT NULL, reason TEXT NOT NULL, epsilon_spent REAL NOT NULL, epsilon_budget REAL NOT NULL,
     epsilon_would_be REAL NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS privacy_params (
     run_id TEXT PRIMARY KEY, params_json TEXT NOT NULL, accountant TEXT NOT NULL,
     accountant_version TEXT NOT NULL, at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS privacy_rounds (
-    run_id TEXT NOT NULL, round INTEGER NOT NULL, mode TEXT NOT NULL, noise_multiplier REAL NOT NULL,
+    run_id TEXT NOT NULL, round INTEGER NOT NULL, mechanism TEXT NOT NULL, noise_multiplier REAL NOT NULL,
     clip_norm REAL NOT NULL, contributors INTEGER NOT NULL, noise_std REAL NOT NULL, delta REAL NOT NULL,
     epsilon_prv REAL NOT NULL, epsilon_rdp REAL NOT NULL, accountant_version TEXT NOT NULL,
     PRIMARY KEY (run_id, round));
@@ -75,8 +82,8 @@ class RunRecord:
 
 @dataclass(frozen=True)
 class UploadRecord:
-    participant_id: str
-    task_id: str
+    site_id: str
+    attempt_id: str
     num_samples: int
     specs: tuple[codec.TensorSpec, ...]
     bytes: int
@@ -96,8 +103,26 @@ class RoundRecord:
     bytes_received: int
     seconds: float
     metrics: dict[str, float]
-    bytes_by_participant: dict[str, int]
+    bytes_by_site: dict[str, int]
     secagg: dict | None = None            # the secure aggregation summary, for SecAgg rounds
+
+
+class StoreVersionError(RuntimeError):
+    """The state folder holds records of another schema version (see SCHEMA_VERSION)."""
+
+
+def _open_records(path: Path):
+    db = open_durable_sqlite(path, "")
+    (version,) = db.execute("PRAGMA user_version").fetchone()
+    (tables,) = db.execute("SELECT COUNT(*) FROM sqlite_master WHERE type = 'table'").fetchone()
+    if tables and version != SCHEMA_VERSION:
+        db.close()
+        raise StoreVersionError(f"{path}: records of schema version {version}, this coordinator reads version "
+                                f"{SCHEMA_VERSION} only (older records are not migrated): start the run in a fresh "
+                                "state folder")
+    db.executescript(SCHEMA)
+    db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+    return db
 
 
 class Store:
@@ -105,7 +130,7 @@ class Store:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self.db = open_durable_sqlite(self.root / "coordinator.sqlite3", SCHEMA)
+        self.db = _open_records(self.root / "coordinator.sqlite3")
         self._latest: dict[str, StateFile] = {}   # run -> its newest state file, hashed when written
 
     def close(self) -> None:
@@ -179,8 +204,8 @@ class Store:
                                "seconds, metrics_json FROM rounds WHERE run_id = ? AND round > 0 ORDER BY round",
                                (run_id,)).fetchall()
         sent: dict[int, dict[str, int]] = {}
-        for r, pid, b in self.db.execute("SELECT round, participant_id, bytes FROM uploads WHERE run_id = ?", (run_id,)):
-            sent.setdefault(r, {})[pid] = b
+        for r, site_id, b in self.db.execute("SELECT round, site_id, bytes FROM uploads WHERE run_id = ?", (run_id,)):
+            sent.setdefault(r, {})[site_id] = b
         secure = {r: json.loads(j) for r, j in self.db.execute(
             "SELECT round, summary_json FROM secagg_rounds WHERE run_id = ?", (run_id,))}
         return [RoundRecord(r, d, tuple(json.loads(c)), tuple(json.loads(x)), b, s, json.loads(m), sent.get(r, {}),
@@ -200,10 +225,10 @@ class Store:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute("INSERT INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                             (run_id, round_no, path.name, digest,
-                             json.dumps(sorted(u.participant_id for u in uploads)), json.dumps(sorted(dropped)),
+                             json.dumps(sorted(u.site_id for u in uploads)), json.dumps(sorted(dropped)),
                              sum(u.bytes for u in uploads), seconds, json.dumps(dict(metrics)), now))
             self.db.executemany("INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                                [(run_id, round_no, u.participant_id, u.task_id, u.num_samples,
+                                [(run_id, round_no, u.site_id, u.attempt_id, u.num_samples,
                                   u.tensors_json(), u.bytes, u.update_digest, now) for u in uploads])
             if secagg is not None:
                 self.db.execute("INSERT INTO secagg_rounds VALUES (?, ?, ?)",
@@ -211,10 +236,10 @@ class Store:
         self._latest[run_id] = state_file
         return digest
 
-    def record_abort(self, run_id: str, round_no: int, task_id: str, reason: str) -> None:
+    def record_abort(self, run_id: str, round_no: int, attempt_id: str, reason: str) -> None:
         with self._lock, self.db:
-            self.db.execute("INSERT INTO aborted_rounds VALUES (?, ?, ?, ?, ?)",
-                            (run_id, round_no, task_id, reason, time.time()))
+            self.db.execute("INSERT INTO aborted_attempts VALUES (?, ?, ?, ?, ?)",
+                            (run_id, round_no, attempt_id, reason, time.time()))
 
     # -- privacy --------------------------------------------------------------------------------
     def record_privacy_params(self, run_id: str, params_json: str, accountant: str, version: str) -> None:
@@ -223,38 +248,38 @@ class Store:
             self.db.execute("INSERT OR IGNORE INTO privacy_params VALUES (?, ?, ?, ?, ?)",
                             (run_id, params_json, accountant, version, time.time()))
 
-    def record_decline(self, run_id: str, round_no: int, participant_id: str, task_id: str, code: str,
+    def record_decline(self, run_id: str, round_no: int, site_id: str, attempt_id: str, code: str,
                        reason: str, spent: float, budget: float, would_be: float) -> None:
         with self._lock, self.db:
             self.db.execute("INSERT INTO declines VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            (run_id, round_no, participant_id, task_id, code, reason, spent, budget, would_be,
+                            (run_id, round_no, site_id, attempt_id, code, reason, spent, budget, would_be,
                              time.time()))
 
     def declines(self, run_id: str) -> list[dict]:
-        rows = self.db.execute("SELECT round, participant_id, task_id, code, reason, epsilon_spent, epsilon_budget, "
+        rows = self.db.execute("SELECT round, site_id, attempt_id, code, reason, epsilon_spent, epsilon_budget, "
                                "epsilon_would_be FROM declines WHERE run_id = ? ORDER BY at", (run_id,)).fetchall()
-        keys = ("round", "participant_id", "task_id", "code", "reason", "epsilon_spent", "epsilon_budget",
+        keys = ("round", "site_id", "attempt_id", "code", "reason", "epsilon_spent", "epsilon_budget",
                 "epsilon_would_be")
         return [dict(zip(keys, r)) for r in rows]
 
-    def record_privacy_round(self, run_id: str, round_no: int, mode: str, noise_multiplier: float, clip_norm: float,
+    def record_privacy_round(self, run_id: str, round_no: int, mechanism: str, noise_multiplier: float, clip_norm: float,
                              contributors: int, noise_std: float, delta: float, eps_prv: float, eps_rdp: float,
                              version: str) -> None:
         with self._lock, self.db:
             self.db.execute("INSERT OR REPLACE INTO privacy_rounds VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            (run_id, round_no, mode, noise_multiplier, clip_norm, contributors, noise_std, delta,
+                            (run_id, round_no, mechanism, noise_multiplier, clip_norm, contributors, noise_std, delta,
                              eps_prv, eps_rdp, version))
 
     def privacy_rounds(self, run_id: str) -> list[dict]:
-        rows = self.db.execute("SELECT round, mode, noise_multiplier, clip_norm, contributors, noise_std, delta, "
+        rows = self.db.execute("SELECT round, mechanism, noise_multiplier, clip_norm, contributors, noise_std, delta, "
                                "epsilon_prv, epsilon_rdp FROM privacy_rounds WHERE run_id = ? ORDER BY round",
                                (run_id,)).fetchall()
-        keys = ("round", "mode", "noise_multiplier", "clip_norm", "contributors", "noise_std", "delta",
+        keys = ("round", "mechanism", "noise_multiplier", "clip_norm", "contributors", "noise_std", "delta",
                 "epsilon_prv", "epsilon_rdp")
         return [dict(zip(keys, r)) for r in rows]
 
     def aborted_count(self, run_id: str) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM aborted_rounds WHERE run_id = ?", (run_id,)).fetchone()[0]
+        return self.db.execute("SELECT COUNT(*) FROM aborted_attempts WHERE run_id = ?", (run_id,)).fetchone()[0]
 
     def record_refusal(self, peer: str, method: str, code: str, reason: str) -> None:
         with self._lock, self.db:
@@ -266,9 +291,9 @@ class Store:
                                "ORDER BY method, code").fetchall()
 
     def uploads(self, run_id: str) -> list[dict]:
-        rows = self.db.execute("SELECT round, participant_id, num_samples, tensors_json, bytes, update_digest "
-                               "FROM uploads WHERE run_id = ? ORDER BY round, participant_id", (run_id,)).fetchall()
-        return [dict(round=r, participant_id=p, num_samples=n, tensors=json.loads(t), bytes=b, update_digest=d)
+        rows = self.db.execute("SELECT round, site_id, num_samples, tensors_json, bytes, update_digest "
+                               "FROM uploads WHERE run_id = ? ORDER BY round, site_id", (run_id,)).fetchall()
+        return [dict(round=r, site_id=p, num_samples=n, tensors=json.loads(t), bytes=b, update_digest=d)
                 for r, p, n, t, b, d in rows]
 
     # -- files --------------------------------------------------------------------------------

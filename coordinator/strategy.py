@@ -48,7 +48,7 @@ class TrainPlan:
 class PrivacyRound:
     """User-level DP of one completed round, as the auditor recomputes it."""
 
-    mode: str
+    mechanism: str
     noise_multiplier: float
     clip_norm: float
     contributors: int
@@ -75,11 +75,11 @@ class Strategy(Protocol):
 def strategy_for(config: RunConfig) -> Strategy:
     """The run's strategy: FedAvg, wrapped in DPFedAvg under user-level DP."""
     fed = config.federation
-    base = FedAvg(fed.server_lr, max_participants=fed.max_participants, train=config.train, seed=fed.seed,
+    base = FedAvg(fed.server_lr, max_sites=fed.max_sites, train=config.train, seed=fed.seed,
                   secagg_weight_scale=config.secagg_weight_scale())
     p = config.privacy
-    if p.enabled and p.mode in ("central", "distributed"):
-        return DPFedAvg(base, mode=p.mode, noise_multiplier=p.user_noise_multiplier, clip_norm=p.update_clip_norm,
+    if p.enabled and p.mechanism in ("central", "distributed"):
+        return DPFedAvg(base, mechanism=p.mechanism, noise_multiplier=p.user_noise_multiplier, clip_norm=p.update_clip_norm,
                         delta=p.delta)
     return base
 
@@ -87,10 +87,10 @@ def strategy_for(config: RunConfig) -> Strategy:
 class FedAvg:
     """Sample-weighted mean of the updates, applied with a server learning rate (1.0 = FedAvg)."""
 
-    def __init__(self, server_lr: float = 1.0, *, max_participants: int | None = None, train=None, seed: int = 0,
+    def __init__(self, server_lr: float = 1.0, *, max_sites: int | None = None, train=None, seed: int = 0,
                  secagg_weight_scale: int = 1):
         self.server_lr = server_lr
-        self.max_participants = max_participants
+        self.max_sites = max_sites
         self.train = train            # kt_core.config.TrainSettings, for configure()
         self.seed = seed
         # the run config's rule (RunConfig.secagg_weight_scale), which the sites read too: both
@@ -103,8 +103,8 @@ class FedAvg:
 
     # -- per round -----------------------------------------------------------------------------
     def select(self, connected: Iterable[str], round_no: int) -> frozenset[str]:
-        """Every connected site, up to max_participants, in name order."""
-        return frozenset(sorted(connected)[: self.max_participants])
+        """Every connected site, up to max_sites, in name order."""
+        return frozenset(sorted(connected)[: self.max_sites])
 
     def configure(self, round_no: int) -> TrainPlan:
         t = self.train
@@ -239,11 +239,11 @@ class DPFedAvg:
     sites added their noise shares and nothing is added here. Either way each round's user-level
     epsilon is reported for the record."""
 
-    def __init__(self, inner: FedAvg, *, mode: str, noise_multiplier: float, clip_norm: float, delta: float):
-        if mode not in ("central", "distributed"):
-            raise ValueError(f"DPFedAvg: mode {mode!r} is neither central nor distributed")
+    def __init__(self, inner: FedAvg, *, mechanism: str, noise_multiplier: float, clip_norm: float, delta: float):
+        if mechanism not in ("central", "distributed"):
+            raise ValueError(f"DPFedAvg: mechanism {mechanism!r} is neither central nor distributed")
         self.inner = inner
-        self.mode = mode
+        self.mechanism = mechanism
         self.noise_multiplier = noise_multiplier
         self.clip_norm = clip_norm
         self.delta = delta
@@ -277,7 +277,7 @@ class DPFedAvg:
         self._contributors = self.inner.count_weight
         new_state = self.inner.finish()
         self._std = 0.0
-        if self.mode == "central":
+        if self.mechanism == "central":
             self._std = user_level.central_noise_std(self.noise_multiplier, self.clip_norm,
                                                      self._contributors) * self.inner.server_lr
             new_state = user_level.add_gaussian_noise(new_state, self._std)
@@ -289,5 +289,5 @@ class DPFedAvg:
         eps = dp_accounting.epsilons([user_level.user_level_spend(z, round_no)], delta)
         before = dp_accounting.epsilons([user_level.user_level_spend(z, round_no - 1)], delta)["prv"] \
             if round_no > 1 else 0.0
-        return PrivacyRound(self.mode, z, self.clip_norm, self._contributors, self._std, delta, eps["prv"],
+        return PrivacyRound(self.mechanism, z, self.clip_norm, self._contributors, self._std, delta, eps["prv"],
                             eps["rdp"], eps["prv"] - before, dp_accounting.accountant_version())

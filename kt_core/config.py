@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from kt_core.bounded import MAX_TOML_DEPTH, BoundedInputError, loads_json
+from kt_core.adapters import AdapterSettings
 from kt_core.config_file import ConfigError, build, check_known, parse_toml, read_text
 from kt_core.data import PartitionSpec
 from kt_core.models import ModelConfig
@@ -32,10 +33,10 @@ MAX_SEED = 2**32 - 1
 @dataclass(frozen=True)
 class FederationSettings:
     rounds: int = 5
-    min_participants: int = 2
-    max_participants: int = 100
+    min_sites: int = 2
+    max_sites: int = 100
     round_timeout_s: float = 120.0
-    # How long a round waits for the run's other sites once min_participants are connected.
+    # How long a round waits for the run's other sites once min_sites are connected.
     gather_timeout_s: float = 5.0
     # The sites of this run, in order: only these may join, and the data partition is laid out over them.
     sites: tuple[str, ...] = ("site-a", "site-b", "site-c")
@@ -45,8 +46,8 @@ class FederationSettings:
     # Back-pressure at the coordinator (coordinator/limits.py); a refusal names the field it hit.
     max_concurrent_uploads: int = 16       # uploads received at once; one more waits, then is refused
     upload_queue_timeout_s: float = 10.0   # how long an upload waits for a slot (0: refuse at once)
-    max_rpcs_per_participant: int = 8      # calls one participant may hold open, its task stream included
-    rpc_rate_per_participant: float = 50.0  # calls per second one participant may start (0: no limit)
+    max_rpcs_per_site: int = 8        # calls one site may hold open, its assignment stream included
+    rpc_rate_per_site: float = 50.0   # calls per second one site may start (0: no limit)
     # An aborted attempt is retried at most max_attempts - 1 times, waiting retry_backoff_s before
     # the first retry and twice as long before each next one (at most 60 s); then the run fails.
     max_attempts: int = 10
@@ -55,8 +56,8 @@ class FederationSettings:
     def validate(self) -> None:
         if self.rounds < 1:
             raise ValueError("rounds: must be >= 1")
-        if not 1 <= self.min_participants <= self.max_participants:
-            raise ValueError("min_participants: must be between 1 and max_participants")
+        if not 1 <= self.min_sites <= self.max_sites:
+            raise ValueError("min_sites: must be between 1 and max_sites")
         if not (math.isfinite(self.round_timeout_s) and self.round_timeout_s > 0):
             raise ValueError("round_timeout_s: must be a finite number > 0")
         if not (math.isfinite(self.gather_timeout_s) and self.gather_timeout_s >= 0):
@@ -66,8 +67,8 @@ class FederationSettings:
             raise ValueError(f"seed: must be between 0 and {MAX_SEED}")
         if not self.sites or len(set(self.sites)) != len(self.sites):
             raise ValueError("sites: must be a non-empty list of distinct names")
-        if self.min_participants > len(self.sites):
-            raise ValueError("min_participants: larger than the number of sites")
+        if self.min_sites > len(self.sites):
+            raise ValueError("min_sites: larger than the number of sites")
         if not 1024 <= self.max_chunk_bytes <= 4 * 1024 * 1024:
             raise ValueError("max_chunk_bytes: must be between 1 KiB and 4 MiB")
         if not (math.isfinite(self.server_lr) and self.server_lr > 0):
@@ -76,11 +77,11 @@ class FederationSettings:
             raise ValueError("max_concurrent_uploads: must be between 1 and 4096")
         if not (math.isfinite(self.upload_queue_timeout_s) and self.upload_queue_timeout_s >= 0):
             raise ValueError("upload_queue_timeout_s: must be a finite number >= 0")
-        if not 2 <= self.max_rpcs_per_participant <= 1024:
-            raise ValueError("max_rpcs_per_participant: must be between 2 and 1024 (a participant holds its "
-                             "task stream and one download or upload at once)")
-        if not (math.isfinite(self.rpc_rate_per_participant) and self.rpc_rate_per_participant >= 0):
-            raise ValueError("rpc_rate_per_participant: must be a finite number >= 0 (0: no limit)")
+        if not 2 <= self.max_rpcs_per_site <= 1024:
+            raise ValueError("max_rpcs_per_site: must be between 2 and 1024 (a site holds its "
+                             "assignment stream and one download or upload at once)")
+        if not (math.isfinite(self.rpc_rate_per_site) and self.rpc_rate_per_site >= 0):
+            raise ValueError("rpc_rate_per_site: must be a finite number >= 0 (0: no limit)")
         if not 1 <= self.max_attempts <= 1000:
             raise ValueError("max_attempts: must be between 1 and 1000 (tries of one round before the run fails)")
         if not (math.isfinite(self.retry_backoff_s) and 0 <= self.retry_backoff_s <= 3600):
@@ -103,7 +104,7 @@ class DataSettings:
         self.partition.validate()
 
 
-PRIVACY_MODES = ("dp_sgd", "central", "distributed")
+PRIVACY_MECHANISMS = ("dp_sgd", "central", "distributed")
 GRAD_SAMPLE_MODES = ("hooks", "ew", "functorch")
 ACCOUNTANTS = ("prv", "rdp")
 
@@ -112,14 +113,14 @@ ACCOUNTANTS = ("prv", "rdp")
 class PrivacySettings:
     """`[privacy]`: differential privacy (off unless `enabled`). See README "Differential privacy".
 
-    mode "dp_sgd": record-level DP-SGD at every site (Opacus), each site accounting its own epsilon
+    mechanism "dp_sgd": record-level DP-SGD at every site (Opacus), each site accounting its own epsilon
     in its ledger and refusing rounds past its budget. "central" / "distributed": user-level
     DP-FedAvg, sites clip their whole update to `update_clip_norm`; the noise (multiplier
     `user_noise_multiplier`) is added by the coordinator (central) or as shares by the sites
     (distributed; a guarantee only with secure aggregation, see security/dp/user_level.py).
     """
     enabled: bool = False
-    mode: str = "dp_sgd"
+    mechanism: str = "dp_sgd"
     # give either target_epsilon (over the whole run, at delta; each site derives its noise
     # multiplier from its own N) or noise_multiplier
     target_epsilon: float | None = None
@@ -147,8 +148,8 @@ class PrivacySettings:
                     or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
 
-        if self.mode not in PRIVACY_MODES:
-            raise ValueError(f"mode: {self.mode!r} is not one of {list(PRIVACY_MODES)}")
+        if self.mechanism not in PRIVACY_MECHANISMS:
+            raise ValueError(f"mechanism: {self.mechanism!r} is not one of {list(PRIVACY_MECHANISMS)}")
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ValueError(f"grad_sample_mode: {self.grad_sample_mode!r} is not one of {list(GRAD_SAMPLE_MODES)}")
         if self.accountant not in ACCOUNTANTS:
@@ -168,7 +169,7 @@ class PrivacySettings:
             positive("epsilon_budget", self.epsilon_budget)
         if not self.enabled:
             return
-        if self.mode == "dp_sgd":
+        if self.mechanism == "dp_sgd":
             if (self.target_epsilon is None) == (self.noise_multiplier is None):
                 raise ValueError("target_epsilon: give exactly one of target_epsilon and noise_multiplier")
             if self.target_epsilon is not None:
@@ -192,19 +193,72 @@ class PrivacySettings:
         return min(budgets) if budgets else None
 
 
-TASK_KINDS = ("image", "vln")
+TASK_KINDS = ("image", "vln", "python")
+_HEX = set("0123456789abcdef")
 
 
 @dataclass(frozen=True)
 class TaskSettings:
     """`[task]`: what the federation learns. "image": the MLP of [model] on the image data set of
     [data]. "vln": adapters ([vln.adapter]) on the pretrained navigation backbone the coordinator
-    hosts, on BabyAI demonstrations of each site's levels ([vln])."""
+    hosts, on BabyAI demonstrations of each site's levels ([vln]). "python": a federation's own
+    task (kt_core.task_api), named by `entry` and installed at the coordinator and every site, its
+    `[task.options]` validated by the task's Options, its adapters placed by `[task.adapter]` on
+    each site's own data (`ktfed participant run --site-data`). The coordinator fills in `version`
+    (when not given), `options_sha256` and `model_sha256` as the run starts; sites check them."""
     kind: str = "image"
+    entry: str = ""                 # python: "package.module:Class"
+    version: str = ""               # python: the task version every site must have installed
+    labels_sha256: str = ""         # python, optional: kt_core.site_data.labels_sha256 of the label names
+    options_sha256: str = ""        # python: filled in by the coordinator
+    model_sha256: str = ""          # python: digest of the adapted model's frozen tensors, filled in likewise
+    options: dict[str, Any] = field(default_factory=dict)   # python: validated by the task's Options
+    adapter: AdapterSettings = field(default_factory=AdapterSettings)
 
     def validate(self) -> None:
         if self.kind not in TASK_KINDS:
             raise ValueError(f"kind: {self.kind!r} is not one of {list(TASK_KINDS)}")
+        if self.kind == "python" and not self.entry:
+            raise ValueError('entry: required for kind "python" (package.module:Class of the installed task)')
+        if self.kind != "python":
+            given = [n for n in ("entry", "version", "labels_sha256", "options_sha256", "model_sha256", "options")
+                     if getattr(self, n)] + (["adapter"] if self.adapter != AdapterSettings() else [])
+            if given:
+                raise ValueError(f'{given[0]}: only for kind "python", the run\'s task is {self.kind!r}')
+        if len(self.version) > 100:
+            raise ValueError("version: at most 100 characters")
+        for name in ("labels_sha256", "options_sha256", "model_sha256"):
+            value = getattr(self, name)
+            if value and (len(value) != 64 or set(value) - _HEX):
+                raise ValueError(f"{name}: must be a SHA-256 hex digest (64 lower-case hex digits), got {value!r}")
+
+
+def _task_section(table: Any) -> TaskSettings:
+    """`[task]`: its `options` are the task's own (checked by its Options class when the task is
+    loaded), so here they are only required to be a table of JSON values, bounded like the file."""
+    options = table.get("options", {}) if isinstance(table, dict) else {}
+    if not isinstance(options, dict):
+        raise ConfigError(f"task.options: expected a table, got {type(options).__name__}")
+    _check_json_value(options, "task.options")
+    rest = {k: v for k, v in table.items() if k != "options"} if isinstance(table, dict) else table
+    settings = build(TaskSettings, rest, "task", skip=("options",))
+    if options and settings.kind != "python":
+        raise ConfigError(f'task.options: only for kind "python", the run\'s task is {settings.kind!r}')
+    return dataclasses.replace(settings, options=dict(options))
+
+
+def _check_json_value(value: Any, where: str) -> None:
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _check_json_value(item, f"{where}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_json_value(item, f"{where}[{i}]")
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: must be a finite number, got {value!r}")
+    elif not isinstance(value, (str, int, float, bool)):
+        raise ConfigError(f"{where}: {type(value).__name__} values are not supported (strings, numbers, "
+                          "booleans, lists and tables are)")
 
 
 @dataclass(frozen=True)
@@ -244,7 +298,9 @@ class SecAggConfig:
     update to `clip_norm` (L2), weights it by min(its sample count, `max_samples_per_site`) /
     `max_samples_per_site` so the weighted mean is recoverable from the sum, and hides its count
     inside the masked vector. The protocol's own checks (threshold a strict majority, no overflow
-    in Z_2^32) are made by security.secagg when the run starts and by `ktfed config check`.
+    in Z_2^32) are made by security.secagg when the run starts and by `ktfed config check`; the
+    protocol's part of this section becomes its settings in one place,
+    `security.secagg.SecAggProtocolSettings.from_section`.
     """
     enabled: bool = False
     threshold: int = 0                 # Shamir t; 0 = automatic (strict majority of the holders)
@@ -263,11 +319,6 @@ class SecAggConfig:
         if not (isinstance(self.clip_norm, (int, float)) and math.isfinite(self.clip_norm) and self.clip_norm > 0):
             raise ValueError(f"clip_norm: must be a finite number > 0, got {self.clip_norm!r}")
 
-    def protocol_settings(self) -> dict:
-        """The fields security.secagg.SecAggSettings takes."""
-        return {"enabled": self.enabled, "threshold": self.threshold, "neighbours": self.neighbours,
-                "clip_norm": float(self.clip_norm), "bits": self.bits, "active": self.active}
-
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -281,14 +332,20 @@ class RunConfig:
     vln: VLNSettings = field(default_factory=VLNSettings)
 
     def resolved(self) -> "RunConfig":
-        """Fix what 'auto' means and size the model for the data set."""
+        """Fix what 'auto' means and size the model for the data set; for a python task, pin the
+        installed task's version, options digest and frozen-model digest (kt_core.python_task.pinned)."""
         name = self.data.dataset
         if name == "auto":
             name = "fashion-mnist" if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file() else "digits"
         input_dim, num_classes = DATASET_SHAPES[name]
-        return dataclasses.replace(
+        config = dataclasses.replace(
             self, data=dataclasses.replace(self.data, dataset=name),
             model=dataclasses.replace(self.model, input_dim=input_dim, num_classes=num_classes))
+        if config.task.kind == "python":
+            from kt_core.python_task import pinned   # imports the task: only for a run that names one
+
+            config = pinned(config)
+        return config
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -297,7 +354,7 @@ class RunConfig:
         """Under secure aggregation a site weighs its update by min(N, scale) / scale, carrying
         min(N, scale) as its hidden count; user-level DP weighs every site equally (scale 1), as its
         sensitivity analysis assumes."""
-        if self.privacy.enabled and self.privacy.mode in ("central", "distributed"):
+        if self.privacy.enabled and self.privacy.mechanism in ("central", "distributed"):
             return 1
         return self.secagg.max_samples_per_site
 
@@ -318,7 +375,8 @@ SECTIONS = {"federation": FederationSettings, "model": ModelConfig, "train": Tra
 
 def from_table(table: Any) -> RunConfig:
     check_known(table, SECTIONS, "", kind="section")
-    return RunConfig(**{name: build(cls, table.get(name, {}), name) for name, cls in SECTIONS.items()})
+    return RunConfig(**{name: _task_section(table.get(name, {})) if cls is TaskSettings
+                        else build(cls, table.get(name, {}), name) for name, cls in SECTIONS.items()})
 
 
 ENV_OVERRIDE_PREFIX = "KTFED_RUN__"

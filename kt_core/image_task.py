@@ -47,5 +47,5 @@ class ImageTask(Task):
     def dense_update_bytes(self) -> int:
         from kt_core.manifest import manifest_of
 
-        dense = dataclasses.replace(self.config.model, mode="dense")
+        dense = dataclasses.replace(self.config.model, adapter="dense")
         return manifest_of(build_model(dense)).shared_nbytes()

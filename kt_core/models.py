@@ -28,12 +28,12 @@ def _is_pos_number(v) -> bool:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    mode: str = "waffle"            # waffle | lora | ffa_lora | dense
+    adapter: str = "waffle"            # waffle | lora | ffa_lora | dense
     input_dim: int = 784
     hidden: tuple[int, ...] = (256, 128)
     num_classes: int = 10
     n_factors: int = 16
-    ibp_alpha: float = 4.0
+    ibp_alpha: float | None = None  # None: FactorizedLinear.IBP_ALPHA_PER_FACTOR x n_factors
     temperature: float = 0.67
     # Where the private gates start and how much faster than the dictionary they learn (see
     # FactorizedLinear.GATE_INIT / GATE_LR_SCALE for why the defaults are what they are).
@@ -49,8 +49,8 @@ class ModelConfig:
             object.__setattr__(self, "hidden", tuple(self.hidden))
 
     def validate(self) -> None:
-        if self.mode not in ADAPTERS:
-            raise ValueError(f"mode: {self.mode!r} is not one of {sorted(ADAPTERS)}")
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"adapter: {self.adapter!r} is not one of {sorted(ADAPTERS)}")
         if not _is_int(self.input_dim) or self.input_dim < 1:
             raise ValueError(f"input_dim: must be a positive integer, got {self.input_dim!r}")
         if not isinstance(self.hidden, tuple) or not all(_is_int(h) and h >= 1 for h in self.hidden):
@@ -63,6 +63,8 @@ class ModelConfig:
                 or not math.isfinite(self.gate_init):
             raise ValueError(f"gate_init: must be a finite number, got {self.gate_init!r}")
         for name in ("ibp_alpha", "temperature", "lora_alpha", "gate_lr_scale"):
+            if name == "ibp_alpha" and self.ibp_alpha is None:
+                continue
             if not _is_pos_number(getattr(self, name)):
                 raise ValueError(f"{name}: must be a finite number > 0, got {getattr(self, name)!r}")
         if not _is_int(self.lora_rank) or self.lora_rank < 1:
@@ -93,12 +95,12 @@ def layer_seed(seed: int, index: int) -> int:
 def make_adapter(cfg: ModelConfig, in_features: int, out_features: int, seed: int,
                  base: Tensor | None = None, base_bias: Tensor | None = None) -> Adapter:
     kw = {}
-    if cfg.mode == "waffle":
+    if cfg.adapter == "waffle":
         kw = dict(n_factors=cfg.n_factors, ibp_alpha=cfg.ibp_alpha, temperature=cfg.temperature,
                   gate_init=cfg.gate_init, gate_lr_scale=cfg.gate_lr_scale)
-    elif cfg.mode in ("lora", "ffa_lora"):
+    elif cfg.adapter in ("lora", "ffa_lora"):
         kw = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha)
-    return ADAPTERS[cfg.mode](in_features, out_features, base=base, base_bias=base_bias, seed=seed, **kw)
+    return ADAPTERS[cfg.adapter](in_features, out_features, base=base, base_bias=base_bias, seed=seed, **kw)
 
 
 class MLP(nn.Module):

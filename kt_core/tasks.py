@@ -49,8 +49,10 @@ class Task(ABC):
     hosts_backbone: ClassVar[bool] = False   # sites download a frozen backbone from the coordinator once
     record_level_dp: ClassVar[bool] = True   # DP-SGD per record is offered (dp_records below)
 
-    def __init__(self, config: RunConfig):
+    def __init__(self, config: RunConfig, site_data: Path | None = None):
         self.config = config
+        # at a site: its own data file (`ktfed participant run --site-data`), for tasks that read one
+        self.site_data_path = site_data
 
     @abstractmethod
     def build(self, backbone: Path | None = None) -> TaskModel:
@@ -97,16 +99,17 @@ class Task(ABC):
 
 
 # kind -> "module:Class": a task's code (and its heavy imports) loads only when a run names it
-TASKS = {"image": "kt_core.image_task:ImageTask", "vln": "kt_core.nav_task:NavTask"}
+TASKS = {"image": "kt_core.image_task:ImageTask", "vln": "kt_core.nav_task:NavTask",
+         "python": "kt_core.python_task:PythonTask"}
 
 
-def task_for(config: RunConfig) -> Task:
-    """The task the run config names."""
+def task_for(config: RunConfig, site_data: Path | None = None) -> Task:
+    """The task the run config names; `site_data`: a site's own data file, where it has one."""
     try:
         module, name = TASKS[config.task.kind].split(":")
     except KeyError:
         raise ConfigError(f"task.kind: {config.task.kind!r} is not one of {sorted(TASKS)}") from None
-    return getattr(importlib.import_module(module), name)(config)
+    return getattr(importlib.import_module(module), name)(config, site_data)
 
 
 def build(config: RunConfig, backbone: Path | None = None) -> TaskModel:

@@ -129,7 +129,7 @@ def secagg_aggregate(seed: int = 0, clip_norm: float = 100.0, bits: int = 20):
     would change, so the experiment measures SecAgg, not clipping."""
     import numpy as np
 
-    from security.secagg import SecAggSettings, simulate
+    from security.secagg import SecAggProtocolSettings, simulate
 
     rng = np.random.default_rng(seed)
 
@@ -138,7 +138,7 @@ def secagg_aggregate(seed: int = 0, clip_norm: float = 100.0, bits: int = 20):
         largest = max(float(np.linalg.norm(w)) for w in weighted.values())
         if largest > clip_norm:
             raise ValueError(f"a weighted update has L2 norm {largest:.3g} > SecAgg clip {clip_norm}: raise clip_norm")
-        total, count, _ = simulate(weighted, counts, SecAggSettings(clip_norm=clip_norm, bits=bits), rng=rng)
+        total, count, _ = simulate(weighted, counts, SecAggProtocolSettings(clip_norm=clip_norm, bits=bits), rng=rng)
         return total / count
 
     return aggregate

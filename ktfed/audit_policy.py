@@ -6,7 +6,7 @@ and the site policy it judged that run by (`policy_sha256`, `policy_source`, `po
 the same parser the site used) and judges every message the site sent afterwards in that run:
 
   every message but a decline   the run's recorded config against the policy (participant.policy.
-                                check_join: task, adapter mode and targets, backbone, SecAgg
+                                check_join: task, adapter and targets, backbone, SecAgg
                                 required / threshold / roster, DP required / level / delta /
                                 noise / clip / epsilon budget, rounds), once per run and policy
   update (a plain upload)       each tensor name against egress.tensor_patterns, its bytes against
@@ -114,7 +114,7 @@ def recorded_config(body: dict) -> RunConfig:
 def rules_in_short(policy: SitePolicy) -> list[str]:
     """The rules an auditor looks at first, and every rule the site set away from the default."""
     default, mine = SitePolicy(), policy
-    always = {"model.adapter_modes", "egress.tensor_patterns", "egress.max_upload_bytes", "secagg.required",
+    always = {"model.adapters", "egress.tensor_patterns", "egress.max_upload_bytes", "secagg.required",
               "privacy.required"}
     out = []
     for section in site_policy.SECTIONS:

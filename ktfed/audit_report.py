@@ -83,7 +83,7 @@ def collect(result: VerifyResult) -> dict:
             if e.kind == "config":
                 configs.append({"producer": v.producer, "seq": e.seq, "time": e.time, "run": b.get("run"),
                                 "config_sha256": b.get("config_sha256"), "versions": b.get("versions", {}),
-                                "git_commit": b.get("git_commit")})
+                                "git_commit": b.get("git_commit"), "task": task_of(b.get("config"))})
             elif e.kind == "dp":
                 privacy[b.get("site", v.producer)].append({
                     "run": b.get("run"), "round": b.get("round"), "level": b.get("level"),
@@ -139,6 +139,16 @@ def collect(result: VerifyResult) -> dict:
         "refusals": refusals,
         "countersignatures": countersigns,
     }
+
+
+def task_of(config) -> dict:
+    """What the run trains, as its logged config names it: the kind, and for a federation's own
+    task its entry point, pinned version and the digests of its options and frozen model."""
+    task = config.get("task") if isinstance(config, dict) else None
+    if not isinstance(task, dict):
+        return {}
+    keys = ("kind", "entry", "version", "options_sha256", "model_sha256", "labels_sha256")
+    return {k: str(task[k])[:200] for k in keys if task.get(k)}
 
 
 def _add_crossing(b: dict, by_producer: dict, crossings: dict, per_round: dict) -> None:
@@ -310,8 +320,9 @@ def render_html(data: dict, images: dict[str, Path | None], leakage: dict | None
           "<br>".join(_e(c["serial"]) for c in p["certificates"]),
           "<br>".join(_e(c["not_after"][:10]) for c in p["certificates"])] for p in m["producers"]]))
     parts.append("<h3>Configuration and code</h3>" + _table(
-        ["producer", "run", "config SHA-256", "git commit", "package versions"],
-        [[_e(c["producer"]), _e(c["run"]), f'<span class="mono">{_e(c["config_sha256"])}</span>',
+        ["producer", "run", "task", "config SHA-256", "git commit", "package versions"],
+        [[_e(c["producer"]), _e(c["run"]), _e(", ".join(f"{k} {x}" for k, x in c.get("task", {}).items())),
+          f'<span class="mono">{_e(c["config_sha256"])}</span>',
           f'<span class="mono">{_e(c["git_commit"] or "unknown")}</span>',
           _e(", ".join(f"{k} {x}" for k, x in sorted(c["versions"].items())))] for c in m["configs"]]))
     parts.append("<h2>3. Privacy spent (differential privacy)</h2><p>Each site's own accounting, as it logged "

@@ -11,6 +11,7 @@
     ktfed pretrain --config FILE         pretrain the VLN backbone the coordinator hosts
     ktfed participant distill            distill a site's adapted model into a small local student
     ktfed simulate --participants N      N virtual participants in one process, no sockets
+    ktfed task new|check                 scaffold a federation's own task; check it on a site's data
 """
 from __future__ import annotations
 
@@ -172,6 +173,18 @@ def cmd_coordinator(args) -> int:
 
 # -- participant --------------------------------------------------------------------------------
 
+def _check_site_data(path: str) -> None:
+    """A bad site data file: one line naming it and the field, before any connection (the data
+    themselves are read and checked at join, when the run names the task they are for)."""
+    from kt_core.config_file import ConfigError
+    from kt_core.site_data import read_config
+
+    try:
+        read_config(Path(path))
+    except ConfigError as err:
+        raise CLIError(str(err)) from None
+
+
 def cmd_participant(args) -> int:
     import torch
 
@@ -184,12 +197,15 @@ def cmd_participant(args) -> int:
         from ktfed.policy_cmd import load_or_exit
 
         load_or_exit(args.policy)  # a bad policy file: one line naming it and the field, before any connection
+    if args.site_data:
+        _check_site_data(args.site_data)
     agent = ParticipantAgent(AgentSettings(
         site=args.site, coordinator=args.coordinator, tls=_tls(args, args.site), state_dir=Path(args.state),
         data_root=Path(args.data_root) if args.data_root else None, insecure=args.insecure,
         backoff_max_s=args.backoff_max, epsilon_budget=args.epsilon_budget, metrics_listen=args.metrics_listen,
         audit=not args.no_audit, coordinator_name=args.coordinator_name,
-        policy_path=Path(args.policy) if args.policy else None))
+        policy_path=Path(args.policy) if args.policy else None,
+        site_data=Path(args.site_data) if args.site_data else None))
     log = logging.getLogger("ktfed.participant")
     # Mid-round the stop waits for the round's end, so its ledger entry and private factors are whole.
     signals = StopSignals(agent.stop, interruptible=lambda: agent.status != "training")
@@ -294,7 +310,7 @@ def cmd_config(args) -> int:
 def cmd_demo(args) -> int:
     from ktfed.launcher import DemoSettings, run_demo
 
-    return run_demo(DemoSettings(workdir=Path(args.workdir), rounds=args.rounds, mode=args.mode,
+    return run_demo(DemoSettings(workdir=Path(args.workdir), rounds=args.rounds, adapter=args.adapter,
                                  sites=args.sites, port=args.port, keep=args.keep, secagg=not args.no_secagg,
                                  task=args.task))
 
@@ -341,7 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="ktfed-demo")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--sites", type=int, default=3)
-    p.add_argument("--mode", default="waffle", choices=["waffle", "lora", "ffa_lora", "dense"])
+    p.add_argument("--adapter", default="waffle", choices=["waffle", "lora", "ffa_lora", "dense"])
     p.add_argument("--port", type=int, default=0, help="0 = pick a free port")
     p.add_argument("--keep", action="store_true", help="keep an earlier work folder's state")
     p.add_argument("--task", default="vln", choices=["vln", "image"],
@@ -360,6 +376,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_audit_commands(sub)
     add_pretrain_command(sub)
     add_simulate_command(sub)
+    from ktfed.task_cli import register as add_task_command
+    add_task_command(sub)
     return parser
 
 
@@ -378,12 +396,12 @@ def _add_service_commands(sub) -> None:
     p.add_argument("--no-audit", action="store_true",
                    help="keep no audit log (STATE/audit): only to measure its overhead")
     p.add_argument("--max-workers", type=int_between(4, 10_000), default=None,
-                   help="gRPC worker threads; every connected site's task stream holds one, so a run is "
-                        "refused unless this is at least federation.max_participants + 32 (default: room for "
-                        "the default federation.max_participants, 100)")
+                   help="gRPC worker threads; every connected site's assignment stream holds one, so a run is "
+                        "refused unless this is at least federation.max_sites + 32 (default: room for "
+                        "the default federation.max_sites, 100)")
     p.add_argument("--max-concurrent-rpcs", type=int_between(4, 100_000), default=None,
                    help="calls in progress at once, beyond which gRPC refuses a call itself; a run is refused "
-                        "unless this is at least 2 x federation.max_participants + 32 (default: max workers + 100)")
+                        "unless this is at least 2 x federation.max_sites + 32 (default: max workers + 100)")
     _add_tls_args(p)
     _add_log_args(p)
     coord.set_defaults(func=cmd_coordinator)
@@ -396,6 +414,9 @@ def _add_service_commands(sub) -> None:
                    help=f"the coordinator's address (default {DEFAULT_ADDRESS})")
     p.add_argument("--state", default="participant-state", help="site-local folder (private factors)")
     p.add_argument("--data-root", help="folder of the data set files (default: the system's)")
+    p.add_argument("--site-data", metavar="FILE",
+                   help="this site's own data (TOML: [data] format, path, columns) for a run whose task is a "
+                        "federation's own ([task] kind = \"python\"); it never leaves the site")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--backoff-max", type=float, default=5.0, help="cap of the reconnect backoff (s)")
     p.add_argument("--epsilon-budget", type=positive_float, default=None,

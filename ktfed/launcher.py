@@ -25,7 +25,7 @@ class DemoSettings:
     workdir: Path
     rounds: int = 5
     sites: int = 3
-    mode: str = "waffle"
+    adapter: str = "waffle"
     port: int = 0
     keep: bool = False
     round_timeout_s: float = 60.0
@@ -137,7 +137,7 @@ rollout_episodes = 20
 
 # WAFFLe adapters on the cross-modal layers; only their shared factors cross the wire.
 [vln.adapter]
-mode = "{settings.mode}"
+adapter = "{settings.adapter}"
 n_factors = 16
 """
 
@@ -148,13 +148,13 @@ def demo_config(settings: DemoSettings, sites: list[str], backbone: Path | None 
     return f"""# Written by `ktfed demo`; see README for every field.
 [federation]
 rounds = {settings.rounds}
-min_participants = {max(2 if secure else 1, len(sites) - 1)}
+min_sites = {max(2 if secure else 1, len(sites) - 1)}
 round_timeout_s = {settings.round_timeout_s}
 sites = [{names}]
 seed = 7
 
 [model]
-mode = "{settings.mode}"
+adapter = "{settings.adapter}"
 hidden = [256, 128]
 n_factors = 16
 
@@ -210,13 +210,13 @@ def write_policies(fed: Federation, settings: DemoSettings, sites: list[str]) ->
 
     secure = settings.secagg and len(sites) >= 2
     text = demo_policy(settings.task, secure, dp=settings.task == "image")
-    if settings.mode == "dense":
-        # `--mode dense` is the operator asking for the dense baseline on purpose: the sites agree
+    if settings.adapter == "dense":
+        # `--adapter dense` is the operator asking for the dense baseline on purpose: the sites agree
         # to it here (a real site's policy would refuse it), or every round would be declined
-        text = text.replace('adapter_modes = ["waffle", "lora", "ffa_lora"]',
-                            'adapter_modes = ["waffle", "lora", "ffa_lora", "dense"]')
-    if settings.mode not in loads(text, "the demo policy").model.adapter_modes:
-        raise SystemExit(f"error: the demo policy does not accept --mode {settings.mode}")
+        text = text.replace('adapters = ["waffle", "lora", "ffa_lora"]',
+                            'adapters = ["waffle", "lora", "ffa_lora", "dense"]')
+    if settings.adapter not in loads(text, "the demo policy").model.adapters:
+        raise SystemExit(f"error: the demo policy does not accept --adapter {settings.adapter}")
     for site in sites:
         path = fed.policy_file(site)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -267,7 +267,7 @@ def run_demo(settings: DemoSettings) -> int:
         table = RoundTable(sites)
         status = client.status()
         what = "of the hosted VLN backbone on BabyAI" if backbone is not None else f"on images ({_image_data()})"
-        print(f"run {status.header.run_id}: {status.rounds_total} rounds of {settings.mode} adaptation {what}; "
+        print(f"run {status.header.run_id}: {status.rounds_total} rounds of {settings.adapter} adaptation {what}; "
               f"logs in {workdir / 'logs'}\n")
         if backbone is not None:
             levels = DEMO_SITE_LEVELS[:len(sites)]

@@ -44,7 +44,7 @@ def format_status(status: pb.RunStatus, text: bool = False):
         "rounds_completed": status.rounds_completed, "rounds_total": status.rounds_total,
         "round_in_progress": status.round_in_progress, "aborted_attempts": status.aborted_attempts,
         "global_state_digest": status.global_state_digest,
-        "participants": [{"id": p.participant_id, "connected": p.connected,
+        "sites": [{"id": p.site_id, "connected": p.connected,
                           "rounds_contributed": p.rounds_contributed, "bytes_uploaded": p.bytes_uploaded,
                           "last_metrics": dict(p.last_metrics), "privacy_status": p.privacy_status,
                           "epsilon_spent": p.epsilon_spent, "epsilon_budget": p.epsilon_budget,
@@ -53,10 +53,10 @@ def format_status(status: pb.RunStatus, text: bool = False):
                                            "accelerators": list(p.capabilities.accelerators),
                                            "memory_bytes": p.capabilities.memory_bytes,
                                            "software_version": p.capabilities.software_version}}
-                         for p in status.participants],
+                         for p in status.sites],
         "rounds": [{"round": r.round, "contributors": list(r.contributors), "dropped": list(r.dropped),
                     "bytes_received": r.bytes_received, "seconds": round(r.seconds, 3),
-                    "declined": list(r.declined), "secure_aggregation": r.secure_aggregation}
+                    "declined": list(r.declined), "secagg": r.secagg}
                    for r in status.rounds],
     }
     if not text:
@@ -64,7 +64,7 @@ def format_status(status: pb.RunStatus, text: bool = False):
     lines = [f"run {data['run_id']}: {data['state']}, {data['rounds_completed']}/{data['rounds_total']} rounds"
              + (f", round {data['round_in_progress']} in progress" if data["round_in_progress"] else "")
              + (f", {data['aborted_attempts']} aborted attempt(s)" if data["aborted_attempts"] else "")]
-    for p in data["participants"]:
+    for p in data["sites"]:
         acc = p["last_metrics"].get("accuracy")
         lines.append(f"  {p['id']:<16} {'connected' if p['connected'] else 'away':<10} "
                      f"{p['rounds_contributed']:>3} rounds {p['bytes_uploaded']:>12,} bytes"

@@ -89,8 +89,8 @@ def explain(coordinator: str, site: str, tls, policy_path: str | None, state: Pa
         violations = site_policy.check_coordinator(policy, coordinator, tls)
         with transport.open_channel(coordinator, tls, insecure=insecure) as channel:
             stub = ParticipantServiceStub(channel)
-            reply = stub.Join(pb.JoinRequest(header=convert.header(participant_id=site)), timeout=30)
-            stub.Leave(pb.LeaveRequest(header=convert.header(reply.header.run_id, participant_id=site),
+            reply = stub.Join(pb.JoinRequest(header=convert.header(site_id=site)), timeout=30)
+            stub.Leave(pb.LeaveRequest(header=convert.header(reply.header.run_id, site_id=site),
                                        reason="policy explain"), timeout=10)
         config = RunConfig.from_json(reply.run_config_json)
     except grpc.RpcError as err:
@@ -118,9 +118,9 @@ def demo_policy(task: str, secure: bool, dp: bool | None = None) -> str:
     the demo runs it, and record-level DP with a bounded epsilon when `dp` (by default for the
     image task)."""
     text = "# Written by `ktfed demo`: what each site agrees to (README \"Site policy\").\n" \
-           "[model]\nadapter_modes = [\"waffle\", \"lora\", \"ffa_lora\"]\n"
+           "[model]\nadapters = [\"waffle\", \"lora\", \"ffa_lora\"]\n"
     if secure:
-        text += "[secagg]\nrequired = true\nmin_participants = 2\n"
+        text += "[secagg]\nrequired = true\nmin_sites = 2\n"
     if task == "image" if dp is None else dp:
         text += "[privacy]\nrequired = true\nlevels = [\"record\"]\nmax_epsilon_per_run = 10.0\n"
     return text

@@ -37,7 +37,7 @@ class RoundTable:
             accs.append(value)
             if value is not None:
                 self.accuracy[site].append((record.round, value))
-        sent = [record.bytes_by_participant.get(s) for s in self.sites]
+        sent = [record.bytes_by_site.get(s) for s in self.sites]
         self.uploaded += sum(b for b in sent if b)
         self.uploads += sum(1 for b in sent if b)
         lines.append(f"{record.round:>5} " + " ".join(_cell(v, 12) for v in accs) + " "
@@ -137,14 +137,14 @@ def summary(status: pb.RunStatus, table: RoundTable, settings, workdir: Path, se
     if table.uploaded:
         lines.append(f"bytes uploaded: {table.uploaded:,} in {table.uploads} updates of shared factors; "
                      f"dense FedAvg of the same model would send {dense:,} ({dense / table.uploaded:.1f}x more)")
-    secure = [r.round for r in status.rounds if r.secure_aggregation]
+    secure = [r.round for r in status.rounds if r.secagg]
     if secure:
         lines.append(f"secure aggregation: on in {len(secure)} of {len(status.rounds)} rounds (t-of-n masking; "
                      f"the coordinator saw only each round's sum; SecAgg summary per round in its SQLite)")
     audit_dirs = [workdir / "coordinator" / "audit"] + sorted((workdir / "sites").glob("*/audit"))
     if all((d / "audit.jsonl").is_file() for d in audit_dirs):
         lines += _audit_lines(workdir, audit_dirs)
-    png = table.plot(workdir / "accuracy.png", f"ktfed demo: {settings.mode}, {len(table.sites)} sites")
+    png = table.plot(workdir / "accuracy.png", f"ktfed demo: {settings.adapter}, {len(table.sites)} sites")
     lines.append(f"coordinator state (SQLite + safetensors): {workdir / 'coordinator'}")
     lines.append(f"site-local state (private factors, never sent): {workdir / 'sites'}")
     lines.append(f"logs: {workdir / 'logs'}" + (f"; accuracy plot: {png}" if png else ""))

@@ -270,14 +270,14 @@ def simulation_config(config: RunConfig, participants: int, rounds: int | None =
     fed = config.federation
     if participants < 1:
         raise ConfigError("--participants: must be >= 1")
-    if participants > fed.max_participants:
-        raise ConfigError(f"--participants: {participants} exceeds federation.max_participants "
-                          f"({fed.max_participants}) of the run config; raise it to simulate that many")
+    if participants > fed.max_sites:
+        raise ConfigError(f"--participants: {participants} exceeds federation.max_sites "
+                          f"({fed.max_sites}) of the run config; raise it to simulate that many")
     if config.secagg.enabled and config.secagg.active:
         raise ConfigError("secagg.active: the active option signs with each site's certificate key; "
                           "virtual sites have none (simulate without it)")
     sites = fed.sites if len(fed.sites) == participants else tuple(site_names(participants))
-    changes = {"sites": sites, "min_participants": min(fed.min_participants, participants)}
+    changes = {"sites": sites, "min_sites": min(fed.min_sites, participants)}
     if rounds is not None:
         changes["rounds"] = rounds
     fed = dataclasses.replace(fed, **changes)

@@ -93,7 +93,7 @@ def summarize(result) -> dict:
         rounds.append({"round": r.round, "contributors": len(r.contributors), "dropped": list(r.dropped),
                        "seconds": r.seconds, "bytes_received": r.bytes_received,
                        "mean_accuracy": sum(accs) / len(accs) if accs else None,
-                       "secure_aggregation": r.secure_aggregation})
+                       "secagg": r.secagg})
     return {"run_id": result.run_id, "participants": result.participants, "rounds": result.rounds,
             "state": status.state, "global_state_digest": status.global_state_digest,
             "state_file": f"coordinator/runs/{result.run_id}/round-{result.rounds:05d}.safetensors",

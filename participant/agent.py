@@ -1,9 +1,9 @@
-"""The participant agent: join, hold the task stream, hand each message to its handler.
+"""The participant agent: join, hold the assignment stream, hand each message to its handler.
 
 The agent owns the connection: capped exponential backoff when the coordinator goes away, the
 heartbeat file the probes read, the metrics endpoint, the site's audit trail across certificate
 rotations. What a round does is participant.round's (download -> train -> update -> guard ->
-send) and participant.secure_update's (each SecAgg step); what the site's model and data are is
+send) and participant.secagg_update's (each SecAgg step); what the site's model and data are is
 its trainer's. It exits when the run finishes or when the coordinator refuses its identity.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ from kt_core.wire.federation_pb2_grpc import ParticipantServiceStub
 from participant import policy as site_policy
 from participant.audit_trail import NoAudit, SiteAudit, certificate_stamp
 from participant.round import Round
-from participant.secure_update import SecureSession
+from participant.secagg_update import SecAggSession
 from participant.site_run import AgentSettings, GlobalStates, SiteCounters, SiteRun
 from participant.trainer import LocalTrainer
 from security.audit import AuditError
@@ -66,7 +66,7 @@ class ParticipantAgent:
         self.run_id = ""
         self.trainer: LocalTrainer | None = None
         self.site_run: SiteRun | None = None      # the run this site has joined
-        self.secure: SecureSession | None = None   # this round's secure aggregation while its steps go on
+        self.secagg: SecAggSession | None = None   # this round's secure aggregation while its steps go on
         self.audit = NoAudit()                     # this site's audit trail (a SiteAudit once opened)
         self.counters = SiteCounters()
         self.states = GlobalStates(settings, self.audit, self.counters)
@@ -81,26 +81,26 @@ class ParticipantAgent:
 
     def collect_metrics(self) -> list[Metric]:
         site, c = {"site": self.site}, self.counters
-        status = Metric("ktfed_participant_status", "gauge", "1 for the agent's current status")
+        status = Metric("ktfed_site_status", "gauge", "1 for the agent's current status")
         for name in self.STATUSES:
             status.add(1 if name == self.status else 0, {**site, "status": name})
         privacy = self.trainer.privacy_metrics() if self.trainer is not None else {}
         return [
             status,
-            Metric("ktfed_participant_round", "gauge", "the last round this site saw").add(self.round, site),
-            Metric("ktfed_participant_rounds_trained_total", "counter", "rounds trained and uploaded").add(
-                c.rounds_trained, site),
-            Metric("ktfed_participant_rounds_declined_total", "counter", "rounds declined (privacy budget)").add(
+            Metric("ktfed_site_round", "gauge", "the last round this site saw").add(self.round, site),
+            Metric("ktfed_site_rounds_contributed_total", "counter", "rounds trained and uploaded").add(
+                c.rounds_contributed, site),
+            Metric("ktfed_site_rounds_declined_total", "counter", "rounds declined (privacy budget)").add(
                 c.rounds_declined, site),
-            Metric("ktfed_participant_update_bytes_total", "counter", "update bytes the coordinator accepted").add(
-                c.bytes_sent, site),
-            Metric("ktfed_participant_state_bytes_total", "counter", "global-state bytes downloaded").add(
+            Metric("ktfed_site_update_bytes_total", "counter", "update bytes the coordinator accepted").add(
+                c.bytes_uploaded, site),
+            Metric("ktfed_site_state_bytes_total", "counter", "global-state bytes downloaded").add(
                 c.bytes_downloaded, site),
-            Metric("ktfed_participant_reconnects_total", "counter", "connections lost and retried").add(
+            Metric("ktfed_site_reconnects_total", "counter", "connections lost and retried").add(
                 self.reconnects, site),
-            Metric("ktfed_participant_epsilon_spent", "gauge", "cumulative epsilon in this site's ledger").add(
+            Metric("ktfed_site_epsilon_spent", "gauge", "cumulative epsilon in this site's ledger").add(
                 float(privacy.get("epsilon", 0.0)), site),
-            Metric("ktfed_participant_epsilon_budget", "gauge", "this site's epsilon budget (0: none)").add(
+            Metric("ktfed_site_epsilon_budget", "gauge", "this site's epsilon budget (0: none)").add(
                 float(privacy.get("epsilon_budget", 0.0)), site),
         ]
 
@@ -206,45 +206,45 @@ class ParticipantAgent:
 
     # -- one connection -------------------------------------------------------------------------
     def _session(self, stub: ParticipantServiceStub) -> bool:
-        reply = stub.Join(pb.JoinRequest(header=convert.header(participant_id=self.site),
+        reply = stub.Join(pb.JoinRequest(header=convert.header(site_id=self.site),
                                          capabilities=local_capabilities()),
                           timeout=self.settings.rpc_timeout_s)
         self._prepare(stub, reply)
         self.round = reply.header.round
         self._set_status("connected")
         log.info("%s: joined run %s at round %d", self.site, self.run_id, reply.header.round)
-        stream = stub.Tasks(pb.TaskStreamRequest(header=convert.header(self.run_id, participant_id=self.site)))
+        stream = stub.Assignments(pb.AssignmentStreamRequest(header=convert.header(self.run_id, site_id=self.site)))
         try:
-            for task in stream:
+            for assignment in stream:
                 if self._stop.is_set():
                     break
-                kind = task.WhichOneof("kind")
+                kind = assignment.WhichOneof("kind")
                 if kind == "finished" and self.site_run.refused:
                     # not this site's run: the site stays up for the coordinator's next run, but
                     # countersigns the sealed log all the same, since the site's refusals are in it
                     log.info("%s: run %s ended (%s) without this site (its policy refused the run)", self.site,
-                             self.run_id, task.finished.reason)
-                    self._leave(stub, task.finished, "run finished without this site (its policy refused it)")
+                             self.run_id, assignment.finished.reason)
+                    self._leave(stub, assignment.finished, "run finished without this site (its policy refused it)")
                     return False
                 if kind == "finished":
-                    log.info("%s: run %s finished (%s)", self.site, self.run_id, task.finished.reason)
+                    log.info("%s: run %s finished (%s)", self.site, self.run_id, assignment.finished.reason)
                     self.finished = True
-                    self._finish(stub, task.finished)
-                    self._leave(stub, task.finished, "run finished")
+                    self._finish(stub, assignment.finished)
+                    self._leave(stub, assignment.finished, "run finished")
                     return True
                 if kind == "round":
-                    self._round(stub, task.round)
+                    self._round(stub, assignment.round)
                 elif kind == "secagg":
-                    self._secagg_step(task.secagg)
+                    self._secagg_step(assignment.secagg)
         finally:
             stream.cancel()
-        log.warning("%s: task stream ended without a verdict; the coordinator is going away", self.site)
+        log.warning("%s: assignment stream ended without a verdict; the coordinator is going away", self.site)
         return True
 
     def _leave(self, stub: ParticipantServiceStub, finished: pb.RunFinished, reason: str) -> None:
         """Countersign the coordinator's sealed audit head and say goodbye to the run."""
         seal = self.audit.countersign_seal(self.run_id, finished)
-        stub.Leave(pb.LeaveRequest(header=convert.header(self.run_id, participant_id=self.site), reason=reason,
+        stub.Leave(pb.LeaveRequest(header=convert.header(self.run_id, site_id=self.site), reason=reason,
                                    audit_countersignature=seal), timeout=10)
 
     def _prepare(self, stub: ParticipantServiceStub, reply: pb.JoinReply) -> None:
@@ -255,30 +255,30 @@ class ParticipantAgent:
                                      counters=self.counters, stopping=self._stop, policy=self.policy)
         self.run_id, self.trainer = self.site_run.run_id, self.site_run.trainer
 
-    def _round(self, stub: ParticipantServiceStub, task: pb.RoundTask) -> None:
-        self.round = task.header.round
+    def _round(self, stub: ParticipantServiceStub, assignment: pb.RoundAssignment) -> None:
+        self.round = assignment.header.round
         self._set_status("training")
         try:
-            self._train_and_upload(stub, task)
+            self._train_and_upload(stub, assignment)
         finally:
             self._set_status("connected")
 
-    def _train_and_upload(self, stub: ParticipantServiceStub, task: pb.RoundTask) -> None:
-        self.secure = Round(self.site_run, stub, task).run()
+    def _train_and_upload(self, stub: ParticipantServiceStub, assignment: pb.RoundAssignment) -> None:
+        self.secagg = Round(self.site_run, stub, assignment).run()
 
     def _secagg_step(self, message: pb.SecAggMessage) -> None:
-        if self.secure is None or not self.secure.answers(message):
+        if self.secagg is None or not self.secagg.answers(message):
             step = convert.SECAGG_STEP_FROM_PB.get(message.step, f"unknown({message.step})")
             log.warning("%s: ignoring a secure aggregation %s message for a round this site is not in",
                         self.site, step)
             return
-        if not self.secure.step(message):
-            self.secure = None
+        if not self.secagg.step(message):
+            self.secagg = None
 
     # -- the end of the run ----------------------------------------------------------------------
     def _finish(self, stub: ParticipantServiceStub, finished: pb.RunFinished) -> None:
         """The site's model after the run is the final global state (aggregated after the last
-        round, so no task ever carried it) with this site's private factors, not its last local
+        round, so no assignment ever carried it) with this site's private factors, not its last local
         model: fetch that state; the trainer loads it, writes the adapted model and evaluates it."""
         final = None
         try:

@@ -46,7 +46,7 @@ class NoAudit:
                  nbytes: int | None = None) -> int | None:
         return None
 
-    def countersign(self, run: str, task: pb.RoundTask) -> tuple[bytes, int | None]:
+    def countersign(self, run: str, assignment: pb.RoundAssignment) -> tuple[bytes, int | None]:
         return b"", None
 
     def countersign_seal(self, run: str, finished: pb.RunFinished) -> bytes:
@@ -99,13 +99,13 @@ class SiteAudit(NoAudit):
                                      receiver=receiver, message=message, sha256=sha256, tensors=specs,
                                      nbytes=nbytes).seq
 
-    def countersign(self, run: str, task: pb.RoundTask) -> tuple[bytes, int | None]:
-        """Countersign the coordinator's audit head named in the task, right before the message
+    def countersign(self, run: str, assignment: pb.RoundAssignment) -> tuple[bytes, int | None]:
+        """Countersign the coordinator's audit head named in the assignment, right before the message
         that carries the token is sent: (token, its entry's seq)."""
-        if not task.audit_head_hash:
+        if not assignment.audit_head_hash:
             return b"", None
-        token = self.log.countersign((task.audit_head_seq, task.audit_head_hash), subject=self.peer, run=run,
-                                     round=task.header.round)
+        token = self.log.countersign((assignment.audit_head_seq, assignment.audit_head_hash), subject=self.peer, run=run,
+                                     round=assignment.header.round)
         return token, self.log.head().seq
 
     def countersign_seal(self, run: str, finished: pb.RunFinished) -> bytes:

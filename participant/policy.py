@@ -3,9 +3,9 @@
 The coordinator chooses a run's settings; the site's operator chooses, in one TOML file
 (`ktfed participant run --policy FILE`), which of those choices the site accepts. Every check
 here is made at the site before anything is trained or sent: at join (`check_join`, the whole
-run config and factor manifest), at every round task (`check_task`), at every SecAgg step
+run config and factor manifest), at every round assignment (`check_assignment`), at every SecAgg step
 (`check_step`) and in the egress guard (`patterns`, `max_upload_bytes`). A violation is a
-`Violation` naming the rule by its dotted field, e.g. `model.adapter_modes`; the caller declines.
+`Violation` naming the rule by its dotted field, e.g. `model.adapters`; the caller declines.
 
 Without a file the site runs under `SitePolicy()`, the documented default (README "Site policy").
 """
@@ -24,7 +24,7 @@ from kt_core.config_file import ConfigError, build, check_known, parse_toml, rea
 from kt_core.config import RunConfig
 
 RECORD, USER = "record", "user"
-ADAPTER_MODES = ("waffle", "lora", "ffa_lora", "dense")
+ADAPTER_KINDS = ("waffle", "lora", "ffa_lora", "dense")
 MAX_POLICY_BYTES = 1 << 20
 
 
@@ -45,9 +45,11 @@ class CoordinatorRules:
 
 @dataclass(frozen=True)
 class ModelRules:
+    # task kinds; a federation's own task ("python") only when listed: as "python" (any task this
+    # site's operator installed, at the version the run names) or by its entry ("pkg.module:Class")
     tasks: tuple[str, ...] = ("image", "vln")
     # dense shares every weight of the model's update: refused unless the operator lists it
-    adapter_modes: tuple[str, ...] = ("waffle", "lora", "ffa_lora")
+    adapters: tuple[str, ...] = ("waffle", "lora", "ffa_lora")
     backbone_sha256: tuple[str, ...] = ()   # () = any backbone the run names
     adapter_targets: tuple[str, ...] = ()   # () = any
 
@@ -62,8 +64,8 @@ class EgressRules:
 class SecAggRules:
     required: bool = False
     min_threshold: int = 0        # the smallest Shamir t this site accepts
-    min_participants: int = 0     # the smallest roster it accepts (under SecAgg)
-    max_participants: int = 0     # 0 = no limit
+    min_sites: int = 0     # the smallest roster it accepts (under SecAgg)
+    max_sites: int = 0     # 0 = no limit
     active_required: bool = False
 
 
@@ -153,9 +155,9 @@ def _check_rules(p: SitePolicy, source: str) -> None:
     for sha in p.model.backbone_sha256:
         if not _is_sha256(sha):
             fail("model.backbone_sha256", f"must be SHA-256 hex digests, got {sha!r}")
-    for mode in p.model.adapter_modes:
-        if mode not in ADAPTER_MODES:
-            fail("model.adapter_modes", f"{mode!r} is not one of {list(ADAPTER_MODES)}")
+    for kind in p.model.adapters:
+        if kind not in ADAPTER_KINDS:
+            fail("model.adapters", f"{kind!r} is not one of {list(ADAPTER_KINDS)}")
     if not p.model.tasks:
         fail("model.tasks", "an empty list accepts no run at all")
     if not p.egress.tensor_patterns:
@@ -168,14 +170,14 @@ def _check_rules(p: SitePolicy, source: str) -> None:
     if p.privacy.max_delta >= 1:
         fail("privacy.max_delta", f"must be below 1, got {p.privacy.max_delta}")
     s = p.secagg
-    if s.max_participants and s.min_participants > s.max_participants:
-        fail("secagg.min_participants", f"{s.min_participants} is larger than secagg.max_participants "
-                                        f"{s.max_participants}")
-    if s.max_participants and s.min_threshold > s.max_participants:
-        fail("secagg.min_threshold", f"t={s.min_threshold} is larger than secagg.max_participants "
-                                     f"{s.max_participants}: no round could ever be unmasked")
-    if (s.min_threshold or s.active_required or s.min_participants) and not s.required:
-        rule = "min_threshold" if s.min_threshold else "active_required" if s.active_required else "min_participants"
+    if s.max_sites and s.min_sites > s.max_sites:
+        fail("secagg.min_sites", f"{s.min_sites} is larger than secagg.max_sites "
+                                        f"{s.max_sites}")
+    if s.max_sites and s.min_threshold > s.max_sites:
+        fail("secagg.min_threshold", f"t={s.min_threshold} is larger than secagg.max_sites "
+                                     f"{s.max_sites}: no round could ever be unmasked")
+    if (s.min_threshold or s.active_required or s.min_sites) and not s.required:
+        rule = "min_threshold" if s.min_threshold else "active_required" if s.active_required else "min_sites"
         fail(f"secagg.{rule}", "is a rule of secure aggregation: set secagg.required = true")
     lifetime, per_run = p.privacy.max_epsilon_lifetime, p.privacy.max_epsilon_per_run
     if lifetime and per_run > lifetime:
@@ -189,16 +191,23 @@ def _is_sha256(text: str) -> bool:
 # -- the checks ------------------------------------------------------------------------------------
 
 def adapter(config: RunConfig):
-    """(mode, targets) of the run's adapter: the MLP's for the image task, the backbone's for VLN."""
+    """(kind, targets) of the run's adapter: the MLP's for the image task, the backbone's for VLN."""
     if config.task.kind == "vln":
-        return config.vln.adapter.mode, tuple(config.vln.adapter.targets)
-    return config.model.mode, ()
+        return config.vln.adapter.adapter, tuple(config.vln.adapter.targets)
+    if config.task.kind == "python":
+        return config.task.adapter.adapter, tuple(config.task.adapter.targets)
+    return config.model.adapter, ()
+
+
+def task_allowed(tasks: tuple[str, ...], config: RunConfig) -> bool:
+    """A python task passes when the policy lists "python" or names its entry."""
+    return config.task.kind in tasks or (config.task.kind == "python" and config.task.entry in tasks)
 
 
 def privacy_level(config: RunConfig) -> str | None:
     if not config.privacy.enabled:
         return None
-    return RECORD if config.privacy.mode == "dp_sgd" else USER
+    return RECORD if config.privacy.mechanism == "dp_sgd" else USER
 
 
 def check_join(policy: SitePolicy, config: RunConfig, *, site: str, shared: dict[str, int],
@@ -208,13 +217,14 @@ def check_join(policy: SitePolicy, config: RunConfig, *, site: str, shared: dict
     shared tensors -> bytes (what one update holds); `epsilon_budget`: the site's own
     (--epsilon-budget), which with the run's makes the budget the site enforces."""
     out: list[Violation] = []
-    mode, targets = adapter(config)
+    kind, targets = adapter(config)
     m = policy.model
-    if config.task.kind not in m.tasks:
-        out.append(Violation("model.tasks", f"the run's task {config.task.kind!r} is not one of {list(m.tasks)}"))
-    if mode not in m.adapter_modes:
-        out.append(Violation("model.adapter_modes", f"the run's adapter mode {mode!r} is not one of "
-                                                    f"{list(m.adapter_modes)}"))
+    if not task_allowed(m.tasks, config):
+        name = config.task.kind if config.task.kind != "python" else f"python ({config.task.entry})"
+        out.append(Violation("model.tasks", f"the run's task {name!r} is not one of {list(m.tasks)}"))
+    if kind not in m.adapters:
+        out.append(Violation("model.adapters", f"the run's adapter {kind!r} is not one of "
+                                                    f"{list(m.adapters)}"))
     if backbone_sha256 and m.backbone_sha256 and backbone_sha256 not in m.backbone_sha256:
         out.append(Violation("model.backbone_sha256", f"the run's backbone {backbone_sha256[:16]}... is not listed"))
     if m.adapter_targets and (extra := sorted(set(targets) - set(m.adapter_targets))):
@@ -262,10 +272,10 @@ def _secagg(policy: SitePolicy, config: RunConfig) -> list[Violation]:
     if run.threshold and run.threshold < s.min_threshold:
         out.append(Violation("secagg.min_threshold", f"the run's threshold t={run.threshold} is below "
                                                      f"{s.min_threshold}"))
-    if s.min_participants and config.federation.min_participants < s.min_participants:
-        out.append(Violation("secagg.min_participants", f"the run would aggregate as few as "
-                                                        f"{config.federation.min_participants} sites, fewer than "
-                                                        f"{s.min_participants}"))
+    if s.min_sites and config.federation.min_sites < s.min_sites:
+        out.append(Violation("secagg.min_sites", f"the run would aggregate as few as "
+                                                        f"{config.federation.min_sites} sites, fewer than "
+                                                        f"{s.min_sites}"))
     return out
 
 
@@ -312,8 +322,8 @@ def check_noise(policy: SitePolicy, noise_multiplier: float | None) -> list[Viol
     return []
 
 
-def check_task(policy: SitePolicy, config: RunConfig, *, round_no: int, secure: bool, roster_size: int
-               ) -> list[Violation]:
+def check_assignment(policy: SitePolicy, config: RunConfig, *, round_no: int, secure: bool, roster_size: int
+                     ) -> list[Violation]:
     """The settings of one round: the coordinator may not weaken what was agreed at join."""
     out = []
     if policy.secagg.required and not secure:
@@ -329,13 +339,13 @@ def check_task(policy: SitePolicy, config: RunConfig, *, round_no: int, secure: 
 def check_roster(policy: SitePolicy, config: RunConfig, n: int, where: str) -> list[Violation]:
     """A SecAgg roster (or survivor set) of n sites, and the threshold t it implies."""
     s, out = policy.secagg, []
-    if s.min_participants and n < s.min_participants:
-        out.append(Violation("secagg.min_participants", f"{where}: {n} participants, fewer than {s.min_participants}"))
-    if s.max_participants and n > s.max_participants:
-        out.append(Violation("secagg.max_participants", f"{where}: {n} participants, more than {s.max_participants}"))
+    if s.min_sites and n < s.min_sites:
+        out.append(Violation("secagg.min_sites", f"{where}: {n} participants, fewer than {s.min_sites}"))
+    if s.max_sites and n > s.max_sites:
+        out.append(Violation("secagg.max_sites", f"{where}: {n} participants, more than {s.max_sites}"))
     if s.min_threshold:
-        from security.secagg import SecAggSettings
-        t = SecAggSettings.from_mapping(config.secagg.protocol_settings()).threshold_for(max(n, 1))
+        from security.secagg import SecAggProtocolSettings
+        t = SecAggProtocolSettings.from_section(config.secagg).threshold_for(max(n, 1))
         if t < s.min_threshold:
             out.append(Violation("secagg.min_threshold", f"{where}: threshold t={t} is below {s.min_threshold}"))
     return out

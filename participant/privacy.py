@@ -3,9 +3,9 @@
 Like Opacus' PrivacyEngine it is made once (per run) and then asked to train and to protect:
 
     privacy = SitePrivacy(site, run_id, config, task, state_dir=..., num_samples=N, ...)
-    privacy.next_task(r, t)                                            # what became of earlier attempts
-    result = privacy.train(model, data, cfg, round_no=r, task_id=t)   # raises BudgetExceeded
-    privacy.decline(err, round_no=r, task_id=t)                        # the hard stop, recorded
+    privacy.next_attempt(r, t)                                            # what became of earlier attempts
+    result = privacy.train(model, data, cfg, round_no=r, attempt_id=t)   # raises BudgetExceeded
+    privacy.decline(err, round_no=r, attempt_id=t)                        # the hard stop, recorded
     update = privacy.protect_update(update)                            # user-level clip (+ noise)
     privacy.released(t) | privacy.release_later(t, sent) | privacy.withhold(t, why)
     privacy.metrics()                                                  # what the site reports
@@ -92,18 +92,18 @@ class SitePrivacy:
         p = config.privacy
         self.record: _RecordLevel | None = None
         self.unreleased: _Unreleased | None = None
-        if p.enabled and p.mode == "dp_sgd":
+        if p.enabled and p.mechanism == "dp_sgd":
             self.record = self._open_record_level(Path(state_dir), model, local_budget)
         elif local_budget is not None and not p.enabled:
             log.warning("%s: --epsilon-budget given but the run does not enable [privacy]", site)
 
     @staticmethod
     def check_offered(config: RunConfig, task: Task) -> None:
-        """Refuse, before anything is built, a privacy mode the run's task does not offer."""
+        """Refuse, before anything is built, a privacy mechanism the run's task does not offer."""
         p = config.privacy
-        if p.enabled and p.mode == "dp_sgd" and not task.record_level_dp:
-            raise ValueError(f"privacy.mode: record-level DP-SGD is not offered for the {task.kind} task yet; "
-                             "use user-level DP (mode central or distributed) or turn privacy off")
+        if p.enabled and p.mechanism == "dp_sgd" and not task.record_level_dp:
+            raise ValueError(f"privacy.mechanism: record-level DP-SGD is not offered for the {task.kind} task yet; "
+                             "use user-level DP (mechanism central or distributed) or turn privacy off")
 
     # -- what the site reads ---------------------------------------------------------------------
     @property
@@ -162,18 +162,18 @@ class SitePrivacy:
 
     # -- training ---------------------------------------------------------------------------------
     def train(self, task: Task, model: nn.Module, data: SiteData, cfg: TrainConfig, *, round_no: int,
-              task_id: str) -> TrainResult:
+              attempt_id: str) -> TrainResult:
         """One round of local training: the task's own loop, or DP-SGD after the ledger reserved
         the round (BudgetExceeded, recording nothing, when the round would pass the budget)."""
         if self.record is None:
             return task.train(model, data, cfg)
         rec, p, n = self.record, self.config.privacy, self.num_samples
         plan = plan_round(n, cfg.batch_size, cfg.epochs, cfg.max_steps)
-        params = {"mode": p.mode, "grad_sample_mode": p.grad_sample_mode, "num_samples": n,
+        params = {"mechanism": p.mechanism, "grad_sample_mode": p.grad_sample_mode, "num_samples": n,
                   "batch_size": cfg.batch_size, "epochs": cfg.epochs, "max_steps": cfg.max_steps,
                   "poisson_sampling": p.poisson_sampling, "max_physical_batch_size": p.max_physical_batch_size,
                   "target_epsilon": p.target_epsilon, "kl_weight": cfg.kl_weight}
-        entry = rec.ledger.reserve(run_id=self.run_id, round_no=round_no, task_id=task_id,
+        entry = rec.ledger.reserve(run_id=self.run_id, round_no=round_no, attempt_id=attempt_id,
                                    spend=RoundSpend(plan.sample_rate, rec.noise_multiplier, plan.steps),
                                    max_grad_norm=p.max_grad_norm, delta=p.delta, budget=rec.budget,
                                    accountant=p.accountant, params=params)
@@ -206,9 +206,9 @@ class SitePrivacy:
                         settings=settings, public_loss=kl_term if kl_weight else None, public_params=public,
                         public_optimizer=make_optimizer_for(public, cfg) if public else None, seed=cfg.seed)
 
-    def decline(self, err: BudgetExceeded, *, round_no: int, task_id: str) -> None:
+    def decline(self, err: BudgetExceeded, *, round_no: int, attempt_id: str) -> None:
         """Record the refusal of a round (the hard stop) in the ledger."""
-        self.record.ledger.record_decline(run_id=self.run_id, round_no=round_no, task_id=task_id, reason=str(err),
+        self.record.ledger.record_decline(run_id=self.run_id, round_no=round_no, attempt_id=attempt_id, reason=str(err),
                                           spent=err.spent, would_be=err.would_be, budget=err.budget,
                                           accountant=self.record.accountant)
 
@@ -219,24 +219,24 @@ class SitePrivacy:
         self.audit.dp_ledger(entry)
 
     # -- what became of an attempt's update -------------------------------------------------------
-    def released(self, task_id: str) -> None:
+    def released(self, attempt_id: str) -> None:
         """The attempt's update leaves the site now: its row stays spent, whatever the coordinator
         then makes of the attempt."""
-        if self.unreleased is not None and self.unreleased.entry.task_id == task_id:
+        if self.unreleased is not None and self.unreleased.entry.attempt_id == attempt_id:
             self.unreleased = None
 
-    def release_later(self, task_id: str, sent: Callable[[], bool]) -> None:
+    def release_later(self, attempt_id: str, sent: Callable[[], bool]) -> None:
         """Under secure aggregation the update leaves with the masked input, a step the coordinator
         opens later: `sent()` says, once the attempt is over, whether it got that far."""
-        if self.unreleased is not None and self.unreleased.entry.task_id == task_id:
+        if self.unreleased is not None and self.unreleased.entry.attempt_id == attempt_id:
             self.unreleased.sent = sent
 
-    def withhold(self, task_id: str, why: str) -> bool:
+    def withhold(self, attempt_id: str, why: str) -> bool:
         """Nothing derived from the attempt's training leaves the site: the model goes back to
         before it and the ledger row is withheld (epsilon 0). True when the model was restored
         (the caller keeps the private factors on disk as they now are)."""
         u = self.unreleased
-        if u is None or u.entry.task_id != task_id:
+        if u is None or u.entry.attempt_id != attempt_id:
             return False
         self.unreleased = None
         u.model.load_state_dict(u.before)
@@ -246,18 +246,18 @@ class SitePrivacy:
                  entry.round, why, entry.eps_cum())
         return True
 
-    def next_task(self, round_no: int, task_id: str) -> bool:
-        """A task arrived: an earlier attempt is over. Its update, if secure aggregation never sent
+    def next_attempt(self, round_no: int, attempt_id: str) -> bool:
+        """An assignment arrived: an earlier attempt is over. Its update, if secure aggregation never sent
         it, is withheld; the earlier attempts of this round were aborted (this is their retry).
         True when the model was restored (see withhold)."""
         if self.record is None:
             return False
         restored = self._settle_unreleased(f"the attempt ended before its masked input was sent "
-                                           f"(a task for round {round_no} arrived)")
-        for e in self.record.ledger.mark_aborted(run_id=self.run_id, round_no=round_no, keep_task_id=task_id,
+                                           f"(an assignment for round {round_no} arrived)")
+        for e in self.record.ledger.mark_aborted(run_id=self.run_id, round_no=round_no, keep_attempt_id=attempt_id,
                                                  note=f"attempt aborted: round {round_no} was retried"):
-            log.info("%s: round %d: the attempt of task %s was aborted (a retry arrived); its ledger row stays %s",
-                     self.site, round_no, e.task_id[:8], e.state)
+            log.info("%s: round %d: attempt %s was aborted (a retry arrived); its ledger row stays %s",
+                     self.site, round_no, e.attempt_id[:8], e.state)
         return restored
 
     def run_finished(self, rounds_completed: int) -> bool:
@@ -275,19 +275,19 @@ class SitePrivacy:
         if u is None:
             return False
         if u.sent is not None and not u.sent():
-            return self.withhold(u.entry.task_id, why)
+            return self.withhold(u.entry.attempt_id, why)
         self.unreleased = None   # released, or it may have been: the row stays spent
         return False
 
     # -- the update -------------------------------------------------------------------------------
     def protect_update(self, update: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """User-level DP (central / distributed): the whole update is clipped to update_clip_norm;
-        distributed mode also adds this site's share of the noise (security/dp/user_level.py)."""
+        the distributed mechanism also adds this site's share of the noise (security/dp/user_level.py)."""
         p = self.config.privacy
-        if not (p.enabled and p.mode in ("central", "distributed")):
+        if not (p.enabled and p.mechanism in ("central", "distributed")):
             return update
         update, _norm = clip_update(update, p.update_clip_norm)
-        if p.mode == "distributed":
+        if p.mechanism == "distributed":
             update = add_gaussian_noise(update, distributed_share_std(p.user_noise_multiplier, p.update_clip_norm,
                                                                       p.min_survivors))
         return update

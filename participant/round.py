@@ -1,12 +1,12 @@
 """One round at a site, top to bottom: download -> train -> update -> guard -> send.
 
-    Round(site_run, stub, task).run()
+    Round(site_run, stub, assignment).run()
 
-takes the coordinator's RoundTask, downloads the global state it names, trains on the site's own
+takes the coordinator's RoundAssignment, downloads the global state it names, trains on the site's own
 data (the privacy engine may decline: the round is then refused with the reason), takes the
 update of the shared factors, lets the egress guard check it against the factor manifest, and
 sends it: uploaded in chunks, or under secure aggregation encoded and masked, step by step
-(participant.secure_update). Every message that crosses the boundary goes into the site's audit
+(participant.secagg_update). Every message that crosses the boundary goes into the site's audit
 trail; every refusal of ours is audited, every refusal of the coordinator's logged.
 """
 from __future__ import annotations
@@ -23,7 +23,7 @@ from kt_core.wire import federation_pb2 as pb
 from participant import policy as site_policy
 from participant.policy import Violation
 from participant.privacy import BudgetExceeded
-from participant.secure_update import SecureSession
+from participant.secagg_update import SecAggSession
 from participant.site_run import ROUND_CODES, SiteRun
 from security.egress import EgressRefused
 
@@ -31,23 +31,23 @@ log = logging.getLogger(__name__)
 
 
 class Round:
-    """One RoundTask of the coordinator's, carried out at this site."""
+    """One RoundAssignment of the coordinator's, carried out at this site."""
 
-    def __init__(self, site_run: SiteRun, stub, task: pb.RoundTask):
-        self.site_run, self.stub, self.task = site_run, stub, task
-        self.round = task.header.round
+    def __init__(self, site_run: SiteRun, stub, assignment: pb.RoundAssignment):
+        self.site_run, self.stub, self.assignment = site_run, stub, assignment
+        self.round = assignment.header.round
 
-    def run(self) -> SecureSession | None:
+    def run(self) -> SecAggSession | None:
         """Returns the secure aggregation session when the round goes on step by step."""
-        run, task = self.site_run, self.task
-        run.audit.boundary(run.run_id, "receive", self.round, "task", task.global_state_digest)
-        # a new task ends the attempt before it: the privacy engine settles what that one cost
+        run, assignment = self.site_run, self.assignment
+        run.audit.boundary(run.run_id, "receive", self.round, "assignment", assignment.global_state_digest)
+        # a new assignment ends the attempt before it: the privacy engine settles what that one cost
         # (a site whose policy refused the run has no trainer: it trains nothing and spends nothing)
-        if run.trainer is not None and run.trainer.privacy.next_task(self.round, task.task_id.hex()):
+        if run.trainer is not None and run.trainer.privacy.next_attempt(self.round, assignment.attempt_id.hex()):
             run.trainer.save_private()
-        violations = run.refused or site_policy.check_task(run.policy, run.config, round_no=self.round,
-                                                           secure=task.secure_aggregation,
-                                                           roster_size=len(task.roster))
+        violations = run.refused or site_policy.check_assignment(run.policy, run.config, round_no=self.round,
+                                                           secure=assignment.secagg,
+                                                           roster_size=len(assignment.roster))
         if violations:
             self.refuse(violations)
             return None
@@ -66,7 +66,7 @@ class Round:
             "accuracy_before": before["accuracy"], "accuracy": after["accuracy"], "loss": result.loss,
             "train_seconds": result.seconds, "compute_seconds": time.perf_counter() - started,
             **run.trainer.privacy_metrics()})
-        if task.secure_aggregation:
+        if assignment.secagg:
             return self.send_secure(update, metrics)
         if self.past_deadline():
             log.warning("%s: round %d: the deadline passed before the update was ready: not sent", run.site,
@@ -82,15 +82,15 @@ class Round:
 
     # -- the steps --------------------------------------------------------------------------------
     def download(self) -> dict[str, np.ndarray]:
-        return self.site_run.states.fetch(self.stub, self.site_run.run_id, self.round, self.task.global_state_digest)[1]
+        return self.site_run.states.fetch(self.stub, self.site_run.run_id, self.round, self.assignment.global_state_digest)[1]
 
     def train(self, state: dict[str, np.ndarray]):
         """(accuracy before, training result, accuracy after); raises BudgetExceeded."""
-        trainer, t = self.site_run.trainer, self.task.train
+        trainer, t = self.site_run.trainer, self.assignment.train
         trainer.load_global(state)
         before = trainer.evaluate()
-        result = trainer.train(t.local_epochs, t.batch_size, t.learning_rate, t.max_steps, t.seed,
-                               round_no=self.round, task_id=self.task.task_id.hex())
+        result = trainer.train(t.epochs, t.batch_size, t.lr, t.max_steps, t.seed,
+                               round_no=self.round, attempt_id=self.assignment.attempt_id.hex())
         after = trainer.evaluate()
         trainer.save_private()
         return before, result, after
@@ -115,15 +115,15 @@ class Round:
 
     def send(self, update: dict[str, np.ndarray], metrics: dict[str, float]) -> tuple[pb.UploadReceipt | None, int]:
         """Upload the update in chunks: (the coordinator's receipt, or None when it refused; tensors sent)."""
-        run, task = self.site_run, self.task
-        header = pb.UploadHeader(header=run.header(self.round), task_id=task.task_id,
-                                 base_state_digest=task.global_state_digest, num_samples=run.trainer.num_samples,
+        run, assignment = self.site_run, self.assignment
+        header = pb.UploadHeader(header=run.header(self.round), attempt_id=assignment.attempt_id,
+                                 base_state_digest=assignment.global_state_digest, num_samples=run.trainer.num_samples,
                                  metrics=metrics)
-        token, token_seq = run.audit.countersign(run.run_id, task)
+        token, token_seq = run.audit.countersign(run.run_id, assignment)
         header.audit_countersignature = token
         specs, messages = convert.upload_messages(header, update, run.chunk_bytes)
         sent = run.audit.boundary(run.run_id, "send", self.round, "update", codec.state_digest(specs), specs)
-        run.trainer.privacy.released(task.task_id.hex())   # from here on the update may be out
+        run.trainer.privacy.released(assignment.attempt_id.hex())   # from here on the update may be out
         try:
             receipt = self.upload(messages)
         except grpc.RpcError as err:
@@ -133,32 +133,32 @@ class Round:
                             err.details())
                 return None, len(specs)
             raise
-        run.counters.rounds_trained += 1
-        run.counters.bytes_sent += receipt.bytes_received
+        run.counters.rounds_contributed += 1
+        run.counters.bytes_uploaded += receipt.bytes_received
         return receipt, len(specs)
 
-    def send_secure(self, update: dict[str, np.ndarray], metrics: dict[str, float]) -> SecureSession | None:
+    def send_secure(self, update: dict[str, np.ndarray], metrics: dict[str, float]) -> SecAggSession | None:
         """Encode the update and advertise keys; the update itself leaves with the masked input, a
         step the coordinator opens later, so the privacy engine asks the session once the attempt
         is over. A session that ends in a refusal may have sent it, and counts as sent."""
-        session = SecureSession.begin(self.site_run, self.stub, self.task, update, metrics)
-        task_id = self.task.task_id.hex()
+        session = SecAggSession.begin(self.site_run, self.stub, self.assignment, update, metrics)
+        attempt_id = self.assignment.attempt_id.hex()
         if session is None:
             self.withhold("this site did not take part in the round's secure aggregation")
         else:
             client = session.update.client
-            self.site_run.trainer.privacy.release_later(task_id, lambda: client.masked_input_may_have_left)
+            self.site_run.trainer.privacy.release_later(attempt_id, lambda: client.masked_input_may_have_left)
         return session
 
     def past_deadline(self) -> bool:
-        """Whether the task's deadline has passed by this site's clock: the coordinator refuses a
+        """Whether the assignment's deadline has passed by this site's clock: the coordinator refuses a
         late update, so sending one would only spend privacy."""
-        return bool(self.task.deadline_unix_ms) and time.time() * 1000 > self.task.deadline_unix_ms
+        return bool(self.assignment.deadline_unix_ms) and time.time() * 1000 > self.assignment.deadline_unix_ms
 
     def withhold(self, why: str) -> None:
         """Nothing of this attempt's update leaves the site: the privacy engine undoes its training
         (no epsilon spent), and the private factors on disk go back with it."""
-        if self.site_run.trainer.privacy.withhold(self.task.task_id.hex(), why):
+        if self.site_run.trainer.privacy.withhold(self.assignment.attempt_id.hex(), why):
             self.site_run.trainer.save_private()
 
     def upload(self, messages) -> pb.UploadReceipt:
@@ -168,10 +168,10 @@ class Round:
     def decline(self, err: BudgetExceeded) -> None:
         """Refuse the round (the hard stop): the privacy engine records it, the coordinator hears why."""
         run = self.site_run
-        run.trainer.privacy.decline(err, round_no=self.round, task_id=self.task.task_id.hex())
+        run.trainer.privacy.decline(err, round_no=self.round, attempt_id=self.assignment.attempt_id.hex())
         log.warning("%s: round %d declined: %s", run.site, self.round, err)
-        run.decline(self.stub, self.task, "budget_exhausted", str(err), err.spent, err.budget, err.would_be)
+        run.decline(self.stub, self.assignment, "budget_exhausted", str(err), err.spent, err.budget, err.would_be)
 
     def refuse(self, violations: list[Violation]) -> None:
         """Refuse the round because it breaks the site policy: audited rule by rule, then declined."""
-        self.site_run.refuse(self.stub, self.task, "task", violations)
+        self.site_run.refuse(self.stub, self.assignment, "assignment", violations)

@@ -17,7 +17,7 @@ import grpc
 import numpy as np
 
 from kt_core import codec
-from kt_core.config import RunConfig
+from kt_core.config import ConfigError, RunConfig
 from kt_core.tasks import task_for
 from kt_core.wire import convert, transport
 from kt_core.wire import federation_pb2 as pb
@@ -53,6 +53,7 @@ class AgentSettings:
     coordinator_name: str = "coordinator"   # the coordinator's certificate name (its audit log's producer)
     audit: bool = True                      # keep the audit log (STATE/audit); off only to measure it
     policy_path: Path | None = None         # the site policy (TOML); None = participant.policy's default
+    site_data: Path | None = None           # the site's own data file (TOML), for a run of a python task
 
     def load_policy(self) -> SitePolicy:
         """Raises ConfigError naming the file and the field."""
@@ -62,9 +63,9 @@ class AgentSettings:
 @dataclass
 class SiteCounters:
     """What the site's metrics endpoint counts."""
-    rounds_trained: int = 0
+    rounds_contributed: int = 0
     rounds_declined: int = 0
-    bytes_sent: int = 0
+    bytes_uploaded: int = 0
     bytes_downloaded: int = 0
 
 
@@ -80,7 +81,7 @@ class GlobalStates:
     def fetch(self, stub, run_id: str, round_no: int, digest: str) -> tuple[str, dict[str, np.ndarray]]:
         """(digest, tensors) of a global state. An empty digest asks for the coordinator's current
         one (after RunFinished, which names none: the run's final state); the reply's header names
-        it, and the tensors are checked against that name as against a task's."""
+        it, and the tensors are checked against that name as against an assignment's."""
         if digest and self.cached and self.cached[0] == digest:
             return self.cached
         site = self.settings.site
@@ -91,7 +92,7 @@ class GlobalStates:
         digest = digest or first.header.global_state_digest
         specs = [convert.spec_from_pb(s) for s in first.header.tensors]
         if codec.state_digest(specs) != digest:
-            raise RuntimeError("the global state's header does not match the digest the task named")
+            raise RuntimeError("the global state's header does not match the digest the assignment named")
         assembler = codec.TensorAssembler(specs, max_chunk_bytes=self.chunk_bytes)
         for message in responses:
             assembler.add(message.chunk.name, message.chunk.offset, message.chunk.data)
@@ -115,7 +116,7 @@ class SiteRun:
     counters: SiteCounters
     stopping: threading.Event
     policy: SitePolicy = SitePolicy()
-    refused: tuple[Violation, ...] = ()   # why this site takes no part in the run: every task is declined
+    refused: tuple[Violation, ...] = ()   # why this site takes no part in the run: every assignment is declined
 
     @property
     def site(self) -> str:
@@ -129,24 +130,24 @@ class SiteRun:
     def header(self, round_no: int) -> pb.Header:
         return convert.header(self.run_id, round_no, self.site)
 
-    def refuse(self, stub, task: pb.RoundTask, message: str, violations) -> None:
-        """Refuse a round (at its task or at a SecAgg step) that breaks the site policy: each rule
+    def refuse(self, stub, assignment: pb.RoundAssignment, message: str, violations) -> None:
+        """Refuse a round (at its assignment or at a SecAgg step) that breaks the site policy: each rule
         logged and audited, then one Decline naming them."""
-        round_no = task.header.round
+        round_no = assignment.header.round
         for v in violations:
             log.error("%s: round %d declined (%s): %s", self.site, round_no, message, v)
             self.audit.refusal(self.run_id, round_no, message, f"site policy {v.rule}", v.detail)
-        self.decline(stub, task, "site_policy", "; ".join(str(v) for v in violations)[:500])
+        self.decline(stub, assignment, "site_policy", "; ".join(str(v) for v in violations)[:500])
 
-    def decline(self, stub, task: pb.RoundTask, code: str, reason: str, spent: float = 0.0, budget: float = 0.0,
+    def decline(self, stub, assignment: pb.RoundAssignment, code: str, reason: str, spent: float = 0.0, budget: float = 0.0,
                 would_be: float = 0.0) -> None:
         """The Decline RPC, audited and countersigned like every message that leaves the site."""
-        round_no = task.header.round
+        round_no = assignment.header.round
         self.counters.rounds_declined += 1
-        token, token_seq = self.audit.countersign(self.run_id, task)
-        sent = self.audit.boundary(self.run_id, "send", round_no, "decline", hashlib.sha256(task.task_id).hexdigest())
+        token, token_seq = self.audit.countersign(self.run_id, assignment)
+        sent = self.audit.boundary(self.run_id, "send", round_no, "decline", hashlib.sha256(assignment.attempt_id).hexdigest())
         try:
-            stub.Decline(pb.DeclineRequest(header=self.header(round_no), task_id=task.task_id, code=code,
+            stub.Decline(pb.DeclineRequest(header=self.header(round_no), attempt_id=assignment.attempt_id, code=code,
                                            reason=reason, epsilon_spent=spent, epsilon_budget=budget,
                                            epsilon_would_be=would_be, audit_countersignature=token),
                          timeout=self.settings.rpc_timeout_s)
@@ -182,11 +183,20 @@ class SiteRun:
 
         if refused:
             return refusing(refused)
-        backbone = None
-        if task_for(config).hosts_backbone:
-            backbone = fetch_backbone(settings, stub, reply, config, audit, counters)
-        trainer = LocalTrainer(settings.site, run_id, config, settings.state_dir, settings.data_root,
-                               epsilon_budget=settings.epsilon_budget, backbone=backbone, audit=audit)
+        try:
+            # a python task is imported from what this site installed, at the version the run
+            # announces, before anything is downloaded or built (TaskMismatch otherwise)
+            backbone = None
+            if task_for(config, settings.site_data).hosts_backbone:
+                backbone = fetch_backbone(settings, stub, reply, config, audit, counters)
+            trainer = LocalTrainer(settings.site, run_id, config, settings.state_dir, settings.data_root,
+                                   epsilon_budget=settings.epsilon_budget, backbone=backbone, audit=audit,
+                                   site_data=settings.site_data)
+        except ConfigError as err:
+            # the run's task, its options or this site's data do not fit: nothing is sent, the
+            # refusal is in the site's own log, and the agent stops with the error
+            audit.refusal(run_id, reply.header.round, "join", "task", str(err)[:1000])
+            raise
         if trainer.manifest.digest() != reply.manifest_digest:
             raise RuntimeError("the coordinator's factor manifest differs from the model this site builds "
                                "(incompatible software versions)")

@@ -35,9 +35,10 @@ __all__ = ["LocalTrainer", "BudgetExceeded", "DPUnsupportedError"]
 
 class LocalTrainer:
     def __init__(self, site: str, run_id: str, config: RunConfig, state_dir: Path, data_root: Path | None = None,
-                 epsilon_budget: float | None = None, *, backbone: Path | None = None, audit=None):
+                 epsilon_budget: float | None = None, *, backbone: Path | None = None, audit=None,
+                 site_data: Path | None = None):
         self.site, self.run_id, self.config = site, run_id, config
-        self.task = tasks.task_for(config)
+        self.task = tasks.task_for(config, site_data)   # site_data: the site's own data file, if any
         SitePrivacy.check_offered(config, self.task)
         self.built = self.task.build(backbone)
         self.model = self.built.model
@@ -60,13 +61,13 @@ class LocalTrainer:
         return self.privacy.ledger
 
     def train(self, epochs: int, batch_size: int, lr: float, max_steps: int, seed: int, *,
-              round_no: int = 0, task_id: str = "") -> TrainResult:
+              round_no: int = 0, attempt_id: str = "") -> TrainResult:
         """Raises BudgetExceeded, before any training, when the round would pass the site's budget."""
         # The coordinator chooses these per round; everything else comes from the run config.
         cfg = dataclasses.replace(self.config.train, epochs=epochs, batch_size=batch_size, lr=lr,
                                   max_steps=max_steps or None, seed=seed)
         cfg.validate()
-        return self.privacy.train(self.task, self.model, self.data, cfg, round_no=round_no, task_id=task_id)
+        return self.privacy.train(self.task, self.model, self.data, cfg, round_no=round_no, attempt_id=attempt_id)
 
     def privacy_metrics(self) -> dict[str, float]:
         return self.privacy.metrics()

@@ -20,21 +20,21 @@ SITES = ["site-a", "site-b", "site-c"]
 torch.set_num_threads(1)
 
 
-def fast_config(rounds: int = 3, min_participants: int = 2, timeout: float = 60, sites=SITES,
-                mode: str = "waffle", epochs: int = 2, max_chunk_bytes: int = 1 << 20, extra: str = "") -> str:
+def fast_config(rounds: int = 3, min_sites: int = 2, timeout: float = 60, sites=SITES,
+                adapter: str = "waffle", epochs: int = 2, max_chunk_bytes: int = 1 << 20, extra: str = "") -> str:
     """A run on sklearn digits: small enough that a round takes a fraction of a second."""
     names = ", ".join(f'"{s}"' for s in sites)
     return f"""
 [federation]
 rounds = {rounds}
-min_participants = {min_participants}
+min_sites = {min_sites}
 round_timeout_s = {timeout}
 sites = [{names}]
 max_chunk_bytes = {max_chunk_bytes}
 seed = 3
 
 [model]
-mode = "{mode}"
+adapter = "{adapter}"
 hidden = [64]
 n_factors = 8
 seed = 3

@@ -15,7 +15,7 @@ with its real certificates and sockets. Participant (its round recipe and secure
     KTFED_FAULT_LEAK_PRIVATE=1            Round.update adds the private factors (the egress guard
                                           must stop the update)
     KTFED_FAULT_EXIT_AFTER_SECAGG_STEP=X  the process exits (code 17) once step X was submitted
-    KTFED_TEST_EXPORT_SECAGG_INPUT=DIR    each SecureUpdate writes the site's plain update and its
+    KTFED_TEST_EXPORT_SECAGG_INPUT=DIR    each SecAggUpdate writes the site's plain update and its
                                           encoded input to DIR, so a test can check the sum
 
 Coordinator (its store and its start):
@@ -92,7 +92,7 @@ def install_participant(env) -> None:
         _wrap(Round, "update", leaking_update)
     exit_step = env.get("KTFED_FAULT_EXIT_AFTER_SECAGG_STEP")
     if exit_step:
-        from participant.secure_update import SecureSession
+        from participant.secagg_update import SecAggSession
 
         def dying_submit(submit, self, step, payload):
             delivered = submit(self, step, payload)
@@ -100,10 +100,10 @@ def install_participant(env) -> None:
                 log.warning("%s: fault injection: exiting after secure aggregation step %s", self.site_run.site, step)
                 os._exit(17)
             return delivered
-        _wrap(SecureSession, "submit", dying_submit)
+        _wrap(SecAggSession, "submit", dying_submit)
     folder = env.get("KTFED_TEST_EXPORT_SECAGG_INPUT")
     if folder:
-        from participant.secure_update import SecureUpdate
+        from participant.secagg_update import SecAggUpdate
 
         def exporting_init(init, self, site, run_id, round_no, *args, **kwargs):
             init(self, site, run_id, round_no, *args, **kwargs)
@@ -111,7 +111,7 @@ def install_participant(env) -> None:
             out.mkdir(parents=True, exist_ok=True)
             np.save(out / f"{site}-round{round_no}-update.npy", self.flat, allow_pickle=False)
             np.save(out / f"{site}-round{round_no}-encoded.npy", self.encoded, allow_pickle=False)
-        _wrap(SecureUpdate, "__init__", exporting_init)
+        _wrap(SecAggUpdate, "__init__", exporting_init)
 
 
 def install_coordinator(env) -> None:

@@ -26,7 +26,7 @@ def run_config_text(backbone: Path, episodes: int = 40, n_factors: int = 4) -> s
     return f"""
 [federation]
 rounds = 2
-min_participants = 3
+min_sites = 3
 sites = ["site-a", "site-b", "site-c"]
 
 [task]
@@ -41,7 +41,7 @@ eval_episodes = 3
 rollout_episodes = 4
 
 [vln.adapter]
-mode = "waffle"
+adapter = "waffle"
 n_factors = {n_factors}
 """
 

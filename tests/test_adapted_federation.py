@@ -22,7 +22,7 @@ def test_image_sites_write_the_final_global_state_with_their_private_factors(fed
     """The same end of run for the image task (fast): the final state is fetched and kept."""
     from tests.conftest import fast_config
 
-    federation.start_coordinator(federation.write_config(fast_config(rounds=2, min_participants=3)))
+    federation.start_coordinator(federation.write_config(fast_config(rounds=2, min_sites=3)))
     federation.wait_serving()
     for site in SITES:
         federation.start_participant(site)

@@ -31,7 +31,7 @@ def _ktfed(*args):
 
 @pytest.mark.slow
 def test_real_run_audit_logs_verify_and_tampering_is_named(federation, tmp_path):
-    federation.start_coordinator(federation.write_config(fast_config(rounds=2, min_participants=3, epochs=1)))
+    federation.start_coordinator(federation.write_config(fast_config(rounds=2, min_sites=3, epochs=1)))
     federation.wait_serving()
     for site in ("site-a", "site-b", "site-c"):
         federation.start_participant(site)

@@ -66,7 +66,7 @@ def simulate_run(root: Path, pki_dir: Path, rounds: int = 3, sites=SITES, run: s
         head = coord.head()
         tokens = {}
         for s, log in logs.items():
-            task = dict(run=run, round=rnd, sender="coordinator", receiver=s, message="task",
+            task = dict(run=run, round=rnd, sender="coordinator", receiver=s, message="assignment",
                         sha256=digest(f"global-{rnd}"), tensors=TENSORS)
             coord.log_boundary(direction="send", **task)
             log.log_boundary(direction="receive", **task)

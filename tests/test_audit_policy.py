@@ -38,9 +38,9 @@ def site_log(folder, pki, site: str = "site-a") -> SiteAudit:
     return SiteAudit(folder, site, TLSFiles.from_pki(pki, site), "coordinator")
 
 
-def run_config(mode: str = "waffle") -> dict:
+def run_config(adapter: str = "waffle") -> dict:
     """A run config as the coordinator sends it (its JSON), which the site records at join."""
-    return json.loads(load_toml(fast_config(mode=mode)).to_json())
+    return json.loads(load_toml(fast_config(adapter=adapter)).to_json())
 
 
 def upload(audit: SiteAudit, run: str, round_no: int, tensors) -> None:
@@ -54,7 +54,7 @@ def write_two_runs(folder, pki, policy: SitePolicy) -> None:
     audit.config("run-ok", run_config(), policy)
     for r in (1, 2):
         upload(audit, "run-ok", r, TENSORS)
-    audit.config("run-bad", run_config(mode="dense"), policy)
+    audit.config("run-bad", run_config(adapter="dense"), policy)
     for r in (1, 2):
         upload(audit, "run-bad", r, TENSORS + [HEAD])
     audit.refusal("run-bad", 3, "task", "site policy limits.max_rounds_per_run", "round 3 is past 2 rounds")
@@ -70,7 +70,7 @@ def test_a_kept_policy_holds_and_a_crossing_it_forbids_is_flagged(tmp_path, pki)
     (check,) = check_sites(result)
     assert check.status == "violated" and check.crossings == 4
     found = {(v["rule"], v["run"]): v for v in check.to_dict()["violations"]}
-    assert set(found) == {("model.adapter_modes", "run-bad"), ("egress.tensor_patterns", "run-bad"),
+    assert set(found) == {("model.adapters", "run-bad"), ("egress.tensor_patterns", "run-bad"),
                           ("egress.max_upload_bytes", "run-bad")}
     tensors = found[("egress.tensor_patterns", "run-bad")]
     assert tensors["rounds"] == [1, 2] and tensors["crossings"] == 2 and tensors["first"].startswith("update (seq")

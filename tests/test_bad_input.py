@@ -34,24 +34,24 @@ class Site:
     channel: grpc.Channel
     stub: ParticipantServiceStub
     join: pb.JoinReply | None = None
-    task: pb.RoundTask | None = None
+    task: pb.RoundAssignment | None = None
     stream: object = None
     state: dict = field(default_factory=dict)
 
-    def header(self, round_no=None, run_id=None, pid=None):
+    def header(self, round_no=None, run_id=None, site_id=None):
         return convert.header(self.join.header.run_id if run_id is None else run_id,
                               self.task.header.round if round_no is None else round_no,
-                              self.name if pid is None else pid)
+                              self.name if site_id is None else site_id)
 
     def upload_header(self, tensors, **overrides) -> pb.UploadHeader:
-        fields = dict(header=self.header(), task_id=self.task.task_id,
+        fields = dict(header=self.header(), attempt_id=self.task.attempt_id,
                       base_state_digest=self.task.global_state_digest, num_samples=1)
         fields.update(overrides)
         head = pb.UploadHeader(**fields)
         head.tensors.extend(convert.spec_to_pb(codec.spec_of(n, a)) for n, a in sorted(tensors.items()))
         return head
 
-    def download(self, task: pb.RoundTask) -> dict:
+    def download(self, task: pb.RoundAssignment) -> dict:
         chunks = list(self.stub.DownloadState(pb.StateRequest(header=self.header(round_no=task.header.round),
                                                               global_state_digest=task.global_state_digest)))
         assembler = codec.TensorAssembler([convert.spec_from_pb(s) for s in chunks[0].header.tensors])
@@ -73,7 +73,7 @@ def _connect(fed, cert_name, pki=None) -> grpc.Channel:
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory, pki_dir):
     fed = LocalFederation(tmp_path_factory.mktemp("bad-input"), pki_dir)
-    config = fed.write_config(fast_config(rounds=50, min_participants=2, timeout=600,
+    config = fed.write_config(fast_config(rounds=50, min_sites=2, timeout=600,
                                           sites=["site-x", "site-a"], max_chunk_bytes=CHUNK))
     fed.start_coordinator(config)
     fed.wait_serving()
@@ -82,14 +82,14 @@ def fed(tmp_path_factory, pki_dir):
 
 
 def join_sites(fed, names) -> dict[str, Site]:
-    """Hand-driven sites that joined, hold their task stream and got round 1's task and state."""
+    """Hand-driven sites that joined, hold their assignment stream and got round 1's task and state."""
     out = {}
     for name in names:
         channel = _connect(fed, name)
         site = Site(name, channel, ParticipantServiceStub(channel))
-        site.join = site.stub.Join(pb.JoinRequest(header=convert.header(participant_id=name)), timeout=30)
-        site.stream = site.stub.Tasks(pb.TaskStreamRequest(header=convert.header(site.join.header.run_id,
-                                                                                 participant_id=name)))
+        site.join = site.stub.Join(pb.JoinRequest(header=convert.header(site_id=name)), timeout=30)
+        site.stream = site.stub.Assignments(pb.AssignmentStreamRequest(header=convert.header(site.join.header.run_id,
+                                                                                 site_id=name)))
         out[name] = site
     for site in out.values():
         site.task = next(t.round for t in site.stream if t.HasField("round"))
@@ -160,9 +160,9 @@ def test_stale_round(fed, sites):
              "stale round 0")
 
 
-def test_task_id_of_another_attempt(fed, sites):
+def test_attempt_id_of_another_attempt(fed, sites):
     site = sites["site-x"]
-    head = site.upload_header(_delta(site, 0.0), task_id=b"\x00" * 16)
+    head = site.upload_header(_delta(site, 0.0), attempt_id=b"\x00" * 16)
     _refused(fed, lambda: site.upload(head, _delta(site, 0.0)), grpc.StatusCode.FAILED_PRECONDITION,
              "replayed or superseded")
 
@@ -255,7 +255,7 @@ def test_metrics_that_are_not_finite(fed, sites):
 def test_id_that_differs_from_the_certificate_subject(fed, sites):
     channel = _connect(fed, "site-a")
     stub = ParticipantServiceStub(channel)
-    _refused(fed, lambda: stub.Join(pb.JoinRequest(header=convert.header(participant_id="site-x")), timeout=10),
+    _refused(fed, lambda: stub.Join(pb.JoinRequest(header=convert.header(site_id="site-x")), timeout=10),
              grpc.StatusCode.PERMISSION_DENIED, "differs from the certificate subject 'site-a'")
     channel.close()
 
@@ -263,7 +263,7 @@ def test_id_that_differs_from_the_certificate_subject(fed, sites):
 def test_site_that_is_not_part_of_the_run(fed, sites):
     channel = _connect(fed, "site-b")
     stub = ParticipantServiceStub(channel)
-    _refused(fed, lambda: stub.Join(pb.JoinRequest(header=convert.header(participant_id="site-b")), timeout=10),
+    _refused(fed, lambda: stub.Join(pb.JoinRequest(header=convert.header(site_id="site-b")), timeout=10),
              grpc.StatusCode.PERMISSION_DENIED, "site-b is not a site of run")
     channel.close()
 
@@ -284,7 +284,7 @@ def test_operator_start_run_with_invalid_config(fed, sites):
 def _handshake_fails(fed, channel) -> grpc.RpcError:
     stub = ParticipantServiceStub(channel)
     with pytest.raises(grpc.RpcError) as info:
-        stub.Join(pb.JoinRequest(header=convert.header(participant_id="site-x")), timeout=10)
+        stub.Join(pb.JoinRequest(header=convert.header(site_id="site-x")), timeout=10)
     channel.close()
     assert info.value.code() == grpc.StatusCode.UNAVAILABLE
     assert fed.status().round_in_progress == 1
@@ -313,7 +313,7 @@ def test_revoked_certificate_is_refused_without_a_restart(fed, sites):
     issue(fed.pki, "site-r", "participant")
     channel = _connect(fed, "site-r")
     stub = ParticipantServiceStub(channel)
-    join = lambda: stub.Join(pb.JoinRequest(header=convert.header(participant_id="site-r")), timeout=10)  # noqa: E731
+    join = lambda: stub.Join(pb.JoinRequest(header=convert.header(site_id="site-r")), timeout=10)  # noqa: E731
     _refused(fed, join, grpc.StatusCode.PERMISSION_DENIED, "not a site of run")  # valid, just not invited
     out = subprocess.run([sys.executable, "-m", "ktfed", "pki", "revoke", "--dir", str(fed.pki), "site-r"],
                          capture_output=True, text=True)

@@ -42,7 +42,7 @@ def test_config_check_names_the_bad_field(tmp_path):
     cases = {
         "lr = 0.05": ("lr = \"fast\"", "train.lr: expected a number"),
         "rounds = 3": ("rounds = 0", "federation.rounds: must be >= 1"),
-        "mode = \"waffle\"": ("mode = \"sparse\"", "model.mode"),
+        "adapter = \"waffle\"": ("adapter = \"sparse\"", "model.adapter"),
         "[data]": ("[data]\ncolour = 1", "data.colour: unknown field"),
         "scheme = \"dirichlet\"": ("scheme = \"random\"", "data.partition.scheme"),
     }
@@ -62,13 +62,13 @@ def test_config_fields_can_be_overridden_from_the_environment(tmp_path):
     config = tmp_path / "run.toml"
     config.write_text(fast_config())
     env = {**os.environ, "KTFED_RUN__FEDERATION__ROUNDS": "7", "KTFED_RUN__DATA__PARTITION__ALPHA": "0.25",
-           "KTFED_RUN__MODEL__MODE": "lora"}
+           "KTFED_RUN__MODEL__ADAPTER": "lora"}
     out = subprocess.run([sys.executable, "-m", "ktfed", "config", "check", str(config)], capture_output=True,
                          text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     resolved = json.loads(out.stdout)
     assert resolved["federation"]["rounds"] == 7 and resolved["data"]["partition"]["alpha"] == 0.25
-    assert resolved["model"]["mode"] == "lora"
+    assert resolved["model"]["adapter"] == "lora"
     env = {**os.environ, "KTFED_RUN__TRAIN__LR": "fast"}
     out = subprocess.run([sys.executable, "-m", "ktfed", "config", "check", str(config)], capture_output=True,
                          text=True, env=env, timeout=120)
@@ -78,15 +78,15 @@ def test_config_fields_can_be_overridden_from_the_environment(tmp_path):
 
 def test_coordinator_refuses_an_invalid_config_file(tmp_path, pki_dir):
     bad = tmp_path / "bad.toml"
-    bad.write_text(fast_config().replace("min_participants = 2", "min_participants = 9"))
+    bad.write_text(fast_config().replace("min_sites = 2", "min_sites = 9"))
     out = ktfed("coordinator", "serve", "--listen", "127.0.0.1:0", "--state", tmp_path / "state",
                 "--pki", pki_dir, "--config", bad)
     assert out.returncode == 2
-    assert "federation.min_participants" in out.stderr and str(bad) in out.stderr
+    assert "federation.min_sites" in out.stderr and str(bad) in out.stderr
 
 
 def test_coordinator_refuses_a_corrupted_checkpoint_and_names_it(federation):
-    config = federation.write_config(fast_config(rounds=30, min_participants=3))
+    config = federation.write_config(fast_config(rounds=30, min_sites=3))
     federation.start_coordinator(config)
     federation.wait_serving()
     for site in SITES:
@@ -117,7 +117,7 @@ def test_operator_starts_a_run_and_reads_its_status(federation):
     args = ["--coordinator", federation.address, "--pki", federation.pki]
     out = ktfed("run", "status", *args)
     assert out.returncode == 1 and "UNAVAILABLE: no run has been started" in out.stderr
-    config = federation.write_config(fast_config(rounds=2, min_participants=3))
+    config = federation.write_config(fast_config(rounds=2, min_sites=3))
     out = ktfed("run", "start", "--config", config, *args)
     assert out.returncode == 0 and "0/2 rounds" in out.stdout, out.stderr
     for site in SITES:
@@ -128,7 +128,7 @@ def test_operator_starts_a_run_and_reads_its_status(federation):
     import json
     status = json.loads(out.stdout)
     assert status["state"] == "finished" and [r["round"] for r in status["rounds"]] == [1, 2]
-    assert {p["id"]: p["rounds_contributed"] for p in status["participants"]} == {s: 2 for s in SITES}
+    assert {p["id"]: p["rounds_contributed"] for p in status["sites"]} == {s: 2 for s in SITES}
     # The operator's one-look command, configured through the environment as a container would be.
     env = {**os.environ, "KTFED_COORDINATOR": federation.address, "KTFED_PKI": str(federation.pki)}
     out = subprocess.run([sys.executable, "-m", "ktfed", "status"], capture_output=True, text=True, env=env,
@@ -150,7 +150,7 @@ def test_insecure_mode_runs_without_certificates(tmp_path):
     import subprocess as sp
     address = f"127.0.0.1:{free_port()}"
     config = tmp_path / "run.toml"
-    config.write_text(fast_config(rounds=1, min_participants=1, sites=["site-a"]))
+    config.write_text(fast_config(rounds=1, min_sites=1, sites=["site-a"]))
     coord = sp.Popen([sys.executable, "-m", "ktfed", "coordinator", "serve", "--insecure", "--listen", address,
                       "--state", str(tmp_path / "c"), "--config", str(config)], stderr=sp.PIPE, text=True)
     try:

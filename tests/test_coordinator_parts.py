@@ -13,6 +13,7 @@ from coordinator.admission import MAX_STRING, MAX_WIRE_INT, check_fields
 from coordinator.errors import Code, Refusal
 from coordinator.limits import RecordBudget, StreamWatchdog
 from coordinator.state_file import LazyState, state_layout, write_state_file
+from coordinator.store import SCHEMA_VERSION, Store, StoreVersionError
 from coordinator.strategy import DPFedAvg, FedAvg, strategy_for
 from kt_core.config import load_toml
 from kt_core.wire import convert
@@ -45,7 +46,7 @@ def test_strings_are_bounded_and_never_echoed(length):
     if length <= MAX_STRING:
         check_fields(message)
     else:
-        with pytest.raises(Refusal, match="header.participant_id: .* characters") as info:
+        with pytest.raises(Refusal, match="header.site_id: .* characters") as info:
             check_fields(message)
         assert text not in str(info.value)
 
@@ -58,8 +59,8 @@ def test_map_keys_and_long_named_fields_have_their_own_limits():
     head.metrics["k" * (MAX_STRING + 1)] = 1.0
     with pytest.raises(Refusal, match="metrics key"):
         check_fields(head)
-    with pytest.raises(Refusal, match="task_id"):
-        check_fields(pb.DeclineRequest(header=convert.header(), task_id=b"\0" * 65))
+    with pytest.raises(Refusal, match="attempt_id"):
+        check_fields(pb.DeclineRequest(header=convert.header(), attempt_id=b"\0" * 65))
 
 
 # -- refusals: a flood costs a bounded number of records -----------------------------------------------
@@ -117,7 +118,7 @@ def test_fedavg_selects_configures_and_weighs_by_samples():
 
 
 def test_dpfedavg_weighs_equally_adds_central_noise_and_reports_user_level_epsilon():
-    config = _config('[privacy]\nenabled = true\nmode = "central"\nupdate_clip_norm = 1.0\n'
+    config = _config('[privacy]\nenabled = true\nmechanism = "central"\nupdate_clip_norm = 1.0\n'
                      'user_noise_multiplier = 2.0\n')
     strategy = strategy_for(config)
     assert isinstance(strategy, DPFedAvg) and strategy.weight(70) == 1 and strategy.secagg_weight_scale() == 1
@@ -133,14 +134,14 @@ def test_dpfedavg_weighs_equally_adds_central_noise_and_reports_user_level_epsil
 
 
 def test_dpfedavg_distributed_adds_nothing_at_the_coordinator():
-    inner = FedAvg(1.0, max_participants=10)
-    strategy = DPFedAvg(inner, mode="distributed", noise_multiplier=1.0, clip_norm=1.0, delta=1e-5)
+    inner = FedAvg(1.0, max_sites=10)
+    strategy = DPFedAvg(inner, mechanism="distributed", noise_multiplier=1.0, clip_norm=1.0, delta=1e-5)
     strategy.begin({"w": np.zeros(5, np.float32)})
     strategy.add_aggregate({"w": np.full(5, 3.0)}, 3)
     np.testing.assert_allclose(strategy.finish()["w"], 1.0)
     assert strategy.privacy_round(1).noise_std == 0.0
     with pytest.raises(ValueError):
-        DPFedAvg(inner, mode="dp_sgd", noise_multiplier=1.0, clip_norm=1.0, delta=1e-5)
+        DPFedAvg(inner, mechanism="dp_sgd", noise_multiplier=1.0, clip_norm=1.0, delta=1e-5)
 
 
 # -- the lazy-state protocol -------------------------------------------------------------------------------
@@ -164,7 +165,7 @@ def test_an_engine_error_stops_the_run_visibly_and_a_restart_resumes_it(tmp_path
 
     from coordinator.coordinator import Coordinator
     from coordinator.store import Store
-    from tests.test_rounds import _next_round_task, _upload
+    from tests.test_rounds import _next_assignment, _upload
 
     class FullDisk(Store):
         """A store whose disk fills up when the first round is written."""
@@ -172,14 +173,14 @@ def test_an_engine_error_stops_the_run_visibly_and_a_restart_resumes_it(tmp_path
         def complete_round(self, *args, **kwargs):
             raise OSError(28, "No space left on device")
 
-    config = load_toml(fast_config(rounds=2, min_participants=2, timeout=30, sites=["s1", "s2"]))
+    config = load_toml(fast_config(rounds=2, min_sites=2, timeout=30, sites=["s1", "s2"]))
     config = dataclasses.replace(config, federation=dataclasses.replace(config.federation, gather_timeout_s=0.0))
     failed = []
     coord = Coordinator(FullDisk(tmp_path), on_failure=failed.append)
     coord.start_run(config)
     engine = coord.current()
-    s1, s2 = engine.connect("s1"), engine.connect("s2")
-    t1, t2 = _next_round_task(s1), _next_round_task(s2)
+    s1, s2 = engine.sessions.connect("s1"), engine.sessions.connect("s2")
+    t1, t2 = _next_assignment(s1), _next_assignment(s2)
     _upload(engine, "s1", t1, 1.0, 10)
     _upload(engine, "s2", t2, 1.0, 10)
     deadline = time.monotonic() + 20
@@ -209,7 +210,21 @@ def test_a_run_larger_than_the_server_can_carry_is_refused_naming_the_flag(tmp_p
     assert ServerCapacity(200 + RESERVE_THREADS, 400 + RESERVE_CALLS).problem(200) is None
     coord = Coordinator(Store(tmp_path), capacity=capacity)
     sites = ", ".join(f'"s{i}"' for i in range(3))
-    config = load_toml(f"[federation]\nsites = [{sites}]\nmax_participants = 200\n[data]\ndataset = \"digits\"\n")
-    with pytest.raises(Refusal, match="federation.max_participants = 200.*--max-workers 232"):
+    config = load_toml(f"[federation]\nsites = [{sites}]\nmax_sites = 200\n[data]\ndataset = \"digits\"\n")
+    with pytest.raises(Refusal, match="federation.max_sites = 200.*--max-workers 232"):
         coord.start_run(config)
     assert coord.engine is None
+
+
+# -- the store's schema version -------------------------------------------------------------------
+
+def test_records_of_another_schema_version_are_refused_naming_both(tmp_path):
+    import sqlite3
+    Store(tmp_path).close()
+    db = sqlite3.connect(tmp_path / "coordinator.sqlite3")
+    assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    db.execute("PRAGMA user_version = 0")   # a store from before the renames carried no version
+    db.commit()
+    db.close()
+    with pytest.raises(StoreVersionError, match=f"schema version 0, this coordinator reads version {SCHEMA_VERSION}"):
+        Store(tmp_path)

@@ -66,12 +66,12 @@ def test_demo_policies_require_secagg_and_dp_for_images_and_take_dense_only_when
     from participant.policy import check_join, load
 
     sites, fed = ["site-a", "site-b", "site-c"], Federation(tmp_path, "127.0.0.1:1")
-    for task, mode in (("image", "waffle"), ("image", "dense"), ("vln", "waffle")):
-        settings = DemoSettings(workdir=tmp_path, task=task, mode=mode)
+    for task, adapter in (("image", "waffle"), ("image", "dense"), ("vln", "waffle")):
+        settings = DemoSettings(workdir=tmp_path, task=task, adapter=adapter)
         write_policies(fed, settings, sites)
         policy = load(fed.policy_file("site-a"))
         assert policy.secagg.required and policy.privacy.required == (task == "image")
-        assert ("dense" in policy.model.adapter_modes) == (mode == "dense")
+        assert ("dense" in policy.model.adapters) == (adapter == "dense")
         if task == "image":   # the demo's own run config meets its policy
             config = load_toml(demo_config(settings, sites)).resolved()
             assert check_join(policy, config, site="site-a", shared={}) == []

@@ -34,7 +34,7 @@ def _independent(history, delta):
 def test_ledger_epsilon_matches_dp_accounting_within_one_percent(tmp_path, history, delta):
     ledger = PrivacyLedger(tmp_path / "ledger.sqlite3", "site-a")
     for i, spend in enumerate(history, 1):
-        ledger.reserve(run_id="r", round_no=i, task_id=f"t{i}", spend=spend, max_grad_norm=1.0, delta=delta,
+        ledger.reserve(run_id="r", round_no=i, attempt_id=f"t{i}", spend=spend, max_grad_norm=1.0, delta=delta,
                        budget=100.0)
     last = ledger.entries()[-1]
     pld, rdp = _independent(history, delta)
@@ -60,14 +60,14 @@ def test_ledger_hard_stop_survives_reopening_and_records_everything(tmp_path):
     ledger = PrivacyLedger(path, "site-a")
     spend = RoundSpend(0.1, 1.0, 10)
     budget = epsilons([spend] * 2, 1e-5)["prv"] * 1.01
-    e1 = ledger.reserve(run_id="r", round_no=1, task_id="a", spend=spend, max_grad_norm=1.0, delta=1e-5, budget=budget)
+    e1 = ledger.reserve(run_id="r", round_no=1, attempt_id="a", spend=spend, max_grad_norm=1.0, delta=1e-5, budget=budget)
     assert e1.state == "reserved"      # counted before training: a crash cannot under-count
     ledger.settle(e1, 10)
-    ledger.reserve(run_id="r", round_no=2, task_id="b", spend=spend, max_grad_norm=1.0, delta=1e-5, budget=budget)
+    ledger.reserve(run_id="r", round_no=2, attempt_id="b", spend=spend, max_grad_norm=1.0, delta=1e-5, budget=budget)
     ledger.close()
     again = PrivacyLedger(path, "site-a")      # a restart (or a crash after round 2 began)
     with pytest.raises(BudgetExceeded) as err:
-        again.reserve(run_id="r", round_no=3, task_id="c", spend=spend, max_grad_norm=1.0, delta=1e-5, budget=budget)
+        again.reserve(run_id="r", round_no=3, attempt_id="c", spend=spend, max_grad_norm=1.0, delta=1e-5, budget=budget)
     assert err.value.would_be > budget >= err.value.spent
     entries = again.entries()
     assert [e.round for e in entries] == [1, 2] and [e.state for e in entries] == ["spent", "reserved"]

@@ -36,7 +36,7 @@ def _ledger(federation, site: str) -> PrivacyLedger:
 @pytest.mark.slow
 def test_small_budget_site_stops_others_continue_and_it_still_refuses_after_sigkill(federation):
     rounds = 5
-    text = fast_config(rounds=rounds, min_participants=2, epochs=1, extra=PRIVACY)
+    text = fast_config(rounds=rounds, min_sites=2, epochs=1, extra=PRIVACY)
     # site-a's own budget is stricter than the run's (8.0 over all rounds): it fits two rounds
     n = len(site_split(load_dataset("digits"), ["site-a", "site-b", "site-c"], "site-a",
                        load_toml(text).data.partition)[1])
@@ -94,7 +94,7 @@ def test_small_budget_site_stops_others_continue_and_it_still_refuses_after_sigk
         assert ("site-a" in rec.contributors) == (rec.round <= fitted)
         if rec.round > fitted and "site-a" in rec.declined:
             assert "site-a" not in rec.dropped
-    info = {p.participant_id: p for p in status.participants}
+    info = {p.site_id: p for p in status.sites}
     assert info["site-a"].privacy_status == "budget_exhausted"
     assert info["site-a"].epsilon_budget == pytest.approx(budget)
     assert info["site-a"].epsilon_spent == pytest.approx(last.eps_cum_prv, rel=1e-6)
@@ -106,7 +106,7 @@ def test_small_budget_site_stops_others_continue_and_it_still_refuses_after_sigk
     # uploads carry epsilon in their metrics; the coordinator recorded the declines and the DP parameters
     assert "site-b/epsilon" in status.rounds[-1].metrics
     db = federation.db()
-    assert db.execute("SELECT COUNT(*) FROM declines WHERE participant_id = 'site-a' "
+    assert db.execute("SELECT COUNT(*) FROM declines WHERE site_id = 'site-a' "
                       "AND code = 'budget_exhausted'").fetchone()[0] >= 2   # before the kill and after
     (params,) = db.execute("SELECT params_json FROM privacy_params").fetchone()
     assert '"target_epsilon": 8.0' in params
@@ -117,12 +117,12 @@ def test_central_dp_fedavg_with_real_processes_records_user_level_epsilon(federa
     central = """
 [privacy]
 enabled = true
-mode = "central"
+mechanism = "central"
 update_clip_norm = 0.5
 user_noise_multiplier = 1.0
 delta = 1e-3
 """
-    config = federation.write_config(fast_config(rounds=3, min_participants=3, extra=central))
+    config = federation.write_config(fast_config(rounds=3, min_sites=3, extra=central))
     federation.start_coordinator(config)
     federation.wait_serving()
     for site in ("site-a", "site-b", "site-c"):
@@ -130,7 +130,7 @@ delta = 1e-3
     status = federation.wait_rounds(3, timeout=180)
     assert status.state == "finished"
     db = sqlite3.connect(federation.workdir / "coordinator" / "coordinator.sqlite3")
-    rows = db.execute("SELECT round, mode, contributors, noise_std, epsilon_prv, epsilon_rdp "
+    rows = db.execute("SELECT round, mechanism, contributors, noise_std, epsilon_prv, epsilon_rdp "
                       "FROM privacy_rounds ORDER BY round").fetchall()
     assert [r[0] for r in rows] == [1, 2, 3] and all(r[1] == "central" for r in rows)
     # N(0, (z S / n)^2) with z = 1, S = 0.5, n = 3 sites, server lr 1
@@ -150,7 +150,7 @@ def test_distributed_noise_shares_under_secure_aggregation(federation):
     extra = """
 [privacy]
 enabled = true
-mode = "distributed"
+mechanism = "distributed"
 update_clip_norm = 1.0
 user_noise_multiplier = 1.0
 min_survivors = 2
@@ -161,15 +161,15 @@ enabled = true
 clip_norm = 400.0
 bits = 16
 """
-    text = fast_config(rounds=2, min_participants=3, epochs=1, extra=extra)
+    text = fast_config(rounds=2, min_sites=3, epochs=1, extra=extra)
     federation.start_coordinator(federation.write_config(text))
     federation.wait_serving()
     for site in ("site-a", "site-b", "site-c"):
         federation.start_participant(site)
     status = federation.wait_for(lambda: (s := federation.status()).state == "finished" and s, 180,
                                  "the run to finish")
-    assert all(r.secure_aggregation for r in status.rounds)
-    rows = federation.db().execute("SELECT round, mode, contributors, noise_std, epsilon_prv, epsilon_rdp "
+    assert all(r.secagg for r in status.rounds)
+    rows = federation.db().execute("SELECT round, mechanism, contributors, noise_std, epsilon_prv, epsilon_rdp "
                                    "FROM privacy_rounds ORDER BY round").fetchall()
     assert [r[0] for r in rows] == [1, 2]
     assert all(r[1] == "distributed" and r[2] == 3 and r[3] == 0.0 for r in rows)  # no central noise

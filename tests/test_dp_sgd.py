@@ -25,7 +25,7 @@ from security.dp import PrivacyLedger, RoundSpend
 from security.dp.engine import DPSettings, DPUnsupportedError, check_model, train_dp
 from security.dp.ledger import LEDGER_FILE
 from tests.conftest import fast_config
-from tests.test_rounds import _next_round_task, coordinator  # noqa: F401  (fixture)
+from tests.test_rounds import _next_assignment, coordinator  # noqa: F401  (fixture)
 
 
 # -- per-sample gradient rules ------------------------------------------------------------------
@@ -72,7 +72,7 @@ def test_waffle_and_dense_train_under_dp_and_kl_params_move_outside_the_mechanis
     d = load_digits()
     x, y = torch.tensor(d.data[:300] / 16, dtype=torch.float32), torch.tensor(d.target[:300])
     for mode in ("waffle", "dense"):
-        model = build_model(ModelConfig(mode=mode, input_dim=64, hidden=(32,), n_factors=4))
+        model = build_model(ModelConfig(adapter=mode, input_dim=64, hidden=(32,), n_factors=4))
         public = [p for n, p in model.named_parameters() if "kuma" in n]
         before = [p.detach().clone() for p in public]
         private = [p for n, p in model.named_parameters() if "kuma" not in n]
@@ -89,7 +89,7 @@ def test_waffle_and_dense_train_under_dp_and_kl_params_move_outside_the_mechanis
 def test_unsupported_layers_are_named():
     with pytest.raises(DPUnsupportedError, match="BatchNorm"):
         check_model(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), "hooks")
-    waffle = build_model(ModelConfig(mode="waffle", input_dim=8, hidden=(4,), n_factors=2))
+    waffle = build_model(ModelConfig(adapter="waffle", input_dim=8, hidden=(4,), n_factors=2))
     with pytest.raises(DPUnsupportedError, match="random gates.*use 'hooks'"):
         check_model(waffle, "functorch")
 
@@ -181,14 +181,14 @@ def test_delta_not_below_one_over_n_is_refused_at_the_site(tmp_path):
 def test_budget_already_spent_at_start_declines_and_the_stricter_budget_wins(tmp_path, caplog):
     config = _dp_config("noise_multiplier = 1.0\nepsilon_budget = 5.0\ndelta = 1e-5")
     ledger = PrivacyLedger(tmp_path / LEDGER_FILE, "site-a")
-    ledger.reserve(run_id="old", round_no=1, task_id="x", spend=RoundSpend(0.5, 0.5, 50), max_grad_norm=1.0,
+    ledger.reserve(run_id="old", round_no=1, attempt_id="x", spend=RoundSpend(0.5, 0.5, 50), max_grad_norm=1.0,
                    delta=1e-5, budget=1e9)
     ledger.close()
     trainer = LocalTrainer("site-a", "run-1", config, tmp_path, epsilon_budget=2.0)
     assert trainer.privacy.budget == 2.0                       # the site's own, stricter budget
     assert "privacy budget already spent" in caplog.text
     with pytest.raises(BudgetExceeded, match="past this site's budget 2"):
-        trainer.train(1, 32, 0.05, 0, 1, round_no=1, task_id="t")
+        trainer.train(1, 32, 0.05, 0, 1, round_no=1, attempt_id="t")
     assert len(trainer.ledger.entries()) == 1                  # nothing trained, nothing recorded
 
 
@@ -206,21 +206,21 @@ def three_sites(tmp_path):
 def test_decline_for_another_round_or_task_is_refused_like_uploads(three_sites):
     coordinator = three_sites
     engine = coordinator.current()
-    sessions = [engine.connect(s) for s in ("s1", "s2", "s3")]
-    task = _next_round_task(sessions[0])
+    sessions = [engine.sessions.connect(s) for s in ("s1", "s2", "s3")]
+    task = _next_assignment(sessions[0])
     for session in sessions[1:]:
-        _next_round_task(session)
+        _next_assignment(session)
 
-    def decline(round_no=task.header.round, task_id=task.task_id, pid="s1"):
-        request = pb.DeclineRequest(header=convert.header(engine.run_id, round_no, pid), task_id=task_id,
+    def decline(round_no=task.header.round, attempt_id=task.attempt_id, site_id="s1"):
+        request = pb.DeclineRequest(header=convert.header(engine.run_id, round_no, site_id), attempt_id=attempt_id,
                                     code="budget_exhausted", reason="r", epsilon_spent=1.0, epsilon_budget=1.0,
                                     epsilon_would_be=2.0)
-        return engine.answers.decline(pid, messages.decline_answer(request))
+        return engine.answers.decline(site_id, messages.decline_answer(request))
 
     for kwargs, code in (({"round_no": task.header.round + 1}, grpc.StatusCode.FAILED_PRECONDITION),
                          ({"round_no": 0}, grpc.StatusCode.FAILED_PRECONDITION),
-                         ({"task_id": b"\x00" * 16}, grpc.StatusCode.FAILED_PRECONDITION),
-                         ({"pid": "s4"}, grpc.StatusCode.PERMISSION_DENIED)):
+                         ({"attempt_id": b"\x00" * 16}, grpc.StatusCode.FAILED_PRECONDITION),
+                         ({"site_id": "s4"}, grpc.StatusCode.PERMISSION_DENIED)):
         with pytest.raises(Refusal) as err:
             decline(**kwargs)
         assert err.value.code == code
@@ -230,9 +230,9 @@ def test_decline_for_another_round_or_task_is_refused_like_uploads(three_sites):
         decline()
     assert err.value.code == grpc.StatusCode.ALREADY_EXISTS
     status = engine.status()
-    info = {p.participant_id: p for p in status.participants}
+    info = {p.site_id: p for p in status.sites}
     assert info["s1"].privacy_status == "budget_exhausted" and info["s1"].epsilon_budget == 1.0
-    assert coordinator.store.declines(engine.run_id)[0]["participant_id"] == "s1"
+    assert coordinator.store.declines(engine.run_id)[0]["site_id"] == "s1"
 
 
 # -- user level ---------------------------------------------------------------------------------------
@@ -253,7 +253,7 @@ def test_privacy_cli_ledger_and_plan(tmp_path, capsys):
     from ktfed.cli import main
 
     ledger = PrivacyLedger(tmp_path / LEDGER_FILE, "site-a")
-    ledger.reserve(run_id="run-1", round_no=1, task_id="t", spend=RoundSpend(0.1, 1.0, 10), max_grad_norm=1.0,
+    ledger.reserve(run_id="run-1", round_no=1, attempt_id="t", spend=RoundSpend(0.1, 1.0, 10), max_grad_norm=1.0,
                    delta=1e-5, budget=5.0)
     ledger.close()
     assert main(["privacy", "ledger", "--site", "site-a", "--state", str(tmp_path), "--json"]) == 0
@@ -272,8 +272,8 @@ def test_central_dp_fedavg_adds_noise_with_equal_weights_and_records_user_level_
     from coordinator.store import Store
     from tests.test_rounds import _upload
 
-    text = fast_config(rounds=1, min_participants=2, timeout=30, sites=["s1", "s2"],
-                       extra="[privacy]\nenabled = true\nmode = \"central\"\nupdate_clip_norm = 1.0\n"
+    text = fast_config(rounds=1, min_sites=2, timeout=30, sites=["s1", "s2"],
+                       extra="[privacy]\nenabled = true\nmechanism = \"central\"\nupdate_clip_norm = 1.0\n"
                              "user_noise_multiplier = 1.0\n")
     config = load_toml(text)
     config = dataclasses.replace(config, federation=dataclasses.replace(config.federation, gather_timeout_s=0.0))
@@ -282,8 +282,8 @@ def test_central_dp_fedavg_adds_noise_with_equal_weights_and_records_user_level_
     try:
         engine = coord.current()
         before = {n: a.copy() for n, a in engine.global_state.items()}
-        s1, s2 = engine.connect("s1"), engine.connect("s2")
-        t1, t2 = _next_round_task(s1), _next_round_task(s2)
+        s1, s2 = engine.sessions.connect("s1"), engine.sessions.connect("s2")
+        t1, t2 = _next_assignment(s1), _next_assignment(s2)
         _upload(engine, "s1", t1, 0.0, 10)
         _upload(engine, "s2", t2, 0.0, 1000)
         import time
@@ -297,7 +297,7 @@ def test_central_dp_fedavg_adds_noise_with_equal_weights_and_records_user_level_
         moved = np.concatenate([(engine.global_state[n] - before[n]).ravel() for n in before])
         assert 0.3 < moved.std() < 0.7
         (params,) = coord.store.db.execute("SELECT params_json FROM privacy_params").fetchone()
-        assert '"mode": "central"' in params
+        assert '"mechanism": "central"' in params
     finally:
         coord.stop("shutdown")
         coord.store.close()

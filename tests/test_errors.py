@@ -160,7 +160,7 @@ def test_the_ledger_of_another_site_is_an_error(tmp_path, capsys):
     from security.dp.ledger import LEDGER_FILE, PrivacyLedger
 
     ledger = PrivacyLedger(tmp_path / LEDGER_FILE, "site-a")
-    ledger.record_decline(run_id="r", round_no=1, task_id="t", reason="budget", spent=1.0, would_be=2.5,
+    ledger.record_decline(run_id="r", round_no=1, attempt_id="t", reason="budget", spent=1.0, would_be=2.5,
                           budget=2.0, accountant="prv")
     ledger.close()
     assert main(["privacy", "ledger", "--site", "site-x", "--state", str(tmp_path)]) == exits.INVALID
@@ -197,8 +197,8 @@ def _wait_for(path: Path, text: str, timeout: float = 90) -> None:
 def test_ctrl_c_and_sigterm_stop_a_participant_and_the_coordinator_cleanly(tmp_path, pki_dir):
     fed = LocalFederation(tmp_path, pki_dir)
     try:
-        # rounds wait for a second site that never comes: the participant is idle on its task stream
-        fed.start_coordinator(fed.write_config(fast_config(rounds=50, timeout=30, min_participants=2)))
+        # rounds wait for a second site that never comes: the participant is idle on its assignment stream
+        fed.start_coordinator(fed.write_config(fast_config(rounds=50, timeout=30, min_sites=2)))
         fed.wait_serving()
         log = tmp_path / "logs" / "site-a.log"
         for signum, code, said in ((signal.SIGINT, exits.INTERRUPTED, "stopped by Ctrl-C"),
@@ -229,7 +229,7 @@ def test_sigterm_mid_round_stops_after_the_round(tmp_path, pki_dir):
     the upload until the stop is asked for), then stops without a word about the coordinator."""
     fed = LocalFederation(tmp_path, pki_dir)
     try:
-        fed.start_coordinator(fed.write_config(fast_config(rounds=50, timeout=60, min_participants=2)))
+        fed.start_coordinator(fed.write_config(fast_config(rounds=50, timeout=60, min_sites=2)))
         fed.wait_serving()
         fed.start_participant("site-a")
         proc = fed.start_participant("site-b", env={"KTFED_FAULT_PAUSE_BEFORE_UPLOAD_S": "60"})

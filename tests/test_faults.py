@@ -25,7 +25,7 @@ def _round_in_progress(fed, n):
 
 
 def test_site_killed_mid_round_survivors_complete_the_round(federation):
-    config = federation.write_config(fast_config(rounds=3, min_participants=2, timeout=60))
+    config = federation.write_config(fast_config(rounds=3, min_sites=2, timeout=60))
     federation.start_coordinator(config)
     federation.wait_serving()
     federation.start_participant("site-a")
@@ -43,7 +43,7 @@ def test_site_killed_mid_round_survivors_complete_the_round(federation):
 
 
 def test_too_few_survivors_abort_the_round_and_it_is_retried(federation):
-    config = federation.write_config(fast_config(rounds=2, min_participants=3, timeout=60))
+    config = federation.write_config(fast_config(rounds=2, min_sites=3, timeout=60))
     federation.start_coordinator(config)
     federation.wait_serving()
     federation.start_participant("site-a")
@@ -57,7 +57,7 @@ def test_too_few_survivors_abort_the_round_and_it_is_retried(federation):
     status = federation.wait_rounds(2, timeout=120)
     assert [r.round for r in status.rounds] == [1, 2]
     assert all(sorted(r.contributors) == SITES for r in status.rounds)
-    (aborted,) = federation.db().execute("SELECT COUNT(*) FROM aborted_rounds WHERE round = 1").fetchone()
+    (aborted,) = federation.db().execute("SELECT COUNT(*) FROM aborted_attempts WHERE round = 1").fetchone()
     assert aborted >= 1
     assert "round 1 aborted: only 2 update(s), 3 required" in federation.log()
 
@@ -80,7 +80,7 @@ def _assert_consistent(federation, rounds: int) -> None:
 
 
 def test_coordinator_killed_mid_round_resumes_and_sites_reconnect(federation):
-    config = federation.write_config(fast_config(rounds=4, min_participants=3, timeout=60))
+    config = federation.write_config(fast_config(rounds=4, min_sites=3, timeout=60))
     federation.start_coordinator(config)
     federation.wait_serving()
     for site in SITES:
@@ -100,7 +100,7 @@ def test_coordinator_killed_mid_round_resumes_and_sites_reconnect(federation):
 
 
 def test_coordinator_killed_mid_save_leaves_no_partial_state(federation):
-    config = federation.write_config(fast_config(rounds=3, min_participants=3, timeout=60))
+    config = federation.write_config(fast_config(rounds=3, min_sites=3, timeout=60))
     federation.start_coordinator(config, env={"KTFED_FAULT_PAUSE_BEFORE_COMMIT_S": "60"})
     federation.wait_serving()
     for site in SITES:

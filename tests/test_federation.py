@@ -12,7 +12,7 @@ from tests.conftest import SITES, fast_config
 
 
 def test_three_sites_three_rounds_learn_and_only_shared_factors_cross(federation):
-    config = federation.write_config(fast_config(rounds=3, min_participants=3))
+    config = federation.write_config(fast_config(rounds=3, min_sites=3))
     federation.start_coordinator(config)
     federation.wait_serving()
     for site in SITES:
@@ -33,11 +33,11 @@ def test_three_sites_three_rounds_learn_and_only_shared_factors_cross(federation
     manifest = FactorManifest.from_json(manifest_json)
     shared = {e.name: list(e.shape) for e in manifest.shared()}
     assert manifest.private(), "a WAFFLe model must have private tensors to keep home"
-    uploads = db.execute("SELECT round, participant_id, tensors_json, bytes FROM uploads").fetchall()
+    uploads = db.execute("SELECT round, site_id, tensors_json, bytes FROM uploads").fetchall()
     assert len(uploads) == 9
-    for round_no, pid, tensors_json, nbytes in uploads:
+    for round_no, site_id, tensors_json, nbytes in uploads:
         tensors = json.loads(tensors_json)
-        assert {t["name"]: t["shape"] for t in tensors} == shared, (round_no, pid)
+        assert {t["name"]: t["shape"] for t in tensors} == shared, (round_no, site_id)
         assert nbytes == sum(t["nbytes"] for t in tensors) == manifest.shared_nbytes()
 
     # What the coordinator stores: only shared tensors, in files that match their digests.
@@ -65,7 +65,7 @@ def test_three_sites_three_rounds_learn_and_only_shared_factors_cross(federation
 
 
 def test_egress_guard_refuses_private_tensors_and_says_so(federation):
-    config = federation.write_config(fast_config(rounds=3, min_participants=1, timeout=5,
+    config = federation.write_config(fast_config(rounds=3, min_sites=1, timeout=5,
                                                  sites=["site-a", "site-b"]))
     federation.start_coordinator(config)
     federation.wait_serving()
@@ -78,7 +78,9 @@ def test_egress_guard_refuses_private_tensors_and_says_so(federation):
     assert "egress refused" in log and "gate_logits (private)" in log
     assert all(list(r.contributors) == ["site-b"] for r in status.rounds)
     assert any("site-a" in r.dropped for r in status.rounds)
-    (count,) = federation.db().execute("SELECT COUNT(*) FROM uploads WHERE participant_id = 'site-a'").fetchone()
+    (manifest_json,) = federation.db().execute("SELECT manifest_json FROM runs").fetchone()
+    assert status.manifest_digest == FactorManifest.from_json(manifest_json).digest()
+    (count,) = federation.db().execute("SELECT COUNT(*) FROM uploads WHERE site_id = 'site-a'").fetchone()
     assert count == 0
 
 

@@ -46,7 +46,7 @@ def server(pki, tmp_path_factory):
     settings = ServerSettings(f"127.0.0.1:{free_port()}", state, transport.TLSFiles.from_pki(pki, "coordinator"),
                               crl=pki / "crl.pem", stream_first_message_timeout_s=TIMEOUT_S,
                               stream_idle_timeout_s=TIMEOUT_S)
-    config = load_toml(fast_config(rounds=3, min_participants=2, timeout=600, sites=MEMBERS))
+    config = load_toml(fast_config(rounds=3, min_sites=2, timeout=600, sites=MEMBERS))
     # the first round starts once all three members hold their stream (every one is selected)
     config = dataclasses.replace(config, federation=dataclasses.replace(config.federation, gather_timeout_s=60.0))
     srv = CoordinatorServer(settings)
@@ -74,17 +74,17 @@ def _refused(call, code, *phrases) -> grpc.RpcError:
 
 
 class Member:
-    """A member site driven by hand: it joined, holds its task stream, and has round 1's task."""
+    """A member site driven by hand: it joined, holds its assignment stream, and has round 1's task."""
 
     def __init__(self, server, pki, name):
         self.name = name
         self.channel, self.stub = _stub(server, pki, name)
-        self.join = self.stub.Join(pb.JoinRequest(header=convert.header(participant_id=name)), timeout=10)
+        self.join = self.stub.Join(pb.JoinRequest(header=convert.header(site_id=name)), timeout=10)
         self.run_id = self.join.header.run_id
-        self.stream = self.stub.Tasks(pb.TaskStreamRequest(header=convert.header(self.run_id, participant_id=name)))
+        self.stream = self.stub.Assignments(pb.AssignmentStreamRequest(header=convert.header(self.run_id, site_id=name)))
         self.task = None
 
-    def next_round(self) -> pb.RoundTask:
+    def next_round(self) -> pb.RoundAssignment:
         self.task = next(t.round for t in self.stream if t.HasField("round"))
         return self.task
 
@@ -101,7 +101,7 @@ class Member:
         return assembler.finish()
 
     def upload_messages(self, update, num_samples=10):
-        head = pb.UploadHeader(header=self.header(), task_id=self.task.task_id,
+        head = pb.UploadHeader(header=self.header(), attempt_id=self.task.attempt_id,
                                base_state_digest=self.task.global_state_digest, num_samples=num_samples)
         head.tensors.extend(convert.spec_to_pb(codec.spec_of(n, a)) for n, a in sorted(update.items()))
         encoded = [(codec.spec_of(n, a), codec.to_bytes(a)) for n, a in sorted(update.items())]
@@ -131,15 +131,15 @@ def test_non_member_is_refused_on_every_call_and_never_told_the_run_id(server, p
     head = convert.header(run_id, 1, "site-b")
     task = members["site-x"].task
     calls = {
-        "Join": lambda: stub.Join(pb.JoinRequest(header=convert.header(participant_id="site-b")), timeout=10),
-        "Tasks": lambda: next(stub.Tasks(pb.TaskStreamRequest(header=head), timeout=10)),
+        "Join": lambda: stub.Join(pb.JoinRequest(header=convert.header(site_id="site-b")), timeout=10),
+        "Assignments": lambda: next(stub.Assignments(pb.AssignmentStreamRequest(header=head), timeout=10)),
         "DownloadState": lambda: next(stub.DownloadState(
             pb.StateRequest(header=head, global_state_digest=task.global_state_digest), timeout=10)),
         "Upload": lambda: stub.Upload(iter([pb.UploadChunk(header=pb.UploadHeader(
-            header=head, task_id=task.task_id, base_state_digest=task.global_state_digest, num_samples=1))]),
+            header=head, attempt_id=task.attempt_id, base_state_digest=task.global_state_digest, num_samples=1))]),
             timeout=10),
-        "Decline": lambda: stub.Decline(pb.DeclineRequest(header=head, task_id=task.task_id, code="x"), timeout=10),
-        "SubmitSecAgg": lambda: stub.SubmitSecAgg(iter([pb.SecAggSubmission(header=head, task_id=task.task_id,
+        "Decline": lambda: stub.Decline(pb.DeclineRequest(header=head, attempt_id=task.attempt_id, code="x"), timeout=10),
+        "SubmitSecAgg": lambda: stub.SubmitSecAgg(iter([pb.SecAggSubmission(header=head, attempt_id=task.attempt_id,
                                                                             payload_bytes=1)]), timeout=10),
         "DownloadBackbone": lambda: next(stub.DownloadBackbone(pb.BackboneRequest(header=head), timeout=10)),
         "Leave": lambda: stub.Leave(pb.LeaveRequest(header=head, reason="bye"), timeout=10),
@@ -148,7 +148,7 @@ def test_non_member_is_refused_on_every_call_and_never_told_the_run_id(server, p
         err = _refused(call, grpc.StatusCode.PERMISSION_DENIED, "site-b is not a site of run")
         assert run_id not in err.details(), (method, err.details())
     # nothing of site-b was kept: it was never selected, never counted
-    assert "site-b" not in {p.participant_id for p in server.coordinator.current().status().participants}
+    assert "site-b" not in {p.site_id for p in server.coordinator.current().status().sites}
     recorded = [r for r in _refusals(server) if r[0] == "site-b"]
     assert {r[1].split(".")[-1] for r in recorded} == set(calls)
     channel.close()
@@ -182,13 +182,13 @@ def test_num_samples_of_2_63_is_refused_and_the_engine_lives(server, members):
     assert server.coordinator._thread.is_alive()
 
 
-def test_a_huge_participant_id_is_not_echoed_into_the_records(server, members):
+def test_a_huge_site_id_is_not_echoed_into_the_records(server, members):
     m = members["site-x"]
     before = _refusals(server)
     huge = "A" * (3 << 20)
     request = pb.StateRequest(header=convert.header(m.run_id, 1, huge), global_state_digest=m.task.global_state_digest)
     _refused(lambda: list(m.stub.DownloadState(request, timeout=30)), grpc.StatusCode.INVALID_ARGUMENT,
-             "participant_id")
+             "site_id")
     new = _refusals(server)[len(before):]
     assert len(new) == 1 and all(len(field) <= 1024 for field in new[0]), [len(f) for f in new[0]]
     status = server.coordinator.current().status()
@@ -276,7 +276,7 @@ def test_health_and_status_answer_while_a_member_holds_all_it_may_hold(server, p
         except grpc.RpcError as err:
             codes.append(err.code())
     hold.set()
-    # at most max_rpcs_per_participant of them were let in (its task stream holds one)
+    # at most max_rpcs_per_site of them were let in (its assignment stream holds one)
     assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) >= 20 - 7
     channel.close()
     time.sleep(2.5)
@@ -300,9 +300,9 @@ def small_server(pki, tmp_path_factory):
                               transport.TLSFiles.from_pki(pki, "coordinator"), crl=pki / "crl.pem",
                               max_workers=FLOOD_WORKERS, max_concurrent_rpcs=2 * FLOOD_WORKERS,
                               stream_first_message_timeout_s=120.0)
-    text = fast_config(rounds=3, min_participants=2, timeout=600, sites=MEMBERS).replace(
-        "[federation]\n", "[federation]\nmax_participants = 3\nmax_rpcs_per_participant = 3\n"
-                           "rpc_rate_per_participant = 0.0\n")
+    text = fast_config(rounds=3, min_sites=2, timeout=600, sites=MEMBERS).replace(
+        "[federation]\n", "[federation]\nmax_sites = 3\nmax_rpcs_per_site = 3\n"
+                           "rpc_rate_per_site = 0.0\n")
     srv = CoordinatorServer(settings)
     srv.start(load_toml(text))
     yield srv
@@ -345,12 +345,12 @@ def test_a_flood_of_idle_calls_does_not_make_health_or_status_time_out(small_ser
             assert reply.status == health_pb2.HealthCheckResponse.SERVING and status.state == "running"
         assert time.monotonic() - started < 5
         held = [c for c in calls if not c.done()]
-        # each certificate holds at most max_rpcs_per_participant calls open; a non-member none
+        # each certificate holds at most max_rpcs_per_site calls open; a non-member none
         assert len(held) <= 3 * 3, len(held)
         codes = {c.exception().code() for c in calls if c.done()}
         assert codes <= {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.PERMISSION_DENIED}, codes
         reasons = [r for (r,) in small_server.store.db.execute("SELECT reason FROM refusals")]
-        assert any(r.startswith("federation.max_rpcs_per_participant: operator-2 already has 3 calls open, the "
+        assert any(r.startswith("federation.max_rpcs_per_site: operator-2 already has 3 calls open, the "
                                 "most one certificate may hold at once") for r in reasons)
         assert any("site-b is not a site of run" in r for r in reasons)
     finally:
@@ -389,4 +389,4 @@ def test_the_honest_sites_complete_the_round(server, members):
     engine = server.coordinator.current()
     assert engine.rounds_completed == 1
     uploads = server.store.uploads(engine.run_id)
-    assert sorted(u["participant_id"] for u in uploads) == ["site-a", "site-x"]
+    assert sorted(u["site_id"] for u in uploads) == ["site-a", "site-x"]

@@ -79,7 +79,7 @@ def test_a_withheld_attempt_is_undone_and_costs_nothing_a_released_one_stays_spe
     privacy = trainer.privacy
     before = _model_state(trainer)
 
-    trainer.train(1, 32, 0.05, 0, 1, round_no=1, task_id="aa")
+    trainer.train(1, 32, 0.05, 0, 1, round_no=1, attempt_id="aa")
     trained = _model_state(trainer)
     assert any(not np.array_equal(before[k], trained[k]) for k in before)     # DP-SGD moved the model
     assert privacy.metrics()["epsilon"] > 0
@@ -92,20 +92,20 @@ def test_a_withheld_attempt_is_undone_and_costs_nothing_a_released_one_stays_spe
     assert privacy.metrics()["epsilon"] == 0
 
     # the retry of round 1: released, then the coordinator aborts that attempt too
-    assert not privacy.next_task(1, "bb")
-    trainer.train(1, 32, 0.05, 0, 1, round_no=1, task_id="bb")
+    assert not privacy.next_attempt(1, "bb")
+    trainer.train(1, 32, 0.05, 0, 1, round_no=1, attempt_id="bb")
     privacy.released("bb")
     assert not privacy.withhold("bb", "too late")         # once released, it cannot be taken back
-    assert not privacy.next_task(1, "cc")                 # a second retry: attempt "bb" was aborted
+    assert not privacy.next_attempt(1, "cc")                 # a second retry: attempt "bb" was aborted
     withheld, spent = trainer.ledger.entries()
     assert (withheld.attempt, spent.attempt) == ("aborted", "aborted") and spent.state == "spent"
     one_round = epsilons([spent.spend], spent.delta)["prv"]
     assert spent.eps_cum_prv == pytest.approx(one_round)  # the withheld attempt is not in the composition
 
     # the retry's own row; a later round says nothing about it having been aborted
-    trainer.train(1, 32, 0.05, 0, 1, round_no=1, task_id="cc")
+    trainer.train(1, 32, 0.05, 0, 1, round_no=1, attempt_id="cc")
     privacy.released("cc")
-    privacy.next_task(2, "dd")
+    privacy.next_attempt(2, "dd")
     rows = trainer.ledger.entries()
     assert [r.attempt for r in rows] == ["aborted", "aborted", ""]
     assert rows[-1].eps_cum_prv == pytest.approx(epsilons([spent.spend, rows[-1].spend], spent.delta)["prv"])
@@ -117,16 +117,16 @@ def test_a_withheld_attempt_is_undone_and_costs_nothing_a_released_one_stays_spe
 def test_secure_aggregation_outcome_is_asked_when_the_attempt_ends(tmp_path):
     trainer = _dp_trainer(tmp_path)
     privacy = trainer.privacy
-    trainer.train(1, 32, 0.05, 0, 1, round_no=1, task_id="aa")
+    trainer.train(1, 32, 0.05, 0, 1, round_no=1, attempt_id="aa")
     privacy.release_later("aa", lambda: False)            # the masked input never went out
-    assert privacy.next_task(1, "bb")                     # undone: the caller saves the private factors
-    trainer.train(1, 32, 0.05, 0, 1, round_no=1, task_id="bb")
+    assert privacy.next_attempt(1, "bb")                     # undone: the caller saves the private factors
+    trainer.train(1, 32, 0.05, 0, 1, round_no=1, attempt_id="bb")
     privacy.release_later("bb", lambda: True)
-    assert not privacy.next_task(2, "cc")
+    assert not privacy.next_attempt(2, "cc")
     first, second = trainer.ledger.entries()
     assert (first.state, first.attempt) == ("withheld", "aborted") and (second.state, second.attempt) == ("spent", "")
     # the run ends after 1 round: attempts of round 2 did not complete
-    trainer.train(1, 32, 0.05, 0, 1, round_no=2, task_id="cc")
+    trainer.train(1, 32, 0.05, 0, 1, round_no=2, attempt_id="cc")
     privacy.release_later("cc", lambda: True)
     privacy.run_finished(1)
     assert [(e.round, e.state, e.attempt) for e in trainer.ledger.entries()][-1] == (2, "spent", "aborted")
@@ -139,7 +139,7 @@ def test_an_older_ledger_file_gains_the_new_columns(tmp_path):
     db = sqlite3.connect(tmp_path / LEDGER_FILE)
     db.executescript(old_schema)
     assert "attempt" not in {r[1] for r in db.execute("PRAGMA table_info(entries)")}
-    db.execute("INSERT INTO entries (site, run_id, round, task_id, level, sample_rate, steps, noise_multiplier, "
+    db.execute("INSERT INTO entries (site, run_id, round, attempt_id, level, sample_rate, steps, noise_multiplier, "
                "max_grad_norm, delta, eps_round_prv, eps_round_rdp, eps_cum_prv, eps_cum_rdp, budget, remaining, "
                "accountant, accountant_version, params_json, state, at) VALUES ('site-a', 'r', 1, 't', 'record', "
                "0.1, 10, 1.0, 1.0, 1e-5, 0.5, 0.6, 0.5, 0.6, 5.0, 4.5, 'prv', 'v', '{}', 'spent', 0)")
@@ -148,10 +148,29 @@ def test_an_older_ledger_file_gains_the_new_columns(tmp_path):
     ledger = PrivacyLedger(tmp_path / LEDGER_FILE, "site-a")
     (row,) = ledger.entries()
     assert (row.state, row.attempt, row.note) == ("spent", "", "")
-    ledger.reserve(run_id="r", round_no=2, task_id="u", spend=RoundSpend(0.1, 1.0, 10), max_grad_norm=1.0,
+    ledger.reserve(run_id="r", round_no=2, attempt_id="u", spend=RoundSpend(0.1, 1.0, 10), max_grad_norm=1.0,
                    delta=1e-5, budget=5.0)
     assert len(ledger.entries()) == 2
 
+
+
+def test_a_ledger_from_before_the_renames_keeps_its_rows_under_attempt_id(tmp_path):
+    # ledgers written before one name per concept called the coordinator's attempt id task_id:
+    # a site must not lose the history its budget rests on when it upgrades
+    db = sqlite3.connect(tmp_path / LEDGER_FILE)
+    db.executescript(SCHEMA.replace("attempt_id TEXT", "task_id TEXT"))
+    db.execute("INSERT INTO entries (site, run_id, round, task_id, level, sample_rate, steps, noise_multiplier, "
+               "max_grad_norm, delta, eps_round_prv, eps_round_rdp, eps_cum_prv, eps_cum_rdp, budget, remaining, "
+               "accountant, accountant_version, params_json, state, at) VALUES ('site-a', 'r', 1, 'ab', 'record', "
+               "0.1, 10, 1.0, 1.0, 1e-5, 0.5, 0.6, 0.5, 0.6, 5.0, 4.5, 'prv', 'v', '{}', 'spent', 0)")
+    db.commit()
+    db.close()
+    ledger = PrivacyLedger(tmp_path / LEDGER_FILE, "site-a")
+    (row,) = ledger.entries()
+    assert (row.attempt_id, row.state, row.eps_cum_prv) == ("ab", "spent", 0.5)
+    ledger.record_decline(run_id="r", round_no=2, attempt_id="cd", reason="budget", spent=0.5, would_be=6.0,
+                          budget=5.0, accountant="prv")
+    assert [d["attempt_id"] for d in ledger.declines()] == ["cd"]
 
 # -- real federations ---------------------------------------------------------------------------
 
@@ -161,7 +180,7 @@ def test_an_update_the_guard_stopped_costs_nothing_and_a_released_one_stays_spen
     nothing, and its ledger adds nothing. site-a released its update in both attempts, which the
     coordinator aborted (one update of two required): both rows stay spent and are marked aborted,
     the first when its retry arrived, the second when the run ended without completing round 1."""
-    text = _retries(fast_config(rounds=1, min_participants=2, sites=TWO, epochs=1, timeout=4, extra=PRIVACY), 2)
+    text = _retries(fast_config(rounds=1, min_sites=2, sites=TWO, epochs=1, timeout=4, extra=PRIVACY), 2)
     federation.start_coordinator(federation.write_config(text))
     federation.wait_serving()
     federation.start_participant("site-a")
@@ -176,7 +195,7 @@ def test_an_update_the_guard_stopped_costs_nothing_and_a_released_one_stays_spen
     assert all(e.eps_round_prv == 0 and e.eps_cum_prv == 0 and e.steps > 0 for e in b)
     assert b[0].attempt == "aborted" and "egress guard" in b[0].note
     a = _ledger(federation, "site-a").entries()
-    assert [(e.round, e.state) for e in a] == [(1, "spent"), (1, "spent")] and a[0].task_id != a[1].task_id
+    assert [(e.round, e.state) for e in a] == [(1, "spent"), (1, "spent")] and a[0].attempt_id != a[1].attempt_id
     assert a[0].attempt == a[1].attempt == "aborted" and "the run ended after 0 round(s)" in a[1].note
     assert a[1].eps_cum_prv == pytest.approx(epsilons([a[0].spend, a[1].spend], a[1].delta)["prv"])
 
@@ -192,7 +211,7 @@ def test_an_update_not_ready_by_the_deadline_is_not_sent_and_costs_nothing(feder
     """Rounds far shorter than DP-SGD takes: each site's update is ready after the deadline, so it
     is not sent (the coordinator would refuse it) and the attempt costs the site no epsilon."""
     # a 0.2 s round against 8 epochs of DP-SGD (hundreds of steps): no update is ever ready in time
-    text = _retries(fast_config(rounds=1, min_participants=2, sites=TWO, epochs=8, timeout=0.2, extra=PRIVACY), 2)
+    text = _retries(fast_config(rounds=1, min_sites=2, sites=TWO, epochs=8, timeout=0.2, extra=PRIVACY), 2)
     federation.start_coordinator(federation.write_config(text))
     federation.wait_serving()
     for site in TWO:
@@ -213,7 +232,7 @@ def test_a_site_killed_after_the_other_uploaded_the_retry_is_a_row_of_its_own(fe
     sites' first rows stay spent (site-b had handed its update to the upload: it may have left)
     and are marked aborted when the retry arrives, site-b's by its restarted process; the retry,
     which completes, is a second row."""
-    text = _retries(fast_config(rounds=1, min_participants=2, sites=TWO, epochs=1, extra=PRIVACY), 3)
+    text = _retries(fast_config(rounds=1, min_sites=2, sites=TWO, epochs=1, extra=PRIVACY), 3)
     federation.start_coordinator(federation.write_config(text))
     federation.wait_serving()
     federation.start_participant("site-a")
@@ -224,7 +243,7 @@ def test_a_site_killed_after_the_other_uploaded_the_retry_is_a_row_of_its_own(fe
                         "site-a to upload while site-b holds its update")
     federation.participants["site-b"].send_signal(signal.SIGKILL)
     federation.participants["site-b"].wait(10)
-    federation.wait_for(lambda: federation.db().execute("SELECT COUNT(*) FROM aborted_rounds").fetchone()[0], 120,
+    federation.wait_for(lambda: federation.db().execute("SELECT COUNT(*) FROM aborted_attempts").fetchone()[0], 120,
                         "the attempt to abort")
     federation.start_participant("site-b")
     status = _wait_finished(federation)
@@ -242,19 +261,19 @@ def test_secure_aggregation_that_ends_before_the_masked_input_costs_nothing(fede
     threshold before site-a sent its masked input, so site-a's row is withheld. The dead sites'
     rows stay spent (a crashed site cannot tell what it sent). Restarted, all three complete the retry."""
     secagg = "\n[secagg]\nenabled = true\nstep_timeout_s = 15\n"
-    text = fast_config(rounds=1, min_participants=2, epochs=1, extra=PRIVACY + secagg)
+    text = fast_config(rounds=1, min_sites=2, epochs=1, extra=PRIVACY + secagg)
     federation.start_coordinator(federation.write_config(text))
     federation.wait_serving()
     federation.start_participant("site-a")
     for site in ("site-b", "site-c"):
         federation.start_participant(site, env={"KTFED_FAULT_EXIT_AFTER_SECAGG_STEP": "advertise"})
-    federation.wait_for(lambda: federation.db().execute("SELECT COUNT(*) FROM aborted_rounds").fetchone()[0], 180,
+    federation.wait_for(lambda: federation.db().execute("SELECT COUNT(*) FROM aborted_attempts").fetchone()[0], 180,
                         "the attempt to abort")
     for site in ("site-b", "site-c"):
         assert federation.participants[site].wait(60) == 17
         federation.start_participant(site)
     status = _wait_finished(federation)
-    assert status.rounds[0].secure_aggregation and len(status.rounds[0].contributors) == 3
+    assert status.rounds[0].secagg and len(status.rounds[0].contributors) == 3
     a = _ledger(federation, "site-a").entries()
     assert [(e.state, e.attempt) for e in a] == [("withheld", "aborted"), ("spent", "")], a
     assert "masked input" in a[0].note and a[1].eps_cum_prv == pytest.approx(a[1].eps_round_prv)

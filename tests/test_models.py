@@ -14,20 +14,20 @@ SMALL = dict(input_dim=20, hidden=(16, 8), num_classes=4, n_factors=4, lora_rank
 
 
 
-def small(mode="waffle", **kw):
-    return build_model(ModelConfig(mode=mode, **{**SMALL, **kw}))
+def small(adapter="waffle", **kw):
+    return build_model(ModelConfig(adapter=adapter, **{**SMALL, **kw}))
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_forward_shape_and_images_are_flattened(mode):
-    model = build_model(ModelConfig(mode=mode, hidden=(32,), n_factors=4))
+@pytest.mark.parametrize("adapter", MODES)
+def test_forward_shape_and_images_are_flattened(adapter):
+    model = build_model(ModelConfig(adapter=adapter, hidden=(32,), n_factors=4))
     assert model(torch.rand(3, 784)).shape == (3, 10)
     assert model(torch.rand(3, 28, 28)).shape == (3, 10)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_same_seed_gives_identical_tensors_and_a_different_seed_does_not(mode):
-    a, b, c = small(mode, seed=3), small(mode, seed=3), small(mode, seed=4)
+@pytest.mark.parametrize("adapter", MODES)
+def test_same_seed_gives_identical_tensors_and_a_different_seed_does_not(adapter):
+    a, b, c = small(adapter, seed=3), small(adapter, seed=3), small(adapter, seed=4)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
     assert sa.keys() == sb.keys()
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -50,8 +50,8 @@ def test_building_does_not_depend_on_or_disturb_the_global_rng():
 
 
 def test_waffle_has_at_least_ten_times_fewer_shared_parameters_than_dense():
-    dense = build_model(ModelConfig(mode="dense", hidden=(1024, 512)))
-    waffle = build_model(ModelConfig(mode="waffle", hidden=(1024, 512), n_factors=32))
+    dense = build_model(ModelConfig(adapter="dense", hidden=(1024, 512)))
+    waffle = build_model(ModelConfig(adapter="waffle", hidden=(1024, 512), n_factors=32))
     n_dense = manifest_of(dense).shared_numel()
     n_waffle = manifest_of(waffle).shared_numel()
     assert n_dense == 784 * 1024 + 1024 + 1024 * 512 + 512 + 512 * 10 + 10   # ~1.33M
@@ -60,7 +60,7 @@ def test_waffle_has_at_least_ten_times_fewer_shared_parameters_than_dense():
 
 
 @pytest.mark.parametrize("field,value", [
-    ("mode", "bogus"), ("input_dim", 0), ("hidden", (16, 0)), ("hidden", (16.0,)), ("hidden", "16"),
+    ("adapter", "bogus"), ("input_dim", 0), ("hidden", (16, 0)), ("hidden", (16.0,)), ("hidden", "16"),
     ("num_classes", 1), ("n_factors", 0), ("ibp_alpha", 0.0), ("ibp_alpha", float("nan")),
     ("temperature", -1.0), ("lora_rank", 0), ("lora_alpha", float("inf")), ("seed", -1),
     ("seed", True),
@@ -73,7 +73,7 @@ def test_config_validation_names_the_bad_field(field, value):
 
 
 def test_config_round_trips_through_json():
-    cfg = ModelConfig(mode="lora", hidden=(64, 32), seed=5)
+    cfg = ModelConfig(adapter="lora", hidden=(64, 32), seed=5)
     back = ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert back == cfg and back.hidden == (64, 32)
     with pytest.raises(ValueError, match="unknown field"):
@@ -89,9 +89,9 @@ def test_model_kl_is_the_sum_over_layers_and_zero_for_dense():
     assert kl_divergence(small("dense")).item() == 0.0
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_shared_state_is_exactly_the_manifest_shared_tensors_as_detached_copies(mode):
-    model = small(mode)
+@pytest.mark.parametrize("adapter", MODES)
+def test_shared_state_is_exactly_the_manifest_shared_tensors_as_detached_copies(adapter):
+    model = small(adapter)
     state = shared_state(model)
     assert set(state) == manifest_of(model).shared_names()
     for t in state.values():
@@ -101,9 +101,9 @@ def test_shared_state_is_exactly_the_manifest_shared_tensors_as_detached_copies(
     assert not torch.equal(shared_state(model)[name], state[name])
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_load_shared_state_round_trips_and_leaves_private_tensors_alone(mode):
-    src, dst = small(mode, seed=1), small(mode, seed=2)
+@pytest.mark.parametrize("adapter", MODES)
+def test_load_shared_state_round_trips_and_leaves_private_tensors_alone(adapter):
+    src, dst = small(adapter, seed=1), small(adapter, seed=2)
     before_private = private_state(dst)
     load_shared_state(dst, shared_state(src))
     after = shared_state(dst)

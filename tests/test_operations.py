@@ -74,7 +74,7 @@ def test_json_formatter_one_object_per_line_with_fields_and_no_secrets():
 @pytest.mark.slow
 def test_metrics_move_with_rounds_and_logs_are_json(federation):
     port, site_port = free_port(), free_port()
-    config = federation.write_config(fast_config(rounds=3, min_participants=3, timeout=60))
+    config = federation.write_config(fast_config(rounds=3, min_sites=3, timeout=60))
     json_logs = ["--log-format", "json"]
     federation.start_coordinator(config, args=["--metrics-listen", f"127.0.0.1:{port}", *json_logs])
     federation.wait_serving()
@@ -83,11 +83,11 @@ def test_metrics_move_with_rounds_and_logs_are_json(federation):
     run = {"run_id": run_id}
     assert value(before, "ktfed_coordinator_serving") == 1
     assert value(before, "ktfed_rounds_completed_total", **run) == 0
-    assert value(before, "ktfed_participants_connected", **run) == 0
+    assert value(before, "ktfed_sites_connected", **run) == 0
     # a refusal: site-x holds a valid certificate but is not a site of this run
     with transport.open_channel(federation.address, transport.TLSFiles.from_pki(federation.pki, "site-x")) as ch:
         with pytest.raises(grpc.RpcError) as err:
-            ParticipantServiceStub(ch).Join(pb.JoinRequest(header=convert.header(participant_id="site-x")),
+            ParticipantServiceStub(ch).Join(pb.JoinRequest(header=convert.header(site_id="site-x")),
                                             timeout=10)
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     federation.start_participant("site-a", args=["--metrics-listen", f"127.0.0.1:{site_port}", *json_logs])
@@ -108,8 +108,8 @@ def test_metrics_move_with_rounds_and_logs_are_json(federation):
     assert value(after, "ktfed_refusals_total", code="PERMISSION_DENIED", method="ParticipantService.Join") == 1
     assert value(after, "ktfed_aborted_attempts_total", **run) == 0
     for site in SITES:
-        assert value(after, "ktfed_participant_rounds_contributed_total", site=site) == 3
-        assert ("ktfed_participant_epsilon_spent", frozenset({"site": site}.items())) in after
+        assert value(after, "ktfed_site_rounds_contributed_total", site=site) == 3
+        assert ("ktfed_site_epsilon_spent", frozenset({"site": site}.items())) in after
     assert federation.participants["site-a"].wait(30) == 0
     # the participant's own endpoint went away with it; its log says what it served
     for name in ["coordinator", *SITES]:
@@ -125,7 +125,7 @@ def test_metrics_move_with_rounds_and_logs_are_json(federation):
 @pytest.mark.slow
 def test_participant_metrics_endpoint(federation):
     site_port = free_port()
-    config = federation.write_config(fast_config(rounds=2, min_participants=2, timeout=60, sites=SITES[:2]))
+    config = federation.write_config(fast_config(rounds=2, min_sites=2, timeout=60, sites=SITES[:2]))
     federation.start_coordinator(config)
     federation.wait_serving()
     federation.start_participant("site-a", args=["--metrics-listen", f"127.0.0.1:{site_port}"],
@@ -134,14 +134,14 @@ def test_participant_metrics_endpoint(federation):
     federation.wait_for(lambda: "fault injection: pausing" in federation.log("site-a"), 90, "site-a to train")
     site = {"site": "site-a"}
     first = scrape(site_port)
-    assert value(first, "ktfed_participant_status", status="training", **site) == 1
-    assert value(first, "ktfed_participant_rounds_trained_total", **site) == 0
-    federation.wait_for(lambda: value(scrape(site_port), "ktfed_participant_rounds_trained_total", **site) >= 1,
+    assert value(first, "ktfed_site_status", status="training", **site) == 1
+    assert value(first, "ktfed_site_rounds_contributed_total", **site) == 0
+    federation.wait_for(lambda: value(scrape(site_port), "ktfed_site_rounds_contributed_total", **site) >= 1,
                         60, "site-a's first round")
     later = scrape(site_port)
-    assert value(later, "ktfed_participant_update_bytes_total", **site) > 0
-    assert value(later, "ktfed_participant_state_bytes_total", **site) > 0
-    assert value(later, "ktfed_participant_epsilon_spent", **site) == 0  # no DP in this run
+    assert value(later, "ktfed_site_update_bytes_total", **site) > 0
+    assert value(later, "ktfed_site_state_bytes_total", **site) > 0
+    assert value(later, "ktfed_site_epsilon_spent", **site) == 0  # no DP in this run
     federation.wait_rounds(2, timeout=120)
 
 
@@ -176,7 +176,7 @@ def _health(federation):
 
 @pytest.mark.slow
 def test_sigterm_mid_round_exits_cleanly_and_restart_resumes(federation):
-    config = federation.write_config(fast_config(rounds=3, min_participants=2, timeout=60))
+    config = federation.write_config(fast_config(rounds=3, min_sites=2, timeout=60))
     federation.start_coordinator(config)
     federation.wait_serving()
     federation.start_participant("site-a")
@@ -239,7 +239,7 @@ def test_certificate_rotation_during_a_run(tmp_path):
     (tmp_path / "fed").mkdir()
     federation = LocalFederation(tmp_path / "fed", pki)
     try:
-        config = federation.write_config(fast_config(rounds=4, min_participants=2, timeout=60))
+        config = federation.write_config(fast_config(rounds=4, min_sites=2, timeout=60))
         federation.start_coordinator(config)
         federation.wait_serving()
         for site in SITES:  # site-c takes 2 s per round, so the run is still going when we rotate
@@ -261,7 +261,7 @@ def test_certificate_rotation_during_a_run(tmp_path):
         stale = transport.TLSFiles(pki / "ca.crt", old / "site-a.crt", old / "site-a.key")
         with transport.open_channel(federation.address, stale) as channel:
             with pytest.raises(grpc.RpcError) as err:
-                ParticipantServiceStub(channel).Join(pb.JoinRequest(header=convert.header(participant_id="site-a")),
+                ParticipantServiceStub(channel).Join(pb.JoinRequest(header=convert.header(site_id="site-a")),
                                                      timeout=10)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in err.value.details()
         status = federation.wait_rounds(4, timeout=180)

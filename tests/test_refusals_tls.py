@@ -49,7 +49,7 @@ def test_failed_handshakes_are_logged_and_recorded_and_reach_stderr(federation, 
     for reason, credentials in clients.items():
         with grpc.secure_channel(federation.address, credentials, options=transport.CHANNEL_OPTIONS) as channel:
             with pytest.raises(grpc.RpcError) as info:
-                ParticipantServiceStub(channel).Join(pb.JoinRequest(header=convert.header(participant_id="site-a")),
+                ParticipantServiceStub(channel).Join(pb.JoinRequest(header=convert.header(site_id="site-a")),
                                                      timeout=10)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE, (reason, info.value.details())
     out = federation.workdir / "logs" / "coordinator.out"

@@ -39,7 +39,7 @@ def _run_state(samples: dict) -> str:
 
 
 def test_a_site_out_of_budget_ends_the_run_instead_of_others_training_for_nothing(federation):
-    text = fast_config(rounds=3, min_participants=2, sites=TWO, epochs=1, extra=PRIVACY)
+    text = fast_config(rounds=3, min_sites=2, sites=TWO, epochs=1, extra=PRIVACY)
     port = free_port()
     federation.start_coordinator(federation.write_config(text), args=["--metrics-listen", f"127.0.0.1:{port}"])
     federation.wait_serving()
@@ -51,7 +51,7 @@ def test_a_site_out_of_budget_ends_the_run_instead_of_others_training_for_nothin
     assert status.rounds_completed == 0 and status.aborted_attempts == 1   # not retried over and over
     time.sleep(3)   # no further attempt starts once the run has failed
     db = federation.db()
-    assert db.execute("SELECT COUNT(*) FROM aborted_rounds").fetchone()[0] == 1
+    assert db.execute("SELECT COUNT(*) FROM aborted_attempts").fetchone()[0] == 1
     assert db.execute("SELECT state FROM runs").fetchone()[0] == "failed"   # a restart does not resume it
     assert "failed: too few sites with privacy budget" in federation.log()
     assert _run_state(scrape(port)).startswith("failed: too few sites")
@@ -63,7 +63,7 @@ def test_a_site_out_of_budget_ends_the_run_instead_of_others_training_for_nothin
 
 
 def test_retries_are_bounded_and_the_run_fails_when_they_run_out(federation):
-    text = fast_config(rounds=2, min_participants=2, sites=TWO, timeout=0.2)
+    text = fast_config(rounds=2, min_sites=2, sites=TWO, timeout=0.2)
     text = text.replace("seed = 3\n", "seed = 3\nmax_attempts = 3\nretry_backoff_s = 0.2\n", 1)
     federation.start_coordinator(federation.write_config(text))
     federation.wait_serving()
@@ -80,15 +80,15 @@ def test_retries_are_bounded_and_the_run_fails_when_they_run_out(federation):
 
 
 def test_a_second_agent_of_a_site_is_refused_and_stops(federation):
-    federation.start_coordinator(federation.write_config(fast_config(rounds=1, min_participants=2, sites=TWO)))
+    federation.start_coordinator(federation.write_config(fast_config(rounds=1, min_sites=2, sites=TWO)))
     federation.wait_serving()
     _site(federation, "site-a")
     federation.start_participant("site-b", env={"KTFED_FAULT_PAUSE_BEFORE_UPLOAD_S": "20"})   # the round stays open
-    federation.wait_for(lambda: all(p.connected for p in federation.status().participants), 90, "both sites")
+    federation.wait_for(lambda: all(p.connected for p in federation.status().sites), 90, "both sites")
     second = _site(federation, "site-a", state="site-a-again", log="site-a-again")
     assert second.wait(60) == 3   # refused for good: no flapping
     said = federation.log("site-a-again")
-    assert "PERMISSION_DENIED duplicate session: site-a already has a live task stream" in said, said
+    assert "PERMISSION_DENIED duplicate session: site-a already has a live assignment stream" in said, said
     assert "duplicate session: site-a" in federation.log()
     assert federation.status().state == "running"
     status = federation.wait_rounds(1, timeout=180)   # the first agent was never displaced

@@ -26,7 +26,7 @@ from tests.conftest import fast_config
 def running_coordinator(tmp_path, sites=("s1", "s2")):
     """An in-process coordinator with a started two-round run over `sites` (two required); the
     caller stops it with `stop_coordinator`."""
-    config = load_toml(fast_config(rounds=2, min_participants=2, timeout=30, sites=list(sites)))
+    config = load_toml(fast_config(rounds=2, min_sites=2, timeout=30, sites=list(sites)))
     config = dataclasses.replace(config, federation=dataclasses.replace(config.federation, gather_timeout_s=0.0))
     coord = Coordinator(Store(tmp_path))
     coord.start_run(config)
@@ -45,20 +45,20 @@ def coordinator(tmp_path):
     stop_coordinator(coord)
 
 
-def _next_round_task(session, timeout=10):
+def _next_assignment(session, timeout=10):
     task = session.queue.get(timeout=timeout)
     assert task.HasField("round")
     return task.round
 
 
-def _upload(engine, pid, task, value, samples):
+def _upload(engine, site_id, task, value, samples):
     update = {n: np.full(a.shape, value, a.dtype) for n, a in engine.global_state.items()}
-    head = pb.UploadHeader(header=convert.header(engine.run_id, task.header.round, pid), task_id=task.task_id,
+    head = pb.UploadHeader(header=convert.header(engine.run_id, task.header.round, site_id), attempt_id=task.attempt_id,
                            base_state_digest=task.global_state_digest, num_samples=samples)
     specs = [s for s, _ in codec.encode(update)]
     head.tensors.extend(convert.spec_to_pb(s) for s in specs)
-    attempt = engine.answers.check_upload(pid, head)
-    record = UploadRecord(pid, task.task_id.hex(), samples, tuple(specs), sum(s.nbytes for s in specs),
+    attempt = engine.answers.check_upload(site_id, head)
+    record = UploadRecord(site_id, task.attempt_id.hex(), samples, tuple(specs), sum(s.nbytes for s in specs),
                           codec.state_digest(specs))
     engine.answers.submit(attempt, record, update, {"accuracy": 0.5})
     return head
@@ -67,15 +67,15 @@ def _upload(engine, pid, task, value, samples):
 def test_round_completes_with_the_weighted_mean_and_persists(coordinator):
     engine = coordinator.current()
     before = {n: a.copy() for n, a in engine.global_state.items()}
-    s1, s2 = engine.connect("s1"), engine.connect("s2")
-    t1, t2 = _next_round_task(s1), _next_round_task(s2)
-    assert t1.task_id == t2.task_id and t1.header.round == 1
+    s1, s2 = engine.sessions.connect("s1"), engine.sessions.connect("s2")
+    t1, t2 = _next_assignment(s1), _next_assignment(s2)
+    assert t1.attempt_id == t2.attempt_id and t1.header.round == 1
     head = _upload(engine, "s1", t1, 1.0, 1)
     with pytest.raises(Refusal) as info:  # the same update again
         engine.answers.check_upload("s1", head)
     assert info.value.code == grpc.StatusCode.ALREADY_EXISTS
     _upload(engine, "s2", t2, 5.0, 3)
-    t = _next_round_task(s1)
+    t = _next_assignment(s1)
     assert t.header.round == 2
     for name, old in before.items():
         np.testing.assert_allclose(engine.global_state[name], old + 4.0, atol=1e-6)
@@ -83,37 +83,37 @@ def test_round_completes_with_the_weighted_mean_and_persists(coordinator):
     assert round_no == 1 and digest == engine.global_digest == t.global_state_digest
 
 
-def test_too_few_updates_abort_and_retry_with_a_new_task_id(coordinator):
+def test_too_few_updates_abort_and_retry_with_a_new_attempt_id(coordinator):
     engine = coordinator.current()
     engine.fed = dataclasses.replace(engine.fed, round_timeout_s=0.5)
-    s1, s2 = engine.connect("s1"), engine.connect("s2")
-    first = _next_round_task(s1)
-    _next_round_task(s2)
+    s1, s2 = engine.sessions.connect("s1"), engine.sessions.connect("s2")
+    first = _next_assignment(s1)
+    _next_assignment(s2)
     _upload(engine, "s1", first, 1.0, 1)
-    retry = _next_round_task(s1, timeout=10)  # s2 never answered: aborted at the deadline, retried
-    assert retry.header.round == 1 and retry.task_id != first.task_id
+    retry = _next_assignment(s1, timeout=10)  # s2 never answered: aborted at the deadline, retried
+    assert retry.header.round == 1 and retry.attempt_id != first.attempt_id
     assert coordinator.store.aborted_count(engine.run_id) == 1
-    with pytest.raises(Refusal) as info:  # the aborted attempt's task id is no longer accepted
+    with pytest.raises(Refusal) as info:  # the aborted attempt's attempt id is no longer accepted
         _upload(engine, "s1", first, 1.0, 1)
     assert info.value.code == grpc.StatusCode.FAILED_PRECONDITION
 
 
 def test_disconnect_drops_and_reconnect_resends_the_task(coordinator):
     engine = coordinator.current()
-    s1, s2 = engine.connect("s1"), engine.connect("s2")
-    task = _next_round_task(s1)
-    _next_round_task(s2)
-    engine.disconnect(s2)
+    s1, s2 = engine.sessions.connect("s1"), engine.sessions.connect("s2")
+    task = _next_assignment(s1)
+    _next_assignment(s2)
+    engine.sessions.disconnect(s2)
     assert engine.attempt.dropped == {"s2"}
-    again = engine.connect("s2")
-    assert _next_round_task(again).task_id == task.task_id
+    again = engine.sessions.connect("s2")
+    assert _next_assignment(again).attempt_id == task.attempt_id
     assert engine.attempt.dropped == set()
 
 
 def test_newer_stream_replaces_the_old_one(coordinator):
     engine = coordinator.current()
-    old = engine.connect("s1")
-    engine.connect("s1")
+    old = engine.sessions.connect("s1")
+    engine.sessions.connect("s1")
     assert old.queue.get(timeout=1) is None and not old.open
 
 

@@ -22,8 +22,8 @@ from tests.conftest import LocalFederation, fast_config
 from tests.test_bad_input import CHUNK, _connect, join_sites, leave_sites
 
 LIMITS = """gather_timeout_s = 0
-max_participants = 2
-max_rpcs_per_participant = 3
+max_sites = 2
+max_rpcs_per_site = 3
 max_concurrent_uploads = 2
 upload_queue_timeout_s = 1.0
 """
@@ -32,7 +32,7 @@ upload_queue_timeout_s = 1.0
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory, pki_dir):
     fed = LocalFederation(tmp_path_factory.mktemp("limits"), pki_dir)
-    text = fast_config(rounds=20, min_participants=2, timeout=600, sites=["site-a", "site-b", "site-c"],
+    text = fast_config(rounds=20, min_sites=2, timeout=600, sites=["site-a", "site-b", "site-c"],
                        max_chunk_bytes=CHUNK).replace("[federation]\n", "[federation]\n" + LIMITS)
     fed.start_coordinator(fed.write_config(text))
     fed.wait_serving()
@@ -63,15 +63,15 @@ def _in_round_one(fed) -> None:
 def test_more_participants_than_the_run_allows(fed, sites):
     channel = _connect(fed, "site-c")
     stub = ParticipantServiceStub(channel)
-    join = stub.Join(pb.JoinRequest(header=convert.header(participant_id="site-c")), timeout=30)
-    stream = stub.Tasks(pb.TaskStreamRequest(header=convert.header(join.header.run_id, participant_id="site-c")))
+    join = stub.Join(pb.JoinRequest(header=convert.header(site_id="site-c")), timeout=30)
+    stream = stub.Assignments(pb.AssignmentStreamRequest(header=convert.header(join.header.run_id, site_id="site-c")))
     with pytest.raises(grpc.RpcError) as info:
         next(stream)
     channel.close()
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert info.value.details().startswith("federation.max_participants: run ")
-    assert "already has 2 participants connected, the most it allows; site-c is refused" in info.value.details()
-    assert _refusals(fed, "federation.max_participants") == 1
+    assert info.value.details().startswith("federation.max_sites: run ")
+    assert "already has 2 sites connected, the most it allows; site-c is refused" in info.value.details()
+    assert _refusals(fed, "federation.max_sites") == 1
     assert info.value.details() in fed.log()
     _in_round_one(fed)
 
@@ -102,7 +102,7 @@ def test_many_streams_at_once_and_too_many_concurrent_uploads(fed, sites):
         yield pb.UploadChunk(header=head)
         gate.wait(60)        # the upload stays open, holding its call and its upload slot
 
-    # site-a holds its task stream and opens six uploads at once: two more calls fit its limit of three
+    # site-a holds its assignment stream and opens six uploads at once: two more calls fit its limit of three
     head = a.upload_header(_delta(a, 0.0))
     calls = [a.stub.Upload.future(stalled(head), timeout=60) for _ in range(6)]
     deadline = time.monotonic() + 30
@@ -114,9 +114,9 @@ def test_many_streams_at_once_and_too_many_concurrent_uploads(fed, sites):
     for call in refused:
         err = call.exception()
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert err.details() == ("federation.max_rpcs_per_participant: site-a already has 3 calls open, "
+        assert err.details() == ("federation.max_rpcs_per_site: site-a already has 3 calls open, "
                                  "the most one participant may hold at once")
-    assert _refusals(fed, "federation.max_rpcs_per_participant: site-a") == 4
+    assert _refusals(fed, "federation.max_rpcs_per_site: site-a") == 4
 
     # the two open uploads hold both upload slots: site-b's waits a second for one, then is refused
     started = time.monotonic()

@@ -197,7 +197,7 @@ class _Call:
 
 def test_concurrent_calls_per_participant_are_limited_and_released():
     limiter = Limiter()
-    fed = FederationSettings(max_rpcs_per_participant=2, rpc_rate_per_participant=0)
+    fed = FederationSettings(max_rpcs_per_site=2, rpc_rate_per_site=0)
     calls = [_Call(), _Call()]
     for call in calls:
         limiter.admit("site-a", fed, call.add_callback)
@@ -205,7 +205,7 @@ def test_concurrent_calls_per_participant_are_limited_and_released():
     with pytest.raises(Refusal) as info:
         limiter.admit("site-a", fed, _Call().add_callback)
     assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert str(info.value).startswith("federation.max_rpcs_per_participant: site-a already has 2 calls open")
+    assert str(info.value).startswith("federation.max_rpcs_per_site: site-a already has 2 calls open")
     calls[0].end()
     calls[0].end()                                           # a second termination is not a second release
     assert limiter.open_calls("site-a") == 1
@@ -216,10 +216,10 @@ def test_concurrent_calls_per_participant_are_limited_and_released():
 def test_call_rate_is_a_token_bucket():
     now = [0.0]
     limiter = Limiter(clock=lambda: now[0])
-    fed = FederationSettings(rpc_rate_per_participant=5.0, max_rpcs_per_participant=1000)
+    fed = FederationSettings(rpc_rate_per_site=5.0, max_rpcs_per_site=1000)
     for _ in range(10):                                      # a burst of two seconds' worth
         limiter.admit("site-a", fed, lambda fn: False)
-    with pytest.raises(Refusal, match="federation.rpc_rate_per_participant: site-a started calls faster than 5"):
+    with pytest.raises(Refusal, match="federation.rpc_rate_per_site: site-a started calls faster than 5"):
         limiter.admit("site-a", fed, lambda fn: False)
     now[0] += 0.2                                            # one token back
     limiter.admit("site-a", fed, lambda fn: False)
@@ -255,8 +255,8 @@ def test_concurrent_uploads_wait_for_a_slot_then_are_refused():
 def test_limit_settings_are_validated_by_name():
     for field, value, phrase in (("max_concurrent_uploads", 0, "between 1 and 4096"),
                                  ("upload_queue_timeout_s", -1.0, ">= 0"),
-                                 ("max_rpcs_per_participant", 1, "between 2 and 1024"),
-                                 ("rpc_rate_per_participant", -5.0, ">= 0")):
+                                 ("max_rpcs_per_site", 1, "between 2 and 1024"),
+                                 ("rpc_rate_per_site", -5.0, ">= 0")):
         text = fast_config().replace("[federation]\n", f"[federation]\n{field} = {value}\n")
         with pytest.raises(ConfigError, match=f"federation.{field}: .*{phrase}"):
             load_toml(text)
@@ -265,12 +265,12 @@ def test_limit_settings_are_validated_by_name():
 # -- secure aggregation: a running sum, not every masked input ------------------------------------
 
 def test_secagg_server_keeps_one_running_sum_whatever_the_number_of_inputs():
-    from security.secagg import SecAggSettings
+    from security.secagg import SecAggProtocolSettings
     from security.secagg.driver import run_round
 
     rng = np.random.default_rng(5)
     inputs = {f"site-{i}": rng.integers(0, 2**32, 1000, dtype=np.uint32) for i in range(8)}
-    trace = run_round(inputs, SecAggSettings(), dropouts={"site-3": "masked_input", "site-6": "consistency"})
+    trace = run_round(inputs, SecAggProtocolSettings(), dropouts={"site-3": "masked_input", "site-6": "consistency"})
     survivors = trace.result.survivors
     expected = np.zeros(1000, dtype=np.uint64)
     for u in survivors:

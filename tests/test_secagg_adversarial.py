@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from security.secagg import (ConsistencyAck, EncryptedShare, KeyAdvertisement, KeyRoster, MaskedInput,
-                             SecAggClient, SecAggError, SecAggServer, SecAggSettings, ShareDelivery,
+                             SecAggClient, SecAggError, SecAggServer, SecAggProtocolSettings, ShareDelivery,
                              ShareKeys, SurvivorList, UnmaskRequest, UnmaskShares)
 from security.secagg.primitives import KeyPair
 
@@ -23,7 +23,7 @@ class Round:
 
     def __init__(self, n=5, t=3, m=6, round_no=1, active=False, run_id="run-1"):
         self.ids = [f"site-{c}" for c in "abcdefgh"[:n]]
-        self.settings = SecAggSettings(threshold=t, active=active)
+        self.settings = SecAggProtocolSettings(threshold=t, active=active)
         self.keys = {u: ed25519.Ed25519PrivateKey.generate() for u in self.ids} if active else {}
         vk = {u: k.public_key() for u, k in self.keys.items()} or None
         self.server = SecAggServer(run_id, round_no, self.ids, self.settings, m, verify_keys=vk)
@@ -252,9 +252,9 @@ def test_forged_key_advertisement_is_refused_when_signing_is_on():
 
 def test_active_option_requires_keys():
     with pytest.raises(SecAggError, match="signer"):
-        SecAggClient("site-a", "r", 0, ["site-a", "site-b", "site-c"], SecAggSettings(active=True), HASH)
+        SecAggClient("site-a", "r", 0, ["site-a", "site-b", "site-c"], SecAggProtocolSettings(active=True), HASH)
     with pytest.raises(SecAggError, match="no verification key for site-c"):
-        SecAggServer("r", 0, ["site-a", "site-b", "site-c"], SecAggSettings(active=True), 4,
+        SecAggServer("r", 0, ["site-a", "site-b", "site-c"], SecAggProtocolSettings(active=True), 4,
                      verify_keys={"site-a": None, "site-b": None})
 
 

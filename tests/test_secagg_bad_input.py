@@ -22,9 +22,9 @@ from tests.conftest import LocalFederation, fast_config
 from tests.test_bad_input import CHUNK, Site, _connect, _refused, join_sites, leave_sites
 from tests.test_secagg_federation import secagg_section
 
-CONFIG = fast_config(rounds=50, min_participants=2, timeout=600, sites=["site-x", "site-a"],
+CONFIG = fast_config(rounds=50, min_sites=2, timeout=600, sites=["site-x", "site-a"],
                      max_chunk_bytes=CHUNK) + secagg_section(step_timeout_s=600)
-SETTINGS = secagg.SecAggSettings.from_mapping(load_toml(CONFIG).secagg.protocol_settings())
+SETTINGS = secagg.SecAggProtocolSettings.from_section(load_toml(CONFIG).secagg)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def sites(fed):
 
 
 def submit(site, step: str, payload: bytes, *, declared: int | None = None, round_no=None, metrics=None):
-    parts = list(convert.secagg_submission(site.header(round_no=round_no), site.task.task_id, step, payload,
+    parts = list(convert.secagg_submission(site.header(round_no=round_no), site.task.attempt_id, step, payload,
                                            CHUNK, metrics))
     if declared is not None:
         parts[0].payload_bytes = declared
@@ -61,7 +61,7 @@ def next_step(site) -> pb.SecAggMessage:
 
 def test_the_task_names_the_roster_and_secure_aggregation(sites):
     for site in sites.values():
-        assert site.task.secure_aggregation
+        assert site.task.secagg
         assert sorted(site.task.roster) == ["site-a", "site-x"]
 
 
@@ -171,7 +171,7 @@ def test_the_round_completes_with_exactly_the_sum_of_the_valid_inputs(fed, sites
                 else site.client.unmask(message.payload)
             submit(site, step, reply.to_bytes())
     status = fed.wait_rounds(1, timeout=60)
-    assert status.rounds[0].secure_aggregation
+    assert status.rounds[0].secagg
     assert sorted(status.rounds[0].contributors) == ["site-a", "site-x"]
     total = (encoded["site-a"].astype(np.uint64) + encoded["site-x"]).astype(np.uint32)
     weighted, weight = secagg.decode_sum(total, SETTINGS.bits)

@@ -66,7 +66,7 @@ def test_five_sites_two_dropouts_exact_sum_and_nothing_individual_kept(fed5):
     """One site dies after sharing its keys, one after sending its masked input: the round still
     completes with exactly the sum of the four inputs that were masked, the next round goes on
     with the three left, and the coordinator's files and logs hold no individual update."""
-    text = fast_config(rounds=2, min_participants=3, sites=FIVE, epochs=1) + secagg_section(step_timeout_s=20)
+    text = fast_config(rounds=2, min_sites=3, sites=FIVE, epochs=1) + secagg_section(step_timeout_s=20)
     config = load_toml(text).resolved()
     fed5.start_coordinator(fed5.write_config(text))
     fed5.wait_serving()
@@ -81,7 +81,7 @@ def test_five_sites_two_dropouts_exact_sum_and_nothing_individual_kept(fed5):
     status = fed5.wait_for(lambda: (s := fed5.status()).state == "finished" and s, 240, "the run to finish")
 
     first, second = status.rounds[0], status.rounds[1]
-    assert first.secure_aggregation and second.secure_aggregation
+    assert first.secagg and second.secagg
     # site-e's masked input is in the sum (its self-mask was recovered); site-d's is not (its
     # pairwise masks were recovered instead)
     assert sorted(first.contributors) == ["site-a", "site-b", "site-c", "site-e"]
@@ -129,7 +129,7 @@ def test_five_sites_two_dropouts_exact_sum_and_nothing_individual_kept(fed5):
 
 @pytest.mark.slow
 def test_fewer_than_t_survivors_abort_cleanly_then_the_next_attempt_completes(federation):
-    text = fast_config(rounds=1, min_participants=2, epochs=1) + secagg_section(step_timeout_s=15)
+    text = fast_config(rounds=1, min_sites=2, epochs=1) + secagg_section(step_timeout_s=15)
     federation.start_coordinator(federation.write_config(text))
     federation.wait_serving()
     dying = {"KTFED_FAULT_EXIT_AFTER_SECAGG_STEP": "share_keys"}
@@ -137,16 +137,16 @@ def test_fewer_than_t_survivors_abort_cleanly_then_the_next_attempt_completes(fe
     federation.start_participant("site-b", env=dying)
     federation.start_participant("site-c", env=dying)
     # two of three die after sharing keys: one masked input is fewer than t = 2, so no unmasking
-    federation.wait_for(lambda: federation.db().execute("SELECT reason FROM aborted_rounds").fetchone(), 180,
+    federation.wait_for(lambda: federation.db().execute("SELECT reason FROM aborted_attempts").fetchone(), 180,
                         "the round to abort")
-    (reason,) = federation.db().execute("SELECT reason FROM aborted_rounds").fetchone()
+    (reason,) = federation.db().execute("SELECT reason FROM aborted_attempts").fetchone()
     assert "fewer than threshold" in reason, reason
     assert federation.status().rounds_completed == 0
     federation.start_participant("site-b")
     federation.start_participant("site-c")
     status = federation.wait_for(lambda: (s := federation.status()).state == "finished" and s, 180,
                                  "the retried round to complete")
-    assert status.rounds[0].secure_aggregation
+    assert status.rounds[0].secagg
     assert sorted(status.rounds[0].contributors) == ["site-a", "site-b", "site-c"]
     assert status.aborted_attempts >= 1
 
@@ -169,13 +169,13 @@ def test_config_refuses_overflow_prone_encoding():
 
 
 def test_config_refuses_distributed_noise_without_secagg():
-    with pytest.raises(ConfigError, match="privacy.mode"):
-        _check(fast_config() + "\n[privacy]\nenabled = true\nmode = \"distributed\"\n")
+    with pytest.raises(ConfigError, match="privacy.mechanism"):
+        _check(fast_config() + "\n[privacy]\nenabled = true\nmechanism = \"distributed\"\n")
 
 
-def test_config_refuses_min_participants_below_threshold():
-    with pytest.raises(ConfigError, match="min_participants"):
-        _check(fast_config(sites=FIVE, min_participants=2) + secagg_section(threshold=4))
+def test_config_refuses_min_sites_below_threshold():
+    with pytest.raises(ConfigError, match="min_sites"):
+        _check(fast_config(sites=FIVE, min_sites=2) + secagg_section(threshold=4))
 
 
 def test_config_accepts_defaults():
@@ -186,14 +186,14 @@ def test_config_accepts_defaults():
 def test_active_option_signed_advertisements_with_certificates_relayed_by_the_coordinator(federation):
     """Each site signs its key advertisement and acknowledgement with its certificate key and
     checks the others' against the federation CA; the round completes."""
-    text = fast_config(rounds=1, min_participants=3, epochs=1) + secagg_section(active=True)
+    text = fast_config(rounds=1, min_sites=3, epochs=1) + secagg_section(active=True)
     federation.start_coordinator(federation.write_config(text))
     federation.wait_serving()
     for site in ("site-a", "site-b", "site-c"):
         federation.start_participant(site)
     status = federation.wait_for(lambda: (s := federation.status()).state == "finished" and s, 180,
                                  "the run to finish")
-    assert status.rounds[0].secure_aggregation
+    assert status.rounds[0].secagg
     assert sorted(status.rounds[0].contributors) == ["site-a", "site-b", "site-c"]
     summary = json.loads(federation.db().execute("SELECT summary_json FROM secagg_rounds").fetchone()[0])
     assert summary["active"] is True

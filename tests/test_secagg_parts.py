@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings as hsettings, strategies as st
 
-from security.secagg import SecAggError, SecAggSettings, check_capacity, effective_degree, neighbours
+from security.secagg import SecAggError, SecAggProtocolSettings, check_capacity, effective_degree, neighbours
 from security.secagg import primitives as P
 from security.secagg import quantize as Q
 from security.secagg import shamir
@@ -202,15 +202,15 @@ def test_graph_complete_when_k_zero_and_depends_on_seed():
 ])
 def test_settings_validation_names_the_field(kwargs, n, field):
     with pytest.raises(SecAggError, match=field):
-        SecAggSettings(**kwargs).validate(n)
+        SecAggProtocolSettings(**kwargs).validate(n)
 
 
 def test_settings_defaults_and_config_io():
-    s = SecAggSettings()
+    s = SecAggProtocolSettings()
     s.validate(5)
     assert s.threshold_for(5) == 3 and s.threshold_for(2) == 2
-    s2 = SecAggSettings(neighbours=4)
+    s2 = SecAggProtocolSettings(neighbours=4)
     assert s2.holders(100) == 5 and s2.threshold_for(100) == 3
-    assert SecAggSettings.from_mapping(s.to_dict()) == s
+    assert SecAggProtocolSettings.from_mapping(s.to_dict()) == s
     with pytest.raises(SecAggError, match="unknown secagg setting"):
-        SecAggSettings.from_mapping({"treshold": 3})
+        SecAggProtocolSettings.from_mapping({"treshold": 3})

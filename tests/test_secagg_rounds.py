@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from hypothesis import Phase, event, given, settings as hsettings, strategies as st
 
-from security.secagg import (STEPS, SecAggError, SecAggSettings, clip_l2, error_bound, run_round,
+from security.secagg import (STEPS, SecAggError, SecAggProtocolSettings, clip_l2, error_bound, run_round,
                              simulate)
 
 PROPS = hsettings(max_examples=80, deadline=None,
@@ -67,13 +67,13 @@ def test_exact_sum_of_survivors_complete_graph(n, m, data):
     event("completes" if ok else "refused")
     event(f"dropouts: {len(drops)}")
     if ok:
-        trace = run_round(inputs, SecAggSettings(threshold=t), dropouts=drops)
+        trace = run_round(inputs, SecAggProtocolSettings(threshold=t), dropouts=drops)
         assert set(trace.result.survivors) == sets[3 - 1]  # U3: sent masked input
         assert np.array_equal(trace.result.total, mod_sum([inputs[u] for u in sets[2]]))
         no_leak(trace, t)
     else:
         with pytest.raises(SecAggError, match="fewer than threshold") as err:
-            run_round(inputs, SecAggSettings(threshold=t), dropouts=drops)
+            run_round(inputs, SecAggProtocolSettings(threshold=t), dropouts=drops)
         assert err.value.trace.result is None
         no_leak(err.value.trace, t)
 
@@ -85,7 +85,7 @@ def test_exact_sum_secagg_plus(n, data):
     roster = ids(n)
     drops = {u: d for u in roster if (d := data.draw(DROP, label=u)) is not None}
     inputs = {u: np.random.default_rng(i).integers(0, 2**32, 7, dtype=np.uint32) for i, u in enumerate(roster)}
-    s = SecAggSettings(neighbours=k)
+    s = SecAggProtocolSettings(neighbours=k)
     try:
         trace = run_round(inputs, s, dropouts=drops, on_refusal="drop", graph_seed=bytes(data.draw(st.binary(min_size=16, max_size=16))))
     except SecAggError as err:
@@ -104,7 +104,7 @@ def test_exact_sum_secagg_plus(n, data):
 def test_dequantized_sum_within_bound_of_float_sum(n, m, bits, clip, data):
     from hypothesis.extra.numpy import arrays
     roster = ids(n)
-    s = SecAggSettings(clip_norm=clip, bits=bits)
+    s = SecAggProtocolSettings(clip_norm=clip, bits=bits)
     try:
         s.validate(n)
     except SecAggError:
@@ -129,7 +129,7 @@ def test_five_sites_one_drops_after_sharing_one_after_masking():
     rng = np.random.default_rng(0)
     roster = ids(5)
     inputs = {u: rng.integers(0, 2**32, 1000, dtype=np.uint32) for u in roster}
-    trace = run_round(inputs, SecAggSettings(threshold=3),
+    trace = run_round(inputs, SecAggProtocolSettings(threshold=3),
                       dropouts={"site-1": "masked_input", "site-3": "unmask"})
     r = trace.result
     assert r.survivors == ("site-0", "site-2", "site-3", "site-4") and r.dropped == ("site-1",)
@@ -142,21 +142,21 @@ def test_fewer_than_t_survivors_refuses_and_reveals_nothing():
     inputs = {u: np.arange(4, dtype=np.uint32) for u in roster}
     drops = {"site-0": "masked_input", "site-1": "masked_input", "site-2": "masked_input"}
     with pytest.raises(SecAggError, match="only 2 participants sent masked input, fewer than threshold t=3") as err:
-        run_round(inputs, SecAggSettings(threshold=3), dropouts=drops)
+        run_round(inputs, SecAggProtocolSettings(threshold=3), dropouts=drops)
     trace = err.value.trace
     assert trace.server.stage == "aborted" and trace.result is None
     assert all(not c.revealed for c in trace.clients.values())
     # too few unmask responders: the few that answered revealed < t shares of anything
     drops = {"site-0": "unmask", "site-1": "unmask", "site-2": "unmask"}
     with pytest.raises(SecAggError, match="only 2 participants sent unmasking shares") as err:
-        run_round(inputs, SecAggSettings(threshold=3), dropouts=drops)
+        run_round(inputs, SecAggProtocolSettings(threshold=3), dropouts=drops)
     no_leak(err.value.trace, 3)
 
 
 def test_server_never_holds_an_individual_input():
     roster = ids(4)
     inputs = {u: np.full(64, i + 1, dtype=np.uint32) for i, u in enumerate(roster)}
-    trace = run_round(inputs, SecAggSettings())
+    trace = run_round(inputs, SecAggProtocolSettings())
     for u, y in trace.server.inputs.items():
         assert not np.array_equal(y, inputs[u])
         assert np.count_nonzero(y == inputs[u]) < 3
@@ -168,7 +168,7 @@ def test_secagg_plus_cost_grows_with_k_not_n():
     for n in (20, 60):
         roster = [f"p{i:03d}" for i in range(n)]
         inputs = {u: np.zeros(16, dtype=np.uint32) for u in roster}
-        trace = run_round(inputs, SecAggSettings(neighbours=4))
+        trace = run_round(inputs, SecAggProtocolSettings(neighbours=4))
         sk = trace.server.shares
         assert all(len(m.shares) == 4 for m in sk.values())
         assert all(len(r.acks) == 5 for r in trace.server.requests.values())
@@ -176,7 +176,7 @@ def test_secagg_plus_cost_grows_with_k_not_n():
     assert abs(per_client[60] - per_client[20]) < 0.02 * per_client[20]
     # the complete graph, by contrast, grows with n
     roster = [f"p{i:03d}" for i in range(20)]
-    trace = run_round({u: np.zeros(16, dtype=np.uint32) for u in roster}, SecAggSettings())
+    trace = run_round({u: np.zeros(16, dtype=np.uint32) for u in roster}, SecAggProtocolSettings())
     assert all(len(m.shares) == 19 for m in trace.server.shares.values())
 
 
@@ -185,7 +185,7 @@ def test_secagg_plus_with_spread_dropouts_is_exact():
     rng = np.random.default_rng(3)
     inputs = {u: rng.integers(0, 2**32, 100, dtype=np.uint32) for u in roster}
     drops = {"p03": "masked_input", "p17": "unmask", "p25": "share_keys"}
-    trace = run_round(inputs, SecAggSettings(neighbours=6), dropouts=drops)
+    trace = run_round(inputs, SecAggProtocolSettings(neighbours=6), dropouts=drops)
     assert np.array_equal(trace.result.total, mod_sum([inputs[u] for u in trace.result.survivors]))
     assert "p03" in trace.result.dropped
 
@@ -197,7 +197,7 @@ def test_active_option_signed_round(keytype):
     keys = {u: make() for u in roster}
     signers = {u: (k if u != "site-2" else k.sign if keytype == "ed25519" else k) for u, k in keys.items()}
     inputs = {u: np.full(8, 5, dtype=np.uint32) for u in roster}
-    trace = run_round(inputs, SecAggSettings(active=True), signers=signers,
+    trace = run_round(inputs, SecAggProtocolSettings(active=True), signers=signers,
                       verify_keys={u: k.public_key() for u, k in keys.items()},
                       dropouts={"site-0": "masked_input"})
     assert np.array_equal(trace.result.total, np.full(8, 15, dtype=np.uint32))
@@ -207,4 +207,4 @@ def test_isolated_site_with_other_global_state_is_caught():
     roster = ids(4)
     inputs = {u: np.zeros(4, dtype=np.uint32) for u in roster}
     with pytest.raises(SecAggError, match="global state mismatch"):
-        run_round(inputs, SecAggSettings(), state_hashes={"site-2": hashlib.sha256(b"other model").digest()})
+        run_round(inputs, SecAggProtocolSettings(), state_hashes={"site-2": hashlib.sha256(b"other model").digest()})

@@ -34,7 +34,7 @@ def _cli(argv) -> int:
 
 def test_simulate_command_runs_every_virtual_site_through_every_round(tmp_path, capsys):
     config = tmp_path / "run.toml"
-    config.write_text(fast_config(rounds=5, min_participants=2, epochs=1))
+    config.write_text(fast_config(rounds=5, min_sites=2, epochs=1))
     out = tmp_path / "sim"
     assert _cli(["simulate", "--participants", "4", "--config", str(config), "--rounds", "2", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -46,7 +46,7 @@ def test_simulate_command_runs_every_virtual_site_through_every_round(tmp_path, 
     assert set(summary["exit_codes"].values()) == {0}
     # four names of the simulation's own (the config lists three sites), each upload counted once
     db = sqlite3.connect(out / "coordinator" / "coordinator.sqlite3")
-    rows = db.execute("SELECT round, participant_id FROM uploads ORDER BY round, participant_id").fetchall()
+    rows = db.execute("SELECT round, site_id FROM uploads ORDER BY round, site_id").fetchall()
     assert rows == [(r, f"site-{i:03d}") for r in (1, 2) for i in range(4)]
     assert db.execute("SELECT COUNT(*) FROM refusals").fetchone()[0] == 0
     state = load_file(str(out / summary["state_file"]))
@@ -64,8 +64,8 @@ def test_simulation_config_checks_its_input():
     config = load_toml(fast_config())
     assert simulation_config(config, 3).federation.sites == tuple(SITES)
     assert simulation_config(config, 5, rounds=7).federation.rounds == 7
-    with pytest.raises(ConfigError, match="exceeds federation.max_participants"):
-        simulation_config(load_toml(fast_config().replace("[federation]\n", "[federation]\nmax_participants = 4\n")), 5)
+    with pytest.raises(ConfigError, match="exceeds federation.max_sites"):
+        simulation_config(load_toml(fast_config().replace("[federation]\n", "[federation]\nmax_sites = 4\n")), 5)
     with pytest.raises(ConfigError, match="--participants: must be >= 1"):
         simulation_config(config, 0)
 
@@ -85,13 +85,13 @@ def test_in_process_refusals_look_like_grpc_ones(tmp_path):
         handler = generic_handler("ParticipantService", ParticipantServicer(coordinator, IdentityAuth()),
                                   store.record_refusal)
         stub = InProcessStub(handler, "site-a")
-        assert stub.Join(pb.JoinRequest(header=convert.header(participant_id="site-a"))).manifest
+        assert stub.Join(pb.JoinRequest(header=convert.header(site_id="site-a"))).manifest
         with pytest.raises(InProcessRpcError) as info:   # another site's id: refused as over mTLS
-            stub.Join(pb.JoinRequest(header=convert.header(participant_id="site-b")))
+            stub.Join(pb.JoinRequest(header=convert.header(site_id="site-b")))
         assert info.value.code().name == "PERMISSION_DENIED" and "differs from the caller" in info.value.details()
         outsider = InProcessStub(handler, "site-z")
         with pytest.raises(InProcessRpcError, match="site-z is not a site of run"):
-            outsider.Join(pb.JoinRequest(header=convert.header(participant_id="site-z")))
+            outsider.Join(pb.JoinRequest(header=convert.header(site_id="site-z")))
         assert [r[0] for r in store.db.execute("SELECT peer FROM refusals")] == ["in-process:site-a",
                                                                                    "in-process:site-z"]
     finally:
@@ -101,7 +101,7 @@ def test_in_process_refusals_look_like_grpc_ones(tmp_path):
 
 @pytest.mark.slow
 def test_simulation_equals_the_real_three_process_run(federation, tmp_path):
-    text = fast_config(rounds=3, min_participants=3)
+    text = fast_config(rounds=3, min_sites=3)
     federation.start_coordinator(federation.write_config(text))
     federation.wait_serving()
     for site in SITES:
@@ -140,16 +140,16 @@ clip_norm = 100.0
 
 [privacy]
 enabled = true
-mode = "dp_sgd"
+mechanism = "dp_sgd"
 noise_multiplier = 1.0
 epsilon_budget = 50.0
 delta = 1e-4
 """
-    sim = simulate(load_toml(fast_config(rounds=2, min_participants=3, epochs=1, extra=extra)), 3,
+    sim = simulate(load_toml(fast_config(rounds=2, min_sites=3, epochs=1, extra=extra)), 3,
                    tmp_path / "sim", timeout_s=600)
     assert sim.status.state == "finished"
-    assert all(r.secure_aggregation and len(r.contributors) == 3 for r in sim.status.rounds)
-    for p in sim.status.participants:
+    assert all(r.secagg and len(r.contributors) == 3 for r in sim.status.rounds)
+    for p in sim.status.sites:
         assert p.privacy_status == "ok" and 0 < p.epsilon_spent < 50
     for site in SITES:
         assert (tmp_path / "sim" / "sites" / site / "privacy-ledger.sqlite3").exists()

@@ -13,7 +13,7 @@ from ktfed import policy_cmd
 from ktfed.exits import CLIError
 from participant import policy as site_policy
 from kt_core.config_file import ConfigError
-from participant.policy import RunHistory, SitePolicy, check_join, check_roster, check_task, loads
+from participant.policy import RunHistory, SitePolicy, check_join, check_roster, check_assignment, loads
 from security.egress import EgressGuard, EgressRefused
 from tests.conftest import fast_config
 
@@ -46,14 +46,14 @@ def rules(violations):
 # Each field: a policy, and a run config (TOML tail, fast_config keywords) that breaks it.
 BROKEN = [
     ("[model]\ntasks = ['vln']", "", {}, "model.tasks"),
-    ("[model]\nadapter_modes = ['lora']", "", {}, "model.adapter_modes"),
-    ("", "", {"mode": "dense"}, "model.adapter_modes"),   # the default refuses dense
+    ("[model]\nadapters = ['lora']", "", {}, "model.adapters"),
+    ("", "", {"adapter": "dense"}, "model.adapters"),   # the default refuses dense
     ("[egress]\ntensor_patterns = ['head.*']", "", {}, "egress.tensor_patterns"),
     ("[egress]\nmax_upload_bytes = 1000", "", {}, "egress.max_upload_bytes"),
     ("[secagg]\nrequired = true", "", {}, "secagg.required"),
     ("[secagg]\nrequired = true\nactive_required = true", SECAGG, {}, "secagg.active_required"),
     ("[secagg]\nrequired = true\nmin_threshold = 3", SECAGG, {}, "secagg.min_threshold"),
-    ("[secagg]\nrequired = true\nmin_participants = 3", SECAGG, {"min_participants": 2}, "secagg.min_participants"),
+    ("[secagg]\nrequired = true\nmin_sites = 3", SECAGG, {"min_sites": 2}, "secagg.min_sites"),
     ("[privacy]\nrequired = true", "", {}, "privacy.required"),
     ("[privacy]\nlevels = ['user']", DP, {}, "privacy.levels"),
     ("[privacy]\nmax_epsilon_per_run = 1.0", DP, {}, "privacy.max_epsilon_per_run"),
@@ -71,13 +71,13 @@ def test_each_rule_refuses_a_run_that_breaks_it_and_only_that_rule(policy_text, 
     assert rules(found) == [rule], found
     assert all(v.detail and rule in str(v) for v in found)
     # the same run with the default policy is taken (dense aside, which the default refuses)
-    assert check_join(SitePolicy(), run(tail, **kw), site="site-a", shared=SHARED) == [] or kw.get("mode") == "dense"
+    assert check_join(SitePolicy(), run(tail, **kw), site="site-a", shared=SHARED) == [] or kw.get("adapter") == "dense"
 
 
 def test_the_default_policy_takes_the_suites_runs():
     for tail in ("", DP, SECAGG, DP + SECAGG):
-        for mode in ("waffle", "lora", "ffa_lora"):
-            assert check_join(SitePolicy(), run(tail, mode=mode), site="site-a", shared=SHARED) == []
+        for adapter in ("waffle", "lora", "ffa_lora"):
+            assert check_join(SitePolicy(), run(tail, adapter=adapter), site="site-a", shared=SHARED) == []
 
 
 def test_backbone_and_adapter_targets():
@@ -101,15 +101,15 @@ def test_lifetime_epsilon_and_runs_per_day_count_the_sites_history(tmp_path):
 
 
 def test_round_and_roster_checks():
-    policy = loads("[secagg]\nrequired = true\nmin_participants = 3\nmax_participants = 5\nmin_threshold = 3",
+    policy = loads("[secagg]\nrequired = true\nmin_sites = 3\nmax_sites = 5\nmin_threshold = 3",
                    "p.toml")
     config = run(SECAGG.replace("threshold = 2", "threshold = 0"))
-    assert rules(check_task(policy, config, round_no=1, secure=False, roster_size=0)) == ["secagg.required"]
-    assert check_task(policy, config, round_no=1, secure=True, roster_size=4) == []
+    assert rules(check_assignment(policy, config, round_no=1, secure=False, roster_size=0)) == ["secagg.required"]
+    assert check_assignment(policy, config, round_no=1, secure=True, roster_size=4) == []
     # a roster of 3 gives the automatic t = 2: too few holders needed to unmask
     assert rules(check_roster(policy, config, 3, "r")) == ["secagg.min_threshold"]
-    assert rules(check_roster(policy, config, 2, "r")) == ["secagg.min_participants", "secagg.min_threshold"]
-    assert rules(check_roster(policy, config, 6, "r")) == ["secagg.max_participants"]
+    assert rules(check_roster(policy, config, 2, "r")) == ["secagg.min_sites", "secagg.min_threshold"]
+    assert rules(check_roster(policy, config, 6, "r")) == ["secagg.max_sites"]
 
 
 BAD = [
@@ -117,11 +117,11 @@ BAD = [
     ("[network]\nx = 1", "network: unknown section"),
     ("[egress]\nmax_upload_bytes = 'a lot'", "egress.max_upload_bytes: expected an integer"),
     ("[secagg]\nrequired = 'yes'", "secagg.required: expected true or false"),
-    ("[model]\nadapter_modes = 'lora'", "model.adapter_modes: expected a list of strings"),
-    ("[model]\nadapter_modes = ['dens']", "model.adapter_modes: 'dens' is not one of"),
+    ("[model]\nadapters = 'lora'", "model.adapters: expected a list of strings"),
+    ("[model]\nadapters = ['dens']", "model.adapters: 'dens' is not one of"),
     ("[privacy]\nmax_delta = -1", "privacy.max_delta: must be >= 0"),
-    ("[secagg]\nrequired = true\nmin_threshold = 5\nmax_participants = 4", "secagg.min_threshold: t=5 is larger"),
-    ("[secagg]\nrequired = true\nmin_participants = 5\nmax_participants = 4", "secagg.min_participants: 5 is larger"),
+    ("[secagg]\nrequired = true\nmin_threshold = 5\nmax_sites = 4", "secagg.min_threshold: t=5 is larger"),
+    ("[secagg]\nrequired = true\nmin_sites = 5\nmax_sites = 4", "secagg.min_sites: 5 is larger"),
     ("[secagg]\nmin_threshold = 3", "secagg.min_threshold: is a rule of secure aggregation"),
     ("[privacy]\nmax_epsilon_per_run = 5.0\nmax_epsilon_lifetime = 2.0", "privacy.max_epsilon_per_run: 5.0"),
     ("[coordinator]\nca_sha256 = 'abc'", "coordinator.ca_sha256: must be a SHA-256"),
@@ -186,7 +186,7 @@ def test_metrics_report_filters_what_a_round_reports():
 @settings(max_examples=50, deadline=None)
 @given(st.integers(0, 20), st.integers(0, 20), st.integers(0, 20))
 def test_a_valid_policy_never_holds_a_contradiction(t, lo, hi):
-    text = f"[secagg]\nrequired = true\nmin_threshold = {t}\nmin_participants = {lo}\nmax_participants = {hi}"
+    text = f"[secagg]\nrequired = true\nmin_threshold = {t}\nmin_sites = {lo}\nmax_sites = {hi}"
     try:
         policy = loads(text, "p.toml")
     except ConfigError as err:
@@ -202,8 +202,8 @@ def test_the_demo_policy_takes_the_demo_run_and_refuses_a_weaker_one():
     strong = run(DP + SECAGG)
     assert check_join(image, strong, site="site-a", shared=SHARED) == []
     assert rules(check_join(image, run(SECAGG), site="site-a", shared=SHARED)) == ["privacy.required"]
-    assert rules(check_join(image, run(DP, mode="dense"), site="site-a", shared=SHARED)) == \
-        ["model.adapter_modes", "secagg.required"]
+    assert rules(check_join(image, run(DP, adapter="dense"), site="site-a", shared=SHARED)) == \
+        ["model.adapters", "secagg.required"]
     vln = loads(policy_cmd.demo_policy("vln", secure=False), "demo.toml")
     assert check_join(vln, load("[task]\nkind = 'vln'\n"), site="s", shared={}) == []
 
@@ -224,7 +224,7 @@ def test_the_sites_own_budget_counts_towards_the_per_run_epsilon():
 def test_the_kubernetes_base_ships_a_valid_policy_that_refuses_dense_updates():
     from pathlib import Path
     policy = site_policy.load(Path(__file__).resolve().parents[1] / "k8s/base/participant/site-policy.toml")
-    assert "dense" not in policy.model.adapter_modes
+    assert "dense" not in policy.model.adapters
     assert policy.egress.max_upload_bytes == 256 << 20
 
 

@@ -30,13 +30,13 @@ def start_site(fed, site: str, policy_text: str | None, env: dict | None = None)
 
 
 def declines(fed, run_id: str) -> dict[str, str]:
-    rows = fed.db().execute("SELECT participant_id, reason FROM declines WHERE run_id = ? AND code = 'site_policy'",
+    rows = fed.db().execute("SELECT site_id, reason FROM declines WHERE run_id = ? AND code = 'site_policy'",
                             (run_id,)).fetchall()
-    return {pid: reason for pid, reason in rows}
+    return {site_id: reason for site_id, reason in rows}
 
 
 def uploaded_bytes(fed, run_id: str, site: str) -> int:
-    (total,) = fed.db().execute("SELECT COALESCE(SUM(bytes), 0) FROM uploads WHERE run_id = ? AND participant_id = ?",
+    (total,) = fed.db().execute("SELECT COALESCE(SUM(bytes), 0) FROM uploads WHERE run_id = ? AND site_id = ?",
                                 (run_id, site)).fetchone()
     return total
 
@@ -51,18 +51,18 @@ SITES = ["site-a", "site-b", "site-c", "site-x"]
 # Each site's rule, broken by the first run (waffle, 3 rounds, no SecAgg) and kept by the second
 # (lora, 1 round).
 POLICIES = {
-    "site-a": ("[model]\nadapter_modes = ['lora']\n", "model.adapter_modes"),
+    "site-a": ("[model]\nadapters = ['lora']\n", "model.adapters"),
     "site-b": ("[limits]\nmax_rounds_per_run = 2\n", "limits.max_rounds_per_run"),
     "site-c": ("[egress]\ntensor_patterns = ['*lora*', '*.bias']\n", "egress.tensor_patterns"),
-    "site-x": ("[model]\ntasks = ['image']\nadapter_modes = ['lora', 'ffa_lora']\n[limits]\nmax_runs_per_day = 5\n",
-               "model.adapter_modes"),
+    "site-x": ("[model]\ntasks = ['image']\nadapters = ['lora', 'ffa_lora']\n[limits]\nmax_runs_per_day = 5\n",
+               "model.adapters"),
 }
 
 
 def test_sites_decline_a_run_their_policy_forbids_then_join_a_compliant_run(federation):
     federation.start_coordinator()
     federation.wait_serving()
-    first = federation.client.start(fast_config(rounds=3, min_participants=1, timeout=10, sites=SITES)).header.run_id
+    first = federation.client.start(fast_config(rounds=3, min_sites=1, timeout=10, sites=SITES)).header.run_id
     for site in SITES:
         start_site(federation, site, POLICIES[site][0])
     federation.wait_for(lambda: set(declines(federation, first)) == set(SITES), 120, "every site to decline")
@@ -76,8 +76,8 @@ def test_sites_decline_a_run_their_policy_forbids_then_join_a_compliant_run(fede
     (count,) = federation.db().execute("SELECT COUNT(*) FROM uploads WHERE run_id = ?", (first,)).fetchone()
     assert count == 0
     federation.client.stop(first, "test: the sites refused it")
-    second = federation.client.start(fast_config(rounds=1, min_participants=4, timeout=60, sites=SITES,
-                                                 mode="lora")).header.run_id
+    second = federation.client.start(fast_config(rounds=1, min_sites=4, timeout=60, sites=SITES,
+                                                 adapter="lora")).header.run_id
     status = federation.wait_for(lambda: (s := federation.client.status(second)).state == "finished" and s, 180,
                                  "the compliant run to finish")
     assert sorted(status.rounds[0].contributors) == SITES
@@ -96,7 +96,7 @@ def test_sites_decline_a_run_their_policy_forbids_then_join_a_compliant_run(fede
 
 
 def test_explain_says_rule_by_rule_and_a_wrong_coordinator_is_not_joined(federation, capsys):
-    federation.start_coordinator(federation.write_config(fast_config(rounds=1, min_participants=1)))
+    federation.start_coordinator(federation.write_config(fast_config(rounds=1, min_sites=1)))
     federation.wait_serving()
     tls = TLSFiles.from_pki(federation.pki, "site-a")
     state = federation.workdir / "sites" / "site-a"
@@ -116,29 +116,29 @@ def test_explain_says_rule_by_rule_and_a_wrong_coordinator_is_not_joined(federat
 
 
 def test_a_bad_policy_file_stops_the_site_before_it_connects(federation):
-    proc = start_site(federation, "site-a", "[secagg]\nrequired = true\nmin_threshold = 9\nmax_participants = 3\n")
+    proc = start_site(federation, "site-a", "[secagg]\nrequired = true\nmin_threshold = 9\nmax_sites = 3\n")
     assert proc.wait(60) == 2
     out = (federation.workdir / "logs" / "site-a.out").read_text()
-    assert "site-a-policy.toml: secagg.min_threshold: t=9 is larger than secagg.max_participants 3" in out
+    assert "site-a-policy.toml: secagg.min_threshold: t=9 is larger than secagg.max_sites 3" in out
 
 
 @pytest.mark.slow
 def test_a_roster_that_drops_below_the_policys_minimum_is_refused_at_that_step(federation):
     secagg = "\n[secagg]\nenabled = true\n"
-    config = federation.write_config(fast_config(rounds=1, min_participants=3, timeout=30, extra=secagg))
+    config = federation.write_config(fast_config(rounds=1, min_sites=3, timeout=30, extra=secagg))
     federation.start_coordinator(config)
     federation.wait_serving()
-    policy = "[secagg]\nrequired = true\nmin_participants = 3\n"
+    policy = "[secagg]\nrequired = true\nmin_sites = 3\n"
     start_site(federation, "site-a", policy)
     start_site(federation, "site-b", policy)
     federation.start_participant("site-c", env={"KTFED_FAULT_EXIT_AFTER_SECAGG_STEP": "advertise"})
-    federation.wait_for(lambda: "secagg.min_participants" in federation.log("site-a"), 180,
+    federation.wait_for(lambda: "secagg.min_sites" in federation.log("site-a"), 180,
                         "site-a to refuse the shrunken roster")
     assert "secagg/masked_input" in federation.log("site-a")
     status = federation.status()
     assert status.rounds_completed == 0
     refused = [e["body"] for e in site_refusals(federation, "site-a")]
-    assert any(r["message"] == "secagg/masked_input" and "min_participants" in r["reason"] for r in refused)
+    assert any(r["message"] == "secagg/masked_input" and "min_sites" in r["reason"] for r in refused)
     # the site sent no masked input: its last secagg message out was its key sharing
     assert "secure aggregation complete" not in federation.log("site-a")
 
@@ -180,7 +180,7 @@ def site_sends(fed, site: str, run_id: str) -> list[str]:
 @pytest.mark.slow
 def test_a_next_run_with_weaker_settings_is_declined_and_the_site_joins_a_compliant_one_after(federation, tmp_path):
     sites, policy = ["site-a", "site-b"], "[secagg]\nrequired = true\n"
-    secure = fast_config(rounds=1, min_participants=2, sites=sites, epochs=1, extra="\n[secagg]\nenabled = true\n")
+    secure = fast_config(rounds=1, min_sites=2, sites=sites, epochs=1, extra="\n[secagg]\nenabled = true\n")
     federation.start_coordinator()
     federation.wait_serving()
     first = operator_starts(federation, secure, "secure.toml")
@@ -192,7 +192,7 @@ def test_a_next_run_with_weaker_settings_is_declined_and_the_site_joins_a_compli
 
     # The operator starts the next run with secure aggregation off; the sites' agents come back
     # (as their deployment restarts them) with the same state and policy, and decline it.
-    weaker = operator_starts(federation, fast_config(rounds=1, min_participants=2, sites=sites, epochs=1,
+    weaker = operator_starts(federation, fast_config(rounds=1, min_sites=2, sites=sites, epochs=1,
                                                      timeout=10), "plain.toml")
     for site in sites:
         start_site(federation, site, policy)
@@ -248,7 +248,7 @@ JOIN_RULES = {
     "site-g": ("[privacy]\nmax_epsilon_lifetime = 2.0\n", "privacy.max_epsilon_lifetime"),
     "site-h": ("[secagg]\nrequired = true\nactive_required = true\n", "secagg.active_required"),
     "site-i": ("[secagg]\nrequired = true\nmin_threshold = 8\n", "secagg.min_threshold"),
-    "site-j": ("[secagg]\nrequired = true\nmin_participants = 9\n", "secagg.min_participants"),
+    "site-j": ("[secagg]\nrequired = true\nmin_sites = 9\n", "secagg.min_sites"),
     # the run names a target epsilon: the site derives its noise multiplier and checks that
     "site-k": ("[privacy]\nmin_noise_multiplier = 50.0\n", "privacy.min_noise_multiplier"),
 }
@@ -266,7 +266,7 @@ def test_each_join_rule_refuses_a_real_run_that_breaks_it_naming_the_rule_and_se
              "\n[secagg]\nenabled = true\nthreshold = 6\n")
     federation.start_coordinator()
     federation.wait_serving()
-    run = federation.client.start(fast_config(rounds=2, min_participants=6, timeout=30, sites=sites, epochs=1,
+    run = federation.client.start(fast_config(rounds=2, min_sites=6, timeout=30, sites=sites, epochs=1,
                                               extra=extra)).header.run_id
     for site in sites:
         start_site(federation, site, JOIN_RULES[site][0])

@@ -16,8 +16,8 @@ def shard():
     return site_split(ds, ["a", "b", "c"], "a", PartitionSpec("dirichlet", alpha=1.0, seed=0))
 
 
-def digits_model(mode="waffle", seed=0):
-    return build_model(ModelConfig(mode=mode, input_dim=64, hidden=(64,), n_factors=16, seed=seed))
+def digits_model(adapter="waffle", seed=0):
+    return build_model(ModelConfig(adapter=adapter, input_dim=64, hidden=(64,), n_factors=16, seed=seed))
 
 
 def test_waffle_learns_a_digits_shard(shard):
@@ -32,10 +32,10 @@ def test_waffle_learns_a_digits_shard(shard):
     assert before < 0.4 and after["accuracy"] > 0.8          # chance is 0.1
 
 
-@pytest.mark.parametrize("mode", ["waffle", "lora", "ffa_lora", "dense"])
-def test_each_adapter_mode_trains_with_sgd(shard, mode):
+@pytest.mark.parametrize("adapter", ["waffle", "lora", "ffa_lora", "dense"])
+def test_each_adapter_mode_trains_with_sgd(shard, adapter):
     tx, ty, vx, vy = shard
-    model = digits_model(mode)
+    model = digits_model(adapter)
     before = evaluate(model, tx, ty)["loss"]
     train_local(model, tx, ty, TrainConfig(epochs=4, batch_size=32, lr=0.05))
     after = evaluate(model, vx, vy)
@@ -49,7 +49,7 @@ def test_waffle_with_sgd_at_the_default_rate_does_not_diverge_on_784_dim_inputs(
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(512, 784, generator=gen)
     y = (x[:, :392].sum(1) > x[:, 392:].sum(1)).long()
-    model = build_model(ModelConfig(mode="waffle", n_factors=16))
+    model = build_model(ModelConfig(adapter="waffle", n_factors=16))
     result = train_local(model, x, y, TrainConfig(epochs=2))
     assert np.isfinite(result.loss)
 

@@ -70,9 +70,9 @@ def test_run_config_private_head_round_trips_through_the_adapted_file(tmp_path):
         load_toml(run_config_text(hosted) + "train_head = false\nprivate_head = true\n")
 
 
-@pytest.mark.parametrize("mode", ["waffle", "lora"])
-def test_inference_copy_folds_the_adapters_into_the_same_function(mode):
-    model = adapt_backbone(VLNBackbone(VLNConfig.tiny(n_cross_layers=1)), AdapterConfig(mode=mode, n_factors=4))
+@pytest.mark.parametrize("adapter", ["waffle", "lora"])
+def test_inference_copy_folds_the_adapters_into_the_same_function(adapter):
+    model = adapt_backbone(VLNBackbone(VLNConfig.tiny(n_cross_layers=1)), AdapterConfig(adapter=adapter, n_factors=4))
     tokens, image, direction, actions = batch(16)
     data = DemoTensors(tokens, image, direction, actions)
     train_local(model, data, TrainConfig(epochs=2, batch_size=8, lr=1e-2, optimizer="adam"))   # a non-zero delta

@@ -30,7 +30,7 @@ def backbone(tmp_path_factory) -> Path:
 
 
 def vln_config(backbone: Path, rounds: int = 2, extra: str = "") -> str:
-    return fast_config(rounds=rounds, min_participants=3, epochs=1) + f"""
+    return fast_config(rounds=rounds, min_sites=3, epochs=1) + f"""
 [task]
 kind = "vln"
 
@@ -43,7 +43,7 @@ eval_episodes = 3
 rollout_episodes = 2
 
 [vln.adapter]
-mode = "waffle"
+adapter = "waffle"
 n_factors = 4
 """ + extra
 
@@ -57,7 +57,7 @@ def test_sites_download_the_backbone_once_and_adapt_it(federation, backbone):
         federation.start_participant(site)
     status = federation.wait_for(lambda: (s := federation.status()).state == "finished" and s, 240,
                                  "the vln run to finish")
-    assert [r.secure_aggregation for r in status.rounds] == [True, True]
+    assert [r.secagg for r in status.rounds] == [True, True]
     sha = json.loads((backbone.parent / "backbone.card.json").read_text())["checkpoint"]["sha256"]
     for site in ("site-a", "site-b", "site-c"):
         cached = federation.workdir / "sites" / site / "backbones" / f"{sha}.safetensors"

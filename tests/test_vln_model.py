@@ -80,12 +80,12 @@ def test_mask_tokens_masks_only_words_and_at_least_one_per_instruction():
 
 # -- adapters ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", ["waffle", "lora", "ffa_lora", "dense"])
-def test_adapted_backbone_starts_as_the_backbone_and_shares_only_adapters(mode):
+@pytest.mark.parametrize("adapter", ["waffle", "lora", "ffa_lora", "dense"])
+def test_adapted_backbone_starts_as_the_backbone_and_shares_only_adapters(adapter):
     base = VLNBackbone(VLNConfig.tiny(n_cross_layers=2)).eval()
     tokens, image, direction, _ = batch()
     before = base.act(tokens, image, direction)
-    model = adapt_backbone(copy.deepcopy(base), AdapterConfig(mode=mode, n_factors=4, lora_rank=2)).eval()
+    model = adapt_backbone(copy.deepcopy(base), AdapterConfig(adapter=adapter, n_factors=4, lora_rank=2)).eval()
     assert torch.allclose(model.act(tokens, image, direction), before, atol=1e-5)
     wrapped = adapters(model)
     assert len(wrapped) == 2 * (2 * 3 + 2 * (3 + 2))                    # 2 layers x (2 cross + 2 blocks)
@@ -97,11 +97,11 @@ def test_adapted_backbone_starts_as_the_backbone_and_shares_only_adapters(mode):
     for name in ("tok_emb.weight", "lang_layers.0.attn.query.weight", "vision_encoder.values.0.weight",
                  "mlm_decoder.weight", "pooler.weight"):
         assert manifest.role_of(name) is Role.FROZEN
-    frozen_base = {"waffle": "w0", "lora": "w0", "ffa_lora": "w0", "dense": None}[mode]
+    frozen_base = {"waffle": "w0", "lora": "w0", "ffa_lora": "w0", "dense": None}[adapter]
     if frozen_base:
         assert manifest.role_of(f"cross_layers.0.lang_cross.query.{frozen_base}") is Role.FROZEN
         assert not any(n.endswith(".w0") for n in shared)
-    if mode == "waffle":
+    if adapter == "waffle":
         assert set(private_state(model)) and all("gate_logits" in n or "kuma" in n for n in private_state(model))
     assert all(p.requires_grad == (manifest.role_of(n) is not Role.FROZEN) for n, p in model.named_parameters())
 
@@ -113,8 +113,8 @@ def test_targets_select_layers_and_bad_targets_are_refused():
     assert not any(n.startswith("action_head") for n in shared_state(model))
     with pytest.raises(ValueError, match="match no linear layer"):
         adapt_backbone(VLNBackbone(VLNConfig.tiny()), AdapterConfig(targets=("nothing.*",)))
-    with pytest.raises(ValueError, match="mode"):
-        AdapterConfig(mode="bitfit").validate()
+    with pytest.raises(ValueError, match="adapter"):
+        AdapterConfig(adapter="bitfit").validate()
 
 
 def test_local_training_moves_adapters_only_and_is_deterministic():

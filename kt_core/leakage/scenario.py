@@ -89,8 +89,8 @@ def make_splits(seed: int, n_sites: int, per_site: int, nonmembers: int, public:
 
 
 def build(kind: str, seed: int, hidden: int = 32, n_factors: int = 8) -> nn.Module:
-    mode = {"dense": "dense", "factorized": "waffle"}[kind]
-    return build_model(ModelConfig(mode=mode, input_dim=64, hidden=(hidden,), num_classes=10,
+    adapter = {"dense": "dense", "factorized": "waffle"}[kind]
+    return build_model(ModelConfig(adapter=adapter, input_dim=64, hidden=(hidden,), num_classes=10,
                                    n_factors=n_factors, seed=seed))
 
 

@@ -31,7 +31,7 @@ CROSS_ATTENTION = ("cross_layers.*.lang_cross.*", "cross_layers.*.vis_cross.*")
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    mode: str = "waffle"            # waffle | lora | ffa_lora | dense
+    adapter: str = "waffle"            # waffle | lora | ffa_lora | dense
     targets: tuple[str, ...] = CROSS_MODAL
     train_head: bool = True         # the action head (d x 7) is trained and shared (dense FedAvg)
     # ... or trained and kept at the site (FedPer-style personal head). Sites holding different
@@ -55,7 +55,7 @@ class AdapterConfig:
     def model_config(self) -> ModelConfig:
         """The adapter fields in kt_core.models' config, so make_adapter builds the layers (and
         validates the numbers) exactly as it does for the image task."""
-        cfg = ModelConfig(mode=self.mode, n_factors=self.n_factors, ibp_alpha=self.ibp_alpha,
+        cfg = ModelConfig(adapter=self.adapter, n_factors=self.n_factors, ibp_alpha=self.ibp_alpha,
                           temperature=self.temperature, gate_init=self.gate_init,
                           gate_lr_scale=self.gate_lr_scale, lora_rank=self.lora_rank,
                           lora_alpha=self.lora_alpha, seed=self.seed)
@@ -63,8 +63,8 @@ class AdapterConfig:
         return cfg
 
     def validate(self) -> None:
-        if self.mode not in ADAPTERS:
-            raise ValueError(f"mode: {self.mode!r} is not one of {sorted(ADAPTERS)}")
+        if self.adapter not in ADAPTERS:
+            raise ValueError(f"adapter: {self.adapter!r} is not one of {sorted(ADAPTERS)}")
         if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
             raise ValueError(f"targets: must be a non-empty list of module-name patterns, got {self.targets!r}")
         if not isinstance(self.train_head, bool):

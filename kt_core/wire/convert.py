@@ -14,9 +14,9 @@ from kt_core.wire import federation_pb2 as pb
 PROTOCOL_VERSION = pb.PROTOCOL_VERSION_1
 
 
-def header(run_id: str = "", round: int = 0, participant_id: str = "") -> pb.Header:
+def header(run_id: str = "", round: int = 0, site_id: str = "") -> pb.Header:
     return pb.Header(protocol_version=PROTOCOL_VERSION, run_id=run_id, round=round,
-                     participant_id=participant_id)
+                     site_id=site_id)
 
 
 def spec_to_pb(spec: codec.TensorSpec) -> pb.TensorSpec:
@@ -59,11 +59,11 @@ SECAGG_STEP_TO_PB = {"advertise": pb.ADVERTISE, "share_keys": pb.SHARE_KEYS, "ma
 SECAGG_STEP_FROM_PB = {v: k for k, v in SECAGG_STEP_TO_PB.items()}
 
 
-def secagg_submission(header: pb.Header, task_id: bytes, step: str, payload: bytes, part_bytes: int,
+def secagg_submission(header: pb.Header, attempt_id: bytes, step: str, payload: bytes, part_bytes: int,
                       metrics: Mapping[str, float] | None = None) -> Iterator[pb.SecAggSubmission]:
     """A SecAgg answer as a stream of parts of at most `part_bytes` each; the first one declares
     the payload's total size and carries the header."""
-    yield pb.SecAggSubmission(header=header, task_id=task_id, step=SECAGG_STEP_TO_PB[step],
+    yield pb.SecAggSubmission(header=header, attempt_id=attempt_id, step=SECAGG_STEP_TO_PB[step],
                               payload_bytes=len(payload), payload_part=payload[:part_bytes], metrics=metrics or {})
     for offset in range(part_bytes, len(payload), part_bytes):
         yield pb.SecAggSubmission(payload_part=payload[offset:offset + part_bytes])

@@ -31,16 +31,16 @@ CONSISTENCY: SecAggStep
 UNMASK: SecAggStep
 
 class Header(_message.Message):
-    __slots__ = ("protocol_version", "run_id", "round", "participant_id")
+    __slots__ = ("protocol_version", "run_id", "round", "site_id")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
-    PARTICIPANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     run_id: str
     round: int
-    participant_id: str
-    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., participant_id: _Optional[str] = ...) -> None: ...
+    site_id: str
+    def __init__(self, protocol_version: _Optional[int] = ..., run_id: _Optional[str] = ..., round: _Optional[int] = ..., site_id: _Optional[str] = ...) -> None: ...
 
 class TensorSpec(_message.Message):
     __slots__ = ("name", "dtype", "shape", "sha256", "nbytes")
@@ -130,28 +130,28 @@ class JoinReply(_message.Message):
     backbone_bytes: int
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., run_config_json: _Optional[str] = ..., manifest: _Optional[_Iterable[_Union[ManifestEntry, _Mapping]]] = ..., manifest_digest: _Optional[str] = ..., max_chunk_bytes: _Optional[int] = ..., backbone_sha256: _Optional[str] = ..., backbone_bytes: _Optional[int] = ...) -> None: ...
 
-class TaskStreamRequest(_message.Message):
+class AssignmentStreamRequest(_message.Message):
     __slots__ = ("header",)
     HEADER_FIELD_NUMBER: _ClassVar[int]
     header: Header
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ...) -> None: ...
 
 class TrainSettings(_message.Message):
-    __slots__ = ("local_epochs", "batch_size", "learning_rate", "max_steps", "seed")
-    LOCAL_EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("epochs", "batch_size", "lr", "max_steps", "seed")
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
-    LEARNING_RATE_FIELD_NUMBER: _ClassVar[int]
+    LR_FIELD_NUMBER: _ClassVar[int]
     MAX_STEPS_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
-    local_epochs: int
+    epochs: int
     batch_size: int
-    learning_rate: float
+    lr: float
     max_steps: int
     seed: int
-    def __init__(self, local_epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., learning_rate: _Optional[float] = ..., max_steps: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
+    def __init__(self, epochs: _Optional[int] = ..., batch_size: _Optional[int] = ..., lr: _Optional[float] = ..., max_steps: _Optional[int] = ..., seed: _Optional[int] = ...) -> None: ...
 
-class RoundTask(_message.Message):
-    __slots__ = ("header", "task_id", "global_state_digest", "train", "deadline_unix_ms", "roster", "secure_aggregation", "peer_certificates", "audit_head_seq", "audit_head_hash")
+class RoundAssignment(_message.Message):
+    __slots__ = ("header", "attempt_id", "global_state_digest", "train", "deadline_unix_ms", "roster", "secagg", "peer_certificates", "audit_head_seq", "audit_head_hash")
     class PeerCertificatesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -160,26 +160,26 @@ class RoundTask(_message.Message):
         value: bytes
         def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     HEADER_FIELD_NUMBER: _ClassVar[int]
-    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     TRAIN_FIELD_NUMBER: _ClassVar[int]
     DEADLINE_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     ROSTER_FIELD_NUMBER: _ClassVar[int]
-    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
     PEER_CERTIFICATES_FIELD_NUMBER: _ClassVar[int]
     AUDIT_HEAD_SEQ_FIELD_NUMBER: _ClassVar[int]
     AUDIT_HEAD_HASH_FIELD_NUMBER: _ClassVar[int]
     header: Header
-    task_id: bytes
+    attempt_id: bytes
     global_state_digest: str
     train: TrainSettings
     deadline_unix_ms: int
     roster: _containers.RepeatedScalarFieldContainer[str]
-    secure_aggregation: bool
+    secagg: bool
     peer_certificates: _containers.ScalarMap[str, bytes]
     audit_head_seq: int
     audit_head_hash: str
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., task_id: _Optional[bytes] = ..., global_state_digest: _Optional[str] = ..., train: _Optional[_Union[TrainSettings, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., roster: _Optional[_Iterable[str]] = ..., secure_aggregation: _Optional[bool] = ..., peer_certificates: _Optional[_Mapping[str, bytes]] = ..., audit_head_seq: _Optional[int] = ..., audit_head_hash: _Optional[str] = ...) -> None: ...
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., attempt_id: _Optional[bytes] = ..., global_state_digest: _Optional[str] = ..., train: _Optional[_Union[TrainSettings, _Mapping]] = ..., deadline_unix_ms: _Optional[int] = ..., roster: _Optional[_Iterable[str]] = ..., secagg: _Optional[bool] = ..., peer_certificates: _Optional[_Mapping[str, bytes]] = ..., audit_head_seq: _Optional[int] = ..., audit_head_hash: _Optional[str] = ...) -> None: ...
 
 class RunFinished(_message.Message):
     __slots__ = ("header", "reason", "audit_head_seq", "audit_head_hash")
@@ -193,32 +193,32 @@ class RunFinished(_message.Message):
     audit_head_hash: str
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., reason: _Optional[str] = ..., audit_head_seq: _Optional[int] = ..., audit_head_hash: _Optional[str] = ...) -> None: ...
 
-class Task(_message.Message):
+class Assignment(_message.Message):
     __slots__ = ("round", "finished", "heartbeat", "secagg")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     SECAGG_FIELD_NUMBER: _ClassVar[int]
-    round: RoundTask
+    round: RoundAssignment
     finished: RunFinished
     heartbeat: Heartbeat
     secagg: SecAggMessage
-    def __init__(self, round: _Optional[_Union[RoundTask, _Mapping]] = ..., finished: _Optional[_Union[RunFinished, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., secagg: _Optional[_Union[SecAggMessage, _Mapping]] = ...) -> None: ...
+    def __init__(self, round: _Optional[_Union[RoundAssignment, _Mapping]] = ..., finished: _Optional[_Union[RunFinished, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., secagg: _Optional[_Union[SecAggMessage, _Mapping]] = ...) -> None: ...
 
 class SecAggMessage(_message.Message):
-    __slots__ = ("header", "task_id", "step", "payload")
+    __slots__ = ("header", "attempt_id", "step", "payload")
     HEADER_FIELD_NUMBER: _ClassVar[int]
-    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_FIELD_NUMBER: _ClassVar[int]
     header: Header
-    task_id: bytes
+    attempt_id: bytes
     step: SecAggStep
     payload: bytes
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., task_id: _Optional[bytes] = ..., step: _Optional[_Union[SecAggStep, str]] = ..., payload: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., attempt_id: _Optional[bytes] = ..., step: _Optional[_Union[SecAggStep, str]] = ..., payload: _Optional[bytes] = ...) -> None: ...
 
 class SecAggSubmission(_message.Message):
-    __slots__ = ("header", "task_id", "step", "payload_bytes", "payload_part", "metrics", "audit_countersignature")
+    __slots__ = ("header", "attempt_id", "step", "payload_bytes", "payload_part", "metrics", "audit_countersignature")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -227,20 +227,20 @@ class SecAggSubmission(_message.Message):
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     HEADER_FIELD_NUMBER: _ClassVar[int]
-    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     PAYLOAD_PART_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     AUDIT_COUNTERSIGNATURE_FIELD_NUMBER: _ClassVar[int]
     header: Header
-    task_id: bytes
+    attempt_id: bytes
     step: SecAggStep
     payload_bytes: int
     payload_part: bytes
     metrics: _containers.ScalarMap[str, float]
     audit_countersignature: bytes
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., task_id: _Optional[bytes] = ..., step: _Optional[_Union[SecAggStep, str]] = ..., payload_bytes: _Optional[int] = ..., payload_part: _Optional[bytes] = ..., metrics: _Optional[_Mapping[str, float]] = ..., audit_countersignature: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., attempt_id: _Optional[bytes] = ..., step: _Optional[_Union[SecAggStep, str]] = ..., payload_bytes: _Optional[int] = ..., payload_part: _Optional[bytes] = ..., metrics: _Optional[_Mapping[str, float]] = ..., audit_countersignature: _Optional[bytes] = ...) -> None: ...
 
 class SecAggReceipt(_message.Message):
     __slots__ = ("header", "bytes_received")
@@ -283,7 +283,7 @@ class StateHeader(_message.Message):
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., global_state_digest: _Optional[str] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("header", "task_id", "base_state_digest", "num_samples", "tensors", "metrics", "audit_countersignature")
+    __slots__ = ("header", "attempt_id", "base_state_digest", "num_samples", "tensors", "metrics", "audit_countersignature")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -292,20 +292,20 @@ class UploadHeader(_message.Message):
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
     HEADER_FIELD_NUMBER: _ClassVar[int]
-    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     TENSORS_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
     AUDIT_COUNTERSIGNATURE_FIELD_NUMBER: _ClassVar[int]
     header: Header
-    task_id: bytes
+    attempt_id: bytes
     base_state_digest: str
     num_samples: int
     tensors: _containers.RepeatedCompositeFieldContainer[TensorSpec]
     metrics: _containers.ScalarMap[str, float]
     audit_countersignature: bytes
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., task_id: _Optional[bytes] = ..., base_state_digest: _Optional[str] = ..., num_samples: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., audit_countersignature: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., attempt_id: _Optional[bytes] = ..., base_state_digest: _Optional[str] = ..., num_samples: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[TensorSpec, _Mapping]]] = ..., metrics: _Optional[_Mapping[str, float]] = ..., audit_countersignature: _Optional[bytes] = ...) -> None: ...
 
 class UploadChunk(_message.Message):
     __slots__ = ("header", "chunk")
@@ -326,9 +326,9 @@ class UploadReceipt(_message.Message):
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., bytes_received: _Optional[int] = ..., update_digest: _Optional[str] = ...) -> None: ...
 
 class DeclineRequest(_message.Message):
-    __slots__ = ("header", "task_id", "code", "reason", "epsilon_spent", "epsilon_budget", "epsilon_would_be", "audit_countersignature")
+    __slots__ = ("header", "attempt_id", "code", "reason", "epsilon_spent", "epsilon_budget", "epsilon_would_be", "audit_countersignature")
     HEADER_FIELD_NUMBER: _ClassVar[int]
-    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     EPSILON_SPENT_FIELD_NUMBER: _ClassVar[int]
@@ -336,14 +336,14 @@ class DeclineRequest(_message.Message):
     EPSILON_WOULD_BE_FIELD_NUMBER: _ClassVar[int]
     AUDIT_COUNTERSIGNATURE_FIELD_NUMBER: _ClassVar[int]
     header: Header
-    task_id: bytes
+    attempt_id: bytes
     code: str
     reason: str
     epsilon_spent: float
     epsilon_budget: float
     epsilon_would_be: float
     audit_countersignature: bytes
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., task_id: _Optional[bytes] = ..., code: _Optional[str] = ..., reason: _Optional[str] = ..., epsilon_spent: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., epsilon_would_be: _Optional[float] = ..., audit_countersignature: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., attempt_id: _Optional[bytes] = ..., code: _Optional[str] = ..., reason: _Optional[str] = ..., epsilon_spent: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., epsilon_would_be: _Optional[float] = ..., audit_countersignature: _Optional[bytes] = ...) -> None: ...
 
 class DeclineReply(_message.Message):
     __slots__ = ("header",)
@@ -405,8 +405,8 @@ class StopRunRequest(_message.Message):
     reason: str
     def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., reason: _Optional[str] = ...) -> None: ...
 
-class ParticipantStatus(_message.Message):
-    __slots__ = ("participant_id", "connected", "rounds_contributed", "bytes_uploaded", "last_metrics", "privacy_status", "epsilon_spent", "epsilon_budget", "decline_reason", "capabilities")
+class SiteStatus(_message.Message):
+    __slots__ = ("site_id", "connected", "rounds_contributed", "bytes_uploaded", "last_metrics", "privacy_status", "epsilon_spent", "epsilon_budget", "decline_reason", "capabilities")
     class LastMetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -414,7 +414,7 @@ class ParticipantStatus(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
-    PARTICIPANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SITE_ID_FIELD_NUMBER: _ClassVar[int]
     CONNECTED_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_CONTRIBUTED_FIELD_NUMBER: _ClassVar[int]
     BYTES_UPLOADED_FIELD_NUMBER: _ClassVar[int]
@@ -424,7 +424,7 @@ class ParticipantStatus(_message.Message):
     EPSILON_BUDGET_FIELD_NUMBER: _ClassVar[int]
     DECLINE_REASON_FIELD_NUMBER: _ClassVar[int]
     CAPABILITIES_FIELD_NUMBER: _ClassVar[int]
-    participant_id: str
+    site_id: str
     connected: bool
     rounds_contributed: int
     bytes_uploaded: int
@@ -434,10 +434,10 @@ class ParticipantStatus(_message.Message):
     epsilon_budget: float
     decline_reason: str
     capabilities: Capabilities
-    def __init__(self, participant_id: _Optional[str] = ..., connected: _Optional[bool] = ..., rounds_contributed: _Optional[int] = ..., bytes_uploaded: _Optional[int] = ..., last_metrics: _Optional[_Mapping[str, float]] = ..., privacy_status: _Optional[str] = ..., epsilon_spent: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., decline_reason: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ...) -> None: ...
+    def __init__(self, site_id: _Optional[str] = ..., connected: _Optional[bool] = ..., rounds_contributed: _Optional[int] = ..., bytes_uploaded: _Optional[int] = ..., last_metrics: _Optional[_Mapping[str, float]] = ..., privacy_status: _Optional[str] = ..., epsilon_spent: _Optional[float] = ..., epsilon_budget: _Optional[float] = ..., decline_reason: _Optional[str] = ..., capabilities: _Optional[_Union[Capabilities, _Mapping]] = ...) -> None: ...
 
 class RoundSummary(_message.Message):
-    __slots__ = ("round", "contributors", "dropped", "bytes_received", "seconds", "global_state_digest", "metrics", "bytes_by_participant", "declined", "secure_aggregation")
+    __slots__ = ("round", "contributors", "dropped", "bytes_received", "seconds", "global_state_digest", "metrics", "bytes_by_site", "declined", "secagg")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -445,7 +445,7 @@ class RoundSummary(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
-    class BytesByParticipantEntry(_message.Message):
+    class BytesBySiteEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -459,9 +459,9 @@ class RoundSummary(_message.Message):
     SECONDS_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
-    BYTES_BY_PARTICIPANT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_BY_SITE_FIELD_NUMBER: _ClassVar[int]
     DECLINED_FIELD_NUMBER: _ClassVar[int]
-    SECURE_AGGREGATION_FIELD_NUMBER: _ClassVar[int]
+    SECAGG_FIELD_NUMBER: _ClassVar[int]
     round: int
     contributors: _containers.RepeatedScalarFieldContainer[str]
     dropped: _containers.RepeatedScalarFieldContainer[str]
@@ -469,19 +469,19 @@ class RoundSummary(_message.Message):
     seconds: float
     global_state_digest: str
     metrics: _containers.ScalarMap[str, float]
-    bytes_by_participant: _containers.ScalarMap[str, int]
+    bytes_by_site: _containers.ScalarMap[str, int]
     declined: _containers.RepeatedScalarFieldContainer[str]
-    secure_aggregation: bool
-    def __init__(self, round: _Optional[int] = ..., contributors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., bytes_received: _Optional[int] = ..., seconds: _Optional[float] = ..., global_state_digest: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., bytes_by_participant: _Optional[_Mapping[str, int]] = ..., declined: _Optional[_Iterable[str]] = ..., secure_aggregation: _Optional[bool] = ...) -> None: ...
+    secagg: bool
+    def __init__(self, round: _Optional[int] = ..., contributors: _Optional[_Iterable[str]] = ..., dropped: _Optional[_Iterable[str]] = ..., bytes_received: _Optional[int] = ..., seconds: _Optional[float] = ..., global_state_digest: _Optional[str] = ..., metrics: _Optional[_Mapping[str, float]] = ..., bytes_by_site: _Optional[_Mapping[str, int]] = ..., declined: _Optional[_Iterable[str]] = ..., secagg: _Optional[bool] = ...) -> None: ...
 
 class RunStatus(_message.Message):
-    __slots__ = ("header", "state", "rounds_completed", "rounds_total", "round_in_progress", "participants", "rounds", "global_state_digest", "manifest_digest", "aborted_attempts")
+    __slots__ = ("header", "state", "rounds_completed", "rounds_total", "round_in_progress", "sites", "rounds", "global_state_digest", "manifest_digest", "aborted_attempts")
     HEADER_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     ROUND_IN_PROGRESS_FIELD_NUMBER: _ClassVar[int]
-    PARTICIPANTS_FIELD_NUMBER: _ClassVar[int]
+    SITES_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_FIELD_NUMBER: _ClassVar[int]
     GLOBAL_STATE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_DIGEST_FIELD_NUMBER: _ClassVar[int]
@@ -491,9 +491,9 @@ class RunStatus(_message.Message):
     rounds_completed: int
     rounds_total: int
     round_in_progress: int
-    participants: _containers.RepeatedCompositeFieldContainer[ParticipantStatus]
+    sites: _containers.RepeatedCompositeFieldContainer[SiteStatus]
     rounds: _containers.RepeatedCompositeFieldContainer[RoundSummary]
     global_state_digest: str
     manifest_digest: str
     aborted_attempts: int
-    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., state: _Optional[str] = ..., rounds_completed: _Optional[int] = ..., rounds_total: _Optional[int] = ..., round_in_progress: _Optional[int] = ..., participants: _Optional[_Iterable[_Union[ParticipantStatus, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., global_state_digest: _Optional[str] = ..., manifest_digest: _Optional[str] = ..., aborted_attempts: _Optional[int] = ...) -> None: ...
+    def __init__(self, header: _Optional[_Union[Header, _Mapping]] = ..., state: _Optional[str] = ..., rounds_completed: _Optional[int] = ..., rounds_total: _Optional[int] = ..., round_in_progress: _Optional[int] = ..., sites: _Optional[_Iterable[_Union[SiteStatus, _Mapping]]] = ..., rounds: _Optional[_Iterable[_Union[RoundSummary, _Mapping]]] = ..., global_state_digest: _Optional[str] = ..., manifest_digest: _Optional[str] = ..., aborted_attempts: _Optional[int] = ...) -> None: ...

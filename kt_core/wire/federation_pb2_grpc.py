@@ -40,10 +40,10 @@ class ParticipantServiceStub:
                 request_serializer=ktfed_dot_v1_dot_federation__pb2.JoinRequest.SerializeToString,
                 response_deserializer=ktfed_dot_v1_dot_federation__pb2.JoinReply.FromString,
                 _registered_method=True)
-        self.Tasks = channel.unary_stream(
-                '/ktfed.v1.ParticipantService/Tasks',
-                request_serializer=ktfed_dot_v1_dot_federation__pb2.TaskStreamRequest.SerializeToString,
-                response_deserializer=ktfed_dot_v1_dot_federation__pb2.Task.FromString,
+        self.Assignments = channel.unary_stream(
+                '/ktfed.v1.ParticipantService/Assignments',
+                request_serializer=ktfed_dot_v1_dot_federation__pb2.AssignmentStreamRequest.SerializeToString,
+                response_deserializer=ktfed_dot_v1_dot_federation__pb2.Assignment.FromString,
                 _registered_method=True)
         self.DownloadState = channel.unary_stream(
                 '/ktfed.v1.ParticipantService/DownloadState',
@@ -86,8 +86,8 @@ class ParticipantServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Tasks(self, request, context):
-        """Long-lived: the coordinator pushes a RoundTask when a round starts (push, not poll).
+    def Assignments(self, request, context):
+        """Long-lived: the coordinator pushes a RoundAssignment when a round starts (push, not poll).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -138,10 +138,10 @@ def add_ParticipantServiceServicer_to_server(servicer, server):
                     request_deserializer=ktfed_dot_v1_dot_federation__pb2.JoinRequest.FromString,
                     response_serializer=ktfed_dot_v1_dot_federation__pb2.JoinReply.SerializeToString,
             ),
-            'Tasks': grpc.unary_stream_rpc_method_handler(
-                    servicer.Tasks,
-                    request_deserializer=ktfed_dot_v1_dot_federation__pb2.TaskStreamRequest.FromString,
-                    response_serializer=ktfed_dot_v1_dot_federation__pb2.Task.SerializeToString,
+            'Assignments': grpc.unary_stream_rpc_method_handler(
+                    servicer.Assignments,
+                    request_deserializer=ktfed_dot_v1_dot_federation__pb2.AssignmentStreamRequest.FromString,
+                    response_serializer=ktfed_dot_v1_dot_federation__pb2.Assignment.SerializeToString,
             ),
             'DownloadState': grpc.unary_stream_rpc_method_handler(
                     servicer.DownloadState,
@@ -212,7 +212,7 @@ class ParticipantService:
             _registered_method=True)
 
     @staticmethod
-    def Tasks(request,
+    def Assignments(request,
             target,
             options=(),
             channel_credentials=None,
@@ -225,9 +225,9 @@ class ParticipantService:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/ktfed.v1.ParticipantService/Tasks',
-            ktfed_dot_v1_dot_federation__pb2.TaskStreamRequest.SerializeToString,
-            ktfed_dot_v1_dot_federation__pb2.Task.FromString,
+            '/ktfed.v1.ParticipantService/Assignments',
+            ktfed_dot_v1_dot_federation__pb2.AssignmentStreamRequest.SerializeToString,
+            ktfed_dot_v1_dot_federation__pb2.Assignment.FromString,
             options,
             channel_credentials,
             insecure,

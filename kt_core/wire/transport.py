@@ -20,7 +20,7 @@ MAX_MESSAGE_BYTES = 4 * 1024 * 1024 + 64 * 1024
 CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    # Detect a vanished peer on an idle task stream within seconds, not at TCP's leisure.
+    # Detect a vanished peer on an idle assignment stream within seconds, not at TCP's leisure.
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),

@@ -17,7 +17,7 @@ Wiring (what the services call, and when; every method is thread-safe):
   both, per run      log.log_config(run=run_id, config=resolved_config_dict)
   coordinator, task  head = log.head(); send head.seq and head.hash inside the task; then per site
                      log.log_boundary(direction="send", run=, round=, sender=me, receiver=site,
-                     message="task", sha256=state_digest(specs), tensors=specs)   before sending
+                     message="assignment", sha256=state_digest(specs), tensors=specs)   before sending
   participant, task  log.log_boundary(direction="receive", ... same fields ...)   after its checks
                      token = log.countersign((seq, hash), subject=coordinator, run=, round=)
   participant, DP    log.log_dp_ledger(settled_ledger_entry)                     after training
@@ -36,7 +36,7 @@ Wiring (what the services call, and when; every method is thread-safe):
                      run=, round=); send it with Leave; log.close("finished")
   coordinator, leave log.record_countersignature(token, signer_cert_pem=peer_cert)
 
-Both ends must name a message the same way ("task", "update", "secagg/<step>") and compute its
+Both ends must name a message the same way ("assignment", "update", "secagg/<step>") and compute its
 sha256 the same way (kt_core.codec.state_digest of the tensor specs; SHA-256 of the bytes for
 SecAgg messages): `verify` matches every send with its receipt on (sender, receiver, run, round,
 message) and then on every other recorded field (sha256, bytes, tensors).

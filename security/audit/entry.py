@@ -33,7 +33,12 @@ from kt_core.bounded import BoundedInputError, loads_json
 from .canonical import MAX_SAFE_INT, canonical_bytes, sha256_hex
 from .errors import AuditError
 
-FORMAT = "ktfed-audit/1"
+# The log's format, named by its first ("open") entry. 2: the bodies say site_id/attempt_id and
+# name the assignment message "assignment" (1 said participant_id/task_id and "task"). A log of
+# format 1 is neither verified nor extended (the verifier and AuditLog.open name both formats):
+# keep the ktfed that wrote it to read it. The entry and token structure, and so the signature
+# domains below, did not change.
+FORMAT = "ktfed-audit/2"
 TOKEN_FORMAT = "ktfed-audit-countersign/1"
 GENESIS_PREV_HASH = "0" * 64
 ENTRY_DOMAIN = b"ktfed-audit/1 entry\x00"

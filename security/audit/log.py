@@ -200,6 +200,9 @@ class AuditLog:
                 problem = "hash does not match the content"
             elif entry.producer != producer:
                 problem = f"producer {entry.producer!r}, this log is opened for {producer!r}"
+            elif i == 0 and (entry.kind != "open" or entry.body.get("format") != FORMAT):
+                problem = (f"the log is of format {entry.body.get('format')!r}, this ktfed writes {FORMAT!r} "
+                           "(move the old log aside to start a new one)")
             if problem:
                 raise AuditError(f"{where}: {problem}; refusing to append to a log that does not verify")
             if entry.kind in ("open", "resume"):
@@ -351,7 +354,7 @@ class AuditLog:
                            epsilon_cumulative=entry.eps_cum(), epsilon_cumulative_rdp=entry.eps_cum_rdp,
                            budget=entry.budget, accountant=entry.accountant,
                            accountant_version=entry.accountant_version, params=entry.params,
-                           ledger_seq=entry.seq, task_id=entry.task_id, state=entry.state)
+                           ledger_seq=entry.seq, attempt_id=entry.attempt_id, state=entry.state)
 
     def log_secagg(self, *, run: str, round: int, event: str, threshold: int | None = None,
                    roster: Iterable[str] = (), survivors: Iterable[str] = (), dropouts: Mapping | Iterable = (),

@@ -221,7 +221,7 @@ def _check_chain(raw: RawLog, ca) -> tuple[LogView, Problem | None]:
         if i == 0:
             if entry.kind != "open" or entry.body.get("format") != FORMAT:
                 return bad(i, line, f"the first entry must be an 'open' entry of format {FORMAT!r}, "
-                                    f"found kind {entry.kind!r}")
+                                    f"found kind {entry.kind!r} of format {entry.body.get('format')!r}")
             view.producer, view.role = entry.producer, entry.body.get("role")
             view.log_id = entry.body.get("log_id")
         elif entry.producer != view.producer:

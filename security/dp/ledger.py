@@ -37,7 +37,7 @@ from security.dp.accounting import RoundSpend, accountant_version, epsilons
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    site TEXT NOT NULL, run_id TEXT NOT NULL, round INTEGER NOT NULL, task_id TEXT NOT NULL,
+    site TEXT NOT NULL, run_id TEXT NOT NULL, round INTEGER NOT NULL, attempt_id TEXT NOT NULL,
     level TEXT NOT NULL,                 -- record (DP-SGD) | user (whole-update clipping + noise)
     sample_rate REAL NOT NULL, steps INTEGER NOT NULL, noise_multiplier REAL NOT NULL,
     max_grad_norm REAL NOT NULL, delta REAL NOT NULL,
@@ -45,14 +45,14 @@ CREATE TABLE IF NOT EXISTS entries (
     eps_cum_prv REAL NOT NULL, eps_cum_rdp REAL NOT NULL,
     budget REAL NOT NULL, remaining REAL NOT NULL,
     accountant TEXT NOT NULL, accountant_version TEXT NOT NULL,
-    params_json TEXT NOT NULL,           -- every other DP parameter (mode, batch, epochs, N, sampling)
+    params_json TEXT NOT NULL,           -- every other DP parameter (mechanism, batch, epochs, N, sampling)
     state TEXT NOT NULL,                 -- reserved (training) | spent | withheld (epsilon 0)
     at REAL NOT NULL,
     attempt TEXT NOT NULL DEFAULT '',    -- '' | aborted (the coordinator's attempt did not complete)
     note TEXT NOT NULL DEFAULT '');      -- why a row was withheld or its attempt marked aborted
 CREATE TABLE IF NOT EXISTS declines (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    site TEXT NOT NULL, run_id TEXT NOT NULL, round INTEGER NOT NULL, task_id TEXT NOT NULL,
+    site TEXT NOT NULL, run_id TEXT NOT NULL, round INTEGER NOT NULL, attempt_id TEXT NOT NULL,
     reason TEXT NOT NULL, eps_spent REAL NOT NULL, eps_would_be REAL NOT NULL, budget REAL NOT NULL,
     accountant TEXT NOT NULL, at REAL NOT NULL);
 """
@@ -60,6 +60,9 @@ CREATE TABLE IF NOT EXISTS declines (
 LEDGER_FILE = "privacy-ledger.sqlite3"
 # columns added since the first ledgers were written: an older file gains them when it is opened
 _ADDED_COLUMNS = {"attempt": "TEXT NOT NULL DEFAULT ''", "note": "TEXT NOT NULL DEFAULT ''"}
+# columns renamed since (the coordinator's per-attempt id was called task_id): an older file's are
+# renamed when it is opened, so a site keeps its whole history, and with it its spent budget
+_RENAMED_COLUMNS = {"task_id": "attempt_id"}
 # the states whose epsilon counts (everything but a row the site withheld)
 COUNTED = ("reserved", "spent")
 
@@ -78,7 +81,7 @@ class LedgerEntry:
     site: str
     run_id: str
     round: int
-    task_id: str
+    attempt_id: str
     level: str
     sample_rate: float
     steps: int
@@ -115,7 +118,7 @@ class LedgerEntry:
         return asdict(self)
 
 
-_ENTRY_COLUMNS = ("seq, site, run_id, round, task_id, level, sample_rate, steps, noise_multiplier, max_grad_norm, "
+_ENTRY_COLUMNS = ("seq, site, run_id, round, attempt_id, level, sample_rate, steps, noise_multiplier, max_grad_norm, "
                   "delta, eps_round_prv, eps_round_rdp, eps_cum_prv, eps_cum_rdp, budget, remaining, accountant, "
                   "accountant_version, params_json, state, at, attempt, note")
 
@@ -134,11 +137,24 @@ class PrivacyLedger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.site = site
         self._lock = threading.Lock()
-        self.db = open_durable_sqlite(self.path, SCHEMA)
+        self.db = self._open(self.path)
         have = {row[1] for row in self.db.execute("PRAGMA table_info(entries)")}
         for column, kind in _ADDED_COLUMNS.items():
             if column not in have:
                 self.db.execute(f"ALTER TABLE entries ADD COLUMN {column} {kind}")
+
+    @staticmethod
+    def _open(path: Path):
+        """The ledger file, its tables renamed to today's columns first when it is an older one
+        (the schema's CREATE ... IF NOT EXISTS would otherwise leave the old tables as they are)."""
+        db = open_durable_sqlite(path, "")
+        for table in ("entries", "declines"):
+            have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            for old, new in _RENAMED_COLUMNS.items():
+                if old in have:
+                    db.execute(f"ALTER TABLE {table} RENAME COLUMN {old} TO {new}")
+        db.executescript(SCHEMA)
+        return db
 
     def close(self) -> None:
         with self._lock:
@@ -159,9 +175,9 @@ class PrivacyLedger:
         return [e for e in self.entries(level) if e.counts]
 
     def declines(self) -> list[dict]:
-        rows = self.db.execute("SELECT seq, run_id, round, task_id, reason, eps_spent, eps_would_be, budget, "
+        rows = self.db.execute("SELECT seq, run_id, round, attempt_id, reason, eps_spent, eps_would_be, budget, "
                                "accountant, at FROM declines WHERE site = ? ORDER BY seq", (self.site,)).fetchall()
-        keys = ("seq", "run_id", "round", "task_id", "reason", "eps_spent", "eps_would_be", "budget", "accountant", "at")
+        keys = ("seq", "run_id", "round", "attempt_id", "reason", "eps_spent", "eps_would_be", "budget", "accountant", "at")
         return [dict(zip(keys, r)) for r in rows]
 
     def history(self, level: str = "record") -> list[RoundSpend]:
@@ -176,7 +192,7 @@ class PrivacyLedger:
         return epsilons(self.history(level) + [spend], delta)
 
     # -- writing ---------------------------------------------------------------------------------
-    def reserve(self, *, run_id: str, round_no: int, task_id: str, spend: RoundSpend, max_grad_norm: float,
+    def reserve(self, *, run_id: str, round_no: int, attempt_id: str, spend: RoundSpend, max_grad_norm: float,
                 delta: float, budget: float, accountant: str = "prv", level: str = "record",
                 params: dict | None = None) -> LedgerEntry:
         """Check the budget and record the round in one transaction, before any training.
@@ -202,7 +218,7 @@ class PrivacyLedger:
                 cur = self.db.execute(
                     f"INSERT INTO entries ({_ENTRY_COLUMNS.replace('seq, ', '', 1)}) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'reserved', ?, '', '')",
-                    (self.site, run_id, round_no, task_id, level, spend.sample_rate, spend.steps,
+                    (self.site, run_id, round_no, attempt_id, level, spend.sample_rate, spend.steps,
                      spend.noise_multiplier, max_grad_norm, delta, alone["prv"], alone["rdp"], after["prv"],
                      after["rdp"], budget, budget - after[accountant], accountant, accountant_version(),
                      json.dumps(params or {}, sort_keys=True), now))
@@ -259,13 +275,13 @@ class PrivacyLedger:
         return self._entry(entry.seq)
 
     def mark_aborted(self, *, run_id: str, round_no: int | None = None, after_round: int | None = None,
-                     keep_task_id: str = "", note: str) -> list[LedgerEntry]:
-        """Mark the attempts that did not complete: those of `round_no` other than `keep_task_id`
+                     keep_attempt_id: str = "", note: str) -> list[LedgerEntry]:
+        """Mark the attempts that did not complete: those of `round_no` other than `keep_attempt_id`
         (a retry of the round arrived), or every attempt of a round after `after_round` (the run
         ended having completed only that many). Their states (what they cost) do not change."""
         if (round_no is None) == (after_round is None):
             raise ValueError("give round_no or after_round")
-        where, args = ("round = ? AND task_id != ?", [round_no, keep_task_id]) if round_no is not None \
+        where, args = ("round = ? AND attempt_id != ?", [round_no, keep_attempt_id]) if round_no is not None \
             else ("round > ?", [after_round])
         with self._lock, self.db:
             self.db.execute("BEGIN IMMEDIATE")
@@ -278,13 +294,13 @@ class PrivacyLedger:
                                 [(note, note, seq) for seq in seqs])
         return [self._entry(seq) for seq in seqs]
 
-    def record_decline(self, *, run_id: str, round_no: int, task_id: str, reason: str, spent: float,
+    def record_decline(self, *, run_id: str, round_no: int, attempt_id: str, reason: str, spent: float,
                        would_be: float, budget: float, accountant: str) -> None:
         with self._lock, self.db:
             self.db.execute("BEGIN IMMEDIATE")
-            self.db.execute("INSERT INTO declines (site, run_id, round, task_id, reason, eps_spent, eps_would_be, "
+            self.db.execute("INSERT INTO declines (site, run_id, round, attempt_id, reason, eps_spent, eps_would_be, "
                             "budget, accountant, at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            (self.site, run_id, round_no, task_id, reason, spent,
+                            (self.site, run_id, round_no, attempt_id, reason, spent,
                              would_be if math.isfinite(would_be) else -1.0, budget, accountant, time.time()))
 
     def _entry(self, seq: int) -> LedgerEntry:
@@ -304,7 +320,7 @@ class PrivacyLedger:
                          f"{describe_state(e):<34} {e.accountant} ({e.accountant_version})")
         for e in entries:
             if e.note:
-                lines.append(f"note: run {e.run_id} round {e.round} (task {e.task_id[:8]}): {e.note}")
+                lines.append(f"note: run {e.run_id} round {e.round} (task {e.attempt_id[:8]}): {e.note}")
         for d in self.declines():
             lines.append(f"declined: run {d['run_id']} round {d['round']}: {d['reason']}")
         if len(lines) == 2:

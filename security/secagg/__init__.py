@@ -11,7 +11,8 @@ Modules, from mechanism to protocol:
   shamir      t-of-n secret sharing of 32-byte secrets over GF(2^521 - 1)
   quantize    L2 clipping, fixed point, stochastic rounding into Z_{2^32}, capacity and error bound
   graph       SecAgg+ neighbour graphs
-  config      SecAggSettings (run config) and its validation
+  config      SecAggProtocolSettings (the protocol's settings), their validation, and
+              from_section: the one bridge from a run config's [secagg] section
   wire        byte framing and checked field access (no pickle)
   messages    the nine protocol messages, each with to_bytes()/from_bytes()
   protocol    derivations client and server share (roster, indices, keys, mask signs)
@@ -20,7 +21,7 @@ Modules, from mechanism to protocol:
   driver      run_round / simulate: a whole round in one process, with dropouts
 """
 from .client import SecAggClient
-from .config import SecAggSettings
+from .config import SecAggProtocolSettings
 from .driver import RoundTrace, run_round, simulate
 from .errors import SecAggError
 from .graph import effective_degree, graph_seed, neighbours
@@ -32,7 +33,7 @@ from .quantize import (check_capacity, clip_l2, decode_sum, dequantize, encode_i
 from .server import AggregateResult, SecAggServer
 
 __all__ = [
-    "SecAggError", "SecAggSettings", "SecAggClient", "SecAggServer", "AggregateResult",
+    "SecAggError", "SecAggProtocolSettings", "SecAggClient", "SecAggServer", "AggregateResult",
     "run_round", "simulate", "RoundTrace", "STEPS",
     "KeyAdvertisement", "KeyRoster", "EncryptedShare", "ShareKeys", "ShareDelivery", "MaskedInput",
     "SurvivorList", "ConsistencyAck", "UnmaskRequest", "UnmaskShares",

@@ -24,7 +24,7 @@ import numpy as np
 
 from . import primitives as P
 from . import shamir
-from .config import SecAggSettings
+from .config import SecAggProtocolSettings
 from .errors import SecAggError
 from .messages import (HASH_BYTES, ConsistencyAck, EncryptedShare, KeyAdvertisement, KeyRoster,
                        MaskedInput, ShareDelivery, ShareKeys, SurvivorList, UnmaskRequest,
@@ -35,16 +35,16 @@ log = logging.getLogger(__name__)
 
 
 class SecAggClient:
-    def __init__(self, participant_id: str, run_id: str, round_no: int, roster: Sequence[str],
-                 settings: SecAggSettings, state_hash: bytes, *, signer: Optional[P.Signer] = None,
+    def __init__(self, site_id: str, run_id: str, round_no: int, roster: Sequence[str],
+                 settings: SecAggProtocolSettings, state_hash: bytes, *, signer: Optional[P.Signer] = None,
                  verify_keys: Optional[Mapping[str, P.VerifyKey]] = None,
                  graph_seed: Optional[bytes] = None):
         """`state_hash`: SHA-256 of the global state (model) this participant received for the round.
         `signer`/`verify_keys`: required when settings.active (this participant's certificate key,
         and every roster member's public key)."""
         self.setup = RoundSetup.create(run_id, round_no, roster, settings, graph_seed)
-        if participant_id not in self.setup.index:
-            raise SecAggError(f"participant {participant_id!r} is not in the round's roster")
+        if site_id not in self.setup.index:
+            raise SecAggError(f"participant {site_id!r} is not in the round's roster")
         if not isinstance(state_hash, bytes) or len(state_hash) != HASH_BYTES:
             raise SecAggError(f"state_hash must be {HASH_BYTES} bytes (SHA-256 of the global state)")
         if settings.active:
@@ -53,12 +53,12 @@ class SecAggClient:
             missing = sorted(set(self.setup.roster) - set(verify_keys or {}))
             if missing:
                 raise SecAggError(f"active option: no verification key for {', '.join(missing)}")
-        self.id = participant_id
+        self.id = site_id
         self.state_hash = state_hash
         self.signer = signer
         self.verify_keys = dict(verify_keys or {})
         self.t = self.setup.threshold
-        self.holders = self.setup.holders_of(participant_id)  # neighbours and self
+        self.holders = self.setup.holders_of(site_id)  # neighbours and self
         self.stage = "advertise"
         self.revealed: dict[str, str] = {}  # peer -> "self_mask" | "mask_key": the reveal ledger
         self._held: dict[str, tuple[shamir.Share, shamir.Share]] = {}  # peer -> (b share, s_sk share)

@@ -1,4 +1,5 @@
-"""SecAgg settings as they appear in a run config, with validation that names the field."""
+"""The protocol's settings (`SecAggProtocolSettings`), with validation that names the field, and
+the one bridge from a run config's `[secagg]` section (kt_core.config.SecAggConfig) to them."""
 from __future__ import annotations
 
 import math
@@ -11,7 +12,7 @@ from .quantize import MAX_BITS, check_capacity
 
 
 @dataclass(frozen=True)
-class SecAggSettings:
+class SecAggProtocolSettings:
     """
     enabled     run rounds under secure aggregation
     threshold   Shamir threshold t: shares needed to recover a secret, and the fewest survivors a
@@ -42,7 +43,7 @@ class SecAggSettings:
         return self.threshold if self.threshold else self.holders(n) // 2 + 1
 
     # ------------------------------------------------------------------ validation
-    def validate(self, n: int) -> "SecAggSettings":
+    def validate(self, n: int) -> "SecAggProtocolSettings":
         """Check the settings for a round of n participants; raise SecAggError naming the field."""
         for name in ("enabled", "active"):
             if not isinstance(getattr(self, name), bool):
@@ -83,7 +84,16 @@ class SecAggSettings:
 
     # ------------------------------------------------------------------ config I/O
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> "SecAggSettings":
+    def from_section(cls, section: Any) -> "SecAggProtocolSettings":
+        """The protocol's part of a run config's `[secagg]` section (kt_core.config.SecAggConfig).
+        Read by attribute, since security does not import kt_core (DESIGN layering); the section's
+        other fields (weighting, step timeouts) are the services' business, not the protocol's."""
+        values = {f.name: getattr(section, f.name) for f in fields(cls)}
+        values["clip_norm"] = float(values["clip_norm"])   # a TOML integer is still a norm
+        return cls(**values)
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> "SecAggProtocolSettings":
         """From a run config table (e.g. [secagg] in TOML); unknown keys are refused."""
         if not isinstance(data, Mapping):
             raise SecAggError("secagg settings must be a table")

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import quantize
 from .client import SecAggClient
-from .config import SecAggSettings
+from .config import SecAggProtocolSettings
 from .server import AggregateResult, SecAggServer
 from .protocol import STEPS
 from .errors import SecAggError
@@ -36,7 +36,7 @@ def _wire(msg, via_bytes: bool, trace: RoundTrace, step: str, up: bool):
     return type(msg).from_bytes(data) if via_bytes else msg
 
 
-def run_round(inputs: Mapping[str, np.ndarray], settings: SecAggSettings, *, run_id: str = "sim",
+def run_round(inputs: Mapping[str, np.ndarray], settings: SecAggProtocolSettings, *, run_id: str = "sim",
               round_no: int = 0, dropouts: Mapping[str, str] = (), state_hash: bytes | None = None,
               state_hashes: Mapping[str, bytes] = (), signers: Mapping = (), verify_keys: Mapping = (),
               graph_seed: bytes | None = None, via_bytes: bool = True,
@@ -114,7 +114,7 @@ def run_round(inputs: Mapping[str, np.ndarray], settings: SecAggSettings, *, run
     return trace
 
 
-def simulate(updates: Mapping[str, np.ndarray], counts: Mapping[str, int], settings: SecAggSettings,
+def simulate(updates: Mapping[str, np.ndarray], counts: Mapping[str, int], settings: SecAggProtocolSettings,
              *, rng: np.random.Generator | None = None, **kwargs) -> tuple[np.ndarray, int, RoundTrace]:
     """Encode float updates and counts, run a round, and decode: (float sum, total count, trace)."""
     n = len(updates)

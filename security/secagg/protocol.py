@@ -10,7 +10,7 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
-from .config import SecAggSettings
+from .config import SecAggProtocolSettings
 from .errors import SecAggError
 from .graph import graph_seed as default_graph_seed, neighbours
 from .primitives import DOMAIN, agree, digest, pack, pair_info, public_bytes
@@ -25,20 +25,20 @@ class RoundSetup:
     run_id: str
     round: int
     roster: tuple[str, ...]
-    settings: SecAggSettings
+    settings: SecAggProtocolSettings
     threshold: int
     graph: Mapping[str, frozenset]
     index: Mapping[str, int]
 
     @classmethod
-    def create(cls, run_id: str, round_no: int, roster: Sequence[str], settings: SecAggSettings,
+    def create(cls, run_id: str, round_no: int, roster: Sequence[str], settings: SecAggProtocolSettings,
                graph_seed: Optional[bytes] = None) -> "RoundSetup":
         if not isinstance(run_id, str) or not 0 < len(run_id) <= MAX_ID_CHARS:
             raise SecAggError("run_id must be a non-empty string")
         if isinstance(round_no, bool) or not isinstance(round_no, int) or round_no < 0:
             raise SecAggError(f"round must be an integer >= 0, got {round_no!r}")
-        if not isinstance(settings, SecAggSettings):
-            raise SecAggError("settings must be a SecAggSettings")
+        if not isinstance(settings, SecAggProtocolSettings):
+            raise SecAggError("settings must be a SecAggProtocolSettings")
         roster = tuple(sorted(roster))
         if len(set(roster)) != len(roster):
             raise SecAggError("roster lists a participant twice")

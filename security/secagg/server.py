@@ -28,7 +28,7 @@ import numpy as np
 
 from . import primitives as P
 from . import shamir
-from .config import SecAggSettings
+from .config import SecAggProtocolSettings
 from .errors import SecAggError
 from .messages import (ConsistencyAck, KeyAdvertisement, KeyRoster, MaskedInput, ShareDelivery,
                        ShareKeys, SurvivorList, UnmaskRequest, UnmaskShares, check_round, coerce,
@@ -47,7 +47,7 @@ class AggregateResult:
 
 
 class SecAggServer:
-    def __init__(self, run_id: str, round_no: int, roster: Sequence[str], settings: SecAggSettings,
+    def __init__(self, run_id: str, round_no: int, roster: Sequence[str], settings: SecAggProtocolSettings,
                  vector_length: int, *, verify_keys: Optional[Mapping[str, P.VerifyKey]] = None,
                  graph_seed: Optional[bytes] = None):
         """`vector_length`: entries of every encoded input (update entries + 1 for the count)."""

@@ -1,5 +1,5 @@
-"""A site's side of secure aggregation: encode its update once (SecureUpdate), then answer each
-step the coordinator opens on the task stream and submit the reply (SecureSession), through
+"""A site's side of secure aggregation: encode its update once (SecAggUpdate), then answer each
+step the coordinator opens on the assignment stream and submit the reply (SecAggSession), through
 security.secagg's client state machine.
 
 What leaves the site here is only what the protocol sends: public keys, shares encrypted to
@@ -28,7 +28,7 @@ from security import secagg
 from security.pki import PKIError, identity_from_pem
 from security.pki.identity import verify_chain
 from security.pki.primitives import load_private_key
-from security.secagg import SecAggClient, SecAggError, SecAggSettings
+from security.secagg import SecAggClient, SecAggError, SecAggProtocolSettings
 
 log = logging.getLogger(__name__)
 
@@ -40,35 +40,35 @@ def peer_verify_keys(certificates: Mapping[str, bytes], roster, ca_pem: bytes) -
     """Each roster member's certificate key, after checking the certificate chains to the
     federation CA and names that member: the coordinator relays them but cannot forge them."""
     keys = {}
-    for pid in roster:
-        pem = certificates.get(pid)
+    for site_id in roster:
+        pem = certificates.get(site_id)
         if not pem:
-            raise SecAggError(f"active option: the task carries no certificate for {pid!r}")
+            raise SecAggError(f"active option: the assignment carries no certificate for {site_id!r}")
         try:
             verify_chain(pem, ca_pem)
             identity = identity_from_pem(pem)
         except PKIError as err:
-            raise SecAggError(f"active option: certificate relayed for {pid!r} is not valid: {err}") from None
-        if identity.name != pid or identity.role != "participant":
-            raise SecAggError(f"active option: certificate relayed for {pid!r} names {identity.name!r} "
+            raise SecAggError(f"active option: certificate relayed for {site_id!r} is not valid: {err}") from None
+        if identity.name != site_id or identity.role != "participant":
+            raise SecAggError(f"active option: certificate relayed for {site_id!r} names {identity.name!r} "
                               f"({identity.role})")
-        keys[pid] = x509.load_pem_x509_certificate(pem).public_key()
+        keys[site_id] = x509.load_pem_x509_certificate(pem).public_key()
     return keys
 
 
-class SecureUpdate:
+class SecAggUpdate:
     """One round's update under secure aggregation, from encoding to the unmasking shares."""
 
-    def __init__(self, site: str, run_id: str, round_no: int, task_id: bytes, roster, global_state_digest: str,
+    def __init__(self, site: str, run_id: str, round_no: int, attempt_id: bytes, roster, global_state_digest: str,
                  config: RunConfig, update: Mapping[str, np.ndarray], num_samples: int,
                  shared: vector.Specs, *, metrics: Mapping[str, float] | None = None, signer=None,
                  verify_keys=None):
         self.site = site
         self.metrics = dict(metrics or {})   # reported with the masked input (no sample count)
         self.round = round_no
-        self.task_id = task_id
+        self.attempt_id = attempt_id
         roster = list(roster)
-        settings = SecAggSettings.from_mapping(config.secagg.protocol_settings()).validate(len(roster))
+        settings = SecAggProtocolSettings.from_section(config.secagg).validate(len(roster))
         self.client = SecAggClient(site, run_id, round_no, roster, settings, bytes.fromhex(global_state_digest),
                                    signer=signer, verify_keys=verify_keys)
         # Weighted mean from a sum: encode weight / scale * clip(update) and carry the weight, which
@@ -107,17 +107,17 @@ class SecureUpdate:
 
 
 
-class SecureSession:
-    """This site's part in one secure aggregation round: its SecureUpdate, and each step the
-    coordinator opens on the task stream answered and submitted."""
+class SecAggSession:
+    """This site's part in one secure aggregation round: its SecAggUpdate, and each step the
+    coordinator opens on the assignment stream answered and submitted."""
 
-    def __init__(self, site_run, stub, task: pb.RoundTask, update: SecureUpdate):
-        self.site_run, self.stub, self.task, self.update = site_run, stub, task, update
-        self.round, self.task_id = task.header.round, task.task_id
+    def __init__(self, site_run, stub, assignment: pb.RoundAssignment, update: SecAggUpdate):
+        self.site_run, self.stub, self.assignment, self.update = site_run, stub, assignment, update
+        self.round, self.attempt_id = assignment.header.round, assignment.attempt_id
 
     @classmethod
-    def begin(cls, run, stub, task: pb.RoundTask, update: Mapping[str, np.ndarray],
-              metrics: Mapping[str, float]) -> "SecureSession | None":
+    def begin(cls, run, stub, assignment: pb.RoundAssignment, update: Mapping[str, np.ndarray],
+              metrics: Mapping[str, float]) -> "SecAggSession | None":
         """Encode the update and advertise keys; None when this site does not take part."""
         tls, config = run.settings.tls, run.trainer.config
         try:
@@ -126,14 +126,14 @@ class SecureSession:
                 if tls is None:
                     raise SecAggError("the active option needs this site's certificate key (no --insecure)")
                 signer = load_private_key(Path(tls.key).read_bytes(), "site key")
-                verify_keys = peer_verify_keys(task.peer_certificates, task.roster, Path(tls.ca_cert).read_bytes())
-            secure = SecureUpdate(run.site, run.run_id, task.header.round, task.task_id, task.roster,
-                                  task.global_state_digest, config, update, run.trainer.num_samples,
+                verify_keys = peer_verify_keys(assignment.peer_certificates, assignment.roster, Path(tls.ca_cert).read_bytes())
+            secure = SecAggUpdate(run.site, run.run_id, assignment.header.round, assignment.attempt_id, assignment.roster,
+                                  assignment.global_state_digest, config, update, run.trainer.num_samples,
                                   run.trainer.shared_specs(), metrics=metrics, signer=signer, verify_keys=verify_keys)
         except SecAggError as err:
-            log.error("%s: round %d: not taking part in secure aggregation: %s", run.site, task.header.round, err)
+            log.error("%s: round %d: not taking part in secure aggregation: %s", run.site, assignment.header.round, err)
             return None
-        session = cls(run, stub, task, secure)
+        session = cls(run, stub, assignment, secure)
         return session if session.submit("advertise", secure.advertise()) else None
 
     def step(self, message: pb.SecAggMessage) -> bool:
@@ -145,7 +145,7 @@ class SecureSession:
         try:
             violations = self.policy_violations(step, message.payload)
             if violations:
-                run.refuse(self.stub, self.task, f"secagg/{step}", violations)
+                run.refuse(self.stub, self.assignment, f"secagg/{step}", violations)
                 return False
             payload = secure.answer(step, message.payload)
         except SecAggError as err:
@@ -158,7 +158,7 @@ class SecureSession:
         if not self.submit(step, payload):
             return False
         if secure.done:
-            run.counters.rounds_trained += 1
+            run.counters.rounds_contributed += 1
             log.info("%s: round %d: secure aggregation complete (update masked, %d entries)", run.site,
                      self.round, secure.encoded.shape[0])
             return False
@@ -181,14 +181,14 @@ class SecureSession:
         return site_policy.check_roster(run.policy, run.config, n, f"round {self.round} secagg/{step}")
 
     def answers(self, message: pb.SecAggMessage) -> bool:
-        return message.task_id == self.task_id and message.header.round == self.round
+        return message.attempt_id == self.attempt_id and message.header.round == self.round
 
     def submit(self, step: str, payload: bytes) -> bool:
         """Send one step's reply; False when the coordinator refused it (this site leaves the round)."""
         run = self.site_run
         metrics = self.update.metrics if step == "masked_input" else None
-        token, token_seq = run.audit.countersign(run.run_id, self.task) if step == "advertise" else (b"", None)
-        parts = list(convert.secagg_submission(run.header(self.round), self.task_id, step, payload,
+        token, token_seq = run.audit.countersign(run.run_id, self.assignment) if step == "advertise" else (b"", None)
+        parts = list(convert.secagg_submission(run.header(self.round), self.attempt_id, step, payload,
                                                run.chunk_bytes, metrics))
         parts[0].audit_countersignature = token
         sent = run.audit.boundary(run.run_id, "send", self.round, f"secagg/{step}",
@@ -202,5 +202,5 @@ class SecureSession:
                             err.code().name, err.details())
                 return False
             raise
-        run.counters.bytes_sent += receipt.bytes_received
+        run.counters.bytes_uploaded += receipt.bytes_received
         return True
