@@ -195,8 +195,21 @@ def adapter(config: RunConfig):
     if config.task.kind == "vln":
         return config.vln.adapter.adapter, tuple(config.vln.adapter.targets)
     if config.task.kind == "python":
-        return config.task.adapter.adapter, tuple(config.task.adapter.targets)
+        return config.task.adapter.adapter, _python_targets(config)
     return config.model.adapter, ()
+
+
+def _python_targets(config: RunConfig) -> tuple[str, ...]:
+    """The patterns a python run adapts: the run config's, or else the installed task class's own
+    defaults (a run that names none must not slip past an `adapter_targets` rule)."""
+    if config.task.adapter.targets:
+        return tuple(config.task.adapter.targets)
+    from kt_core.python_task import load_entry   # torch and the task's code: only for a python run
+
+    try:
+        return tuple(load_entry(config.task.entry).targets)
+    except ConfigError:
+        return ()   # the entry is not installed here: the join refuses it, naming task.entry
 
 
 def task_allowed(tasks: tuple[str, ...], config: RunConfig) -> bool:

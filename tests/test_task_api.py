@@ -198,6 +198,16 @@ def test_a_target_pattern_that_matches_nothing_is_a_config_error():
     assert "fc1" in str(err.value)
 
 
+def test_a_site_policy_on_adapter_targets_sees_the_task_classs_own_targets():
+    from participant.policy import check_join, loads
+
+    policy = loads("[model]\ntasks = ['python']\nadapter_targets = ['fc1']", "policy.toml")
+    # the run names no targets: TinyTask's own ("fc1", "fc2") are what it adapts
+    assert [v.rule for v in check_join(policy, config(), site="s", shared={})] == ["model.adapter_targets"]
+    narrowed = config(rest='[task.adapter]\ntargets = ["fc1"]')
+    assert [v.rule for v in check_join(policy, narrowed, site="s", shared={})] == []
+
+
 def test_dp_compatibility_is_checked_when_the_model_is_built():
     dp = "[privacy]\nenabled = true\nnoise_multiplier = 1.0\nepsilon_budget = 5.0"
     with pytest.raises(ConfigError, match=r"privacy\.mechanism: record-level DP-SGD cannot train .*conv"):
