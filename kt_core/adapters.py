@@ -51,7 +51,13 @@ def normalize_kind(kind: str) -> str:
 class AdaptedConv2d(nn.Module):
     """A Conv2d whose weight is an adapter's: the (out, in/groups, kh, kw) kernel is the adapter's
     (out, in/groups*kh*kw) effective weight reshaped, so the adapter's roles, KL term and manifest
-    entries are exactly those of a linear adapter of that size (under "<name>.adapter.*")."""
+    entries are exactly those of a linear adapter of that size (under "<name>.adapter.*").
+
+    An ungrouped convolution runs as the adapter's own forward over the unfolded input patches
+    (im2col: conv2d(x, W) = W_flat @ unfold(x) at every output position). That costs the patch
+    matrix's memory, but it makes the adapter's parameters used by the adapter's own forward, so
+    DP-SGD's per-sample gradient rules for linear adapters (security/dp/grad_samplers) apply to the
+    convolution unchanged. A grouped convolution keeps F.conv2d and is refused under DP-SGD."""
 
     def __init__(self, conv: nn.Conv2d, adapter: Adapter):
         super().__init__()
@@ -59,7 +65,7 @@ class AdaptedConv2d(nn.Module):
         self.kernel_shape = tuple(conv.weight.shape)
         self.stride, self.padding, self.dilation = conv.stride, conv.padding, conv.dilation
         self.groups, self.padding_mode = conv.groups, conv.padding_mode
-        # what nn.Conv2d pads by itself for a padding_mode other than zeros
+        # the padding nn.Conv2d applies, as F.pad takes it (string paddings such as "same" resolved)
         self._pad = tuple(conv._reversed_padding_repeated_twice)
         self.in_channels, self.out_channels = conv.in_channels, conv.out_channels
 
@@ -67,11 +73,17 @@ class AdaptedConv2d(nn.Module):
         return self.adapter.effective_weight().reshape(self.kernel_shape)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight, bias = self.effective_weight(), self.adapter.bias
-        if self.padding_mode != "zeros":
-            x = F.pad(x, self._pad, mode=self.padding_mode)
-            return F.conv2d(x, weight, bias, self.stride, 0, self.dilation, self.groups)
-        return F.conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        mode = "constant" if self.padding_mode == "zeros" else self.padding_mode
+        x = F.pad(x, self._pad, mode=mode) if any(self._pad) else x
+        if self.groups != 1:
+            return F.conv2d(x, self.effective_weight(), self.adapter.bias, self.stride, 0, self.dilation, self.groups)
+        kh, kw = self.kernel_shape[2:]
+        n, _, h, w = x.shape
+        h_out = (h - self.dilation[0] * (kh - 1) - 1) // self.stride[0] + 1
+        w_out = (w - self.dilation[1] * (kw - 1) - 1) // self.stride[1] + 1
+        patches = F.unfold(x, (kh, kw), dilation=self.dilation, stride=self.stride)   # n, in*kh*kw, L
+        out = self.adapter(patches.transpose(1, 2))                                  # n, L, out
+        return out.transpose(1, 2).reshape(n, self.out_channels, h_out, w_out)
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_shape[2:]}, "
@@ -202,13 +214,14 @@ class DPProblem:
 
 def dp_problems(model: nn.Module, grad_sample_mode: str = "hooks") -> list[DPProblem]:
     """Why record-level DP-SGD (Opacus) cannot train `model` as it is ([] when it can): the layers
-    Opacus' ModuleValidator refuses (BatchNorm mixes records within a batch), and the adapted conv
-    layers, whose per-sample gradients no rule computes (the linear adapters have theirs)."""
+    Opacus' ModuleValidator refuses (BatchNorm mixes records within a batch), and adapted grouped
+    convolutions, whose per-sample gradients no rule computes (ungrouped ones run as their linear
+    adapter over unfolded patches, which has its rule)."""
     from opacus.validators import ModuleValidator
 
-    problems = [DPProblem(name, f"{type(m.adapter).__name__} on a Conv2d: DP-SGD's per-sample gradients are "
-                                "computed for linear adapters only; adapt the linear layers instead")
-                for name, m in model.named_modules() if isinstance(m, AdaptedConv2d)]
+    problems = [DPProblem(name, f"{type(m.adapter).__name__} on a grouped Conv2d (groups={m.groups}): DP-SGD's "
+                                "per-sample gradients are computed for ungrouped convolutions only")
+                for name, m in model.named_modules() if isinstance(m, AdaptedConv2d) and m.groups != 1]
     for err in ModuleValidator.validate(model, strict=False):
         problems.append(DPProblem("model", str(err)))
     # Opacus validates trainable modules only, but a frozen BatchNorm in training mode still mixes

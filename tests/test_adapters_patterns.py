@@ -178,8 +178,8 @@ def test_dp_compatibility_is_checked_up_front():
     assert dp_problems(mlp, "hooks") == []
     assert any("use 'hooks'" in str(p) for p in dp_problems(mlp, "ew"))
     conv = ConvNet()
-    apply_adapters(conv, "lora", ["conv1", "fc"])
-    assert [p.module for p in dp_problems(conv)] == ["conv1"]
+    apply_adapters(conv, "lora", ["conv1", "grouped", "fc"])
+    assert [p.module for p in dp_problems(conv)] == ["grouped"]   # an ungrouped conv has its rule
 
     class WithBatchNorm(nn.Module):
         def __init__(self):
@@ -190,6 +190,46 @@ def test_dp_compatibility_is_checked_up_front():
     bn = WithBatchNorm()
     apply_adapters(bn, "lora", ["fc"])
     assert any("BatchNorm" in str(p) for p in dp_problems(bn))
+
+
+@pytest.mark.parametrize("kind", ["lora", "dense", "waffle"])
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_dp_sgd_per_sample_gradients_of_an_adapted_conv_equal_autograd(kind, padding_mode):
+    """Under DP-SGD an ungrouped adapted Conv2d gets its per-sample gradients from the linear
+    adapter's rule (it runs over unfolded patches): each equals plain autograd on that one record."""
+    from opacus.grad_sample import GradSampleModule
+
+    import participant.privacy  # noqa: F401  (registers the adapters' per-sample gradient rules, as a site does)
+    from security.dp import grad_samplers
+
+    model = _pretrained(ConvNet, padding_mode)
+    apply_adapters(model, kind, ["conv1", "conv2"], n_factors=3, lora_rank=2, seed=1)
+    with torch.no_grad():   # away from the zero-delta start, so every factor's gradient is nonzero
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    for name, p in model.named_parameters():
+        if "kuma" in name:   # only in the KL term, kept out of the hooks as train_dp does
+            p.requires_grad_(False)
+    x = torch.randn(4, 3, 7, 7)
+    undo = grad_samplers.instrument(model)
+    gsm = GradSampleModule(model, strict=False, loss_reduction="sum")
+    model.train()
+    model(x).pow(2).sum().backward()
+    got = {n: p.grad_sample.clone() for n, p in model.named_parameters() if getattr(p, "grad_sample", None) is not None}
+    drawn = {m: m._dp_gates[0] for m in model.modules() if hasattr(m, "_dp_gates")}
+    gsm._close()
+    undo()
+    for m, g in drawn.items():   # WAFFLe: the per-record passes reuse the gates the batch drew
+        m.gates = lambda g=g: g
+    adapted = {n for n, p in model.named_parameters() if p.requires_grad and n.startswith(("conv1.", "conv2."))}
+    assert adapted and adapted <= set(got)
+    for i in range(4):
+        model.zero_grad()
+        model(x[i:i + 1]).pow(2).sum().backward()
+        for name in adapted - {"conv1.adapter.gate_logits", "conv2.adapter.gate_logits"}:
+            torch.testing.assert_close(got[name][i], dict(model.named_parameters())[name].grad,
+                                       rtol=1e-4, atol=1e-5, msg=f"{kind} {name}")
 
 
 def test_adapter_settings_validate():

@@ -61,7 +61,8 @@ class TinyConv(TinyTask):
     targets = ("conv",)
 
     def build_model(self) -> nn.Module:
-        return nn.Sequential(OrderedDict(conv=nn.Conv2d(1, 2, 1), flat=nn.Flatten(), fc=nn.Linear(8, 3)))
+        # a grouped convolution: the one adapted layer DP-SGD has no per-sample gradient rule for
+        return nn.Sequential(OrderedDict(conv=nn.Conv2d(2, 2, 1, groups=2), flat=nn.Flatten(), fc=nn.Linear(8, 3)))
 
 
 class NoVersion(TinyTask):
