@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kt_core.factorized import ADAPTERS, Adapter
-from kt_core.models import layer_seed
+from kt_core.models import ModelConfig, layer_seed
 
 ADAPTABLE = (nn.Linear, nn.Conv2d)
 # the sizes apply_adapters takes, and which adapter kinds use each (the others ignore it)
@@ -275,16 +275,5 @@ class AdapterSettings:
                 _compile(pattern)
             except AdapterError as err:
                 raise ValueError(f"targets[{i}]: {err}") from None
-        for name in ("n_factors", "lora_rank"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 4096:
-                raise ValueError(f"{name}: must be an integer between 1 and 4096, got {value!r}")
-        for name in ("ibp_alpha", "temperature", "gate_lr_scale", "lora_alpha"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name}: must be a finite number > 0, got {value!r}")
-        if isinstance(self.gate_init, bool) or not isinstance(self.gate_init, (int, float)) \
-                or not math.isfinite(self.gate_init):
-            raise ValueError(f"gate_init: must be a finite number, got {self.gate_init!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed: must be an integer between 0 and 2^32 - 1, got {self.seed!r}")
+        # the sizes: the same checks as the image task's and the navigation adapters' (kt_core.models)
+        ModelConfig(adapter=normalize_kind(self.adapter), **self.sizes()).validate()

@@ -26,6 +26,11 @@ def _is_pos_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v) and v > 0
 
 
+# the most factors (WAFFLe) or the highest rank (LoRA) an adapter may have: far above any useful
+# size, low enough that a config cannot make a site allocate without bound
+MAX_RANK = 4096
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     adapter: str = "waffle"            # waffle | lora | ffa_lora | dense
@@ -57,8 +62,10 @@ class ModelConfig:
             raise ValueError(f"hidden: must be a tuple of positive integers, got {self.hidden!r}")
         if not _is_int(self.num_classes) or self.num_classes < 2:
             raise ValueError(f"num_classes: must be an integer >= 2, got {self.num_classes!r}")
-        if not _is_int(self.n_factors) or self.n_factors < 1:
-            raise ValueError(f"n_factors: must be a positive integer, got {self.n_factors!r}")
+        for name in ("n_factors", "lora_rank"):   # bounded: the run config may come from a hostile coordinator
+            value = getattr(self, name)
+            if not _is_int(value) or not 1 <= value <= MAX_RANK:
+                raise ValueError(f"{name}: must be an integer between 1 and {MAX_RANK}, got {value!r}")
         if not isinstance(self.gate_init, (int, float)) or isinstance(self.gate_init, bool) \
                 or not math.isfinite(self.gate_init):
             raise ValueError(f"gate_init: must be a finite number, got {self.gate_init!r}")
@@ -67,10 +74,8 @@ class ModelConfig:
                 continue
             if not _is_pos_number(getattr(self, name)):
                 raise ValueError(f"{name}: must be a finite number > 0, got {getattr(self, name)!r}")
-        if not _is_int(self.lora_rank) or self.lora_rank < 1:
-            raise ValueError(f"lora_rank: must be a positive integer, got {self.lora_rank!r}")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"seed: must be a non-negative integer, got {self.seed!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed: must be an integer between 0 and 2^32 - 1, got {self.seed!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -31,10 +31,9 @@ from torch.utils.data import Dataset, default_collate
 
 from kt_core import adapters
 from kt_core.config_file import ConfigError, build as build_section
-from kt_core.models import kl_divergence
 from kt_core.tasks import SiteData, Task, TaskModel
 from kt_core.task_api import FederatedTask, LocalData
-from kt_core.train import TrainConfig, TrainResult, train_steps
+from kt_core.train import TrainConfig, TrainResult, device_of, train_steps, with_kl
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +90,7 @@ def options_sha256(options: Any) -> str:
 
 def frozen_sha256(model: nn.Module) -> str:
     """SHA-256 over the names, dtypes, shapes and bytes of the model's frozen tensors."""
-    from kt_core.manifest import Role, manifest_of
+    from kt_core.manifest import manifest_of
 
     tensors = dict(model.named_parameters())
     tensors.update(model.named_buffers())
@@ -101,11 +100,6 @@ def frozen_sha256(model: nn.Module) -> str:
         h.update(f"{entry.name}\0{entry.dtype}\0{','.join(map(str, entry.shape))}\0".encode())
         h.update(t.view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
 
 
 def _to(batch: Any, device: torch.device) -> Any:
@@ -227,20 +221,18 @@ class PythonTask(Task):
 
     # -- training and evaluation ----------------------------------------------------------------
     def train(self, model: nn.Module, data: SiteData, cfg: TrainConfig) -> TrainResult:
-        dataset, n, device = data.train, data.num_samples, _device_of(model)
+        dataset, n, device = data.train, data.num_samples, device_of(model)
 
         def batch_loss(idx: Tensor) -> Tensor:
             loss = self.task.loss(model, _to(_collate(dataset, idx), device))
             if not (isinstance(loss, Tensor) and loss.ndim == 0):
                 raise TypeError(f"{self.entry}.loss must return a scalar tensor, got {type(loss).__name__}")
-            if cfg.kl_weight:
-                loss = loss + cfg.kl_weight * kl_divergence(model).to(loss.device) / n
-            return loss
+            return with_kl(model, loss, n, cfg.kl_weight)
 
         return train_steps(model, n, batch_loss, cfg)
 
     def evaluate(self, model: nn.Module, data: SiteData) -> dict[str, float]:
-        dataset, device = data.test, _device_of(model)
+        dataset, device = data.test, device_of(model)
         batches = (_to(_collate(dataset, range(i, min(i + EVAL_BATCH, len(dataset)))), device)
                    for i in range(0, len(dataset), EVAL_BATCH))
         was_training = model.training

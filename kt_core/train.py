@@ -104,11 +104,15 @@ def make_optimizer_for(params: list[nn.Parameter], cfg: TrainConfig) -> torch.op
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
 
 
-def elbo_loss(model: nn.Module, logits: Tensor, y: Tensor, num_samples: int, kl_weight: float) -> Tensor:
-    loss = F.cross_entropy(logits, y)
+def with_kl(model: nn.Module, loss: Tensor, num_samples: int, kl_weight: float) -> Tensor:
+    """A batch's data loss plus the site's share of the KL term: the per-site ELBO per record."""
     if kl_weight:
         loss = loss + kl_weight * kl_divergence(model).to(loss.device) / num_samples
     return loss
+
+
+def elbo_loss(model: nn.Module, logits: Tensor, y: Tensor, num_samples: int, kl_weight: float) -> Tensor:
+    return with_kl(model, F.cross_entropy(logits, y), num_samples, kl_weight)
 
 
 def _as_tensors(x, y) -> tuple[Tensor, Tensor]:
@@ -122,8 +126,10 @@ def _as_tensors(x, y) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters are (the CPU for a model that has none)."""
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
 
 
 def train_local(model: nn.Module, x, y, cfg: TrainConfig,
@@ -131,7 +137,7 @@ def train_local(model: nn.Module, x, y, cfg: TrainConfig,
     """Train in place on (x, y). See `train_steps`."""
     x, y = _as_tensors(x, y)
     n = x.shape[0]
-    device = _device_of(model)
+    device = device_of(model)
 
     def batch_loss(idx: Tensor) -> Tensor:
         xb, yb = x[idx].to(device), y[idx].to(device)
@@ -149,7 +155,7 @@ def train_steps(model: nn.Module, n: int, batch_loss: Callable[[Tensor], Tensor]
     seeded here, and the caller's global RNG is left as it was. `progress(step, loss)` is called
     after every step."""
     cfg.validate()
-    device = _device_of(model)
+    device = device_of(model)
     # DP-SGD hands in its own (security.dp.engine: clipping and noise happen in its step)
     optimizer = optimizer if optimizer is not None else make_optimizer(model, cfg)
     if cfg.prox_mu:
@@ -212,7 +218,7 @@ def _with_proximal_term(model: nn.Module, batch_loss: Callable[[Tensor], Tensor]
 def evaluate(model: nn.Module, x, y, batch_size: int = 1024) -> dict[str, float]:
     """Accuracy and mean cross-entropy in eval mode (WAFFLe gates at their posterior mode)."""
     x, y = _as_tensors(x, y)
-    device = _device_of(model)
+    device = device_of(model)
     was_training = model.training
     model.eval()
     correct, loss_sum = 0, 0.0

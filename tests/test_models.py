@@ -156,3 +156,15 @@ def test_private_state_round_trip():
     with pytest.raises(ValueError, match="layers.0.w_a"):
         load_private_state(b, {**state, "layers.0.w_a": torch.zeros(4, 20)})
     assert private_state(small("dense")) == {}
+
+
+def test_adapter_sizes_are_bounded_for_every_task():
+    """A run config (from a coordinator the site need not trust) cannot ask for unbounded factors."""
+    from kt_core.adapters import AdapterSettings
+    from kt_core.models import MAX_RANK, ModelConfig
+
+    for field in ("n_factors", "lora_rank"):
+        with pytest.raises(ValueError, match=f"{field}: must be an integer between 1 and {MAX_RANK}"):
+            ModelConfig(**{field: MAX_RANK + 1}).validate()
+        with pytest.raises(ValueError, match=field):
+            AdapterSettings(**{field: MAX_RANK + 1}).validate()

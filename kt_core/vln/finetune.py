@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kt_core.factorized import Adapter
-from kt_core.train import TrainConfig, TrainResult, elbo_loss, train_steps
+from kt_core.train import TrainConfig, TrainResult, device_of, elbo_loss, train_steps
 from kt_core.vln.babyai import Demos, Policy, evaluate_policy, get_demos
 from kt_core.vln.tokenizer import PAD_ID, Tokenizer
 
@@ -106,10 +106,6 @@ def assign_levels(levels: Sequence[str], n_sites: int) -> list[list[str]]:
 # training and evaluation
 # ---------------------------------------------------------------------------------------------
 
-def _device_of(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
 def train_local(model: nn.Module, data: DemoTensors, cfg: TrainConfig,
                 progress: Callable[[int, float], None] | None = None) -> TrainResult:
     """Behaviour cloning in place, with kt_core.train's loop (deterministic given cfg.seed, the
@@ -118,7 +114,7 @@ def train_local(model: nn.Module, data: DemoTensors, cfg: TrainConfig,
     n = len(data)
     if n == 0:
         raise ValueError("train_local: no samples")
-    device = _device_of(model)
+    device = device_of(model)
 
     def batch_loss(idx: Tensor) -> Tensor:
         tokens, images, directions, actions = data.take(idx, device)
@@ -134,7 +130,7 @@ def evaluate(model: nn.Module, data: DemoTensors, batch_size: int = 512) -> dict
     if len(data) == 0:
         raise ValueError("evaluate: no samples")
     net = inference_copy(model)
-    device = _device_of(net)
+    device = device_of(net)
     correct, loss_sum = 0, 0.0
     for i in range(0, len(data), batch_size):
         tokens, images, directions, actions = data.take(torch.arange(i, min(i + batch_size, len(data))), device)
@@ -167,7 +163,7 @@ def model_policy(model: nn.Module, tokenizer: Tokenizer) -> Policy:
     inference copy (adapters folded in): later changes to `model` do not reach the policy."""
     model = inference_copy(model)
     max_len = model.cfg.max_len
-    device = _device_of(model)
+    device = device_of(model)
     encoded: dict[str, np.ndarray] = {}
 
     @torch.no_grad()
