@@ -24,9 +24,14 @@ from coordinator.strategy import strategy_for
 from kt_core.config import ConfigError, RunConfig
 from kt_core.manifest import FactorManifest, Role, manifest_of
 from kt_core import tasks
+from kt_core.python_task import TaskMismatch
 from kt_core.models import shared_state
 
 log = logging.getLogger(__name__)
+
+
+class ResumeRefused(ValueError):
+    """The unfinished run cannot go on here as it was started; the message says what to do."""
 
 
 def backbone_path(config: RunConfig) -> Path | None:
@@ -76,15 +81,26 @@ class Coordinator:
         self.on_failure = on_failure   # the server reports NOT_SERVING when the round engine fails
         self._lock = threading.Lock()
 
-    def resume(self) -> bool:
-        """Pick up the unfinished run, if any; raises CorruptStateError on a bad state file."""
+    def resume(self, abandon: str | None = None) -> bool:
+        """Pick up the unfinished run, if any; raises CorruptStateError on a bad state file and
+        ResumeRefused when this machine no longer has the task the run was started with. With
+        `abandon` (the operator's --abandon-run RUN_ID), that unfinished run is marked stopped and
+        its audit log sealed instead, so a new run can start."""
         record = self.store.active_run()
+        if abandon is not None:
+            self._abandon(record, abandon)
+            return False
         if record is None:
             return False
         config = RunConfig.from_json(record.config_json)
         manifest = FactorManifest.from_json(record.manifest_json)
         try:
             config, self.backbone = host_backbone(config)
+        except TaskMismatch as err:
+            # the run's model and every site's pins are those of the task as it was started: going on
+            # with another one would train a different model under the same run id
+            raise ResumeRefused(f"cannot resume run {record.run_id}: {err}. Install what the run announced to "
+                                f"resume it, or start with --abandon-run {record.run_id} to mark it stopped") from None
         except ConfigError as err:
             raise CorruptStateError(f"run {record.run_id}: {err}") from None
         if self.capacity is not None and (why := self.capacity.problem(config.federation.max_sites)):
@@ -93,6 +109,16 @@ class Coordinator:
         self._start_engine(record.run_id, config, manifest)
         log.info("resumed run %s at round %d", record.run_id, self.engine.rounds_completed)
         return True
+
+    def _abandon(self, record, run_id: str) -> None:
+        if record is None or record.run_id != run_id:
+            raise ValueError(f"--abandon-run {run_id!r}: the unfinished run is "
+                             f"{record.run_id if record else 'none'}; nothing was changed")
+        rounds, _, _ = self.store.last_round(run_id)
+        self.store.set_run_state(run_id, "stopped")
+        self.trail.seal(run_id, rounds, "abandoned by the operator (--abandon-run)")
+        log.warning("run %s abandoned by the operator after %d completed rounds: marked stopped, its audit log "
+                    "sealed; it will not resume", run_id, rounds)
 
     def start_run(self, config: RunConfig) -> str:
         with self._lock:
@@ -168,4 +194,4 @@ class Coordinator:
             self._thread.join(timeout=10)
 
 
-__all__ = ["Coordinator", "CorruptStateError", "initial_state"]
+__all__ = ["Coordinator", "CorruptStateError", "ResumeRefused", "initial_state"]

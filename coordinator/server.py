@@ -51,6 +51,9 @@ class ServerSettings:
     # (RESOURCE_EXHAUSTED) before it takes a worker thread or a place in the queue. None: the
     # pool's threads plus one waiting call for each site of a run of max_sites (100)
     max_concurrent_rpcs: int | None = None
+    # the operator's decision that the unfinished run with this id will not resume (ktfed
+    # coordinator --abandon-run): it is marked stopped and its audit log sealed before anything starts
+    abandon_run: str | None = None
 
     @property
     def concurrent_rpcs(self) -> int:
@@ -169,7 +172,7 @@ class CoordinatorServer:
             self.metrics.start()
         log.info("coordinator listening on %s (mTLS %s)", self.settings.listen,
                  "off" if self.settings.insecure else "on")
-        if not self.coordinator.resume() and config is not None:
+        if not self.coordinator.resume(abandon=self.settings.abandon_run) and config is not None:
             self.coordinator.start_run(config)
         self._set_health(health_pb2.HealthCheckResponse.SERVING)
 

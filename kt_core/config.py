@@ -204,11 +204,12 @@ class TaskSettings:
     hosts, on BabyAI demonstrations of each site's levels ([vln]). "python": a federation's own
     task (kt_core.task_api), named by `entry` and installed at the coordinator and every site, its
     `[task.options]` validated by the task's Options, its adapters placed by `[task.adapter]` on
-    each site's own data (`ktfed participant run --site-data`). The coordinator fills in `version`
-    (when not given), `options_sha256` and `model_sha256` as the run starts; sites check them."""
+    each site's own data (`ktfed participant run --site-data`). All three are FederatedTasks
+    (kt_core.task_api). The coordinator fills in `version` (when not given) as the run starts, and
+    for a python task `options_sha256` and `model_sha256`; sites check them before building."""
     kind: str = "image"
     entry: str = ""                 # python: "package.module:Class"
-    version: str = ""               # python: the task version every site must have installed
+    version: str = ""               # the task version every site must have installed (any kind)
     labels_sha256: str = ""         # python, optional: kt_core.site_data.labels_sha256 of the label names
     options_sha256: str = ""        # python: filled in by the coordinator
     model_sha256: str = ""          # python: digest of the adapted model's frozen tensors, filled in likewise
@@ -221,7 +222,7 @@ class TaskSettings:
         if self.kind == "python" and not self.entry:
             raise ValueError('entry: required for kind "python" (package.module:Class of the installed task)')
         if self.kind != "python":
-            given = [n for n in ("entry", "version", "labels_sha256", "options_sha256", "model_sha256", "options")
+            given = [n for n in ("entry", "labels_sha256", "options_sha256", "model_sha256", "options")
                      if getattr(self, n)] + (["adapter"] if self.adapter != AdapterSettings() else [])
             if given:
                 raise ValueError(f'{given[0]}: only for kind "python", the run\'s task is {self.kind!r}')
@@ -332,8 +333,9 @@ class RunConfig:
     vln: VLNSettings = field(default_factory=VLNSettings)
 
     def resolved(self) -> "RunConfig":
-        """Fix what 'auto' means and size the model for the data set; for a python task, pin the
-        installed task's version, options digest and frozen-model digest (kt_core.python_task.pinned)."""
+        """Fix what 'auto' means and size the model for the data set; pin the installed task's
+        version, and for a python task its options digest and frozen-model digest
+        (kt_core.python_task.pinned)."""
         name = self.data.dataset
         if name == "auto":
             name = "fashion-mnist" if (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file() else "digits"
@@ -345,6 +347,11 @@ class RunConfig:
             from kt_core.python_task import pinned   # imports the task: only for a run that names one
 
             config = pinned(config)
+        elif not config.task.version:   # a built-in task: its version, so a site of another release refuses
+            from kt_core.task_runner import task_class
+
+            config = dataclasses.replace(config, task=dataclasses.replace(
+                config.task, version=task_class(config)[1].version))
         return config
 
     def to_json(self) -> str:

@@ -1,51 +1,65 @@
-"""The image task: a classifier with factorized adapters (kt_core.models) trained on this site's
-share of a local image data set (kt_core.data), by the plain ELBO loop of kt_core.train."""
+"""The built-in image task: a classifier with factorized adapters (kt_core.models) on this site's
+share of a public image data set (kt_core.data), as a FederatedTask like any federation's own.
+
+What it does beyond the common case of kt_core.task_api, through the API's optional hooks:
+  options     the run config itself: [model] sizes the MLP and its adapters, [data] names the data
+              set and the partition, [federation] the sites; all of it travels to every site
+  adapt       the MLP is built with its adapters in place ([model] adapter and sizes; the factors of
+              each layer seeded from [model] seed), so nothing more is placed on it
+  local_data  the site's shard of the partition [data] lays out, a pure function of the labels, the
+              site names and the partition seed (kt_core.data.site_split): no site sees another's
+              indices, and its test set follows its own label distribution
+The loss and the evaluation are the API's defaults: cross-entropy on (x, y), so record-level
+DP-SGD is offered.
+"""
 from __future__ import annotations
 
 import dataclasses
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 
 from kt_core.data import load_dataset, site_split
+from kt_core.factorized import Adapter
+from kt_core.manifest import manifest_of
 from kt_core.models import build_model
-from kt_core.tasks import SiteData, Task, TaskModel
-from kt_core.train import TrainConfig, TrainResult, evaluate, train_local
+from kt_core.task_api import FederatedTask, LocalData, SiteContext
 
 log = logging.getLogger(__name__)
 
 
-class ImageTask(Task):
-    kind = "image"
+class ImageTask(FederatedTask):
+    name = "image"
+    version = "1"
+    reads_site_data = False   # the coordinator's [data] lays the public set out over the sites
 
-    def build(self, backbone: Path | None = None) -> TaskModel:
-        return TaskModel(build_model(self.config.model))
+    @classmethod
+    def options_from(cls, config):
+        return config
 
-    def site_data(self, built: TaskModel, site: str, *, data_root: Path | None, state_dir: Path) -> SiteData:
-        config = self.config
-        data = load_dataset(config.data.dataset, root=data_root, max_train=config.data.max_train or None,
+    def build_model(self) -> nn.Module:
+        return build_model(self.options.model)
+
+    def adapt(self, model: nn.Module, settings, targets) -> list[str]:
+        return [name for name, m in model.named_modules() if isinstance(m, Adapter)]
+
+    def local_data(self, site: SiteContext) -> LocalData:
+        config = self.options
+        data = load_dataset(config.data.dataset, root=site.data_root, max_train=config.data.max_train or None,
                             max_test=config.data.max_test or None)
-        train_x, train_y, test_x, test_y = site_split(data, config.federation.sites, site, config.data.partition)
+        train_x, train_y, test_x, test_y = site_split(data, site.sites, site.name, config.data.partition)
         if len(train_y) == 0:
-            raise ValueError(f"site {site} received no training samples from the partition")
-        log.info("%s: %d training and %d test samples (%s, %s)", site, len(train_y), len(test_y),
+            raise ValueError(f"site {site.name} received no training samples from the partition")
+        log.info("%s: %d training and %d test samples (%s, %s)", site.name, len(train_y), len(test_y),
                  config.data.dataset, config.data.partition.scheme)
-        return SiteData(train=(torch.from_numpy(train_x), torch.from_numpy(train_y)),
-                        test=(torch.from_numpy(test_x), torch.from_numpy(test_y)), num_samples=len(train_y))
 
-    def train(self, model: nn.Module, data: SiteData, cfg: TrainConfig) -> TrainResult:
-        return train_local(model, *data.train, cfg)
+        def tensors(x, y) -> TensorDataset:
+            return TensorDataset(torch.from_numpy(x).float(), torch.from_numpy(y).long())
 
-    def evaluate(self, model: nn.Module, data: SiteData) -> dict[str, float]:
-        return evaluate(model, *data.test)
-
-    def dp_records(self, data: SiteData):
-        return data.train
+        return LocalData(train=tensors(train_x, train_y), test=tensors(test_x, test_y))
 
     def dense_update_bytes(self) -> int:
-        from kt_core.manifest import manifest_of
-
-        dense = dataclasses.replace(self.config.model, adapter="dense")
-        return manifest_of(build_model(dense)).shared_nbytes()
+        """The MLP with dense layers of the same sizes: what full FedAvg would send."""
+        return manifest_of(build_model(dataclasses.replace(self.options.model, adapter="dense"))).shared_nbytes()

@@ -1,51 +1,77 @@
-"""The navigation task: adapters on the hosted VLN backbone (frozen), trained by behaviour
-cloning on BabyAI demonstrations of this site's own levels (kt_core.vln).
+"""The built-in navigation task: adapters on the hosted VLN backbone (frozen), trained by
+behaviour cloning on BabyAI demonstrations of this site's own levels (kt_core.vln), as a
+FederatedTask like any federation's own.
 
-The backbone travels once (digest-checked, cached by digest), only the adapters' shared factors
-every round. Record-level DP-SGD is not offered for this task yet: a run asking for it is refused
-at the site; user-level DP (clip + noise on the whole update) is.
+What it does beyond the common case of kt_core.task_api, through the API's optional hooks:
+  options           the run config itself ([vln]: levels, demonstrations, adapters, rollouts)
+  hosts_backbone    the coordinator hosts the pretrained backbone; a site downloads it once
+                    (digest-checked, cached by digest) and `build_model` loads it from there; only
+                    the adapters' shared factors travel every round
+  adapt             adapters on the backbone's cross-modal layers ([vln.adapter], kt_core.vln.adapt),
+                    with the action head trained, shared or kept at the site
+  local_data        this site's levels dealt round-robin from [vln] levels, its demonstrations on its
+                    own seed block; unseen seeds of the same levels are its test set
+  loss, evaluate    cross-entropy of the expert's next action; evaluation on an inference copy with
+                    the adapters folded in
+  final_evaluation  greedy rollouts on unseen seeds of its levels and of the held-out levels
+Its loss is not the default (x, y) one, so record-level DP-SGD is not offered for this task yet: a
+run asking for it is refused at the site; user-level DP (clip + noise on the whole update) is.
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 from kt_core.config import ConfigError
-from kt_core.tasks import SiteData, Task, TaskModel
-from kt_core.train import TrainConfig, TrainResult
+from kt_core.task_api import FederatedTask, LocalData, SiteContext
 
 log = logging.getLogger(__name__)
 
 
-class NavTask(Task):
-    kind = "vln"
+class NavTask(FederatedTask):
+    name = "vln"
+    version = "1"
+    reads_site_data = False   # demonstrations come from the BabyAI bot, on the site's own seed block
     hosts_backbone = True
-    record_level_dp = False
 
-    def build(self, backbone: Path | None = None) -> TaskModel:
-        from kt_core.vln.adapt import adapt_backbone
+    def __init__(self, options):
+        super().__init__(options)
+        self.max_len = 0   # the backbone's instruction length, known once build_model loaded it
+
+    @classmethod
+    def options_from(cls, config):
+        return config
+
+    def build_model(self, backbone: Path | None = None) -> nn.Module:
         from kt_core.vln.checkpoint import CheckpointError, load_backbone
 
         if backbone is None:
             raise ConfigError("vln.backbone: the run adapts a hosted backbone, but no checkpoint was given")
         try:
-            loaded = load_backbone(backbone, sha256=self.config.vln.backbone_sha256 or None)
+            loaded = load_backbone(backbone, sha256=self.options.vln.backbone_sha256 or None)
         except CheckpointError as err:
             raise ConfigError(f"vln.backbone: {err}") from None
+        self.tokenizer, self.max_len = loaded.tokenizer, loaded.model.cfg.max_len
+        return loaded.model
+
+    def adapt(self, model: nn.Module, settings, targets) -> list[str]:
+        from kt_core.vln.adapt import adapt_backbone, adapters
+
         try:
-            model = adapt_backbone(loaded.model, self.config.vln.adapter)
+            adapt_backbone(model, self.options.vln.adapter)
         except ValueError as err:
             raise ConfigError(f"vln.adapter.{err}") from None
-        return TaskModel(model, loaded.tokenizer)
+        return list(adapters(model))
 
     def check(self) -> None:
         """Every level the run names exists (minigrid is imported only for a VLN run)."""
         from kt_core.vln.babyai import BabyAIError, check_level
         from kt_core.vln.finetune import assign_levels
 
-        config = self.config
+        config = self.options
         for field in ("levels", "held_out_levels"):
             for level in getattr(config.vln, field):
                 try:
@@ -58,47 +84,60 @@ class NavTask(Task):
             raise ConfigError(f"vln.levels: {err}") from None
 
     def backbone_sha256(self) -> str:
-        return self.config.vln.backbone_sha256
+        return self.options.vln.backbone_sha256
 
-    def site_data(self, built: TaskModel, site: str, *, data_root: Path | None, state_dir: Path) -> SiteData:
+    def _cache(self, site: SiteContext) -> Path:
+        vln = self.options.vln
+        return Path(vln.cache_dir).expanduser() if vln.cache_dir else Path(site.state_dir) / "demos"
+
+    def local_data(self, site: SiteContext) -> LocalData:
         from kt_core.vln import finetune
         from kt_core.vln.babyai import get_demos
 
-        vln, sites = self.config.vln, self.config.federation.sites
-        index = sites.index(site)
-        levels = finetune.assign_levels(vln.levels, len(sites))[index]
-        cache = Path(vln.cache_dir).expanduser() if vln.cache_dir else Path(state_dir) / "demos"
-        max_len = built.model.cfg.max_len
-        train = finetune.site_data(index, levels, vln.episodes_per_level, cache)
-        train_data = finetune.encode_demos(train, built.tokenizer, max_len)
+        if self.tokenizer is None:
+            raise ValueError("local_data: the backbone (and its tokenizer) is loaded by build_model first")
+        vln = self.options.vln
+        levels = finetune.assign_levels(vln.levels, len(site.sites))[site.index]
+        cache, max_len = self._cache(site), self.max_len
+        train = finetune.site_data(site.index, levels, vln.episodes_per_level, cache)
+        train_data = finetune.encode_demos(train, self.tokenizer, max_len)
         # unseen seeds of the same levels: the per-round accuracy the coordinator shows
         held = [get_demos(level, finetune.eval_seeds(vln.eval_episodes), cache) for level in levels]
-        test_data = finetune.encode_demos(type(train).concat(held), built.tokenizer, max_len)
-        log.info("%s: levels %s: %d training and %d evaluation steps of demonstrations", site,
+        test_data = finetune.encode_demos(type(train).concat(held), self.tokenizer, max_len)
+        log.info("%s: levels %s: %d training and %d evaluation steps of demonstrations", site.name,
                  ", ".join(levels), len(train_data), len(test_data))
-        return SiteData(train=train_data, test=test_data, num_samples=len(train_data), levels=tuple(levels),
-                        cache_dir=cache)
+        return LocalData(train=train_data, test=test_data, levels=tuple(levels))
 
-    def train(self, model: nn.Module, data: SiteData, cfg: TrainConfig) -> TrainResult:
-        from kt_core.vln import finetune
+    def loss(self, model: nn.Module, batch) -> Tensor:
+        tokens, images, directions, actions = batch
+        return F.cross_entropy(model.act(tokens, images, directions), actions)
 
-        return finetune.train_local(model, data.train, cfg)
+    def evaluate(self, model: nn.Module, batches) -> dict[str, float]:
+        """Accuracy of predicting the expert's action and mean cross-entropy, on an inference copy
+        (adapters folded in: what the rollouts run)."""
+        from kt_core.vln.finetune import inference_copy
 
-    def evaluate(self, model: nn.Module, data: SiteData) -> dict[str, float]:
-        from kt_core.vln import finetune
+        net = inference_copy(model)
+        correct, loss_sum, n = 0, 0.0, 0
+        for tokens, images, directions, actions in batches:
+            logits = net.act(tokens, images, directions)
+            loss_sum += float(F.cross_entropy(logits, actions, reduction="sum"))
+            correct += int((logits.argmax(1) == actions).sum())
+            n += int(actions.shape[0])
+        if n == 0:
+            raise ValueError("evaluate: no samples")
+        return {"accuracy": correct / n, "loss": loss_sum / n}
 
-        return finetune.evaluate(model, data.test)
-
-    def final_evaluation(self, built: TaskModel, data: SiteData) -> dict:
+    def final_evaluation(self, model: nn.Module, site: SiteContext, data: LocalData) -> dict:
         """Rollouts on unseen seeds of this site's levels and of the held-out levels: success rate
         and SPL against the bot's path length."""
         from kt_core.vln import finetune
 
-        vln = self.config.vln
+        vln = self.options.vln
         if not vln.rollout_episodes:
             return {}
-        return finetune.site_evaluation(built.model, built.tokenizer, list(data.levels), vln.held_out_levels,
-                                        vln.rollout_episodes, data.cache_dir)
+        return finetune.site_evaluation(model, self.tokenizer, list(data.levels), vln.held_out_levels,
+                                        vln.rollout_episodes, self._cache(site))
 
     def describe_final(self, result: dict) -> str:
         held = result["held_out_success_rate"]
@@ -114,7 +153,7 @@ class NavTask(Task):
                        f"{', '.join(r['train_levels'])}" + (f"; held-out levels: success rate {held:.2f}"
                                                             if held is not None else ""))
         if out:
-            out.insert(0, f"navigation after the run ({self.config.vln.rollout_episodes} unseen episodes per "
+            out.insert(0, f"navigation after the run ({self.options.vln.rollout_episodes} unseen episodes per "
                           "level, greedy policy; SPL against the expert bot's path):")
         return out
 
@@ -124,5 +163,5 @@ class NavTask(Task):
 
         from safetensors import safe_open
 
-        with safe_open(self.config.vln.backbone, framework="np") as f:
+        with safe_open(self.options.vln.backbone, framework="np") as f:
             return sum(4 * math.prod(int(d) for d in f.get_slice(k).get_shape()) for k in f.keys())

@@ -1,29 +1,29 @@
-"""What a run learns: one small interface that every task implements, chosen once by task kind.
+"""What a run learns, as the services see it, and a site's adapted model after the run.
 
-A task says how to build the run's model (the same at the coordinator and at every site, so the
-factor manifest and the round-0 shared state agree), how a site loads its own data, trains and
-evaluates on it, what it evaluates at the end of the run and what the demo reports of it. The
-built-in tasks are "image" (kt_core.image_task: a classifier with factorized adapters on a local
-image data set) and "vln" (kt_core.nav_task: adapters on the hosted, frozen VLN backbone, trained
-by behaviour cloning on BabyAI demonstrations). A new task is one subclass and one line in
-`TASKS`; nothing else in the services branches on the kind.
+Every task, built-in or a federation's own, is a kt_core.task_api.FederatedTask; `task_for` gives
+the services its runner (kt_core.task_runner.TaskRunner), which builds the run's model (the same at
+the coordinator and at every site, so the factor manifest and the round-0 shared state agree),
+loads a site's data, trains and evaluates it, and runs the final evaluation. The built-in tasks are
+"image" (kt_core.image_task: a classifier with factorized adapters on a local image data set) and
+"vln" (kt_core.nav_task: adapters on the hosted, frozen VLN backbone, trained by behaviour cloning
+on BabyAI demonstrations); nothing in the services branches on the kind.
 """
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
 from kt_core.config import ConfigError, RunConfig
-from kt_core.train import TrainConfig, TrainResult
 from kt_core.vln.checkpoint import sha256_file
+
+if TYPE_CHECKING:
+    from kt_core.task_runner import TaskRunner
 
 
 @dataclass
@@ -39,77 +39,16 @@ class SiteData:
     test: Any                          # unseen examples: the per-round accuracy the coordinator shows
     num_samples: int                   # training records (the FedAvg weight and DP's N)
     levels: tuple[str, ...] = ()       # the navigation levels this site holds (none for images)
-    cache_dir: Path | None = None      # where the task keeps what it derived from the data
+    context: Any = None                # the task_api.SiteContext the task loaded them in
+    local: Any = None                  # the task's own task_api.LocalData
 
 
-class Task(ABC):
-    """One learning problem of a run, bound to its run config."""
+def task_for(config: RunConfig, site_data: Path | None = None) -> "TaskRunner":
+    """The run's task, ready to build, train and evaluate (kt_core.task_runner); `site_data`: a
+    site's own data file, where it has one."""
+    from kt_core.task_runner import TaskRunner
 
-    kind: ClassVar[str]
-    hosts_backbone: ClassVar[bool] = False   # sites download a frozen backbone from the coordinator once
-    record_level_dp: ClassVar[bool] = True   # DP-SGD per record is offered (dp_records below)
-
-    def __init__(self, config: RunConfig, site_data: Path | None = None):
-        self.config = config
-        # at a site: its own data file (`ktfed participant run --site-data`), for tasks that read one
-        self.site_data_path = site_data
-
-    @abstractmethod
-    def build(self, backbone: Path | None = None) -> TaskModel:
-        """The run's model; `backbone` is the hosted checkpoint when `hosts_backbone`."""
-
-    def check(self) -> None:
-        """Refuse (ConfigError) a run config this task cannot run, before anything is built."""
-
-    def backbone_sha256(self) -> str:
-        """The digest of the hosted backbone the run names ("" when the task hosts none)."""
-        return ""
-
-    @abstractmethod
-    def site_data(self, built: TaskModel, site: str, *, data_root: Path | None, state_dir: Path) -> SiteData:
-        """This site's training and evaluation data (raises ValueError when it gets none)."""
-
-    @abstractmethod
-    def train(self, model: nn.Module, data: SiteData, cfg: TrainConfig) -> TrainResult:
-        """One round of plain local training, in place."""
-
-    @abstractmethod
-    def evaluate(self, model: nn.Module, data: SiteData) -> dict[str, float]:
-        """{"accuracy", "loss"} on the site's unseen examples."""
-
-    def dp_records(self, data: SiteData):
-        """(x, y) tensors for record-level DP-SGD (cross-entropy on the model's logits)."""
-        raise NotImplementedError(f"record-level DP-SGD is not offered for the {self.kind} task")
-
-    def final_evaluation(self, built: TaskModel, data: SiteData) -> dict:
-        """The evaluation at the end of the run, written to STATE/evaluation-<run>.json ({}: none)."""
-        return {}
-
-    def describe_final(self, result: dict) -> str:
-        """One line of a site's log about its final evaluation."""
-        return json.dumps(result, sort_keys=True)[:300]
-
-    def report_final(self, evaluations: dict[str, dict]) -> list[str]:
-        """Lines the demo's summary prints of each site's final evaluation."""
-        return []
-
-    @abstractmethod
-    def dense_update_bytes(self) -> int:
-        """What one update would cost if every weight were shared (the dense FedAvg baseline)."""
-
-
-# kind -> "module:Class": a task's code (and its heavy imports) loads only when a run names it
-TASKS = {"image": "kt_core.image_task:ImageTask", "vln": "kt_core.nav_task:NavTask",
-         "python": "kt_core.python_task:PythonTask"}
-
-
-def task_for(config: RunConfig, site_data: Path | None = None) -> Task:
-    """The task the run config names; `site_data`: a site's own data file, where it has one."""
-    try:
-        module, name = TASKS[config.task.kind].split(":")
-    except KeyError:
-        raise ConfigError(f"task.kind: {config.task.kind!r} is not one of {sorted(TASKS)}") from None
-    return getattr(importlib.import_module(module), name)(config, site_data)
+    return TaskRunner(config, site_data)
 
 
 def build(config: RunConfig, backbone: Path | None = None) -> TaskModel:

@@ -23,7 +23,7 @@ import sys
 import time
 from pathlib import Path
 
-from ktfed.cli_args import apply_env_defaults, hex_serial, host_port, int_between, positive_float, source
+from ktfed.cli_args import apply_env_defaults, hex_serial, host_port, int_between, positive_float, run_id, source
 from ktfed.exits import CLIError, StopSignals, Stopped, guarded, signal_name, stop_code
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -147,6 +147,7 @@ def cmd_coordinator(args) -> int:
             server = CoordinatorServer(ServerSettings(args.listen, Path(args.state), tls, crl, args.insecure,
                                                       metrics_listen=args.metrics_listen, audit=not args.no_audit,
                                                       max_concurrent_rpcs=args.max_concurrent_rpcs,
+                                                      abandon_run=args.abandon_run,
                                                       **({"max_workers": args.max_workers} if args.max_workers else {})))
             # gRPC's core reports a failed TLS handshake only on stderr: the tap records it
             tap = CoreLogTap(server.record_handshake_failure)
@@ -399,6 +400,9 @@ def _add_service_commands(sub) -> None:
                    help="gRPC worker threads; every connected site's assignment stream holds one, so a run is "
                         "refused unless this is at least federation.max_sites + 32 (default: room for "
                         "the default federation.max_sites, 100)")
+    p.add_argument("--abandon-run", metavar="RUN_ID", type=run_id, default=None,
+                   help="mark the unfinished run RUN_ID stopped and seal its audit log instead of resuming it (e.g. "
+                        "when the task it was started with is no longer installed); then start --config's run, if any")
     p.add_argument("--max-concurrent-rpcs", type=int_between(4, 100_000), default=None,
                    help="calls in progress at once, beyond which gRPC refuses a call itself; a run is refused "
                         "unless this is at least 2 x federation.max_sites + 32 (default: max workers + 100)")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 
 ENV_PREFIX = "KTFED_"
 TRUE, FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
@@ -29,6 +30,13 @@ def hex_serial(text: str) -> int:
         return int(text.lower().removeprefix("0x").replace(":", ""), 16)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a hexadecimal serial: {text!r}") from None
+
+
+def run_id(text: str) -> str:
+    """An argparse type: a run id as the coordinator makes them (run- and 12 hex digits)."""
+    if not re.fullmatch(r"run-[0-9a-f]{12}", text):
+        raise argparse.ArgumentTypeError(f"not a run id (run- and 12 hexadecimal digits): {text[:80]!r}")
+    return text
 
 
 def positive_float(text: str) -> float:

@@ -103,16 +103,18 @@ def check_task(entry: str, data: Path, config_path: Path | None, paths: list[str
 
 
 def _inspect(config, data: Path) -> list[str]:
+    import torch
+
     from kt_core.adapters import adapted_layers, dp_problems
     from kt_core.config import ConfigError
     from kt_core.manifest import manifest_of
-    from kt_core.python_task import PythonTask, _collate
+    from kt_core.task_runner import TaskRunner, batch_of
 
-    task = PythonTask(config, site_data=data)
+    task = TaskRunner(config, site_data=data)
     built = task.build()
     model, manifest = built.model, manifest_of(built.model)
     site = task.site_data(built, "check", data_root=None, state_dir=Path("."))
-    batch = _collate(site.train, range(min(config.train.batch_size, site.num_samples)))
+    batch = batch_of(site.train, torch.arange(min(config.train.batch_size, site.num_samples)))
     try:
         model.train()
         loss = task.task.loss(model, batch)
@@ -235,7 +237,7 @@ import dataclasses
 from pathlib import Path
 
 from kt_core.config import RunConfig
-from kt_core.python_task import PythonTask
+from kt_core.task_runner import TaskRunner
 
 HERE = Path(__file__).resolve().parent.parent
 
@@ -243,7 +245,7 @@ HERE = Path(__file__).resolve().parent.parent
 def test_the_task_trains_on_its_sample_data():
     config = RunConfig()
     config = dataclasses.replace(config, task=dataclasses.replace(config.task, kind="python", entry="{name}.task:Task"))
-    task = PythonTask(config, site_data=HERE / "site-data.toml")
+    task = TaskRunner(config, site_data=HERE / "site-data.toml")
     built = task.build()
     data = task.site_data(built, "site-a", data_root=None, state_dir=HERE)
     before = task.evaluate(built.model, data)

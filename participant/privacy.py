@@ -39,7 +39,8 @@ from torch import nn
 from kt_core.config import RunConfig
 from kt_core.factorized import ADAPTERS
 from kt_core.models import kl_divergence
-from kt_core.tasks import SiteData, Task
+from kt_core.task_runner import TaskRunner
+from kt_core.tasks import SiteData
 from kt_core.train import TrainConfig, TrainResult, make_optimizer_for
 from participant.audit_trail import NoAudit
 from security.dp import BudgetExceeded, LedgerEntry, PrivacyLedger, RoundSpend, noise_multiplier_for
@@ -81,7 +82,7 @@ class _Unreleased:
 
 
 class SitePrivacy:
-    def __init__(self, site: str, run_id: str, config: RunConfig, task: Task, *, state_dir: Path,
+    def __init__(self, site: str, run_id: str, config: RunConfig, task: TaskRunner, *, state_dir: Path,
                  num_samples: int, model: nn.Module, local_budget: float | None = None, audit=None):
         """Checks the run's privacy settings against this site (raises ValueError, naming the
         setting, when this site cannot honour them) and opens its ledger for DP-SGD."""
@@ -98,7 +99,7 @@ class SitePrivacy:
             log.warning("%s: --epsilon-budget given but the run does not enable [privacy]", site)
 
     @staticmethod
-    def check_offered(config: RunConfig, task: Task) -> None:
+    def check_offered(config: RunConfig, task: TaskRunner) -> None:
         """Refuse, before anything is built, a privacy mechanism the run's task does not offer."""
         p = config.privacy
         if p.enabled and p.mechanism == "dp_sgd" and not task.record_level_dp:
@@ -161,7 +162,7 @@ class SitePrivacy:
         return rec
 
     # -- training ---------------------------------------------------------------------------------
-    def train(self, task: Task, model: nn.Module, data: SiteData, cfg: TrainConfig, *, round_no: int,
+    def train(self, task: TaskRunner, model: nn.Module, data: SiteData, cfg: TrainConfig, *, round_no: int,
               attempt_id: str) -> TrainResult:
         """One round of local training: the task's own loop, or DP-SGD after the ledger reserved
         the round (BudgetExceeded, recording nothing, when the round would pass the budget)."""

@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 
 from kt_core import tasks
 from kt_core.config import TASK_KINDS, ConfigError, load_toml
+from kt_core.task_api import FederatedTask
+from kt_core.task_runner import TaskRunner
 from kt_core.wire import federation_pb2 as pb
 from kt_core.wire.transport import TLSFiles
 from participant.audit_trail import NoAudit, SiteAudit
@@ -29,8 +31,10 @@ def test_every_task_kind_resolves_to_its_task_and_an_unknown_one_is_named():
     config = _config()
     for kind in TASK_KINDS:
         entry = "tests.test_task_api:TinyTask" if kind == "python" else ""   # a federation's own task is named
-        task = tasks.task_for(dataclasses.replace(config, task=dataclasses.replace(config.task, kind=kind, entry=entry)))
-        assert isinstance(task, tasks.Task) and task.kind == kind
+        task = tasks.task_for(dataclasses.replace(config, task=dataclasses.replace(config.task, kind=kind, entry=entry,
+                                                                                   version="")))
+        # the built-in tasks are FederatedTasks, run by the same runner as a federation's own
+        assert isinstance(task, TaskRunner) and task.kind == kind and isinstance(task.task, FederatedTask)
     bogus = dataclasses.replace(config, task=dataclasses.replace(config.task, kind="speech"))
     with pytest.raises(ConfigError, match="task.kind: 'speech'"):
         tasks.task_for(bogus)
@@ -40,7 +44,7 @@ def test_the_image_task_builds_trains_and_evaluates_a_sites_share(tmp_path):
     task = tasks.task_for(_config())
     built = task.build()
     data = task.site_data(built, "site-a", data_root=None, state_dir=tmp_path)
-    assert data.num_samples == len(data.train[1]) > 0 and data.levels == ()
+    assert data.num_samples == len(data.train) > 0 and data.levels == ()
     from kt_core.train import TrainConfig
 
     result = task.train(built.model, data, TrainConfig(epochs=1, batch_size=32, max_steps=3))

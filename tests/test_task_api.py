@@ -17,7 +17,8 @@ from kt_core import tasks
 from kt_core.config import ConfigError, RunConfig, load_toml
 from kt_core.manifest import Role, manifest_of
 from kt_core.models import shared_state
-from kt_core.python_task import PythonTask, TaskMismatch, frozen_sha256, load_entry, options_sha256, pinned
+from kt_core.python_task import TaskMismatch, frozen_sha256, load_entry, options_sha256, pinned
+from kt_core.task_runner import TaskRunner
 from kt_core.task_api import FederatedTask, LocalData
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -122,16 +123,16 @@ def test_options_are_validated_by_field():
                            ('hidden = "wide"', "task.options.hidden: expected an integer"),
                            ('hidden = 0', "task.options.hidden: must be >= 1")):
         with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
-            PythonTask(config(rest=f"[task.options]\n{table}"))
-    task = PythonTask(config(rest="[task.options]\nhidden = 4\nscale = 2"))
+            TaskRunner(config(rest=f"[task.options]\n{table}"))
+    task = TaskRunner(config(rest="[task.options]\nhidden = 4\nscale = 2"))
     assert task.options == TinyOptions(hidden=4, scale=2.0)
 
 
 def test_options_digest_is_of_the_validated_options():
-    default = PythonTask(config()).options_sha256
+    default = TaskRunner(config()).options_sha256
     # the defaults spelled out are the same options; an int for a float field is the same number
-    assert PythonTask(config(rest="[task.options]\nhidden = 8\nscale = 1")).options_sha256 == default
-    assert PythonTask(config(rest="[task.options]\nhidden = 9")).options_sha256 != default
+    assert TaskRunner(config(rest="[task.options]\nhidden = 8\nscale = 1")).options_sha256 == default
+    assert TaskRunner(config(rest="[task.options]\nhidden = 9")).options_sha256 != default
     assert options_sha256(TinyOptions()) == default
 
 
@@ -154,8 +155,8 @@ def test_the_coordinator_pins_version_options_and_frozen_model():
     c = config()
     resolved = c.resolved()
     assert resolved.task.version == "1.0"
-    assert resolved.task.options_sha256 == PythonTask(c).options_sha256
-    assert resolved.task.model_sha256 == frozen_sha256(PythonTask(c).build().model)
+    assert resolved.task.options_sha256 == TaskRunner(c).options_sha256
+    assert resolved.task.model_sha256 == frozen_sha256(TaskRunner(c).build().model)
     assert resolved.resolved() == resolved        # resolving again checks, changes nothing
     assert tasks.task_for(resolved).identity() == {"entry": "tests.test_task_api:TinyTask", "name": "tiny",
                                                    "version": "1.0", "options_sha256": resolved.task.options_sha256}
@@ -171,17 +172,17 @@ def test_a_site_with_another_version_or_options_refuses():
     assert "'0.9'" in message and "'1.0'" in message
     wrong = dataclasses.replace(resolved, task=dataclasses.replace(resolved.task, options_sha256="0" * 64))
     with pytest.raises(TaskMismatch, match=r"task\.options_sha256"):
-        PythonTask(wrong)
+        TaskRunner(wrong)
     frozen = dataclasses.replace(resolved, task=dataclasses.replace(resolved.task, model_sha256="0" * 64))
     with pytest.raises(TaskMismatch, match=r"task\.model_sha256"):
-        PythonTask(frozen).build()
+        TaskRunner(frozen).build()
 
 
 # -- the model -----------------------------------------------------------------------------------
 
 def test_the_model_is_the_same_everywhere_and_adapted_as_declared():
     c = config(rest='[task.adapter]\nadapter = "waffle"\nn_factors = 4')
-    a, b = PythonTask(c).build().model, PythonTask(c).build().model
+    a, b = TaskRunner(c).build().model, TaskRunner(c).build().model
     assert manifest_of(a).digest() == manifest_of(b).digest() and frozen_sha256(a) == frozen_sha256(b)
     for name, t in shared_state(a).items():
         torch.testing.assert_close(t, shared_state(b)[name])
@@ -189,12 +190,12 @@ def test_the_model_is_the_same_everywhere_and_adapted_as_declared():
     assert roles["fc1.w_a"] is Role.SHARED and roles["fc1.gate_logits"] is Role.PRIVATE and roles["fc1.w0"] is Role.FROZEN
     # another run seed is another model
     reseeded = dataclasses.replace(c, federation=dataclasses.replace(c.federation, seed=6))
-    assert frozen_sha256(PythonTask(reseeded).build().model) != frozen_sha256(a)
+    assert frozen_sha256(TaskRunner(reseeded).build().model) != frozen_sha256(a)
 
 
 def test_a_target_pattern_that_matches_nothing_is_a_config_error():
     with pytest.raises(ConfigError) as err:
-        PythonTask(config(rest='[task.adapter]\ntargets = ["decoder.*"]')).build()
+        TaskRunner(config(rest='[task.adapter]\ntargets = ["decoder.*"]')).build()
     assert str(err.value).startswith("task.adapter.targets: ") and "'decoder.*'" in str(err.value)
     assert "fc1" in str(err.value)
 
@@ -212,15 +213,15 @@ def test_a_site_policy_on_adapter_targets_sees_the_task_classs_own_targets():
 def test_dp_compatibility_is_checked_when_the_model_is_built():
     dp = "[privacy]\nenabled = true\nnoise_multiplier = 1.0\nepsilon_budget = 5.0"
     with pytest.raises(ConfigError, match=r"privacy\.mechanism: record-level DP-SGD cannot train .*conv"):
-        PythonTask(config("tests.test_task_api:TinyConv", rest=dp)).build()
-    PythonTask(config(rest=dp)).build()
-    assert PythonTask(config()).record_level_dp and not PythonTask(config("tests.test_task_api:CustomLoss")).record_level_dp
+        TaskRunner(config("tests.test_task_api:TinyConv", rest=dp)).build()
+    TaskRunner(config(rest=dp)).build()
+    assert TaskRunner(config()).record_level_dp and not TaskRunner(config("tests.test_task_api:CustomLoss")).record_level_dp
 
 
 # -- a site's data, training, evaluation -----------------------------------------------------------
 
 def _site(tmp_path, c=None, **kw):
-    task = PythonTask(c or config(), site_data=write_csv(tmp_path, **kw))
+    task = TaskRunner(c or config(), site_data=write_csv(tmp_path, **kw))
     built = task.build()
     return task, built, task.site_data(built, "site-a", data_root=None, state_dir=tmp_path)
 
@@ -249,7 +250,7 @@ def test_waffle_trains_with_its_kl_term(tmp_path):
 
 
 def test_site_data_must_be_given_and_match_the_run_labels(tmp_path):
-    task = PythonTask(config())
+    task = TaskRunner(config())
     with pytest.raises(ConfigError, match="--site-data"):
         task.site_data(task.build(), "site-a", data_root=None, state_dir=tmp_path)
     from kt_core.site_data import labels_sha256
@@ -265,7 +266,7 @@ def test_a_task_whose_data_do_not_fit_is_refused_naming_the_file(tmp_path):
         def load_data(self, data):
             raise ValueError("expected 10 feature columns")
 
-    task = PythonTask(config())
+    task = TaskRunner(config())
     task.task = Wide(task.options)
     task.site_data_path = write_csv(tmp_path)
     with pytest.raises(ConfigError, match=r"site-data\.toml: .*load_data refused these data: .*10 feature columns"):

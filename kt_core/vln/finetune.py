@@ -77,6 +77,10 @@ class DemoTensors:
         tokens = tokens[:, :max(1, int((tokens != PAD_ID).sum(1).max()))]
         return tuple(t.to(device) for t in (tokens, self.images[idx], self.directions[idx], self.actions[idx]))
 
+    def batch(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Rows idx on the CPU: the batch form kt_core.task_api names (the task runner moves it)."""
+        return self.take(idx)
+
 
 def encode_demos(demos: Demos, tokenizer: Tokenizer, max_len: int) -> DemoTensors:
     # a level has few distinct missions: encode each once
