@@ -115,18 +115,9 @@ class NavTask(FederatedTask):
     def evaluate(self, model: nn.Module, batches) -> dict[str, float]:
         """Accuracy of predicting the expert's action and mean cross-entropy, on an inference copy
         (adapters folded in: what the rollouts run)."""
-        from kt_core.vln.finetune import inference_copy
+        from kt_core.vln.finetune import action_metrics, inference_copy
 
-        net = inference_copy(model)
-        correct, loss_sum, n = 0, 0.0, 0
-        for tokens, images, directions, actions in batches:
-            logits = net.act(tokens, images, directions)
-            loss_sum += float(F.cross_entropy(logits, actions, reduction="sum"))
-            correct += int((logits.argmax(1) == actions).sum())
-            n += int(actions.shape[0])
-        if n == 0:
-            raise ValueError("evaluate: no samples")
-        return {"accuracy": correct / n, "loss": loss_sum / n}
+        return action_metrics(inference_copy(model), batches)
 
     def final_evaluation(self, model: nn.Module, site: SiteContext, data: LocalData) -> dict:
         """Rollouts on unseen seeds of this site's levels and of the held-out levels: success rate

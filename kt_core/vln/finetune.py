@@ -131,17 +131,25 @@ def train_local(model: nn.Module, data: DemoTensors, cfg: TrainConfig,
 def evaluate(model: nn.Module, data: DemoTensors, batch_size: int = 512) -> dict[str, float]:
     """Accuracy of predicting the expert's action, and mean cross-entropy, in eval mode (on an
     inference copy, adapters folded in)."""
-    if len(data) == 0:
-        raise ValueError("evaluate: no samples")
     net = inference_copy(model)
     device = device_of(net)
-    correct, loss_sum = 0, 0.0
-    for i in range(0, len(data), batch_size):
-        tokens, images, directions, actions = data.take(torch.arange(i, min(i + batch_size, len(data))), device)
+    return action_metrics(net, (data.take(torch.arange(i, min(i + batch_size, len(data))), device)
+                                for i in range(0, len(data), batch_size)))
+
+
+@torch.no_grad()
+def action_metrics(net: nn.Module, batches) -> dict[str, float]:
+    """Next-action accuracy and mean cross-entropy of `net` over batches (tokens, images,
+    directions, actions): the built-in navigation task's evaluation too."""
+    correct, loss_sum, n = 0, 0.0, 0
+    for tokens, images, directions, actions in batches:
         logits = net.act(tokens, images, directions)
         loss_sum += F.cross_entropy(logits, actions, reduction="sum").item()
         correct += int((logits.argmax(1) == actions).sum())
-    return {"accuracy": correct / len(data), "loss": loss_sum / len(data)}
+        n += int(actions.shape[0])
+    if n == 0:
+        raise ValueError("evaluate: no samples")
+    return {"accuracy": correct / n, "loss": loss_sum / n}
 
 
 @torch.no_grad()
