@@ -85,7 +85,7 @@ def run(opts: Options) -> dict:
              "bytes_up_per_round_per_site": r["bytes_per_round_per_site"], "wall_s": r["wall_s"]}
         if method == "waffle":
             m["private_gates"] = gate_stats(r["models"], r["initial_gates"])
-            m["swap_test"] = swap_test(r["models"], splits)
+            m["swap_test"] = swap_test(r["models"], splits, own=r["accuracy"])
         out["methods"][method] = m
         say(f"  {method:<8} {m['final']['mean']:.3f} ± {m['final']['std']:.3f}, {r['wall_s']:.1f} s")
     _report(out, cfg["sites"])

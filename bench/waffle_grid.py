@@ -3,6 +3,8 @@ data sets, partitions, federation sizes and partition seeds, under SGD and Adam.
 
   python -m bench waffle_grid [--quick]          the whole grid (or a small subset), JSON + PNG + table
   python -m bench.waffle_grid --datasets digits --partitions shards2 dir0.1 --sites 10 --seeds 3
+  python -m bench.waffle_grid --datasets digits fashion-mnist --sites 5 10 20 50
+                                                 the committed grid: waffle_grid_{digits,fashion}.*
 
 Per cell (data set, partition, sites, optimizer), averaged over the partition seeds: mean, std and
 minimum over sites of local test accuracy after the last aggregation, for every method; WAFFLe's
@@ -16,8 +18,9 @@ names each of the issue's criteria it fails:
 
 Every recipe choice (kt_core.factorized's defaults, the IBP concentration among them, FedProx's mu,
 the two learning rates) was made on partition seeds 1-3 (validation); the grid reports seeds 10,
-11, 12. Cells run in `--jobs` spawned worker processes, one torch thread each. Sites that the partition
-leaves without training or test samples take no part (the count used is in the JSON).
+11, 12. Each cell runs as one job per seed in `--jobs` spawned worker processes, one torch thread
+each, the longest first. Sites that the partition leaves without training or test samples take no
+part (the count used is in the JSON).
 """
 from __future__ import annotations
 
@@ -26,6 +29,9 @@ import concurrent.futures
 import dataclasses
 import itertools
 import multiprocessing
+import os
+import shlex
+import sys
 import time
 
 import numpy as np
@@ -57,6 +63,10 @@ ROUNDS = 30
 # Fashion-MNIST before partitioning: 60k samples x the grid would not fit any time budget; at 6k
 # its cells took 5/6 of the grid's time (a 784-wide first layer), at 3k the grid fits 2 cores
 MAX_TRAIN = {"fashion-mnist": 3000, "digits": None}
+SHORT_NAMES = {"digits": "digits", "fashion-mnist": "fashion"}
+# data set -> (seconds per site, fixed seconds) of one job (a cell under one seed, SGD), fitted to
+# CPU times of every cell on this host (Adam ~10% more); it only orders the jobs
+COST_MODEL = {"digits": (0.1, 2.2), "fashion-mnist": (0.13, 7.0)}
 # --quick: one cell, one round (a smoke test of the grid, seconds)
 QUICK = {"datasets": ["digits"], "partitions": ["shards2"], "sites": [5], "seeds": 1, "optimizers": ["sgd"],
          "rounds": 1}
@@ -72,24 +82,26 @@ def _splits(data, n_sites: int, spec: PartitionSpec) -> tuple[dict, int]:
     return out, n_sites - len(out)
 
 
+def run_seed(data, part: str, n_sites: int, seed: int, opt: str, rounds: int) -> dict:
+    """Every method on one cell under one partition seed."""
+    splits, dropped = _splits(data, n_sites, dataclasses.replace(PARTITIONS[part], seed=seed))
+    mc = ModelConfig(input_dim=data.input_dim, hidden=HIDDEN, num_classes=data.num_classes)
+    floor = majority_floor(splits)
+    res = {"sites_used": len(splits), "sites_without_data": dropped, "majority": summary(floor)}
+    for method in METHODS:
+        r = simulate(method, splits, mc, OPTIMIZERS[opt], rounds, prox_mu=PROX_MU, curve=False)
+        res[method] = {**summary(r["accuracy"]), "after_local_training": summary(r["accuracy_after_local_training"])["mean"],
+                       "below_floor": int(sum(r["accuracy"][s] < floor[s] - 1e-9 for s in splits)),
+                       "bytes_per_round_per_site": r["bytes_per_round_per_site"], "wall_s": r["wall_s"]}
+        if method == "waffle":
+            res["gates"] = gate_stats(r["models"], r["initial_gates"])
+            res["swap"] = swap_test(r["models"], splits, own=r["accuracy"])
+    return res
+
+
 def run_cell(data, part: str, n_sites: int, seeds, opt: str, rounds: int) -> dict:
     """Every method on one cell, once per partition seed; statistics averaged over the seeds."""
-    per_seed = []
-    for seed in seeds:
-        splits, dropped = _splits(data, n_sites, dataclasses.replace(PARTITIONS[part], seed=seed))
-        mc = ModelConfig(input_dim=data.input_dim, hidden=HIDDEN, num_classes=data.num_classes)
-        floor = majority_floor(splits)
-        res = {"sites_used": len(splits), "sites_without_data": dropped, "majority": summary(floor)}
-        for method in METHODS:
-            r = simulate(method, splits, mc, OPTIMIZERS[opt], rounds, prox_mu=PROX_MU, curve=False)
-            res[method] = {**summary(r["accuracy"]), "after_local_training": summary(r["accuracy_after_local_training"])["mean"],
-                           "below_floor": int(sum(r["accuracy"][s] < floor[s] - 1e-9 for s in splits)),
-                           "bytes_per_round_per_site": r["bytes_per_round_per_site"], "wall_s": r["wall_s"]}
-            if method == "waffle":
-                res["gates"] = gate_stats(r["models"], r["initial_gates"])
-                res["swap"] = swap_test(r["models"], splits)
-        per_seed.append(res)
-    return _average(per_seed)
+    return _average([run_seed(data, part, n_sites, seed, opt, rounds) for seed in seeds])
 
 
 def _average(per_seed: list[dict]) -> dict:
@@ -123,54 +135,80 @@ def _average(per_seed: list[dict]) -> dict:
 _DATA: dict = {}
 
 
-def _cell_job(ds_name: str, part: str, n: int, seeds: list[int], opt: str, rounds: int) -> dict:
-    """One cell in a worker process: plain arguments in, a JSON-able dict out (no model crosses)."""
+def _seed_job(ds_name: str, part: str, n: int, seed: int, opt: str, rounds: int) -> dict:
+    """One cell under one partition seed in a worker process: plain arguments in, a JSON-able dict
+    out (no model crosses). A job per seed rather than per cell: the last jobs of the grid are a
+    third as long, so the two workers finish closer together."""
     torch.set_num_threads(1)   # small MLPs: one thread per process, a process per core
     if ds_name not in _DATA:
         _DATA[ds_name] = load_dataset(ds_name, max_train=MAX_TRAIN[ds_name])
     t0 = time.monotonic()
-    cell = run_cell(_DATA[ds_name], part, n, seeds, opt, rounds)
-    return {"dataset": ds_name, "partition": part, "sites": n, "optimizer": opt,
-            "wall_s": time.monotonic() - t0, **cell}
+    res = run_seed(_DATA[ds_name], part, n, seed, opt, rounds)
+    return {**res, "wall_s": time.monotonic() - t0}
 
 
 def _cost(job) -> float:
-    # rough work of a cell (sites x steps), so the biggest start first and the two workers finish together
-    ds, _part, n, *_ = job
-    return (6000 if ds == "fashion-mnist" else 1300) / 64 + n
+    # longest first, so that the workers finish together
+    ds, _part, n, _seed, opt, _rounds = job
+    per_site, fixed = COST_MODEL[ds]
+    return (fixed + per_site * n) * (1.1 if opt == "adam" else 1.0)
 
 
-def run_grid(datasets, partitions, sites, seeds, optimizers, rounds, out=RESULTS, name=NAME, jobs=2) -> dict:
-    started = time.monotonic()
+def _jobs(datasets, partitions, sites, seeds, optimizers, rounds) -> list[tuple]:
     todo = []
     for ds_name in datasets:
         if ds_name == "fashion-mnist" and not fashion_mnist_available():
             say("[waffle_grid] Fashion-MNIST is not installed (apt install dataset-fashion-mnist): skipped")
             continue
-        todo += [(ds_name, part, n, list(seeds), opt, rounds)
-                 for part, n, opt in itertools.product(partitions, sites, optimizers)]
-    todo.sort(key=_cost, reverse=True)
+        todo += [(ds_name, part, n, seed, opt, rounds)
+                 for part, n, opt, seed in itertools.product(partitions, sites, optimizers, seeds)]
+    return sorted(todo, key=_cost, reverse=True)
+
+
+def run_grid(datasets, partitions, sites, seeds, optimizers, rounds, out=RESULTS, name=NAME, jobs=2,
+             command: str | None = None) -> dict:
+    """The grid in `jobs` worker processes; with more than one data set each also gets its own
+    `<name>_<data>.json` and `.png` (digits, fashion)."""
+    started, load_start = time.monotonic(), os.getloadavg()[0]
+    todo, seeds = _jobs(datasets, partitions, sites, seeds, optimizers, rounds), list(seeds)
+    done: dict[tuple, list] = {}
     cells = []
     # spawn, not fork: a forked torch can deadlock on its thread pools
     ctx = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, min(jobs, len(todo) or 1)),
-                                                mp_context=ctx) as pool:
-        futures = [pool.submit(_cell_job, *job) for job in todo]
+    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, min(jobs, len(todo) or 1)), mp_context=ctx) as pool:
+        futures = {pool.submit(_seed_job, *job): job for job in todo}
         for fut in concurrent.futures.as_completed(futures):
-            cell = fut.result()
+            ds_name, part, n, seed, opt, _ = futures[fut]
+            key = (ds_name, part, n, opt)
+            done.setdefault(key, []).append((seed, fut.result()))
+            if len(done[key]) < len(seeds):
+                continue
+            per_seed = [r for _, r in sorted(done.pop(key), key=lambda sr: seeds.index(sr[0]))]
+            cell = {"dataset": ds_name, "partition": part, "sites": n, "optimizer": opt,
+                    "wall_s": sum(r["wall_s"] for r in per_seed), **_average(per_seed)}
             cells.append(cell)
-            say(f"  {cell['dataset']} {cell['partition']} {cell['sites']} sites {cell['optimizer']} "
-                f"({cell['wall_s']:.0f} s):\n" + render([cell]).splitlines()[-1])
+            say(f"  {ds_name} {part} {n} sites {opt} ({cell['wall_s']:.0f} s over {len(seeds)} seeds):\n"
+                + render([cell]).splitlines()[-1])
             # a long grid keeps what it has: the cells so far, rewritten after each one
             write_json(out, f"{name}.partial", {"cells": cells})
     cells.sort(key=lambda c: (datasets.index(c["dataset"]), list(PARTITIONS).index(c["partition"]), c["sites"],
                               list(OPTIMIZERS).index(c["optimizer"])))
-    result = {"settings": {"rounds": rounds, "epochs": 1, "seeds": list(seeds), "hidden": list(HIDDEN),
-                           "prox_mu": PROX_MU, "optimizers": {k: dataclasses.asdict(v) for k, v in OPTIMIZERS.items()},
-                           "max_train": MAX_TRAIN, "jobs": jobs},
-              "cells": cells, "wall_s": time.monotonic() - started}
+    settings = {"rounds": rounds, "epochs": 1, "seeds": seeds, "hidden": list(HIDDEN), "prox_mu": PROX_MU,
+                "optimizers": {k: dataclasses.asdict(v) for k, v in OPTIMIZERS.items()}, "max_train": MAX_TRAIN,
+                "jobs": jobs}
+    # the host is shared: how busy it was says what the wall time means
+    result = {"command": command, "settings": settings, "cells": cells, "wall_s": time.monotonic() - started,
+              "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]}}
     say(render(cells))
-    _plot(cells, out, name)
+    by_data = sorted({c["dataset"] for c in cells}, key=datasets.index)
+    if len(by_data) > 1:
+        for ds_name in by_data:
+            own = f"{name}_{SHORT_NAMES[ds_name]}"
+            write_json(out, own, {"benchmark": NAME, **result, "cells": [c for c in cells if c["dataset"] == ds_name]})
+            _plot([c for c in cells if c["dataset"] == ds_name], out, own)
+    else:
+        _plot(cells, out, name)
+    (out / f"{name}.partial.json").unlink(missing_ok=True)
     return result
 
 
@@ -221,7 +259,7 @@ def run(opts: Options) -> dict:
                                   "rounds": ROUNDS}
     datasets = [opts.dataset] if opts.dataset != "auto" else q["datasets"]
     return run_grid(datasets, q["partitions"], q["sites"], REPORT_SEEDS[:q["seeds"]], q["optimizers"],
-                    opts.rounds or q["rounds"], out=opts.out)
+                    opts.rounds or q["rounds"], out=opts.out, command=shlex.join(["python", "-m", "bench", *sys.argv[1:]]))
 
 
 def main(argv=None) -> int:
@@ -235,9 +273,11 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default=NAME, help="results file name under bench/results")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes, one cell each at a time")
     a = ap.parse_args(argv)
+    command = shlex.join(["python", "-m", "bench.waffle_grid", *(sys.argv[1:] if argv is None else argv)])
     data = run_grid(a.datasets, a.partitions, a.sites, REPORT_SEEDS[:a.seeds], a.optimizers, a.rounds, name=a.name,
-                    jobs=a.jobs)
-    write_json(RESULTS, a.name, {"benchmark": NAME, "argv": argv, **data})
+                    jobs=a.jobs, command=command)
+    if len(set(a.datasets)) == 1:   # several: run_grid wrote one file per data set
+        write_json(RESULTS, a.name, {"benchmark": NAME, **data})
     return 0
 
 

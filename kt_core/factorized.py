@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kt_core.factorized_kl import layer_kl
+from kt_core.factorized_kl import concrete_gates, grouped_kl
 from kt_core.manifest import Role
 
 EULER_GAMMA = 0.5772156649015329
@@ -76,6 +76,10 @@ class Adapter(nn.Module):
 
     def kl_divergence(self) -> Tensor:
         return torch.zeros((), device=self.bias.device)
+
+    def kl_problem(self) -> tuple | None:
+        """None, or the layer's KL as a kt_core.factorized_kl.grouped_kl problem (solved with its kind's)."""
+        return None
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.effective_weight(), self.bias)
@@ -342,10 +346,9 @@ class FactorizedLinear(Adapter):
         if not self.training:
             return self.mode_gates()
         u = torch.rand_like(self.gate_logits).clamp(self._EPS, 1 - self._EPS)
-        soft = torch.sigmoid((self._natural_logits() + torch.log(u) - torch.log1p(-u)) / self.temperature)
-        hard = (soft > 0.5).to(soft.dtype)
-        # bracketed so the forward value is exactly 0/1: (hard + soft) - soft rounds
-        return hard + (soft - soft.detach())
+        # sigmoid((_natural_logits() + log u - log(1 - u)) / temperature), hard forward, relaxed
+        # backward, in one autograd node (tests/test_waffle_kl.py holds the composition it equals)
+        return concrete_gates(self.gate_logits, u, self.temperature, self.FISHER_FLOOR)
 
     def effective_weight(self, gates: Tensor | None = None) -> Tensor:
         b = self.gates() if gates is None else gates
@@ -375,13 +378,15 @@ class FactorizedLinear(Adapter):
     def kl_divergence(self) -> Tensor:
         """KL(q || prior) of this layer: `kl_divergence_reference`'s value and gradient, from
         kt_core.factorized_kl's closed form (one autograd node instead of ~60: 4x faster)."""
-        u = None
-        if self.training:
-            # the same draw as the reference's (float64, one per factor)
-            u = torch.rand_like(self.kuma_log_a, dtype=torch.float64).clamp(self._EPS, 1 - self._EPS)
-        kl = layer_kl(self.gate_logits, self.kuma_log_a, self.kuma_log_b, u, self.ibp_alpha,
-                      self.FISHER_FLOOR, self._PI_MIN, self._EPS)
-        return kl.to(self.w_a.dtype)
+        return grouped_kl([self.kl_problem()])[0]
+
+    def kl_problem(self) -> tuple:
+        # the same draw as the reference's (float64, one per factor); none in eval
+        u = (torch.rand_like(self.kuma_log_a, dtype=torch.float64).clamp(self._EPS, 1 - self._EPS)
+             if self.training else None)
+        key = (self.n_factors, self.ibp_alpha, self.FISHER_FLOOR, self._PI_MIN, self._EPS, self.w_a.dtype,
+               self.gate_logits.device, self.training)
+        return key, self.gate_logits, self.kuma_log_a, self.kuma_log_b, u
 
     def kl_divergence_reference(self) -> Tensor:
         """The KL as a composition that autograd differentiates (what `kl_divergence` must equal)."""

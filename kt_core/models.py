@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kt_core.factorized import ADAPTERS, Adapter
+from kt_core.factorized import ADAPTERS, Adapter, FactorizedLinear
+from kt_core.factorized_kl import grouped_kl
 from kt_core.manifest import Role, dtype_name, manifest_of
 
 
@@ -118,10 +119,12 @@ class MLP(nn.Module):
             for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])))
 
     def forward(self, x: Tensor) -> Tensor:
+        # unpacked, not self.layers[:-1]: slicing builds a new ModuleList on every forward
+        *hidden, last = self.layers
         x = x.flatten(1)
-        for layer in self.layers[:-1]:
+        for layer in hidden:
             x = F.relu(layer(x))
-        return self.layers[-1](x)
+        return last(x)
 
 
 def build_model(cfg: ModelConfig) -> MLP:
@@ -129,11 +132,29 @@ def build_model(cfg: ModelConfig) -> MLP:
     return MLP(cfg)
 
 
+def kl_terms(model: nn.Module) -> list[Tensor]:
+    """The model's non-zero KL terms: none for a model without Bayesian adapters (so a loss needs
+    no zero added), else one per kind of WAFFLe layer (kt_core.factorized_kl.grouped_kl: the
+    digits MLP's three layers in one node: KL 0.56 -> 0.28 ms a step) plus any other adapter's own.
+    The noise is drawn layer by layer in module order, as each layer's kl_divergence() draws it."""
+    terms, problems = [], []
+    for m in model.modules():
+        if not isinstance(m, Adapter) or type(m).kl_divergence is Adapter.kl_divergence:
+            continue
+        # a subclass with its own kl_divergence is asked for it, not for the base class's problem
+        problem = m.kl_problem() if type(m).kl_divergence is FactorizedLinear.kl_divergence else None
+        if problem is None:
+            terms.append(m.kl_divergence())
+        else:
+            problems.append(problem)
+    return terms + grouped_kl(problems)
+
+
 def kl_divergence(model: nn.Module) -> Tensor:
-    terms = [m.kl_divergence() for m in model.modules() if isinstance(m, Adapter)]
+    terms = kl_terms(model)
     if not terms:
         return torch.zeros(())
-    return torch.stack(terms).sum()
+    return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
 
 
 # ---------------------------------------------------------------------------------------------

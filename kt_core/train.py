@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kt_core.manifest import Role, manifest_of
-from kt_core.models import kl_divergence
+from kt_core.models import kl_terms
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -96,18 +96,28 @@ def param_groups(params: list[nn.Parameter], lr: float) -> list[dict]:
 
 def make_optimizer_for(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """The configured optimizer over `params` (DP-SGD splits the parameters over two of them)."""
-    groups = param_groups(list(params), cfg.lr) or [{"params": []}]
-    # foreach (one fused call per group): torch picks it only on CUDA, and the per-tensor Python
-    # loop it falls back to on CPU was ~15% of a WAFFLe step (many small tensors)
+    params = list(params)
+    groups = param_groups(params, cfg.lr) or [{"params": []}]
+    # fused (one kernel per group) where torch has it, else foreach (one call per operation and
+    # group): torch picks neither on CPU, and its per-tensor Python loop was ~15% of a WAFFLe step;
+    # fused over foreach: Adam on the 784-256-128-10 MLP 0.31 -> 0.12 ms a step, SGD 0.09 -> 0.05
+    kind = {"fused": True} if _fusable(params) else {"foreach": True}
     if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr, foreach=True)
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, foreach=True)
+        return torch.optim.Adam(groups, lr=cfg.lr, **kind)
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, **kind)
+
+
+def _fusable(params: list[nn.Parameter]) -> bool:
+    return all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
 
 
 def with_kl(model: nn.Module, loss: Tensor, num_samples: int, kl_weight: float) -> Tensor:
     """A batch's data loss plus the site's share of the KL term: the per-site ELBO per record."""
-    if kl_weight:
-        loss = loss + kl_weight * kl_divergence(model).to(loss.device) / num_samples
+    # a model without Bayesian adapters has no KL term at all: no zero to add and differentiate
+    terms = kl_terms(model) if kl_weight else []
+    if terms:
+        kl = terms[0] if len(terms) == 1 else torch.stack(terms).sum()
+        loss = loss + kl_weight * kl.to(loss.device) / num_samples
     return loss
 
 
@@ -140,7 +150,8 @@ def train_local(model: nn.Module, x, y, cfg: TrainConfig,
     device = device_of(model)
 
     def batch_loss(idx: Tensor) -> Tensor:
-        xb, yb = x[idx].to(device), y[idx].to(device)
+        # index_select, not x[idx]: the same rows, without advanced indexing's set-up (17 -> 4 us)
+        xb, yb = x.index_select(0, idx).to(device), y.index_select(0, idx).to(device)
         return elbo_loss(model, model(xb), yb, n, cfg.kl_weight)
 
     return train_steps(model, n, batch_loss, cfg, progress)
@@ -158,10 +169,11 @@ def train_steps(model: nn.Module, n: int, batch_loss: Callable[[Tensor], Tensor]
     device = device_of(model)
     # DP-SGD hands in its own (security.dp.engine: clipping and noise happen in its step)
     optimizer = optimizer if optimizer is not None else make_optimizer(model, cfg)
+    clip = _grad_clipper(list(model.parameters()), cfg.max_grad_norm)
     if cfg.prox_mu:
         batch_loss = _with_proximal_term(model, batch_loss, cfg.prox_mu)
     was_training = model.training
-    model.train()
+    _set_mode(model, True)
     steps, loss_sum = 0, 0.0
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
@@ -187,16 +199,41 @@ def train_steps(model: nn.Module, n: int, batch_loss: Callable[[Tensor], Tensor]
                     raise FloatingPointError(f"training loss became {value} at step {steps}")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                if cfg.max_grad_norm is not None:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                clip()
                 optimizer.step()
                 steps += 1
                 loss_sum += value
                 if progress is not None:
                     progress(steps, value)
-    model.train(was_training)
+    _set_mode(model, was_training)
     return TrainResult(num_samples=n, steps=steps, loss=loss_sum / max(steps, 1),
                        seconds=time.perf_counter() - start)
+
+
+def _set_mode(model: nn.Module, training: bool) -> None:
+    """model.train(training), which sets the flag on every module through nn.Module.__setattr__
+    (~8 us for the MLP, twice a train_local call), only where some module is in the other mode."""
+    if any(m.training != training for m in model.modules()):
+        model.train(training)
+
+
+def _grad_clipper(params: list[nn.Parameter], max_norm: float | None) -> Callable[[], None]:
+    """torch.nn.utils.clip_grad_norm_(params, max_norm) as a closure over the parameter list: the
+    same operations (per-tensor norms, their norm, coefficient max_norm / (norm + 1e-6) capped at
+    1, one foreach multiply) without its per-call grouping by device and dtype, 0.08 -> 0.05 ms a
+    WAFFLe step. Parameters on several devices or of several dtypes take torch's own."""
+    if max_norm is None:
+        return lambda: None
+    if len({(p.device, p.dtype) for p in params}) > 1:
+        return lambda: torch.nn.utils.clip_grad_norm_(params, max_norm)
+
+    def clip() -> None:
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            total = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
+            torch._foreach_mul_(grads, torch.clamp(max_norm / (total + 1e-6), max=1.0))
+
+    return clip
 
 
 def _with_proximal_term(model: nn.Module, batch_loss: Callable[[Tensor], Tensor], mu: float
@@ -207,11 +244,31 @@ def _with_proximal_term(model: nn.Module, batch_loss: Callable[[Tensor], Tensor]
     anchored = [(p, p.detach().clone()) for name, p in model.named_parameters()
                 if name in shared and p.requires_grad]
 
+    params, anchors = [p for p, _ in anchored], [p0 for _, p0 in anchored]
+
     def loss(idx: Tensor) -> Tensor:
-        prox = sum(((p - p0) ** 2).sum() for p, p0 in anchored)
-        return batch_loss(idx) + 0.5 * mu * prox
+        if not params:
+            return batch_loss(idx)
+        return batch_loss(idx) + _ProximalTerm.apply(mu, anchors, *params)
 
     return loss
+
+
+class _ProximalTerm(torch.autograd.Function):
+    """mu / 2 * sum_i ||p_i - p0_i||^2 with its gradient mu (p_i - p0_i), as one autograd node:
+    the composition was 4 recorded operations per tensor (a FedProx step, in CPU time, 1.35x faster
+    on the 784-256-128-10 MLP, 1.1x on the 64-256-128-10 one)."""
+
+    @staticmethod
+    def forward(ctx, mu, anchors, *params):
+        diffs = torch._foreach_sub(params, anchors)
+        ctx.save_for_backward(*diffs)
+        ctx.mu = mu
+        return 0.5 * mu * torch.stack(torch._foreach_norm(diffs, 2.0)).square().sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None, None, *torch._foreach_mul(list(ctx.saved_tensors), grad * ctx.mu))
 
 
 @torch.no_grad()

@@ -1,11 +1,14 @@
 """The local training recipe."""
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from kt_core.data import PartitionSpec, load_dataset, site_split
 from kt_core.models import ModelConfig, build_model, kl_divergence, private_state, shared_state
-from kt_core.train import TrainConfig, TrainResult, elbo_loss, evaluate, train_local
+from kt_core.train import (TrainConfig, TrainResult, _grad_clipper, _with_proximal_term, elbo_loss, evaluate,
+                            make_optimizer, param_groups, train_local, with_kl)
 
 
 
@@ -119,6 +122,66 @@ def test_fedprox_term_pulls_shared_tensors_towards_the_round_start_and_leaves_pr
     assert prox_shared < 0.5 * free_shared
     # the private selection is not pulled: it moves about as far either way
     assert prox_private > 0.5 * free_private
+
+
+def test_fedprox_node_equals_the_squared_distance_it_replaced():
+    model = digits_model("waffle")
+    shared = set(shared_state(model))
+    anchors = {n: p.detach().clone() for n, p in model.named_parameters() if n in shared}
+    loss = _with_proximal_term(model, lambda idx: torch.zeros(()), 3.0)   # anchored as training starts
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    pulled = [p for n, p in model.named_parameters() if n in shared]
+    fast = loss(torch.arange(1))
+    fast_grads = torch.autograd.grad(fast, pulled)
+    ref = 0.5 * 3.0 * sum(((p - anchors[n]) ** 2).sum() for n, p in model.named_parameters() if n in shared)
+    ref_grads = torch.autograd.grad(ref, pulled)
+    assert fast.item() == pytest.approx(ref.item(), rel=1e-5) and fast.item() > 0
+    for got, want in zip(fast_grads, ref_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+    private = [p for n, p in model.named_parameters() if n not in shared]
+    assert private and all(g is None for g in torch.autograd.grad(loss(torch.arange(1)), private, allow_unused=True))
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e3])
+def test_grad_clipper_is_torchs_clip_grad_norm(max_norm):
+    a, b = digits_model("waffle"), digits_model("waffle")
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        pa.grad = torch.randn_like(pa)
+        pb.grad = pa.grad.clone()
+    a.layers[0].r.grad = b.layers[0].r.grad = None     # a parameter without a gradient is left out
+    torch.nn.utils.clip_grad_norm_(a.parameters(), max_norm)
+    _grad_clipper(list(b.parameters()), max_norm)()
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert (pa.grad is None and pb.grad is None) or torch.equal(pa.grad, pb.grad)
+    _grad_clipper(list(b.parameters()), None)()        # off: a no-op
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+def test_cpu_optimizers_are_fused_and_step_as_the_foreach_ones_do(opt):
+    model = digits_model("waffle")
+    twin = copy.deepcopy(model)
+    cfg = TrainConfig(optimizer=opt, lr=0.01)
+    fused = make_optimizer(model, cfg)
+    kind = torch.optim.Adam if opt == "adam" else torch.optim.SGD
+    extra = {} if opt == "adam" else {"momentum": cfg.momentum}
+    ref = kind(param_groups(list(twin.parameters()), cfg.lr), lr=cfg.lr, foreach=True, **extra)
+    assert all(g["fused"] for g in fused.param_groups) and len(fused.param_groups) == 3
+    for _ in range(3):
+        for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        fused.step()
+        ref.step()
+    for p, q in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_model_without_bayesian_adapters_adds_no_kl_term():
+    loss = torch.tensor(1.5, requires_grad=True)
+    assert with_kl(digits_model("dense"), loss, 10, 1.0) is loss
+    assert with_kl(digits_model("waffle"), loss, 10, 1.0).item() > 1.5
 
 
 def test_elbo_loss_adds_the_kl_per_sample():

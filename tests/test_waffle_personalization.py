@@ -60,6 +60,14 @@ def test_sites_with_disjoint_labels_select_different_factors_and_their_own_selec
     assert stats["mean_pairwise_hamming"] > 0.1
     swap = swap_test(r["models"], splits)
     assert swap["mean_gain"] > 0.1 and swap["own_wins"] >= 0.75
+    # the own selection's accuracy is the simulation's last score: handing it in changes nothing
+    assert swap_test(r["models"], splits, own=r["accuracy"]) == swap
+
+
+def test_a_site_training_alone_scores_the_same_after_the_round_as_after_local_training(digits):
+    splits = _splits(digits, 3, PartitionSpec("dirichlet", alpha=0.5, seed=2))
+    r = simulate("local", splits, _model_cfg(digits), SGD, rounds=2, curve=False)
+    assert r["accuracy"] == r["accuracy_after_local_training"] and r["bytes_per_round_per_site"] == 0
 
 
 @pytest.mark.parametrize("train", [SGD, ADAM], ids=["sgd", "adam"])
