@@ -19,6 +19,7 @@ from coordinator.strategy import FedAvg
 from kt_core.factorized import FactorizedLinear
 from kt_core.manifest import manifest_of
 from kt_core.models import ModelConfig, build_model, shared_state
+from kt_core.site_optimizer import SiteOptimizer
 from kt_core.train import TrainConfig, evaluate, train_local
 
 # method -> (adapter mode, federated); FedProx is FedAvg with TrainConfig.prox_mu > 0
@@ -124,6 +125,8 @@ def simulate(method: str, splits: Mapping[str, tuple], model_cfg: ModelConfig, t
     cfg = dataclasses.replace(model_cfg, adapter=mode)
     models = {s: build_model(cfg) for s in sites}
     views = {s: _SharedView(m) for s, m in models.items()}
+    # each site keeps its optimizer across rounds, as a participant does (kt_core.site_optimizer)
+    optimizers = {s: SiteOptimizer(m) for s, m in models.items()}
     initial = {s: [m.gate_logits.detach().clone() for m in _waffle_layers(mod)] for s, mod in models.items()}
     tc = dataclasses.replace(train_cfg, prox_mu=prox_mu if method == "fedprox" else 0.0)
     global_state = views[sites[0]].get()
@@ -136,7 +139,8 @@ def simulate(method: str, splits: Mapping[str, tuple], model_cfg: ModelConfig, t
         for i, site in enumerate(sites):
             x, y, tx, ty = splits[site]
             # the site's model holds the global shared state (loaded after the last aggregation)
-            train_local(models[site], x, y, dataclasses.replace(tc, seed=rnd * 1000 + i))
+            cfg_i = dataclasses.replace(tc, seed=rnd * 1000 + i)
+            train_local(models[site], x, y, cfg_i, optimizer=optimizers[site].for_round(cfg_i))
             if scored:
                 pre[site] = evaluate(models[site], tx, ty)["accuracy"]
             if federated:

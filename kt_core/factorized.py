@@ -10,12 +10,12 @@ its KL term (`kl_divergence`, zero unless Bayesian).
 
 What makes WAFFLe learn as fast as a dense layer and personalize, each with its measurements where
 it is defined: the factor init (`_factor_stds`), the variational parameters' own learning rate
-(`ScaledLRParameter`, `FactorizedLinear.GATE_LR_SCALE`), the dictionary's learning-rate
-multiplier (`DICT_LR_SCALE`), the gates' natural gradient
-(`FactorizedLinear._natural_logits`), where the gates start (`GATE_INIT`), the temperature
-(the temperature note), the per-site KL weighting (class docstring), the prior's concentration
-(`IBP_ALPHA_PER_FACTOR`) and the evaluation mode that keeps
-a layer alive (`mode_gates`). Unless said otherwise the figures are mean local test accuracy after
+(`ScaledLRParameter`, `FactorizedLinear.GATE_LR_SCALE`), the dictionary's learning-rate multiplier
+(`DICT_LR_SCALE`), the gates' natural gradient (`FactorizedLinear._natural_logits`), where the
+gates start (`GATE_INIT`), the temperature (the temperature note), the per-site KL weighting (class
+docstring), the prior's concentration (`IBP_ALPHA_PER_FACTOR`), the evaluation mode that keeps a
+layer alive (`mode_gates`) and, outside this file, the optimizer state a site keeps from round to
+round (kt_core/site_optimizer.py). Unless said otherwise the figures are mean local test accuracy after
 aggregation on digits, 10 sites, 30 rounds of 1 local epoch, MLP 64-256-128-10, K = 16, partition
 seed 1 (a validation seed; bench/waffle_grid.py reports other seeds), grad-norm clip 1; those for
 the gates and the temperature were taken before DICT_LR_SCALE existed (dictionary at x1).

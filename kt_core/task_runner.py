@@ -205,7 +205,9 @@ class TaskRunner:
                         context=context, local=local)
 
     # -- training and evaluation ----------------------------------------------------------------
-    def train(self, model: nn.Module, data: SiteData, cfg: TrainConfig) -> TrainResult:
+    def train(self, model: nn.Module, data: SiteData, cfg: TrainConfig,
+              optimizer: torch.optim.Optimizer | None = None) -> TrainResult:
+        """One round of local training; `optimizer`: the site's kept one (None: a fresh one)."""
         dataset, n, device = data.train, data.num_samples, device_of(model)
 
         def batch_loss(idx: Tensor) -> Tensor:
@@ -214,7 +216,7 @@ class TaskRunner:
                 raise TypeError(f"{self.entry}.loss must return a scalar tensor, got {type(loss).__name__}")
             return with_kl(model, loss, n, cfg.kl_weight)
 
-        return train_steps(model, n, batch_loss, cfg)
+        return train_steps(model, n, batch_loss, cfg, optimizer=optimizer)
 
     def test_batches(self, data: SiteData, batch_size: int = EVAL_BATCH):
         dataset = data.test

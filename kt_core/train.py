@@ -41,6 +41,10 @@ class TrainConfig:
     # FedProx (Li et al. 2020): mu / 2 * ||w - w_round_start||^2 over the SHARED tensors is added to
     # every step's loss, pulling a site's update towards the global model it started from; 0 = off
     prox_mu: float = 0.0
+    # a site keeps its optimizer's state (momentum, Adam moments) from round to round, as it keeps
+    # its private factors (kt_core.site_optimizer: why, and what it measured); False = a fresh
+    # optimizer every round
+    keep_optimizer_state: bool = True
 
     def validate(self) -> None:
         def pos_int(name):
@@ -70,6 +74,8 @@ class TrainConfig:
         if self.max_grad_norm is not None:
             number("max_grad_norm", 0, lo_open=True)
         number("prox_mu", 0, lo_open=False)
+        if not isinstance(self.keep_optimizer_state, bool):
+            raise ValueError(f"keep_optimizer_state: must be true or false, got {self.keep_optimizer_state!r}")
 
 
 @dataclass
@@ -143,7 +149,8 @@ def device_of(model: nn.Module) -> torch.device:
 
 
 def train_local(model: nn.Module, x, y, cfg: TrainConfig,
-                progress: Callable[[int, float], None] | None = None) -> TrainResult:
+                progress: Callable[[int, float], None] | None = None,
+                optimizer: torch.optim.Optimizer | None = None) -> TrainResult:
     """Train in place on (x, y). See `train_steps`."""
     x, y = _as_tensors(x, y)
     n = x.shape[0]
@@ -154,7 +161,7 @@ def train_local(model: nn.Module, x, y, cfg: TrainConfig,
         xb, yb = x.index_select(0, idx).to(device), y.index_select(0, idx).to(device)
         return elbo_loss(model, model(xb), yb, n, cfg.kl_weight)
 
-    return train_steps(model, n, batch_loss, cfg, progress)
+    return train_steps(model, n, batch_loss, cfg, progress, optimizer)
 
 
 def train_steps(model: nn.Module, n: int, batch_loss: Callable[[Tensor], Tensor], cfg: TrainConfig,
@@ -167,7 +174,8 @@ def train_steps(model: nn.Module, n: int, batch_loss: Callable[[Tensor], Tensor]
     after every step."""
     cfg.validate()
     device = device_of(model)
-    # DP-SGD hands in its own (security.dp.engine: clipping and noise happen in its step)
+    # DP-SGD hands in its own (security.dp.engine: clipping and noise happen in its step), a site
+    # the one it keeps from round to round (kt_core.site_optimizer)
     optimizer = optimizer if optimizer is not None else make_optimizer(model, cfg)
     clip = _grad_clipper(list(model.parameters()), cfg.max_grad_norm)
     if cfg.prox_mu:

@@ -163,11 +163,12 @@ class SitePrivacy:
 
     # -- training ---------------------------------------------------------------------------------
     def train(self, task: TaskRunner, model: nn.Module, data: SiteData, cfg: TrainConfig, *, round_no: int,
-              attempt_id: str) -> TrainResult:
-        """One round of local training: the task's own loop, or DP-SGD after the ledger reserved
-        the round (BudgetExceeded, recording nothing, when the round would pass the budget)."""
+              attempt_id: str, optimizer=None) -> TrainResult:
+        """One round of local training: the task's own loop (with the site's kept `optimizer`, if
+        any), or DP-SGD after the ledger reserved the round (BudgetExceeded, recording nothing,
+        when the round would pass the budget), whose optimizer is its own every round."""
         if self.record is None:
-            return task.train(model, data, cfg)
+            return task.train(model, data, cfg, optimizer=optimizer)
         rec, p, n = self.record, self.config.privacy, self.num_samples
         plan = plan_round(n, cfg.batch_size, cfg.epochs, cfg.max_steps)
         params = {"mechanism": p.mechanism, "grad_sample_mode": p.grad_sample_mode, "num_samples": n,

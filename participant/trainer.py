@@ -23,6 +23,7 @@ from kt_core.config import RunConfig
 # transitional: ktfed/simulate.py swaps this name for a reader shared by its virtual sites; the
 from kt_core.manifest import Role, manifest_of
 from kt_core.models import load_private_state, load_shared_state, private_state, shared_state
+from kt_core.site_optimizer import SiteOptimizer
 from kt_core.train import TrainResult
 from participant.audit_trail import NoAudit
 from participant.privacy import BudgetExceeded, SitePrivacy
@@ -51,6 +52,11 @@ class LocalTrainer:
                 log.info("%s: restored private factors from %s", site, self.private_path)
             except (SafetensorError, OSError, ValueError) as err:
                 raise ValueError(f"private state {self.private_path} is unusable: {err}") from None
+        # momentum / Adam moments, kept from round to round and on disk beside the private factors
+        self.optimizer = SiteOptimizer(self.model)
+        self.optimizer_path = Path(state_dir) / f"optimizer-{run_id}.safetensors"
+        if self.optimizer.load(self.optimizer_path, config.train):
+            log.info("%s: restored optimizer state from %s", site, self.optimizer_path)
         self.privacy = SitePrivacy(site, run_id, config, self.task, state_dir=Path(state_dir),
                                    num_samples=self.num_samples, model=self.model, local_budget=epsilon_budget,
                                    audit=audit if audit is not None else NoAudit())
@@ -67,7 +73,8 @@ class LocalTrainer:
         cfg = dataclasses.replace(self.config.train, epochs=epochs, batch_size=batch_size, lr=lr,
                                   max_steps=max_steps or None, seed=seed)
         cfg.validate()
-        return self.privacy.train(self.task, self.model, self.data, cfg, round_no=round_no, attempt_id=attempt_id)
+        return self.privacy.train(self.task, self.model, self.data, cfg, round_no=round_no, attempt_id=attempt_id,
+                                  optimizer=self.optimizer.for_round(cfg))
 
     def privacy_metrics(self) -> dict[str, float]:
         return self.privacy.metrics()
@@ -136,3 +143,4 @@ class LocalTrainer:
         self.private_path.parent.mkdir(parents=True, exist_ok=True)
         save_file({n: t.contiguous() for n, t in private_state(self.model).items()}, str(tmp))
         os.replace(tmp, self.private_path)
+        self.optimizer.save(self.optimizer_path)
