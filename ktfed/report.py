@@ -126,13 +126,21 @@ def _number(body: dict, key: str) -> float:
         return float("nan")
 
 
-def summary(status: pb.RunStatus, table: RoundTable, settings, workdir: Path, seconds: float) -> str:
+def summary(status: pb.RunStatus, table: RoundTable, settings, workdir: Path, seconds: float,
+            baselines: dict[str, dict] | None = None) -> str:
+    """What the demo prints after the run; `baselines`: ktfed.demo_baselines' per-site reference
+    points (the navigation demo), shown beside the federated result."""
     lines = [f"run {status.header.run_id} {status.state}: {status.rounds_completed} rounds in {seconds:.1f}s"
              + (f", {status.aborted_attempts} aborted attempt(s) retried" if status.aborted_attempts else "")]
     lines.append("final local test accuracy: " + ", ".join(
         f"{s} {pts[-1][1]:.3f} (round 0: {pts[0][1]:.3f})" for s, pts in table.accuracy.items() if pts))
     config = load_file(workdir / "run.toml").resolved()
-    lines += task_for(config).report_final(_final_evaluations(workdir, table.sites))
+    evaluations = _final_evaluations(workdir, table.sites)
+    lines += task_for(config).report_final(evaluations)
+    if baselines:
+        from ktfed.demo_baselines import report
+
+        lines += report(baselines, evaluations)
     dense = dense_bytes_per_update(config) * table.uploads
     if table.uploaded:
         lines.append(f"bytes uploaded: {table.uploaded:,} in {table.uploads} updates of shared factors; "

@@ -47,6 +47,10 @@ def test_vln_demo_hosts_the_backbone_and_reports_navigation(tmp_path, backbone):
     assert "adaptation of the hosted VLN backbone on BabyAI" in out.stdout
     assert "finished: 2 rounds" in out.stdout
     assert "navigation after the run" in out.stdout and "success rate" in out.stdout
+    # beside each site's federated result: the backbone alone and the site trained alone
+    for site in ("site-a", "site-b", "site-c"):
+        assert re.search(rf"^  {site}: backbone \d\.\d\d / \d\.\d\d, local-only \d\.\d\d / \d\.\d\d, "
+                         rf"federated \d\.\d\d / \d\.\d\d$", out.stdout, re.M), out.stdout
     assert "audit logs (4 producers, hash-chained and signed): verified" in out.stdout
     assert "secagg.required = true" in out.stdout and "privacy.required = false" in out.stdout
     assert_every_policy_held(out.stdout)
@@ -75,3 +79,10 @@ def test_demo_policies_require_secagg_and_dp_for_images_and_take_dense_only_when
         if task == "image":   # the demo's own run config meets its policy
             config = load_toml(demo_config(settings, sites)).resolved()
             assert check_join(policy, config, site="site-a", shared={}) == []
+
+
+def test_the_navigation_demos_held_out_level_is_one_no_pretraining_or_site_used():
+    from ktfed.demo_backbone import DEMO_PRETRAIN
+    from ktfed.launcher import DEMO_HELD_OUT, DEMO_SITE_LEVELS
+
+    assert DEMO_HELD_OUT not in DEMO_PRETRAIN.levels and DEMO_HELD_OUT not in DEMO_SITE_LEVELS

@@ -1,0 +1,51 @@
+"""The navigation demo's two reference points per site, beside its federated result: the pretrained
+backbone alone, and the same site trained alone with the federation's budget.
+
+Both run the product's own site code (`participant.trainer.LocalTrainer`: the run's task, its data
+and its kept optimizer) on the run's config: the backbone alone is the site's model before its
+first round (its adapters start as the identity), and local-only takes the rounds the coordinator
+would have planned (the same epochs, batch size, learning rate, step cap and per-round seed) with
+no aggregation in between. Both are then scored by the task's own final evaluation, the rollouts
+every site runs after the federation (the same unseen seeds), so the three numbers are paired.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from coordinator.strategy import SEED_STRIDE
+from kt_core.config import RunConfig
+from participant.trainer import LocalTrainer
+
+
+def site_baselines(config: RunConfig, site: str, backbone: Path, state_dir: Path) -> dict[str, dict]:
+    """{"backbone": evaluation, "local_only": evaluation} for one site (the task's final_evaluation
+    dicts). Nothing is written outside `state_dir`; nothing is sent anywhere."""
+    trainer = LocalTrainer(site, "local-only", config, state_dir, backbone=backbone)
+    out = {"backbone": trainer.task.final_evaluation(trainer.built, trainer.data)}
+    t = config.train
+    for round_no in range(1, config.federation.rounds + 1):
+        trainer.train(t.epochs, t.batch_size, t.lr, t.max_steps or 0, config.federation.seed * SEED_STRIDE + round_no,
+                      round_no=round_no, attempt_id=f"local-only-{round_no}")
+    out["local_only"] = trainer.task.final_evaluation(trainer.built, trainer.data)
+    return out
+
+
+def report(baselines: dict[str, dict], federated: dict[str, dict]) -> list[str]:
+    """Lines per site: success rate on its own level and on the held-out ones, for the backbone
+    alone, local-only and federated."""
+    if not baselines:
+        return []
+
+    def sr(r: dict | None, key: str) -> str:
+        value = (r or {}).get(key)
+        return f"{value:.2f}" if isinstance(value, (int, float)) else "  - "
+
+    lines = ["success rate on unseen seeds, own level / held-out level: the backbone alone, the site trained "
+             "alone with the same budget, federated:"]
+    for site, base in baselines.items():
+        fed = federated.get(site)
+        cells = [f"{name} {sr(r, 'success_rate')} / {sr(r, 'held_out_success_rate')}"
+                 for name, r in (("backbone", base.get("backbone")), ("local-only", base.get("local_only")),
+                                 ("federated", fed))]
+        lines.append(f"  {site}: " + ", ".join(cells))
+    return lines
