@@ -262,6 +262,9 @@ def _check_json_value(value: Any, where: str) -> None:
                           "booleans, lists and tables are)")
 
 
+MAX_EPISODES = 10_000   # per level, of any kind in [vln]
+
+
 @dataclass(frozen=True)
 class VLNSettings:
     """`[vln]`: the navigation task. Levels are dealt round-robin over the sites (non-IID: each
@@ -274,6 +277,7 @@ class VLNSettings:
     episodes_per_level: int = 150      # a site's bot demonstrations per level
     eval_episodes: int = 20            # unseen demonstrations per level for the per-round accuracy
     rollout_episodes: int = 20         # unseen seeds per level rolled out at the end of the run (0: none)
+    round_rollout_episodes: int = 0    # ... and after every round, reported as its success_rate (0: none)
     cache_dir: str = ""                # a site's demonstration cache ("": STATE/demos)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
@@ -282,10 +286,13 @@ class VLNSettings:
             raise ValueError("levels: must be a non-empty list of distinct BabyAI level names")
         if set(self.levels) & set(self.held_out_levels):
             raise ValueError("held_out_levels: a held-out level must not be one the sites train on")
-        for name, lo in (("episodes_per_level", 1), ("eval_episodes", 1), ("rollout_episodes", 0)):
+        # bounded: the run config comes from a coordinator the site need not trust, and each episode
+        # costs the site a bot run or a rollout
+        for name, lo in (("episodes_per_level", 1), ("eval_episodes", 1), ("rollout_episodes", 0),
+                         ("round_rollout_episodes", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-                raise ValueError(f"{name}: must be an integer >= {lo}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= MAX_EPISODES:
+                raise ValueError(f"{name}: must be an integer between {lo} and {MAX_EPISODES}, got {value!r}")
         if self.backbone_sha256 and (len(self.backbone_sha256) != 64
                                      or any(c not in "0123456789abcdef" for c in self.backbone_sha256)):
             raise ValueError("backbone_sha256: must be a SHA-256 hex digest (the coordinator fills it in)")

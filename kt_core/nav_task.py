@@ -119,6 +119,18 @@ class NavTask(FederatedTask):
 
         return action_metrics(inference_copy(model), batches)
 
+    def round_metrics(self, model: nn.Module, site: SiteContext, data: LocalData) -> dict[str, float]:
+        """The success rate of greedy rollouts on unseen seeds of the site's levels (`[vln]
+        round_rollout_episodes` per level; none at 0): what the demo plots per round."""
+        from kt_core.vln import finetune
+
+        episodes = self.options.vln.round_rollout_episodes
+        if not episodes:
+            return {}
+        rates = [finetune.evaluate_rollouts(model, self.tokenizer, level, episodes, self._cache(site))["success_rate"]
+                 for level in data.levels]
+        return {"success_rate": float(sum(rates) / len(rates))}
+
     def final_evaluation(self, model: nn.Module, site: SiteContext, data: LocalData) -> dict:
         """Rollouts on unseen seeds of this site's levels and of the held-out levels: success rate
         and SPL against the bot's path length."""

@@ -177,6 +177,12 @@ class FederatedTask(ABC):
         model = self.build_model()
         return sum(p.numel() * p.element_size() for p in model.parameters())
 
+    def round_metrics(self, model: nn.Module, site: SiteContext, data: LocalData) -> dict[str, float]:
+        """Metrics beyond `evaluate`'s that the round reports after the site's training (the
+        navigation task: the success rate of rollouts); {} by default. The site's policy still
+        decides which of them leave ([metrics] report)."""
+        return {}
+
     def final_evaluation(self, model: nn.Module, site: SiteContext, data: LocalData) -> dict:
         """The evaluation at the end of the run of the site's adapted model, written to
         STATE/evaluation-<run>.json ({}: none beyond the rounds' metrics)."""

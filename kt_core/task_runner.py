@@ -35,6 +35,10 @@ from kt_core.train import TrainConfig, TrainResult, device_of, train_steps, with
 log = logging.getLogger(__name__)
 
 # kind -> "module:Class": a built-in task's code (and its heavy imports) loads only when a run names it
+# the names the round itself reports (participant.round); a task's round_metrics may not take them,
+# and the coordinator takes at most 32 metrics an update (coordinator.admission.MAX_METRICS)
+ROUND_OWN_METRICS = ("accuracy", "accuracy_before", "loss", "train_seconds", "compute_seconds")
+MAX_ROUND_METRICS = 8
 BUILTIN = {"image": "kt_core.image_task:ImageTask", "vln": "kt_core.nav_task:NavTask"}
 EVAL_BATCH = 256
 
@@ -234,6 +238,26 @@ class TaskRunner:
         finally:
             model.train(was_training)
         return self._checked_metrics(result)
+
+    def round_metrics(self, model: nn.Module, data: SiteData) -> dict[str, float]:
+        """The task's `round_metrics` (the navigation task's rollouts), checked: finite numbers
+        under names that are neither the round's own nor too long for the coordinator."""
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                result = self.task.round_metrics(model, data.context, data.local)
+        finally:
+            model.train(was_training)
+        if not isinstance(result, dict) or len(result) > MAX_ROUND_METRICS:
+            raise ValueError(f"{self.entry}.round_metrics must return a dict of at most {MAX_ROUND_METRICS} metrics")
+        for key, value in result.items():
+            if not (isinstance(key, str) and key.isidentifier() and len(key) <= 40) or key in ROUND_OWN_METRICS:
+                raise ValueError(f"{self.entry}.round_metrics: {key!r} is not a usable metric name (an identifier "
+                                 f"of at most 40 characters, none of {list(ROUND_OWN_METRICS)})")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{self.entry}.round_metrics: metric {key!r} = {value!r} is not a finite number")
+        return {k: float(v) for k, v in result.items()}
 
     def _checked_metrics(self, result: Any) -> dict[str, float]:
         if not isinstance(result, dict):

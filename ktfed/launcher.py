@@ -136,6 +136,7 @@ held_out_levels = ["{DEMO_HELD_OUT}"]
 episodes_per_level = 100
 eval_episodes = 20
 rollout_episodes = 20
+round_rollout_episodes = 20
 
 # WAFFLe adapters on the cross-modal layers; only their shared factors cross the wire. The action
 # head trains but stays at each site (bench/vln_fed's recipe, chosen on validation seeds: the

@@ -14,6 +14,8 @@ class RoundTable:
     def __init__(self, sites: list[str]):
         self.sites = sites
         self.accuracy: dict[str, list[tuple[int, float]]] = {s: [] for s in sites}
+        # the navigation task's rollouts per round ([vln] round_rollout_episodes), round 0 included
+        self.success: dict[str, list[tuple[int, float]]] = {s: [] for s in sites}
         self.uploaded = 0
         self.uploads = 0
 
@@ -29,6 +31,9 @@ class RoundTable:
             for site, value in zip(self.sites, before):
                 if value is not None:
                     self.accuracy[site].append((0, value))
+                start = record.metrics.get(f"{site}/success_rate_before")
+                if start is not None:
+                    self.success[site].append((0, start))
             lines.append(f"{0:>5} " + " ".join(_cell(v, 12) for v in before) + " "
                          + " ".join(f"{'-':>11}" for _ in self.sites) + f" {'-':>7}")
         accs = []
@@ -37,6 +42,9 @@ class RoundTable:
             accs.append(value)
             if value is not None:
                 self.accuracy[site].append((record.round, value))
+            rate = record.metrics.get(f"{site}/success_rate")
+            if rate is not None:
+                self.success[site].append((record.round, rate))
         sent = [record.bytes_by_site.get(s) for s in self.sites]
         self.uploaded += sum(b for b in sent if b)
         self.uploads += sum(1 for b in sent if b)
@@ -52,16 +60,20 @@ class RoundTable:
             import matplotlib.pyplot as plt
         except ImportError:
             return None
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for site, points in self.accuracy.items():
-            if points:
-                ax.plot([r for r, _ in points], [a for _, a in points], marker="o", label=site)
-        ax.set_xlabel("round")
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
-        ax.set_ylabel("local test accuracy")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
+        panels = [(self.accuracy, "local test accuracy")]
+        if any(self.success.values()):
+            panels.append((self.success, "success rate (rollouts, unseen seeds)"))
+        fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
+        for ax, (series, label) in zip(axes[0], panels):
+            for site, points in series.items():
+                if points:
+                    ax.plot([r for r, _ in points], [a for _, a in points], marker="o", label=site)
+            ax.set_xlabel("round")
+            ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.suptitle(title)
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
@@ -135,6 +147,9 @@ def summary(status: pb.RunStatus, table: RoundTable, settings, workdir: Path, se
     lines.append("final local test accuracy: " + ", ".join(
         f"{s} {pts[-1][1]:.3f} (round 0: {pts[0][1]:.3f})" for s, pts in table.accuracy.items() if pts))
     config = load_file(workdir / "run.toml").resolved()
+    if any(table.success.values()):
+        lines.append("success rate per round (rollouts on unseen seeds of the site's level; round 0: before training): "
+                     + "; ".join(f"{s} " + " ".join(f"{v:.2f}" for _, v in pts) for s, pts in table.success.items() if pts))
     evaluations = _final_evaluations(workdir, table.sites)
     lines += task_for(config).report_final(evaluations)
     if baselines:

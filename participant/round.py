@@ -36,6 +36,7 @@ class Round:
     def __init__(self, site_run: SiteRun, stub, assignment: pb.RoundAssignment):
         self.site_run, self.stub, self.assignment = site_run, stub, assignment
         self.round = assignment.header.round
+        self.measured: dict[str, float] = {}   # the task's round metrics (train fills it in)
 
     def run(self) -> SecAggSession | None:
         """Returns the secure aggregation session when the round goes on step by step."""
@@ -63,7 +64,7 @@ class Round:
             self.withhold("the egress guard stopped the update")
             return None
         metrics = run.policy.reported_metrics({
-            "accuracy_before": before["accuracy"], "accuracy": after["accuracy"], "loss": result.loss,
+            **self.measured, "accuracy_before": before["accuracy"], "accuracy": after["accuracy"], "loss": result.loss,
             "train_seconds": result.seconds, "compute_seconds": time.perf_counter() - started,
             **run.trainer.privacy_metrics()})
         if assignment.secagg:
@@ -89,9 +90,13 @@ class Round:
         trainer, t = self.site_run.trainer, self.assignment.train
         trainer.load_global(state)
         before = trainer.evaluate()
+        # the task's costly round metrics (rollouts) after every round's training, and before the
+        # first one: the starting model's, round 0 of the curve
+        self.measured = ({f"{k}_before": v for k, v in trainer.round_metrics().items()} if self.round == 1 else {})
         result = trainer.train(t.epochs, t.batch_size, t.lr, t.max_steps, t.seed,
                                round_no=self.round, attempt_id=self.assignment.attempt_id.hex())
         after = trainer.evaluate()
+        self.measured.update(trainer.round_metrics())
         trainer.save_private()
         return before, result, after
 

@@ -94,6 +94,10 @@ class LocalTrainer:
     def evaluate(self) -> dict[str, float]:
         return self.task.evaluate(self.model, self.data)
 
+    def round_metrics(self) -> dict[str, float]:
+        """The task's costly per-round metrics (the navigation task's rollouts; {} for most)."""
+        return self.task.round_metrics(self.model, self.data)
+
     def update(self, base: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Delta of the shared tensors since `base`, as this site's privacy allows it to leave:
         what this site contributes to the round."""

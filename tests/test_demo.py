@@ -47,6 +47,7 @@ def test_vln_demo_hosts_the_backbone_and_reports_navigation(tmp_path, backbone):
     assert "adaptation of the hosted VLN backbone on BabyAI" in out.stdout
     assert "finished: 2 rounds" in out.stdout
     assert "navigation after the run" in out.stdout and "success rate" in out.stdout
+    assert "success rate per round" in out.stdout   # the rollouts after each round ([vln] round_rollout_episodes)
     # beside each site's federated result: the backbone alone and the site trained alone
     for site in ("site-a", "site-b", "site-c"):
         assert re.search(rf"^  {site}: backbone \d\.\d\d / \d\.\d\d, local-only \d\.\d\d / \d\.\d\d, "

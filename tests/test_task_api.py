@@ -441,3 +441,28 @@ def test_a_bad_site_data_file_stops_the_site_before_it_connects(tmp_path):
     run = _ktfed("participant", "run", "--site", "site-a", "--insecure", "--coordinator", "127.0.0.1:9",
                  "--state", str(tmp_path / "state"), "--site-data", str(bad))
     assert run.returncode == 2 and str(bad) in run.stderr and "data.format: 'xlsx'" in run.stderr
+
+
+class WithRoundMetrics(TinyTask):
+    """A task whose round also reports a costly metric (as the navigation task's rollouts)."""
+    reply: dict = {"margin": 0.25}
+
+    def round_metrics(self, model, site, data):
+        assert not model.training and site.name == "site-a" and len(data.train) > 0
+        return dict(type(self).reply)
+
+
+def test_a_tasks_round_metrics_are_checked_before_they_are_reported(tmp_path):
+    task, built, data = _site(tmp_path, config("tests.test_task_api:WithRoundMetrics"))
+    assert task.round_metrics(built.model, data) == {"margin": 0.25}
+    assert built.model.training   # put back as it was
+    (tmp_path / "plain").mkdir()
+    plain, plain_built, plain_data = _site(tmp_path / "plain", config())
+    assert plain.round_metrics(plain_built.model, plain_data) == {}   # the default: none
+    for reply, message in (({"accuracy": 1.0}, "not a usable metric name"), ({"a b": 1.0}, "not a usable"),
+                           ({"x" * 41: 1.0}, "not a usable"), ({"m": float("nan")}, "not a finite number"),
+                           ({"m": True}, "not a finite number"), ({f"m{i}": 0.0 for i in range(9)}, "at most 8")):
+        WithRoundMetrics.reply = reply
+        with pytest.raises(ValueError, match=message):
+            task.round_metrics(built.model, data)
+    WithRoundMetrics.reply = {"margin": 0.25}

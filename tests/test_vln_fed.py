@@ -104,3 +104,14 @@ def test_bench_summary_statistics():
     assert mean_se([0.5]) == (0.5, 0.0)
     m, se = mean_se([0.2, 0.4, 0.6])
     assert m == pytest.approx(0.4) and se == pytest.approx(0.2 / 3 ** 0.5)
+
+
+def test_the_episode_counts_a_run_asks_of_a_site_are_bounded():
+    from kt_core.config import MAX_EPISODES, VLNSettings
+
+    for name in ("episodes_per_level", "eval_episodes", "rollout_episodes", "round_rollout_episodes"):
+        with pytest.raises(ValueError, match=name):
+            VLNSettings(**{name: MAX_EPISODES + 1}).validate()
+        with pytest.raises(ValueError, match=name):
+            VLNSettings(**{name: -1}).validate()
+    VLNSettings(rollout_episodes=0, round_rollout_episodes=0).validate()
