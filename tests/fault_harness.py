@@ -131,11 +131,11 @@ def install_coordinator(env) -> None:
     if resume_pause:
         from coordinator.coordinator import Coordinator
 
-        def paused_resume(resume, self):
+        def paused_resume(resume, self, *args, **kwargs):
             logging.getLogger("coordinator.server").warning(
                 "fault injection: pausing %.1fs before resuming (health NOT_SERVING)", resume_pause)
             time.sleep(resume_pause)
-            return resume(self)
+            return resume(self, *args, **kwargs)
         _wrap(Coordinator, "resume", paused_resume)
 
 
