@@ -40,7 +40,10 @@ training with other seeds (TRAIN_SEEDS):
     multiplier (gate_lr_scale) is normalized away, so a gate logit moves at most lr per step and
     all 512 gates stay on in 160 steps. Giving the gates 10x Adam's learning rate did make the
     sites select different factors (~95 of 512 on), without a better SR (0.32 vs 0.43, one seed).
-Nothing else differs between the kinds. `compare(..., validation=True)` reruns a selection.
+Nothing else differs between the kinds. Every model keeps its optimizer from round to round
+(kt_core.site_optimizer), as a participant does; the learning rates above were selected when each
+round built a fresh one and have not been re-selected since. `compare(..., validation=True)`
+reruns a selection.
 
 In process, with the product's own functions (kt_core.vln.*, kt_core.models shared/private state);
 the wire is measured elsewhere (bench/overhead, bench/bytes). Bytes per update: the shared factors
@@ -62,6 +65,7 @@ from bench.common import Options, pyplot, say, table
 from bench.waffle_sim import fedavg_mean
 from kt_core.factorized import FactorizedLinear
 from kt_core.models import load_shared_state, shared_state
+from kt_core.site_optimizer import SiteOptimizer
 from kt_core.train import TrainConfig
 from kt_core.vln.adapt import AdapterConfig, adapt_backbone
 from kt_core.vln.babyai import default_cache_dir, get_demos
@@ -104,10 +108,14 @@ def train_kinds(base, data: list[DemoTensors], recipe: dict, seed: int, held_out
     tc = TrainConfig(epochs=10**6, max_steps=recipe["steps"], batch_size=recipe["batch_size"], optimizer="adam",
                      max_grad_norm=1.0)
 
+    optimizers: dict[int, SiteOptimizer] = {}   # each model keeps its optimizer, as a site does
+
     def train(kind, model, d, r, i, scale=1):
         # the same batch order and gate samples for site i in round r, whichever kind trains it
-        train_local(model, d, dataclasses.replace(tc, lr=recipe["lr"][kind], seed=100_000 * seed + 1000 * r + i,
-                                                  max_steps=recipe["steps"] * scale))
+        cfg = dataclasses.replace(tc, lr=recipe["lr"][kind], seed=100_000 * seed + 1000 * r + i,
+                                  max_steps=recipe["steps"] * scale)
+        kept = optimizers.setdefault(id(model), SiteOptimizer(model))
+        train_local(model, d, cfg, optimizer=kept.for_round(cfg))
 
     models = {k: [copy.deepcopy(base) for _ in data] for k in kinds if k != "centralized"}
     if "centralized" in kinds:

@@ -111,7 +111,8 @@ def assign_levels(levels: Sequence[str], n_sites: int) -> list[list[str]]:
 # ---------------------------------------------------------------------------------------------
 
 def train_local(model: nn.Module, data: DemoTensors, cfg: TrainConfig,
-                progress: Callable[[int, float], None] | None = None) -> TrainResult:
+                progress: Callable[[int, float], None] | None = None,
+                optimizer: torch.optim.Optimizer | None = None) -> TrainResult:
     """Behaviour cloning in place, with kt_core.train's loop (deterministic given cfg.seed, the
     caller's global RNG left as it was). Only parameters with requires_grad train: on an adapted
     backbone, the adapters (and the action head)."""
@@ -124,7 +125,7 @@ def train_local(model: nn.Module, data: DemoTensors, cfg: TrainConfig,
         tokens, images, directions, actions = data.take(idx, device)
         return elbo_loss(model, model.act(tokens, images, directions), actions, n, cfg.kl_weight)
 
-    return train_steps(model, n, batch_loss, cfg, progress)
+    return train_steps(model, n, batch_loss, cfg, progress, optimizer)
 
 
 @torch.no_grad()
