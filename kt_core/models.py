@@ -150,11 +150,14 @@ def kl_terms(model: nn.Module) -> list[Tensor]:
     return terms + grouped_kl(problems)
 
 
+def sum_terms(terms: list[Tensor]) -> Tensor:
+    """The sum of one or more scalar terms (one alone is returned as it is: no node added)."""
+    return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
+
+
 def kl_divergence(model: nn.Module) -> Tensor:
     terms = kl_terms(model)
-    if not terms:
-        return torch.zeros(())
-    return terms[0] if len(terms) == 1 else torch.stack(terms).sum()
+    return sum_terms(terms) if terms else torch.zeros(())
 
 
 # ---------------------------------------------------------------------------------------------

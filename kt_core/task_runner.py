@@ -63,6 +63,17 @@ def batch_of(dataset: Any, indices: Tensor) -> Any:
     return default_collate([dataset[int(i)] for i in indices])
 
 
+def _in_eval(model: nn.Module, measure):
+    """measure() with the model in eval mode and no autograd, the mode put back afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return measure()
+    finally:
+        model.train(was_training)
+
+
 def _to(batch: Any, device: torch.device) -> Any:
     if isinstance(batch, Tensor):
         return batch.to(device)
@@ -230,48 +241,37 @@ class TaskRunner:
     def evaluate(self, model: nn.Module, data: SiteData) -> dict[str, float]:
         device = device_of(model)
         batches = (_to(b, device) for b in self.test_batches(data))
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                result = self.task.evaluate(model, batches)
-        finally:
-            model.train(was_training)
-        return self._checked_metrics(result)
+        return self._checked_metrics(_in_eval(model, lambda: self.task.evaluate(model, batches)))
 
     def round_metrics(self, model: nn.Module, data: SiteData) -> dict[str, float]:
         """The task's `round_metrics` (the navigation task's rollouts), checked: finite numbers
         under names that are neither the round's own nor too long for the coordinator."""
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                result = self.task.round_metrics(model, data.context, data.local)
-        finally:
-            model.train(was_training)
+        result = _in_eval(model, lambda: self.task.round_metrics(model, data.context, data.local))
         if not isinstance(result, dict) or len(result) > MAX_ROUND_METRICS:
             raise ValueError(f"{self.entry}.round_metrics must return a dict of at most {MAX_ROUND_METRICS} metrics")
-        for key, value in result.items():
+        for key in result:
             if not (isinstance(key, str) and key.isidentifier() and len(key) <= 40) or key in ROUND_OWN_METRICS:
                 raise ValueError(f"{self.entry}.round_metrics: {key!r} is not a usable metric name (an identifier "
                                  f"of at most 40 characters, none of {list(ROUND_OWN_METRICS)})")
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"{self.entry}.round_metrics: metric {key!r} = {value!r} is not a finite number")
-        return {k: float(v) for k, v in result.items()}
+        return self._finite(result, "round_metrics")
 
     def _checked_metrics(self, result: Any) -> dict[str, float]:
         if not isinstance(result, dict):
             raise TypeError(f"{self.entry}.evaluate must return a dict of metrics, got {type(result).__name__}")
-        out = {}
-        for key, value in result.items():
-            if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, (int, float)) \
-                    or not math.isfinite(value):
-                raise ValueError(f"{self.entry}.evaluate: metric {key!r} = {value!r} is not a finite number")
-            out[key] = float(value)
+        out = self._finite(result, "evaluate")
         missing = [m for m in (*self.cls.metrics, "accuracy", "loss") if m not in out]
         if missing:
             raise ValueError(f"{self.entry}.evaluate: metrics {sorted(set(missing))} missing (it declares "
                              f"{list(self.cls.metrics)}; the round reports accuracy and loss)")
+        return out
+
+    def _finite(self, result: dict, hook: str) -> dict[str, float]:
+        out = {}
+        for key, value in result.items():
+            if not isinstance(key, str) or isinstance(value, bool) or not isinstance(value, (int, float)) \
+                    or not math.isfinite(value):
+                raise ValueError(f"{self.entry}.{hook}: metric {key!r} = {value!r} is not a finite number")
+            out[key] = float(value)
         return out
 
     def dp_records(self, data: SiteData):

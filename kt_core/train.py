@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kt_core.manifest import Role, manifest_of
-from kt_core.models import kl_terms
+from kt_core.models import kl_terms, sum_terms
 
 OPTIMIZERS = ("sgd", "adam")
 
@@ -122,8 +122,7 @@ def with_kl(model: nn.Module, loss: Tensor, num_samples: int, kl_weight: float) 
     # a model without Bayesian adapters has no KL term at all: no zero to add and differentiate
     terms = kl_terms(model) if kl_weight else []
     if terms:
-        kl = terms[0] if len(terms) == 1 else torch.stack(terms).sum()
-        loss = loss + kl_weight * kl.to(loss.device) / num_samples
+        loss = loss + kl_weight * sum_terms(terms).to(loss.device) / num_samples
     return loss
 
 

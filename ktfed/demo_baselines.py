@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from coordinator.strategy import SEED_STRIDE
+from coordinator.strategy import strategy_for
 from kt_core.config import RunConfig
 from participant.trainer import LocalTrainer
 
@@ -22,10 +22,11 @@ def site_baselines(config: RunConfig, site: str, backbone: Path, state_dir: Path
     dicts). Nothing is written outside `state_dir`; nothing is sent anywhere."""
     trainer = LocalTrainer(site, "local-only", config, state_dir, backbone=backbone)
     out = {"backbone": trainer.task.final_evaluation(trainer.built, trainer.data)}
-    t = config.train
+    strategy = strategy_for(config)   # the coordinator's per-round plan, without its aggregation
     for round_no in range(1, config.federation.rounds + 1):
-        trainer.train(t.epochs, t.batch_size, t.lr, t.max_steps or 0, config.federation.seed * SEED_STRIDE + round_no,
-                      round_no=round_no, attempt_id=f"local-only-{round_no}")
+        t = strategy.configure(round_no)
+        trainer.train(t.epochs, t.batch_size, t.lr, t.max_steps, t.seed, round_no=round_no,
+                      attempt_id=f"local-only-{round_no}")
     out["local_only"] = trainer.task.final_evaluation(trainer.built, trainer.data)
     return out
 
