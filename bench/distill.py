@@ -49,6 +49,9 @@ STUDENTS = {  # name -> (spec, learning rate): copied layers fine-tune gently, r
     "L2-H128": (StudentSpec(layers=2, hidden=128, vocab=5000), 5e-4),
 }
 MIX = dict(alpha=0.4, temperature=2.0)
+# nav: (alpha, temperature) pairs tried on validation seeds; the best MixKD student's are used
+MIX_GRID = ((0.2, 1.0), (0.2, 2.0), (0.4, 2.0), (0.4, 4.0))
+NAV_MEMORY = 4          # the stand-in teacher sees its last 4 steps, as the demo's backbone does
 # with --nav-teacher (a site's federated model, ~100 episodes of ~5 steps): its distill recipe
 FEDERATED_NAV = dict(epochs=10, batch_size=32, lr=3e-3, fractions=[1.0])
 
@@ -69,6 +72,7 @@ def settings(opts: Options, seeds: int | None = None, device: str | None = None)
                 "teacher_epochs": 1 if quick else 15, "epochs": 1 if quick else 15, "batch_size": 64, "lr": 1e-3,
                 "fractions": [1.0] if quick else [1.0, 0.1]},
         "mix": MIX,
+        "mix_grid": [] if quick else [list(g) for g in MIX_GRID],
         # CPU inference timing (kt_core.distill.loop.inference_speed): its defaults, or a few calls
         "speed": {"latency_samples": 4, "throughput_batches": 1} if quick else {},
     }
@@ -202,8 +206,7 @@ def _text_tables(res: dict, t: dict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def run_nav(cfg: dict, dev: torch.device) -> dict:
-    from kt_core.distill.nav import (NavOptions, VLNMixable, build_nav_student, demo_dataset, eval_demos,
-                                     join_datasets, load_nav_teacher, model_size, nav_metrics, site_level_demos,
+    from kt_core.distill.nav import (NavOptions, VLNMixable, demo_dataset, join_datasets, load_nav_teacher, model_size, nav_metrics, site_level_demos,
                                      teacher_rollout_dataset)
     from kt_core.vln.finetune import site_data
 
@@ -230,8 +233,7 @@ def run_nav(cfg: dict, dev: torch.device) -> dict:
         demos = site_data(0, [n["level"]], n["episodes"], cache)
         teacher, tokenizer, info = _nav_teacher(demos, n, cfg["device"], dev, cache)
         budget, rollouts = None, None
-    evals = eval_demos(opts.levels, n["eval_episodes"], cache)
-    ev = demo_dataset(evals, tokenizer, teacher.cfg.max_len, "evaluation demonstrations")
+    ev = _eval_data(teacher, tokenizer, opts, cache)
     cpu = torch.device("cpu")
     res = {"teacher": {**info, **nav_metrics(teacher, tokenizer, ev, opts, cache, dev),
                        "parameters": model_size(teacher),
@@ -241,19 +243,19 @@ def run_nav(cfg: dict, dev: torch.device) -> dict:
         f"{n['eval_episodes']} unseen for evaluation; teacher SR {res['teacher']['success_rate']:.3f}, "
         f"SPL {res['teacher']['spl']:.3f}")
     teacher.to(dev)
+    train_for = lambda method, part: part if method == "none" else join_datasets(  # noqa: E731
+        part, rollouts if part is full else None, "demonstrations + rollouts")
+    full = demo_dataset(demos, tokenizer, teacher.cfg.max_len, "site demonstrations", teacher.cfg.memory)
+    mix = _select_mix(teacher, tokenizer, train_for("mixkd", full), ev, opts, cache, cfg, dev, budget)
+    res["mix"] = mix
     for fraction in n["fractions"]:
-        part = demos if fraction == 1.0 else demos.subset_episodes(max(2, int(demos.num_episodes * fraction)))
-        demo_train = demo_dataset(part, tokenizer, teacher.cfg.max_len, "site demonstrations")
-        with_rollouts = join_datasets(demo_train, rollouts if fraction == 1.0 else None, "demonstrations + rollouts")
+        part = full if fraction == 1.0 else demo_dataset(
+            demos.subset_episodes(max(2, int(demos.num_episodes * fraction))), tokenizer, teacher.cfg.max_len,
+            "site demonstrations", teacher.cfg.memory)
         for seed in cfg["seeds"]:
             for method in METHODS:
-                train = demo_train if method == "none" else with_rollouts
-                student = build_nav_student(teacher, seed=seed, max_parameters=budget)
-                dcfg = DistillConfig(method=method, epochs=n["epochs"], batch_size=n["batch_size"], lr=n["lr"],
-                                     seed=seed, device=cfg["device"], **MIX)
-                hist = fit(VLNMixable(student), train, make_objective(dcfg), teacher=VLNMixable(teacher), device=dev,
-                           label=f"nav {method} s{seed}", progress=False)
-                m = nav_metrics(student, tokenizer, ev, opts, cache, dev)
+                student, m, hist = _nav_student(teacher, tokenizer, train_for(method, part), ev, method, seed, opts,
+                                                cache, cfg, dev, budget, mix["chosen"])
                 res["runs"].append({"method": method, "seed": seed, "fraction": fraction, "success_rate": m["success_rate"],
                                     "spl": m["spl"], "action_accuracy": m["action_accuracy"],
                                     "samples_per_s": hist.samples_per_s, "max_memory_bytes": hist.max_memory_bytes})
@@ -282,6 +284,44 @@ def run_nav(cfg: dict, dev: torch.device) -> dict:
     return res
 
 
+def _nav_student(teacher, tokenizer, train, ev, method: str, seed: int, opts, cache, cfg: dict, dev, budget,
+                 mix: dict, validation: bool = False):
+    """One student distilled from `teacher` by `method`, initialised from the teacher's weights
+    (kt_core.distill.select), scored by rollouts (validation=True: on the validation seeds)."""
+    from kt_core.distill.nav import VLNMixable, build_nav_student, nav_metrics
+
+    n = cfg["nav"]
+    student = build_nav_student(teacher, seed=seed, max_parameters=budget)
+    dcfg = DistillConfig(method=method, epochs=n["epochs"], batch_size=n["batch_size"], lr=n["lr"],
+                         seed=seed, device=cfg["device"], **mix)
+    hist = fit(VLNMixable(student), train, make_objective(dcfg), teacher=VLNMixable(teacher), device=dev,
+               label=f"nav {method} s{seed}", progress=False)
+    return student, nav_metrics(student, tokenizer, ev, opts, cache, dev, validation), hist
+
+
+def _eval_data(teacher, tokenizer, opts, cache):
+    from kt_core.distill.nav import demo_dataset, eval_demos
+
+    return demo_dataset(eval_demos(opts.levels, opts.eval_episodes, cache), tokenizer, teacher.cfg.max_len,
+                        "evaluation demonstrations", teacher.cfg.memory)
+
+
+def _select_mix(teacher, tokenizer, train, ev, opts, cache, cfg: dict, dev, budget) -> dict:
+    """MixKD's mixing strength and the distillation temperature, chosen by the MixKD student's SR
+    on the validation seeds (one training seed; the evaluation seeds only report)."""
+    if not cfg["mix_grid"]:
+        return {"chosen": dict(MIX), "grid": []}
+    grid = []
+    for alpha, temperature in cfg["mix_grid"]:
+        mix = dict(alpha=alpha, temperature=temperature)
+        _, m, _ = _nav_student(teacher, tokenizer, train, ev, "mixkd", 0, opts, cache, cfg, dev, budget, mix,
+                               validation=True)
+        grid.append({**mix, "validation_success_rate": m["success_rate"], "validation_spl": m["spl"]})
+        say(f"  nav mixkd alpha {alpha:g}, temperature {temperature:g}: validation SR {m['success_rate']:.3f}")
+    best = max(grid, key=lambda g: (g["validation_success_rate"], g["validation_spl"]))
+    return {"chosen": {"alpha": best["alpha"], "temperature": best["temperature"]}, "grid": grid}
+
+
 def _nav_teacher(demos, n: dict, device_name: str, dev: torch.device, cache: Path):
     from kt_core.distill.nav import VLNMixable, demo_dataset
     from kt_core.vln.backbone import VLNBackbone, VLNConfig
@@ -289,14 +329,14 @@ def _nav_teacher(demos, n: dict, device_name: str, dev: torch.device, cache: Pat
     from kt_core.vln.tokenizer import Tokenizer
 
     tokenizer = Tokenizer()
-    vcfg = VLNConfig(vocab_size=len(tokenizer))
+    vcfg = VLNConfig(vocab_size=len(tokenizer), memory=NAV_MEMORY)
     path = cache / f"nav-teacher-{_key([n['level'], n['episodes'], n['teacher_epochs'], n['lr'], vcfg.to_dict()])}.safetensors"
     if path.is_file():
         loaded = load_backbone(path)
         say(f"[distill/nav] teacher from cache {path}")
         return loaded.model.to(dev), loaded.tokenizer, {}
     teacher = VLNBackbone(vcfg)
-    train = demo_dataset(demos, tokenizer, vcfg.max_len)
+    train = demo_dataset(demos, tokenizer, vcfg.max_len, memory=vcfg.memory)
     hist = fit(VLNMixable(teacher), train, make_objective(DistillConfig(
         method="none", epochs=n["teacher_epochs"], batch_size=n["batch_size"], lr=n["lr"], device=device_name)),
         device=dev, label="nav teacher", progress=False)

@@ -279,6 +279,7 @@ class VLNSettings:
     rollout_episodes: int = 20         # unseen seeds per level rolled out at the end of the run (0: none)
     round_rollout_episodes: int = 0    # ... and after every round, reported as its success_rate (0: none)
     cache_dir: str = ""                # a site's demonstration cache ("": STATE/demos)
+    memory: int = 0                    # past steps the backbone must see (kt_core.vln.memory); checked on load
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
 
     def validate(self) -> None:
@@ -293,6 +294,10 @@ class VLNSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= MAX_EPISODES:
                 raise ValueError(f"{name}: must be an integer between {lo} and {MAX_EPISODES}, got {value!r}")
+        from kt_core.vln.backbone import MAX_MEMORY
+
+        if isinstance(self.memory, bool) or not isinstance(self.memory, int) or not 0 <= self.memory <= MAX_MEMORY:
+            raise ValueError(f"memory: must be an integer between 0 and {MAX_MEMORY}, got {self.memory!r}")
         if self.backbone_sha256 and (len(self.backbone_sha256) != 64
                                      or any(c not in "0123456789abcdef" for c in self.backbone_sha256)):
             raise ValueError("backbone_sha256: must be a SHA-256 hex digest (the coordinator fills it in)")

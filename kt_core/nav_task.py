@@ -40,6 +40,7 @@ class NavTask(FederatedTask):
     def __init__(self, options):
         super().__init__(options)
         self.max_len = 0   # the backbone's instruction length, known once build_model loaded it
+        self.memory = 0    # and the past steps it sees (kt_core.vln.memory)
 
     @classmethod
     def options_from(cls, config):
@@ -51,10 +52,12 @@ class NavTask(FederatedTask):
         if backbone is None:
             raise ConfigError("vln.backbone: the run adapts a hosted backbone, but no checkpoint was given")
         try:
-            loaded = load_backbone(backbone, sha256=self.options.vln.backbone_sha256 or None)
+            loaded = load_backbone(backbone, sha256=self.options.vln.backbone_sha256 or None,
+                                   memory=self.options.vln.memory)
         except CheckpointError as err:
             raise ConfigError(f"vln.backbone: {err}") from None
         self.tokenizer, self.max_len = loaded.tokenizer, loaded.model.cfg.max_len
+        self.memory = loaded.model.cfg.memory
         return loaded.model
 
     def adapt(self, model: nn.Module, settings, targets) -> list[str]:
@@ -98,12 +101,12 @@ class NavTask(FederatedTask):
             raise ValueError("local_data: the backbone (and its tokenizer) is loaded by build_model first")
         vln = self.options.vln
         levels = finetune.assign_levels(vln.levels, len(site.sites))[site.index]
-        cache, max_len = self._cache(site), self.max_len
+        cache, max_len, memory = self._cache(site), self.max_len, self.memory
         train = finetune.site_data(site.index, levels, vln.episodes_per_level, cache)
-        train_data = finetune.encode_demos(train, self.tokenizer, max_len)
+        train_data = finetune.encode_demos(train, self.tokenizer, max_len, memory)
         # unseen seeds of the same levels: the per-round accuracy the coordinator shows
         held = [get_demos(level, finetune.eval_seeds(vln.eval_episodes), cache) for level in levels]
-        test_data = finetune.encode_demos(type(train).concat(held), self.tokenizer, max_len)
+        test_data = finetune.encode_demos(type(train).concat(held), self.tokenizer, max_len, memory)
         log.info("%s: levels %s: %d training and %d evaluation steps of demonstrations", site.name,
                  ", ".join(levels), len(train_data), len(test_data))
         return LocalData(train=train_data, test=test_data, levels=tuple(levels))

@@ -123,7 +123,11 @@ DEMO_HELD_OUT = "BabyAI-GoToRedBallGrey-v0"
 
 
 def vln_sections(settings: DemoSettings, sites: list[str], backbone: Path) -> str:
+    from kt_core.vln.checkpoint import read_config
+
     levels = ", ".join(f'"{lv}"' for lv in DEMO_SITE_LEVELS[:max(len(sites), 1)])
+    # the run states the memory its backbone has; every site checks the hosted file against it
+    memory = read_config(backbone).memory
     return f"""
 [task]
 kind = "vln"
@@ -137,13 +141,14 @@ episodes_per_level = 100
 eval_episodes = 20
 rollout_episodes = 20
 round_rollout_episodes = 20
+memory = {memory}
 
 # WAFFLe adapters on the cross-modal layers; only their shared factors cross the wire. The action
 # head trains but stays at each site (bench/vln_fed's recipe, chosen on validation seeds: the
 # levels need different actions, and averaging the heads mixed those action priors)
 [vln.adapter]
 adapter = "{settings.adapter}"
-n_factors = 16
+n_factors = 8
 private_head = true
 """
 

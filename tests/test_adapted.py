@@ -70,7 +70,7 @@ def make_adapted_site(root: Path, *, train_steps: int = 30, episodes: int = 40) 
     config = tasks.with_backbone_digest(load_toml(run_config_text(hosted, episodes)), sha)
     built = tasks.build(config, hosted)
     demos = finetune.site_data(0, [SITE_LEVEL], episodes, root / "demos")
-    data = finetune.encode_demos(demos, built.tokenizer, built.model.cfg.max_len)
+    data = finetune.encode_demos(demos, built.tokenizer, built.model.cfg.max_len, built.model.cfg.memory)
     cfg = dataclasses.replace(config.train, epochs=50, batch_size=32, lr=3e-3, max_steps=train_steps, seed=0)
     finetune.train_local(built.model, data, cfg)
     save_adapted(tasks.adapted_path(state, RUN_ID), built.model, config, site="site-a", levels=[SITE_LEVEL],

@@ -98,6 +98,17 @@ def test_a_replaced_backbone_is_refused(backbone, tmp_path):
         host_backbone(replaced)
 
 
+def test_a_run_needing_memory_refuses_a_backbone_without_it(backbone):
+    """The run config states the backbone's memory; a site refuses a hosted checkpoint whose
+    model lacks it, naming the field, before it builds anything."""
+    from kt_core import tasks
+
+    text = vln_config(backbone).replace("rollout_episodes = 2\n", "rollout_episodes = 2\nmemory = 4\n")
+    with pytest.raises(ConfigError, match="vln.backbone: .*memory: the run needs a backbone with memory=4"):
+        tasks.build(load_toml(text), backbone)
+    assert tasks.build(load_toml(vln_config(backbone)), backbone).model is not None
+
+
 def test_an_unknown_level_is_refused():
     from kt_core.tasks import check_levels
 

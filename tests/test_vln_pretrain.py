@@ -47,6 +47,7 @@ def test_pretrain_writes_checkpoint_card_and_curve(tmp_path):
     result = run_pretraining(model_cfg, settings, tmp_path / "out", progress=False)
     card = json.loads((tmp_path / "out" / "backbone.card.json").read_text())
     assert card["steps"] == 4 and card["data"]["levels"] == LEVELS and card["data"]["train_seeds"] == [0, 6]
+    assert card["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert set(card["losses"]) >= {"final_mlm", "final_action"} and card["metrics"]["rollouts"]
     assert (tmp_path / "out" / "loss.png").stat().st_size > 1000
     loaded = load_backbone(tmp_path / "out" / "backbone.safetensors")
@@ -120,3 +121,11 @@ def test_pretraining_throughput_is_measured(tmp_path):
     data = encode_demos(site_data(0, LEVELS[:1], 3, tmp_path), Tokenizer(), 12)
     rates = pretraining_throughput(VLNConfig.tiny(), data, "cpu", (4, 8), steps=2, warmup=1)
     assert set(rates) == {4, 8} and all(r > 0 for r in rates.values())
+
+
+def test_pretraining_device_is_checked():
+    with pytest.raises(ValueError, match="device: must be auto, cpu or cuda"):
+        PretrainSettings(device="tpu").validate()
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device: cuda was asked for"):
+            PretrainSettings(device="cuda").validate()

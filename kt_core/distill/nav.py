@@ -33,10 +33,12 @@ from kt_core.distill.checkpoint import CheckpointError
 from kt_core.distill.loop import DictDataset, count_parameters, evaluate, fit, inference_speed
 from kt_core.config_file import ConfigError
 from kt_core.distill.mixkd import MixableModule, make_objective
+from kt_core.distill.select import select_from_model
 from kt_core.vln.backbone import VLNBackbone, VLNConfig
 from kt_core.vln.tokenizer import PAD_ID, Tokenizer
 
 DEFAULT_LEVEL = "BabyAI-GoToLocal-v0"
+STUDENT_INITS = ("teacher", "random")
 
 
 class VLNMixable(MixableModule):
@@ -63,10 +65,11 @@ class VLNMixable(MixableModule):
         for layer in b.lang_layers:
             lang = layer(lang, mask)
         vis = b.drop(vis)
+        vis_mask = b.vision_mask(batch["directions"])      # None without memory
         for layer in b.vision_layers:
-            vis = layer(vis, None)
+            vis = layer(vis, vis_mask)
         for layer in b.cross_layers:
-            lang, vis = layer(lang, vis, mask)
+            lang, vis = layer(lang, vis, mask, vis_mask)
         return b.action_head(torch.tanh(b.pooler(b.ln_lang(lang)[:, 0])))
 
 
@@ -84,6 +87,7 @@ class NavOptions:
     eval_episodes: int | None = None        # unseen rollout seeds per level (default: the run's rollout_episodes)
     student_d_model: int = 0                # 0: the widest student >= 4x smaller than the backbone
     student_cross_layers: int = 1
+    student_init: str = "teacher"           # teacher: slices of the teacher's weights (kt_core.distill.select); random
     teacher_rollouts: int = 2               # teacher-labelled rollouts: passes over the site's own seeds (0: none)
     rollout_epsilon: float = 0.2            # share of random turn/forward actions in those rollouts
     rollout_max_steps: int = 20             # steps per rollout episode at most
@@ -108,6 +112,8 @@ class NavOptions:
             v = getattr(opts, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < lo):
                 raise ConfigError(f"distill.nav.{name}: must be an integer >= {lo}, got {v!r}")
+        if opts.student_init not in STUDENT_INITS:
+            raise ConfigError(f"distill.nav.student_init: must be one of {list(STUDENT_INITS)}, got {opts.student_init!r}")
         eps = opts.rollout_epsilon
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 <= eps <= 1:
             raise ConfigError(f"distill.nav.rollout_epsilon: must be a number in [0, 1], got {eps!r}")
@@ -135,13 +141,17 @@ class NavOptions:
 # data
 # ---------------------------------------------------------------------------------------------
 
-def demo_dataset(demos, tokenizer: Tokenizer, max_len: int, name: str = "demonstrations") -> DictDataset:
-    """(mission, observation, expert action) samples as the batches VLNMixable reads."""
+def demo_dataset(demos, tokenizer: Tokenizer, max_len: int, name: str = "demonstrations",
+                 memory: int = 0) -> DictDataset:
+    """(mission, observation, expert action) samples as the batches VLNMixable reads; with
+    memory, each observation and pose the stack of its past frames (kt_core.vln.memory)."""
     from kt_core.vln.finetune import encode_demos
 
-    t = encode_demos(demos, tokenizer, max_len)
-    return DictDataset({"tokens": t.tokens, "mission_mask": (t.tokens != PAD_ID).long(), "images": t.images,
-                        "directions": t.directions, "labels": t.actions},
+    t = encode_demos(demos, tokenizer, max_len, memory)
+    _, images, directions, actions = t.take(torch.arange(len(t)))
+    tokens = t.tokens       # every instruction at max_len, as the teacher's rollouts are: the sets join
+    return DictDataset({"tokens": tokens, "mission_mask": (tokens != PAD_ID).long(), "images": images,
+                        "directions": directions, "labels": actions},
                        padded=("tokens", "mission_mask"), mask="mission_mask", name=name)
 
 
@@ -175,6 +185,8 @@ def teacher_rollout_dataset(teacher: VLNBackbone, tokenizer: Tokenizer, site_dem
         noisy = rng.random(len(actions)) < epsilon
         actions[noisy] = rng.integers(0, 3, int(noisy.sum()))  # left, right, forward
         return actions
+
+    policy.memory = greedy.memory     # a teacher with memory is handed (and records) its past frames
 
     try:
         for _ in range(passes):
@@ -251,9 +263,13 @@ def widest_student(teacher: VLNConfig, max_parameters: int, cross_layers: int = 
 
 
 def build_nav_student(teacher: VLNBackbone, d_model: int = 0, cross_layers: int = 1, seed: int = 0,
-                      max_parameters: int | None = None) -> VLNBackbone:
+                      max_parameters: int | None = None, init: str = "teacher") -> VLNBackbone:
     """d_model 0: the widest student within `max_parameters` (for the site: a quarter of the
-    backbone's), or half the teacher's width when no budget is given."""
+    backbone's), or half the teacher's width when no budget is given. init "teacher": start from
+    slices of the teacher's (adapters folded) weights (kt_core.distill.select); "random": from
+    the architecture's own initialisation."""
+    if init not in STUDENT_INITS:
+        raise ConfigError(f"distill.nav.student_init: {init!r} is not one of {list(STUDENT_INITS)}")
     if not d_model and max_parameters:
         d_model = widest_student(teacher.cfg, max_parameters, cross_layers)
     cfg = student_config(teacher.cfg, d_model, cross_layers, seed)
@@ -266,6 +282,8 @@ def build_nav_student(teacher: VLNBackbone, d_model: int = 0, cross_layers: int 
     s, t = count_parameters(student), count_parameters(teacher)
     if s >= t:
         raise StudentTooLargeError(f"student has {s:,} parameters, not fewer than the teacher's {t:,}")
+    if init == "teacher":
+        select_from_model(student, teacher)
     return student
 
 
@@ -295,14 +313,17 @@ def model_size(model: torch.nn.Module) -> int:
 # evaluation
 # ---------------------------------------------------------------------------------------------
 
-def rollout_metrics(backbone: VLNBackbone, tokenizer: Tokenizer, levels, episodes: int, cache_dir) -> dict:
-    """SR and SPL of the greedy policy on `episodes` unseen seeds per level, on the CPU."""
+def rollout_metrics(backbone: VLNBackbone, tokenizer: Tokenizer, levels, episodes: int, cache_dir,
+                    validation: bool = False) -> dict:
+    """SR and SPL of the greedy policy on `episodes` unseen seeds per level, on the CPU (on the
+    validation block instead of the evaluation one with validation=True: for choosing settings)."""
     from kt_core.vln.finetune import evaluate_rollouts
 
     device = next(backbone.parameters()).device
     backbone.to("cpu")
     try:
-        per_level = {lv: evaluate_rollouts(backbone, tokenizer, lv, episodes, cache_dir) for lv in levels}
+        per_level = {lv: evaluate_rollouts(backbone, tokenizer, lv, episodes, cache_dir, validation=validation)
+                     for lv in levels}
     finally:
         backbone.to(device)
     return {"success_rate": float(np.mean([r["success_rate"] for r in per_level.values()])),
@@ -310,8 +331,8 @@ def rollout_metrics(backbone: VLNBackbone, tokenizer: Tokenizer, levels, episode
 
 
 def nav_metrics(model: VLNBackbone, tokenizer: Tokenizer, eval_data: DictDataset, opts: NavOptions, cache_dir,
-                device: torch.device) -> dict:
-    out = {**rollout_metrics(model, tokenizer, opts.levels, opts.eval_episodes, cache_dir),
+                device: torch.device, validation: bool = False) -> dict:
+    out = {**rollout_metrics(model, tokenizer, opts.levels, opts.eval_episodes, cache_dir, validation),
            "action_accuracy": evaluate(VLNMixable(model), eval_data, device)["accuracy"]}
     out["accuracy"] = out["action_accuracy"]
     return out
@@ -345,15 +366,16 @@ def run_site_distill(cfg, ctx, device: torch.device, *, progress: bool = True, w
         demos = demos.subset_episodes(max(1, math.ceil(demos.num_episodes * cfg.data.data_fraction)))
     model = loaded.model
     max_len = model.cfg.max_len
-    train = demo_dataset(demos, loaded.tokenizer, max_len, "site demonstrations")
-    ev = demo_dataset(evals, loaded.tokenizer, max_len, "evaluation demonstrations")
+    memory = model.cfg.memory
+    train = demo_dataset(demos, loaded.tokenizer, max_len, "site demonstrations", memory)
+    ev = demo_dataset(evals, loaded.tokenizer, max_len, "evaluation demonstrations", memory)
     extra = teacher_rollout_dataset(
         model, loaded.tokenizer, site_level_demos(opts, cache, cfg.data.data_fraction), opts.teacher_rollouts,
         opts.rollout_epsilon, opts.rollout_max_steps, cfg.train.seed)
     train = join_datasets(train, extra, "site demonstrations + teacher rollouts")
     teacher = VLNMixable(model)
     student = build_nav_student(model, opts.student_d_model, opts.student_cross_layers, cfg.train.seed,
-                                max_parameters=loaded.backbone_parameters // 4)
+                                max_parameters=loaded.backbone_parameters // 4, init=opts.student_init)
     t_params, s_params = model_size(model), model_size(student)
     if loaded.backbone_parameters < 4 * s_params:
         logging.getLogger(__name__).warning("the student (%d parameters) is not 4x smaller than the backbone (%d)",

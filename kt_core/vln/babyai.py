@@ -316,7 +316,8 @@ def get_demos(level: str, seeds: tuple[int, int], cache_dir: str | Path | None =
 # rollouts: success rate and SPL against the bot's path length
 # ---------------------------------------------------------------------------------------------
 
-# policy(images N x 7 x 7 x 3 uint8, directions N, missions) -> actions N
+# policy(images N x 7 x 7 x 3 uint8, directions N, missions) -> actions N; with memory, the stacks
+# of kt_core.vln.memory instead (images N x (1 + M) x 7 x 7 x 3, poses N x (1 + M) x 2)
 Policy = Callable[[np.ndarray, np.ndarray, list[str]], np.ndarray]
 
 
@@ -345,10 +346,18 @@ class RolloutResult:
 
 def rollout(policy: Policy, level: str, seeds: Sequence[int], bot_steps: Sequence[int], *,
             batch: int = 64, max_steps: int | None = None) -> RolloutResult:
-    """Run `policy` on each seed, `batch` environments in lockstep (one policy call per step)."""
+    """Run `policy` on each seed, `batch` environments in lockstep (one policy call per step).
+
+    A policy with a `memory` attribute > 0 (kt_core.vln.finetune.model_policy of a backbone with
+    memory) is called with stacks of the current and its past frames (kt_core.vln.memory), kept
+    per environment from the episode's start."""
+    from kt_core.vln.memory import RolloutHistory
+
     if len(seeds) != len(bot_steps) or not len(seeds):
         raise BabyAIError("rollout: need one bot path length per seed, and at least one seed")
     envs = [make_env(level) for _ in range(min(batch, len(seeds)))]
+    memory = int(getattr(policy, "memory", 0) or 0)
+    history = RolloutHistory(len(envs), memory, NUM_ACTIONS, VIEW) if memory else None
     success = np.zeros(len(seeds), dtype=bool)
     steps = np.zeros(len(seeds), dtype=np.int64)
     for lo in range(0, len(seeds), len(envs)):
@@ -357,17 +366,25 @@ def rollout(policy: Policy, level: str, seeds: Sequence[int], bot_steps: Sequenc
         with _quiet():
             for slot, i in enumerate(wave):
                 obs[slot] = envs[slot].reset(seed=int(seeds[i]))[0]
+                if history is not None:
+                    history.reset(slot)
         limit = max_steps or envs[0].max_steps
         active = list(range(len(wave)))
         for _ in range(limit):
             if not active:
                 break
-            actions = policy(np.stack([obs[s]["image"] for s in active]),
-                             np.array([obs[s]["direction"] for s in active], dtype=np.int64),
-                             [obs[s]["mission"] for s in active])
+            images = np.stack([obs[s]["image"] for s in active])
+            directions = np.array([obs[s]["direction"] for s in active], dtype=np.int64)
+            missions = [obs[s]["mission"] for s in active]
+            if history is None:
+                actions = policy(images, directions, missions)
+            else:
+                actions = policy(*history.stack(active, images, directions), missions)
             still = []
-            for slot, action in zip(active, np.asarray(actions).tolist()):
+            for k, (slot, action) in enumerate(zip(active, np.asarray(actions).tolist())):
                 i = wave[slot]
+                if history is not None:
+                    history.push(slot, images[k], int(directions[k]), int(action))
                 obs[slot], reward, terminated, truncated, _ = envs[slot].step(int(action))
                 steps[i] += 1
                 if terminated or truncated:

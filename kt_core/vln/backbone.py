@@ -9,7 +9,9 @@ A cross-modal layer lets each stream attend to the other (language queries visio
 language, both from the previous layer's outputs), then runs self-attention and a feed-forward
 network per stream. All blocks are pre-LayerNorm. The observation is either a BabyAI egocentric
 grid (7 x 7 cells of (object, colour, state) + the facing direction) or an R2R-style panorama
-(36 view features + sin/cos heading and elevation per view).
+(36 view features + sin/cos heading and elevation per view). With `memory` > 0 the grid
+observation also carries the episode's last `memory` frames and actions, one visual token each
+(kt_core.vln.memory; in the spirit of recurrent VLN-BERT's state, in a form that batches by step).
 
 Every linear layer is a plain nn.Linear, so `kt_core.vln.adapt` can swap the cross-modal ones for
 WAFFLe / LoRA adapters. The model holds parameters only (no buffers), so every tensor's role in
@@ -28,6 +30,7 @@ from torch import Tensor, nn
 from kt_core.vln.tokenizer import PAD_ID
 
 VISIONS = ("grid", "panorama")
+MAX_MEMORY = 64         # past steps; each is one more visual token at every step
 
 
 def _is_int(v) -> bool:
@@ -53,6 +56,8 @@ class VLNConfig:
     view_dim: int = 32              # panorama: feature size of one view
     angle_dim: int = 4              # sin/cos heading, sin/cos elevation
     num_actions: int = 7
+    memory: int = 0                 # past steps of the episode the model sees (kt_core.vln.memory); 0: reactive
+    memory_actions: bool = True     # with memory: also the action taken at each past step
     seed: int = 0
 
     def __post_init__(self):
@@ -94,6 +99,12 @@ class VLNConfig:
             raise ValueError(f"grid_values: must be 3 positive integers, got {self.grid_values!r}")
         if not _is_int(self.seed) or self.seed < 0:
             raise ValueError(f"seed: must be a non-negative integer, got {self.seed!r}")
+        if not _is_int(self.memory) or not 0 <= self.memory <= MAX_MEMORY:
+            raise ValueError(f"memory: must be an integer in 0..{MAX_MEMORY}, got {self.memory!r}")
+        if self.memory and self.vision != "grid":
+            raise ValueError(f"memory: past frames are built for the grid observation, not {self.vision!r}")
+        if not isinstance(self.memory_actions, bool):
+            raise ValueError(f"memory_actions: must be true or false, got {self.memory_actions!r}")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -182,33 +193,68 @@ class CrossModalLayer(nn.Module):
         self.vis_cross = Attention(d, cfg.n_heads, cfg.dropout)     # vision queries language
         self.lang_block, self.vis_block = Block(cfg), Block(cfg)
 
-    def forward(self, lang: Tensor, vis: Tensor, lang_mask: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, lang: Tensor, vis: Tensor, lang_mask: Tensor,
+                vis_mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         hl, hv = self.ln_lang(lang), self.ln_vis(vis)
-        lang = lang + self.lang_cross(hl, hv, None)
+        lang = lang + self.lang_cross(hl, hv, vis_mask)
         vis = vis + self.vis_cross(hv, hl, lang_mask)
-        return self.lang_block(lang, lang_mask), self.vis_block(vis, None)
+        return self.lang_block(lang, lang_mask), self.vis_block(vis, vis_mask)
 
 
 class GridEncoder(nn.Module):
-    """BabyAI observation -> 49 cell tokens + 1 direction token.
+    """BabyAI observation -> 49 cell tokens + 1 direction token (+ one token per past frame).
 
     A cell's token is the sum of embeddings of its object, colour and state values and of its
     position in the egocentric view; the facing direction (absolute, 0..3) is one more token,
-    since "on your left" in a mission refers to the agent's orientation at the start."""
+    since "on your left" in a mission refers to the agent's orientation at the start.
+
+    With memory (kt_core.vln.memory), each past frame is one token: the sum over its cells of an
+    embedding of (position, value) per channel (a linear map of the whole one-hot frame, so where
+    things were is kept), plus its direction, its age and the action taken there. One token per
+    frame keeps a step's cost close to a reactive model's."""
 
     def __init__(self, cfg: VLNConfig):
         super().__init__()
         d = cfg.d_model
+        self.cfg = cfg
         self.values = nn.ModuleList(nn.Embedding(n, d) for n in cfg.grid_values)
         self.cell_pos = nn.Embedding(cfg.grid_size * cfg.grid_size, d)
         self.direction = nn.Embedding(cfg.n_directions, d)
         self.ln = nn.LayerNorm(d)
+        if cfg.memory:
+            cells = cfg.grid_size * cfg.grid_size
+            self.past_values = nn.ModuleList(nn.Embedding(cells * n, d) for n in cfg.grid_values)
+            self.past_direction = nn.Embedding(cfg.n_directions, d)
+            self.past_age = nn.Embedding(cfg.memory, d)
+            self.past_action = nn.Embedding(cfg.num_actions, d) if cfg.memory_actions else None
+            self.past_ln = nn.LayerNorm(d)
 
-    def forward(self, image: Tensor, direction: Tensor) -> Tensor:
+    def current(self, image: Tensor, direction: Tensor) -> Tensor:
         cells = image.long().flatten(1, 2)                                 # B x 49 x 3
         x = sum(emb(cells[..., c]) for c, emb in enumerate(self.values)) + self.cell_pos.weight
         x = torch.cat([self.direction(direction.long())[:, None, :], x], dim=1)
         return self.ln(x)
+
+    def past(self, frames: Tensor, pose: Tensor) -> Tensor:
+        """frames B x M x 7 x 7 x 3, pose B x M x (direction, action) -> B x M x d."""
+        cells = frames.long().flatten(2, 3)                                # B x M x 49 x 3
+        where = torch.arange(cells.shape[2], device=cells.device)          # cell positions 0..48
+        x = sum(emb(where * n + cells[..., c]).sum(2)
+                for c, (emb, n) in enumerate(zip(self.past_values, self.cfg.grid_values)))
+        x = x + self.past_direction(pose[..., 0].long()) + self.past_age.weight
+        if self.past_action is not None:
+            # EMPTY frames are masked out of attention; any in-range id does for them
+            x = x + self.past_action(pose[..., 1].long().clamp(max=self.cfg.num_actions - 1))
+        return self.past_ln(x)
+
+    def forward(self, image: Tensor, direction: Tensor) -> Tensor:
+        m = self.cfg.memory
+        if not m:
+            return self.current(image, direction)
+        if image.dim() != 5 or image.shape[1] != m + 1 or direction.shape != (image.shape[0], m + 1, 2):
+            raise ValueError(f"observation: memory={m} needs B x {m + 1} x 7 x 7 x 3 frames and B x {m + 1} x 2 "
+                             f"poses (kt_core.vln.memory), got {tuple(image.shape)} and {tuple(direction.shape)}")
+        return torch.cat([self.current(image[:, 0], direction[:, 0, 0]), self.past(image[:, 1:], direction[:, 1:])], 1)
 
 
 class PanoramaEncoder(nn.Module):
@@ -271,7 +317,8 @@ class VLNBackbone(nn.Module):
 
     def forward(self, tokens: Tensor, observation: Tensor, pose: Tensor) -> VLNOutput:
         """tokens: B x L instruction ids (L <= max_len, [PAD] = 0); observation, pose: the grid
-        image (B x 7 x 7 x 3) and direction (B), or view features (B x 36 x F) and angles (B x 36 x 4)."""
+        image (B x 7 x 7 x 3) and direction (B), or view features (B x 36 x F) and angles (B x 36 x 4);
+        with memory, the stacks of frames and (direction, action) of kt_core.vln.memory."""
         b, n = tokens.shape
         if n > self.cfg.max_len:
             raise ValueError(f"tokens: {n} per instruction, more than max_len={self.cfg.max_len}")
@@ -280,12 +327,22 @@ class VLNBackbone(nn.Module):
         for layer in self.lang_layers:
             lang = layer(lang, lang_mask)
         vis = self.drop(self.vision_encoder(observation, pose))
+        vis_mask = self.vision_mask(pose)
         for layer in self.vision_layers:
-            vis = layer(vis, None)
+            vis = layer(vis, vis_mask)
         for layer in self.cross_layers:
-            lang, vis = layer(lang, vis, lang_mask)
+            lang, vis = layer(lang, vis, lang_mask, vis_mask)
         lang, vis = self.ln_lang(lang), self.ln_vis(vis)
         return VLNOutput(lang, vis, torch.tanh(self.pooler(lang[:, 0])))
+
+    def vision_mask(self, pose: Tensor) -> Tensor | None:
+        """B x V, True on the visual tokens that exist; None (all of them) without memory."""
+        if not self.cfg.memory:
+            return None
+        from kt_core.vln.memory import history_mask
+
+        past = history_mask(pose, self.cfg.num_actions)
+        return torch.cat([past.new_ones(past.shape[0], 1 + self.cfg.grid_size ** 2), past], dim=1)
 
     def action_logits(self, out: VLNOutput) -> Tensor:
         return self.action_head(out.pooled)

@@ -90,6 +90,21 @@ def read_card(checkpoint: str | Path) -> dict:
     return doc
 
 
+def read_config(checkpoint: str | Path) -> VLNConfig:
+    """The architecture a checkpoint's header declares (nothing else read, nothing checked but
+    the header: load_backbone checks the rest)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(checkpoint), framework="pt") as f:
+            meta = f.metadata() or {}
+        return VLNConfig.from_dict(json.loads(meta["config"]))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {checkpoint}: file not found") from None
+    except Exception as err:  # noqa: BLE001 - safetensors and json raise their own error types on bad bytes
+        raise CheckpointError(f"checkpoint {checkpoint}: no readable architecture in its header ({err})") from None
+
+
 def _config_diff(found: VLNConfig, expected: VLNConfig) -> str:
     a, b = found.to_dict(), expected.to_dict()
     return ", ".join(f"{k} {a[k]!r} in the checkpoint, {b[k]!r} expected" for k in sorted(a) if a[k] != b[k])
@@ -105,12 +120,14 @@ class LoadedBackbone:
 
 
 def load_backbone(path: str | Path, *, sha256: str | None = None, config: VLNConfig | None = None,
-                  map_location: str = "cpu") -> LoadedBackbone:
+                  memory: int | None = None, map_location: str = "cpu") -> LoadedBackbone:
     """Load and check a backbone checkpoint.
 
     sha256: the digest the file must have (what the coordinator announced); when None, the model
     card beside the file must exist and gives it. config: the architecture the caller expects;
-    when given, the checkpoint's must be equal.
+    when given, the checkpoint's must be equal. memory: the past steps the caller's run needs the
+    model to see (kt_core.vln.memory); when given, the checkpoint's must be the same, and its
+    memory tensors must all be there.
     """
     from safetensors import safe_open
 
@@ -137,11 +154,19 @@ def load_backbone(path: str | Path, *, sha256: str | None = None, config: VLNCon
         raise CheckpointError(f"checkpoint {path}: bad header metadata ({err})") from None
     if config is not None and found != config:
         raise CheckpointError(f"checkpoint {path}: architecture mismatch: {_config_diff(found, config)}")
+    if memory is not None and found.memory != memory:
+        has = f"memory={found.memory}" + (" (no memory state)" if not found.memory else "")
+        raise CheckpointError(f"checkpoint {path}: memory: the run needs a backbone with memory={memory}, the "
+                              f"checkpoint's model has {has}")
     if len(tokenizer) != found.vocab_size:
         raise CheckpointError(f"checkpoint {path}: tokenizer has {len(tokenizer)} words, vocab_size is {found.vocab_size}")
     model = VLNBackbone(found)
     want = model.state_dict()
     missing, unexpected = sorted(set(want) - set(state)), sorted(set(state) - set(want))
+    lost_memory = [name for name in missing if ".past_" in name]
+    if lost_memory:
+        raise CheckpointError(f"checkpoint {path}: memory: its header declares memory={found.memory}, but the "
+                              f"memory state is missing (tensors {lost_memory[:4]})")
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {path}: architecture mismatch: "
                               + "; ".join(filter(None, [missing and f"missing tensors {missing[:5]}",

@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from kt_core.factorized import Adapter
 from kt_core.train import TrainConfig, TrainResult, device_of, elbo_loss, train_steps
-from kt_core.vln.babyai import Demos, Policy, evaluate_policy, get_demos
+from kt_core.vln.babyai import NUM_ACTIONS, Demos, Policy, evaluate_policy, get_demos
+from kt_core.vln.memory import episode_steps, stack_frames
 from kt_core.vln.tokenizer import PAD_ID, Tokenizer
 
 PRETRAIN_SEED_BASE = 0
@@ -66,27 +67,54 @@ class DemoTensors:
     images: Tensor        # uint8 N x 7 x 7 x 3
     directions: Tensor    # int64 N
     actions: Tensor       # int64 N
+    steps: Tensor | None = None     # int64 N: position in the episode (samples of an episode contiguous)
+    memory: int = 0                 # past steps each sample carries (the model's cfg.memory)
+    num_actions: int = NUM_ACTIONS
+
+    def __post_init__(self):
+        if self.memory and self.steps is None:
+            raise ValueError("DemoTensors: memory needs each sample's position in its episode (steps)")
 
     def __len__(self) -> int:
         return int(self.actions.shape[0])
 
     def take(self, idx: Tensor, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """Rows idx; the instruction columns trimmed to the batch's longest ([PAD] is only ever
-        at the end), since attention over padding costs time and changes nothing."""
+        """Rows idx as (tokens, observation, pose, actions); the instruction columns trimmed to the
+        batch's longest ([PAD] is only ever at the end), since attention over padding costs time and
+        changes nothing. With memory, the observation and pose are kt_core.vln.memory's stacks."""
         tokens = self.tokens[idx]
         tokens = tokens[:, :max(1, int((tokens != PAD_ID).sum(1).max()))]
-        return tuple(t.to(device) for t in (tokens, self.images[idx], self.directions[idx], self.actions[idx]))
+        if self.memory:
+            obs, pose = stack_frames(self.images, self.directions, self.actions, self.steps, idx, self.memory,
+                                     self.num_actions)
+        else:
+            obs, pose = self.images[idx], self.directions[idx]
+        return tuple(t.to(device) for t in (tokens, obs, pose, self.actions[idx]))
 
     def batch(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Rows idx on the CPU: the batch form kt_core.task_api names (the task runner moves it)."""
         return self.take(idx)
 
+    @staticmethod
+    def concat(parts: Sequence[DemoTensors]) -> DemoTensors:
+        """One set of the samples of `parts`, in order (episodes stay contiguous)."""
+        if not parts or len({(p.memory, p.num_actions, p.steps is None) for p in parts}) != 1:
+            raise ValueError("DemoTensors.concat: needs sets of the same memory")
+        steps = None if parts[0].steps is None else torch.cat([p.steps for p in parts])
+        width = max(p.tokens.shape[1] for p in parts)
+        tokens = torch.cat([F.pad(p.tokens, (0, width - p.tokens.shape[1]), value=PAD_ID) for p in parts])
+        return DemoTensors(tokens, *(torch.cat([getattr(p, f) for p in parts]) for f in ("images", "directions", "actions")),
+                           steps, parts[0].memory, parts[0].num_actions)
 
-def encode_demos(demos: Demos, tokenizer: Tokenizer, max_len: int) -> DemoTensors:
+
+def encode_demos(demos: Demos, tokenizer: Tokenizer, max_len: int, memory: int = 0) -> DemoTensors:
+    """Demonstrations as tensors; `memory` > 0 (the model's cfg.memory) makes each sample carry
+    the frames and actions of its episode's previous steps."""
     # a level has few distinct missions: encode each once
     mission_tokens = torch.from_numpy(tokenizer.encode_batch(demos.missions, max_len))
     return DemoTensors(mission_tokens[torch.from_numpy(demos.mission_index)], torch.from_numpy(demos.images),
-                       torch.from_numpy(demos.directions), torch.from_numpy(demos.actions))
+                       torch.from_numpy(demos.directions), torch.from_numpy(demos.actions),
+                       torch.from_numpy(episode_steps(demos.episode)), memory)
 
 
 def site_data(site_index: int, levels: Sequence[str], episodes_per_level: int,
@@ -188,6 +216,7 @@ def model_policy(model: nn.Module, tokenizer: Tokenizer) -> Policy:
         logits = model.act(tokens, torch.from_numpy(images).to(device), torch.from_numpy(directions).to(device))
         return logits.argmax(1).cpu().numpy()
 
+    policy.memory = model.cfg.memory     # the rollout hands it that many past frames (kt_core.vln.memory)
     return policy
 
 

@@ -35,8 +35,12 @@ from kt_core.vln.finetune import (EVAL_SEED_BASE, PRETRAIN_SEED_BASE, DemoTensor
                                   evaluate_rollouts)
 from kt_core.vln.tokenizer import Tokenizer
 
+# Twelve levels of going to objects and doors and opening doors, one room or several; no picking
+# up or putting next, so the pickup levels stay outside pretraining (bench/vln's PREVALENT claim)
 DEFAULT_LEVELS = ("BabyAI-GoToObj-v0", "BabyAI-GoToRedBlueBall-v0", "BabyAI-GoToLocal-v0", "BabyAI-GoToObjDoor-v0",
-                  "BabyAI-GoToDoor-v0", "BabyAI-OpenDoor-v0")
+                  "BabyAI-GoToDoor-v0", "BabyAI-OpenDoor-v0", "BabyAI-GoToRedBall-v0", "BabyAI-GoToRedBallNoDists-v0",
+                  "BabyAI-OpenRedDoor-v0", "BabyAI-OpenDoorColor-v0", "BabyAI-OpenDoorLoc-v0",
+                  "BabyAI-GoToLocalS8N3-v0")
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,7 @@ class PretrainSettings:
     mask_prob: float = 0.15
     seed: int = 0
     cache_dir: str = ""               # demonstration cache; "" = do not cache
+    device: str = "auto"              # auto (CUDA when present, else CPU) | cpu | cuda
 
     def validate(self) -> None:
         if not self.levels or len(set(self.levels)) != len(self.levels):
@@ -72,6 +77,10 @@ class PretrainSettings:
             raise ValueError(f"lr: must be a finite number > 0, got {self.lr}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise ValueError(f"weight_decay: must be a finite number >= 0, got {self.weight_decay}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device: must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device: cuda was asked for, but torch sees no CUDA device here")
         if not 0 < self.mask_prob < 1:
             raise ValueError(f"mask_prob: must be in (0, 1), got {self.mask_prob}")
 
@@ -185,6 +194,7 @@ class PretrainResult:
     seconds: float = 0.0
     samples_per_s: float = 0.0
     card: dict | None = None
+    device: str = "cpu"               # where the steps ran
 
 
 def pretrain(model_cfg: VLNConfig, settings: PretrainSettings, *, progress: bool = True,
@@ -195,8 +205,10 @@ def pretrain(model_cfg: VLNConfig, settings: PretrainSettings, *, progress: bool
     train = load_level_demos(settings.levels, settings.train_seeds, cache, "demonstrations")
     tokenizer = Tokenizer.from_texts(train.missions)
     model_cfg = dataclasses.replace(model_cfg, vocab_size=len(tokenizer))
-    model = VLNBackbone(model_cfg)
-    data = encode_demos(train, tokenizer, model_cfg.max_len)
+    device = torch.device("cuda" if settings.device == "cuda" or (settings.device == "auto"
+                                                                 and torch.cuda.is_available()) else "cpu")
+    model = VLNBackbone(model_cfg).to(device)
+    data = encode_demos(train, tokenizer, model_cfg.max_len, model_cfg.memory)
     gen = torch.Generator().manual_seed(settings.seed)
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "emb" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
@@ -206,14 +218,14 @@ def pretrain(model_cfg: VLNConfig, settings: PretrainSettings, *, progress: bool
     tty = sys.stderr.isatty()
     from tqdm import tqdm
 
-    bar = tqdm(range(settings.steps), desc="pretraining", unit="step", mininterval=1.0,
+    bar = tqdm(range(settings.steps), desc=f"pretraining ({device.type})", unit="step", mininterval=1.0,
                disable=not (progress and tty))
     every = max(1, settings.steps // 10)
     model.train()
     start = time.perf_counter()
     for step in bar:
         idx = torch.randint(len(data), (settings.batch_size,), generator=gen)
-        mlm, action = pretraining_losses(model, data.take(idx), settings.mask_prob, gen)
+        mlm, action = pretraining_losses(model, data.take(idx, device), settings.mask_prob, gen)
         loss = mlm + action                      # equal weights, as in PREVALENT
         if not torch.isfinite(loss):
             raise FloatingPointError(f"pretraining loss became {loss.item()} at step {step}")
@@ -233,8 +245,12 @@ def pretrain(model_cfg: VLNConfig, settings: PretrainSettings, *, progress: bool
                   f"action {np.mean(history['action'][-every:]):.3f}, {time.perf_counter() - start:.0f} s",
                   file=sys.stderr, flush=True)
     bar.close()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    result = PretrainResult(model, tokenizer, history, {}, seconds, settings.steps * settings.batch_size / seconds)
+    model.to("cpu")           # evaluated, saved and hosted on the CPU
+    result = PretrainResult(model, tokenizer, history, {}, seconds, settings.steps * settings.batch_size / seconds,
+                            device=device.type)
     if evaluate_at_end:
         result.metrics = evaluate_pretrained(model, tokenizer, settings)
     model.eval()
@@ -245,7 +261,7 @@ def evaluate_pretrained(model: VLNBackbone, tokenizer: Tokenizer, settings: Pret
     """Held-out (unseen seeds) action accuracy and MLM accuracy over all levels, and rollouts."""
     cache = settings.cache_dir or None
     val = encode_demos(load_level_demos(settings.levels, settings.val_seeds, cache, "validation"), tokenizer,
-                       model.cfg.max_len)
+                       model.cfg.max_len, model.cfg.memory)
     metrics = {"val_samples": len(val), **{f"val_action_{k}": v for k, v in evaluate(model, val).items()},
                "val_mlm_accuracy": mlm_accuracy(model, val, settings.mask_prob)}
     if settings.rollout_episodes:
@@ -307,7 +323,7 @@ def run_pretraining(model_cfg: VLNConfig, settings: PretrainSettings, out_dir: s
                    "mlm_every_10": result.history["mlm"][::10], "action_every_10": result.history["action"][::10]},
         "metrics": result.metrics,
         "trainable_parameters": count_parameters(result.model),
-        "seconds": result.seconds, "samples_per_s": result.samples_per_s,
+        "seconds": result.seconds, "samples_per_s": result.samples_per_s, "device": result.device,
         "torch": torch.__version__, "threads": torch.get_num_threads(),
         "tokenizer": result.tokenizer.vocab,
     }
