@@ -21,7 +21,7 @@ from kt_core.vln.pretrain import DEFAULT_LEVELS, PretrainSettings
 
 # The architecture and recipe of the PREVALENT bench (bench/vln.py). Width 128 so that WAFFLe's
 # shared factors (8 per layer) cost 12.7x fewer bytes than the dense model; memory of the last 4
-# steps (kt_core.vln.memory); 12 levels x 300 bot episodes, 2000 steps: about 3-5 minutes on 2
+# steps (kt_core.vln.memory); 12 levels x 300 bot episodes, 2000 steps: 3 min 15 s on 2 idle
 # cores, once. On validation seeds this backbone rolls out at 0.65 mean SR on six of its levels,
 # where the earlier reactive one (width 64, 6 levels x 200 episodes, 800 steps) was at 0.45.
 DEMO_MODEL = VLNConfig(d_model=128, n_heads=4, n_lang_layers=1, n_vision_layers=0, n_cross_layers=2, memory=4)
