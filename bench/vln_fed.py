@@ -48,7 +48,20 @@ earlier reactive backbone (width 64, 16 factors). With the demo's current one (w
         lr          5e-4   1e-3   2e-3   5e-3   1e-2
         local-only  0.447  0.390  0.340    -      -
         federated     -      -    0.440  0.390  0.357
-so both kinds now train gentler: the stronger backbone loses what it knew at the old rates.
+so both kinds now train gentler: the stronger backbone loses what it knew at the old rates (the
+edges: local-only 2e-4 0.400, federated 1e-3 0.443; the backbone alone 0.347 there). FedProx's
+proximal term (prox_mu, towards the model the site starts each round from) on the same block:
+        prox_mu            0      0.1    1      3      10
+        local-only 5e-4  0.447     -    0.470    -      -     (1e-3 with mu 1: 0.460)
+        federated 2e-3   0.440   0.453  0.467  0.457  0.460   (5e-3 with mu 1: 0.407)
+It keeps GoToLocal, a level pretraining covers, at the backbone's 0.66-0.68 where plain training
+dropped it, for both kinds alike. Run with mu 1 on the evaluation seeds it raised both kinds on
+LEVELS (local-only 0.406, federated 0.417) and lowered both on OTHER_LEVELS (0.102 / 0.106 vs
+0.175 / 0.189 without it: holding each round near its start stops a site learning what the
+backbone cannot do), so it is off (PROX_MU): a recipe that only helps where it was chosen. Also
+measured there and not adopted: 32 rounds x 5 steps (client drift; federated 0.397), and a
+backbone whose memory leaves out the past actions (VLNConfig.memory_actions False, against
+copying the previous action): local-only 0.400, federated 0.387, below the backbone with them.
 `compare(..., validation=True)` reruns a selection. After the bench's levels the same recipe
 runs unchanged on OTHER_LEVELS, which no pretraining used, without centralized.
 
@@ -92,8 +105,12 @@ ADAPTER = AdapterConfig(adapter="waffle", n_factors=8, private_head=True)
 # each kind's best on validation with the current backbone (see the module doc; centralized takes
 # federated's, the same pooled steps)
 LR = {"local-only": 5e-4, "federated": 2e-3, "centralized": 2e-3}
-RECIPE = dict(episodes=50, rounds=16, steps=10, lr=LR, batch_size=32)
-QUICK = dict(episodes=4, rounds=2, steps=2, lr=LR, batch_size=32)   # a smoke test (see quick_backbone)
+# FedProx's proximal term (TrainConfig.prox_mu, towards the model a site starts the round from):
+# off. mu 1 was best on validation for both kinds on LEVELS (the module doc), and on OTHER_LEVELS,
+# which it was not chosen on, it cost both kinds 0.07-0.08 SR (bench/README: vln_fed)
+PROX_MU = {"local-only": 0.0, "federated": 0.0, "centralized": 0.0}
+RECIPE = dict(episodes=50, rounds=16, steps=10, lr=LR, prox_mu=PROX_MU, batch_size=32)
+QUICK = dict(episodes=4, rounds=2, steps=2, lr=LR, prox_mu=PROX_MU, batch_size=32)   # a smoke test (see quick_backbone)
 TRAIN_SEEDS = (10, 11, 12, 13, 14)  # not the seeds (0, 1, 2) the recipe was selected with
 ROLLOUTS = 100              # unseen evaluation seeds per level
 CURVE_EVERY = 4             # rounds between held-out accuracy points (each costs ~1 s per model)
@@ -123,8 +140,8 @@ def train_kinds(base, data: list[DemoTensors], recipe: dict, seed: int, held_out
 
     def train(kind, model, d, r, i, scale=1):
         # the same batch order and gate samples for site i in round r, whichever kind trains it
-        cfg = dataclasses.replace(tc, lr=recipe["lr"][kind], seed=100_000 * seed + 1000 * r + i,
-                                  max_steps=recipe["steps"] * scale)
+        cfg = dataclasses.replace(tc, lr=recipe["lr"][kind], prox_mu=recipe.get("prox_mu", {}).get(kind, 0.0),
+                                  seed=100_000 * seed + 1000 * r + i, max_steps=recipe["steps"] * scale)
         kept = optimizers.setdefault(id(model), SiteOptimizer(model))
         train_local(model, d, cfg, optimizer=kept.for_round(cfg))
 
@@ -289,16 +306,16 @@ def run_levels(loaded, recipe: dict, seeds, rollouts: int, levels, png: Path, ki
     def pm(v, spec=".3f"):
         return f"{v[0]:{spec}} ± {v[1]:{spec.lstrip('+')}}"
 
-    rows = [[k, f"{recipe['lr'][k]:g}", pm(s["success_rate"]), pm(s["spl"]),
+    rows = [[k, f"{recipe['lr'][k]:g}", f"{recipe.get('prox_mu', {}).get(k, 0.0):g}", pm(s["success_rate"]), pm(s["spl"]),
              "  ".join(pm(v, ".2f") for v in s["per_site"].values())] for k, s in summary["kinds"].items()]
-    rows.append(["backbone (no adaptation)", "-", f"{statistics.mean(v['success_rate'] for v in backbone.values()):.3f}",
+    rows.append(["backbone (no adaptation)", "-", "-", f"{statistics.mean(v['success_rate'] for v in backbone.values()):.3f}",
                  f"{statistics.mean(v['spl'] for v in backbone.values()):.3f}",
                  "  ".join(f"{v['success_rate']:.2f}" for v in backbone.values())])
     title = (f"{len(levels)} sites with little data each ({recipe['episodes']} bot episodes of one level, "
              f"~{statistics.mean(records[0]['samples_per_site']):.0f} samples), {recipe['rounds']} rounds x "
              f"{recipe['steps']} local steps, private action head, each kind at its validated lr; mean ± s.e. over "
              f"{len(seeds)} training seed(s), {rollouts} unseen evaluation seeds per level")
-    say(table(["training", "lr", "mean SR", "mean SPL", "SR per site (" + ", ".join(levels) + ")"], rows,
+    say(table(["training", "lr", "prox_mu", "mean SR", "mean SPL", "SR per site (" + ", ".join(levels) + ")"], rows,
               title=title))
     d = summary["differences"]
     say(f"federated - local-only: {pm(d['federated_minus_local'], '+.3f')} SR (paired over seeds)"
