@@ -61,7 +61,7 @@ LEVELS (local-only 0.406, federated 0.417) and lowered both on OTHER_LEVELS (0.1
 backbone cannot do), so it is off (PROX_MU): a recipe that only helps where it was chosen. Also
 measured there and not adopted: 32 rounds x 5 steps (client drift; federated 0.397), and a
 backbone whose memory leaves out the past actions (VLNConfig.memory_actions False, against
-copying the previous action): local-only 0.400, federated 0.387, below the backbone with them.
+copying the previous action): local-only 0.400, federated 0.387, below 0.447 / 0.440 with them.
 `compare(..., validation=True)` reruns a selection. After the bench's levels the same recipe
 runs unchanged on OTHER_LEVELS, which no pretraining used, without centralized.
 
@@ -124,6 +124,11 @@ def mean_se(values) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) / math.sqrt(len(values))
 
 
+def prox_mu(recipe: dict, kind: str) -> float:
+    """The kind's proximal-term weight in `recipe` (0 where it names none)."""
+    return recipe.get("prox_mu", {}).get(kind, 0.0)
+
+
 def _pool(data: list[DemoTensors]) -> DemoTensors:
     return DemoTensors.concat(data)
 
@@ -140,7 +145,7 @@ def train_kinds(base, data: list[DemoTensors], recipe: dict, seed: int, held_out
 
     def train(kind, model, d, r, i, scale=1):
         # the same batch order and gate samples for site i in round r, whichever kind trains it
-        cfg = dataclasses.replace(tc, lr=recipe["lr"][kind], prox_mu=recipe.get("prox_mu", {}).get(kind, 0.0),
+        cfg = dataclasses.replace(tc, lr=recipe["lr"][kind], prox_mu=prox_mu(recipe, kind),
                                   seed=100_000 * seed + 1000 * r + i, max_steps=recipe["steps"] * scale)
         kept = optimizers.setdefault(id(model), SiteOptimizer(model))
         train_local(model, d, cfg, optimizer=kept.for_round(cfg))
@@ -306,7 +311,7 @@ def run_levels(loaded, recipe: dict, seeds, rollouts: int, levels, png: Path, ki
     def pm(v, spec=".3f"):
         return f"{v[0]:{spec}} ± {v[1]:{spec.lstrip('+')}}"
 
-    rows = [[k, f"{recipe['lr'][k]:g}", f"{recipe.get('prox_mu', {}).get(k, 0.0):g}", pm(s["success_rate"]), pm(s["spl"]),
+    rows = [[k, f"{recipe['lr'][k]:g}", f"{prox_mu(recipe, k):g}", pm(s["success_rate"]), pm(s["spl"]),
              "  ".join(pm(v, ".2f") for v in s["per_site"].values())] for k, s in summary["kinds"].items()]
     rows.append(["backbone (no adaptation)", "-", "-", f"{statistics.mean(v['success_rate'] for v in backbone.values()):.3f}",
                  f"{statistics.mean(v['spl'] for v in backbone.values()):.3f}",
