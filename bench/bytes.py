@@ -18,12 +18,13 @@ NAME = "bytes"
 DESCRIPTION = "bytes per round per participant: WAFFLe vs dense, LoRA, FFA-LoRA (manifest and measured)"
 MODES = ("dense", "waffle", "lora", "ffa_lora")
 TARGET_RATIO = 10.0
-N_FACTORS, LORA_RANK = 16, 8
+N_FACTORS, LORA_RANK = overhead.N_FACTORS, 8
 
 # (label, data set, input_dim, hidden); the first is measured in a real federation: the overhead
 # benchmark's model, so its dense and WAFFLe runs are reused when it ran first in the same invocation
 ARCHS = [
     ("digits 64-1024-896-10 (overhead bench)", overhead.DATASET, 64, overhead.HIDDEN),
+    ("digits 64-256-128-10 (waffle grid)", "digits", 64, (256, 128)),
     ("fmnist 784-256-128-10 (ktfed demo)", "fashion-mnist", 784, (256, 128)),
     ("fmnist 784-1024-512-10", "fashion-mnist", 784, (1024, 512)),
 ]

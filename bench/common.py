@@ -19,6 +19,7 @@ from typing import Callable, Iterable, Sequence
 
 import numpy as np
 
+from kt_core.models import ModelConfig
 from ktfed.launcher import Federation, free_port, make_pki
 from ktfed.operator import OperatorClient
 
@@ -114,7 +115,7 @@ def mib(n: float) -> str:
 # ---------------------------------------------------------------------------------------------
 
 def federation_config(*, sites: Sequence[str], rounds: int, adapter: str, hidden: Sequence[int],
-                      dataset: str = "digits", n_factors: int = 16, lora_rank: int = 8, epochs: int = 1, batch_size: int = 32,
+                      dataset: str = "digits", n_factors: int = ModelConfig().n_factors, lora_rank: int = 8, epochs: int = 1, batch_size: int = 32,
                       lr: float = 0.01, max_steps: int | None = None, timeout_s: float = 120,
                       scheme: str = "iid", seed: int = 1, max_chunk_bytes: int = 1 << 20) -> str:
     names = ", ".join(f'"{s}"' for s in sites)

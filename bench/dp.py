@@ -2,7 +2,7 @@
 per Opacus per-sample-gradient mode.
 
 Models
-  demo         the demo's model: WAFFLe MLP 784-256-128-10, K = 16 (ktfed demo's [model] section on
+  demo         the demo's model: WAFFLe MLP 784-256-128-10, K = 5 (ktfed demo's [model] section on
                Fashion-MNIST's 784 inputs), per-sample gradients of its factorized layers by the
                project's own rule (security.dp.grad_samplers, `hooks` mode)
   dense-mlp    the same MLP with plain dense layers (the FedAvg baseline; every Opacus mode applies)
@@ -64,7 +64,7 @@ NOISE_MULTIPLIER = 1.0
 MAX_GRAD_NORM = 1.0
 LR = 0.05                 # the demo's [train] lr
 DEMO_BATCH = 64           # the demo's [train] batch_size
-DEMO_MODEL = dict(adapter="waffle", input_dim=784, hidden=(256, 128), num_classes=10, n_factors=16)
+DEMO_MODEL = dict(adapter="waffle", input_dim=784, hidden=(256, 128), num_classes=10)
 
 
 def bench_device() -> torch.device:

@@ -32,15 +32,16 @@ N_SITES = 3
 QUICK_SITES = 1         # --quick: a smoke test; each participant process costs seconds to start
 HIDDEN = (1024, 896)    # with digits' 64 inputs: ~1.0M shared parameters when dense
 DATASET = "digits"
+N_FACTORS = ModelConfig().n_factors
 
 
 def variants(quick: bool = False) -> list[dict]:
-    waffle = dict(label="waffle", mode="waffle", hidden=HIDDEN, n_factors=16, chunk=1 << 20)
+    waffle = dict(label="waffle", mode="waffle", hidden=HIDDEN, n_factors=N_FACTORS, chunk=1 << 20)
     if quick:  # a smoke test: one federation (bytes reuses it); the dense target is the full run's
         return [waffle]
-    return [dict(label="dense-1M", mode="dense", hidden=HIDDEN, n_factors=16, chunk=1 << 20), waffle,
+    return [dict(label="dense-1M", mode="dense", hidden=HIDDEN, n_factors=N_FACTORS, chunk=1 << 20), waffle,
             # the same dense model with the largest chunk the wire allows (default: 1 MiB)
-            dict(label="dense-1M-4MiB-chunks", mode="dense", hidden=HIDDEN, n_factors=16, chunk=4 << 20)]
+            dict(label="dense-1M-4MiB-chunks", mode="dense", hidden=HIDDEN, n_factors=N_FACTORS, chunk=4 << 20)]
 
 
 def shared_size(v: dict) -> tuple[int, int]:

@@ -28,7 +28,7 @@ DESCRIPTION = "WAFFLe vs FedAvg / FedProx / local-only, 10 sites with 2-class sh
 N_SITES = 10
 QUICK_SITES = 4          # --quick: a smoke test of the comparison, seconds
 HIDDEN = (256, 128)
-N_FACTORS = 16
+N_FACTORS = ModelConfig().n_factors
 METHODS = ("waffle", "fedavg", "fedprox", "local")
 
 

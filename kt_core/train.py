@@ -36,7 +36,8 @@ class TrainConfig:
     # global gradient-norm clip (None = off). On by default: products of factors (WAFFLe, LoRA)
     # under momentum SGD can diverge at learning rates a dense layer takes, and WAFFLe's dictionary
     # steps at FactorizedLinear.DICT_LR_SCALE times lr (without the clip the 64-256-128-10 digits
-    # MLP went NaN at x3 under SGD 0.05; with it x4 trained best)
+    # MLP, factors from scratch, went NaN at x3 under SGD 0.05; with it x4 trained best there, x8
+    # on the seeded base)
     max_grad_norm: float | None = 1.0
     # FedProx (Li et al. 2020): mu / 2 * ||w - w_round_start||^2 over the SHARED tensors is added to
     # every step's loss, pulling a site's update towards the global model it started from; 0 = off

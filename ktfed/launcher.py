@@ -167,7 +167,7 @@ seed = 7
 [model]
 adapter = "{settings.adapter}"
 hidden = [256, 128]
-n_factors = 16
+n_factors = 5
 
 [train]
 {TRAIN_VLN if backbone is not None else TRAIN_IMAGE}

@@ -45,8 +45,9 @@ def test_waffle_effective_weight_and_output_match_hand_computation(d_in, d_out, 
     b = (layer.gate_logits > 0).float()
     if b.sum() == 0:
         b = F.one_hot(layer.gate_logits.argmax(), k).float()
-    w0 = base if with_base else torch.zeros(d_out, d_in)
-    w_by_hand = w0 + layer.w_a @ torch.diag(layer.r * b) @ layer.w_b
+    if with_base:
+        assert torch.equal(layer.w0, base)
+    w_by_hand = layer.w0 + layer.w_a @ torch.diag(layer.r * b) @ layer.w_b
     x = torch.randn(5, d_in, generator=gen)
     with torch.no_grad():
         assert torch.allclose(layer.effective_weight(), w_by_hand, atol=1e-5)
@@ -91,12 +92,15 @@ def test_waffle_eval_mode_never_switches_a_whole_layer_off():
     assert layer.mode_gates().tolist() == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0]
 
 
-def test_waffle_without_a_base_starts_at_a_dense_layers_scale():
-    # He variance 2 / in for the product, as DenseLinear has, so the layer trains like one
-    layer = FactorizedLinear(400, 300, n_factors=16, seed=0).eval()
-    var = layer.effective_weight().var().item()
-    assert var == pytest.approx(2 / 400, rel=0.15)
-    assert var == pytest.approx(DenseLinear(400, 300, seed=0).weight.var().item(), rel=0.15)
+def test_waffle_without_a_base_starts_as_the_dense_layer_of_its_seed():
+    # the seeded frozen base is He-normal and the update starts at zero: WAFFLe and the dense
+    # baseline start from the same function, and every site draws the same base from the seed
+    layer = FactorizedLinear(400, 300, n_factors=5, seed=0).eval()
+    assert layer.seeded_base and not layer.w0.requires_grad
+    assert torch.equal(layer.effective_weight(), DenseLinear(400, 300, seed=0).weight)
+    assert layer.w0.var().item() == pytest.approx(2 / 400, rel=0.15)
+    assert torch.equal(FactorizedLinear(400, 300, n_factors=5, seed=0).w0, layer.w0)
+    assert not torch.equal(FactorizedLinear(400, 300, n_factors=5, seed=1).w0, layer.w0)
 
 
 @pytest.mark.parametrize("cls", [LoRALinear, FFALoRALinear])
@@ -225,10 +229,21 @@ def test_gradients_reach_shared_and_private_factors():
     layer = FactorizedLinear(10, 4, n_factors=6, seed=0)
     layer.train()
     x, y = torch.randn(32, 10), torch.randint(0, 4, (32,))
-    loss = F.cross_entropy(layer(x), y) + layer.kl_divergence() / 32
-    loss.backward()
-    for name in ("w_a", "w_b", "r", "bias", "gate_logits", "kuma_log_a", "kuma_log_b"):
-        grad = getattr(layer, name).grad
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    names = ("w_a", "w_b", "r", "bias", "gate_logits", "kuma_log_a", "kuma_log_b")
+
+    def grads():
+        opt.zero_grad()
+        (F.cross_entropy(layer(x), y) + layer.kl_divergence() / 32).backward()
+        return {name: getattr(layer, name).grad for name in names}
+
+    # w_a starts at zero (the layer starts as its base), so on the first step only w_a (and the
+    # bias and the KL's parameters) get a gradient: w_b, r and the gates' data term go through w_a
+    first = grads()
+    assert first["w_b"].abs().sum() == 0 and first["r"].abs().sum() == 0
+    assert first["w_a"].abs().sum() > 0
+    opt.step()
+    for name, grad in grads().items():
         assert grad is not None and grad.abs().sum() > 0, name
 
 
@@ -307,7 +322,8 @@ def test_manifest_of_waffle():
     S, P, F_ = Role.SHARED, Role.PRIVATE, Role.FROZEN
     no_base = nn.Sequential(FactorizedLinear(4, 3, n_factors=2))
     assert _roles(no_base) == {"0.w_a": S, "0.w_b": S, "0.r": S, "0.bias": S,
-                               "0.gate_logits": P, "0.kuma_log_a": P, "0.kuma_log_b": P}
+                               "0.gate_logits": P, "0.kuma_log_a": P, "0.kuma_log_b": P,
+                               "0.w0": F_}   # the seeded base: drawn at every site, never sent
     with_base = nn.Sequential(FactorizedLinear(4, 3, n_factors=2, base=torch.zeros(3, 4)))
     assert _roles(with_base)["0.w0"] is F_
     assert len(_roles(with_base)) == 8

@@ -1,6 +1,7 @@
 """The leakage measurements' building blocks: metrics, the one-run bound, the attacks."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 
@@ -88,6 +89,14 @@ def test_a_factorized_update_of_one_image_still_gives_it_away(setting):
     """The documented limit: with a batch of one, each row of the shared dW_b is that image times a
     number, so rescaling recovers it. Factorization hides mixtures of images, not a single one."""
     splits, _, factorized = setting
+    # a model past its first round: at init w_a = 0 (the layer is its seeded base), dW_b is then
+    # zero and gives nothing away, which is no protection once w_a has moved
+    factorized = copy.deepcopy(factorized)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in factorized.named_parameters():
+            if name.endswith("w_a"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     x, y = splits.sites[0][0][:1], splits.sites[0][1][:1]
     cond = CONDITIONS[2]
     update = local_update(factorized, (x, y), cond, 0.1, torch.Generator().manual_seed(0))

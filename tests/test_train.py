@@ -112,6 +112,9 @@ def test_fedprox_term_pulls_shared_tensors_towards_the_round_start_and_leaves_pr
 
     def moved(mu):
         model = digits_model("waffle")
+        # past the first steps: at init w_a = 0 (the layer is its seeded base), so the gates' data
+        # gradient, which goes through w_a, is still zero and they would hardly move at all
+        train_local(model, tx, ty, TrainConfig(max_steps=8, lr=0.05))
         start_shared, start_private = shared_state(model), private_state(model)
         train_local(model, tx, ty, TrainConfig(max_steps=8, lr=0.05, prox_mu=mu))
         dist = lambda a, b: sum(float((a[k] - b[k]).pow(2).sum()) for k in a) ** 0.5  # noqa: E731

@@ -54,7 +54,9 @@ def test_sites_with_disjoint_labels_select_different_factors_and_their_own_selec
     splits = _splits(digits, 4, PartitionSpec("shards", classes_per_site=2, seed=1))
     labels = [set(v[1].tolist()) for v in splits.values()]
     assert all(not (a & b) for i, a in enumerate(labels) for b in labels[i + 1:])
-    r = simulate("waffle", splits, _model_cfg(digits), ADAM, rounds=10)
+    # 30 rounds: with 5 factors on the seeded base Adam's gates take longer to part on this tiny
+    # split than 16 factors from scratch did (accuracy 0.35 at 10 rounds, 0.60 at 30)
+    r = simulate("waffle", splits, _model_cfg(digits), ADAM, rounds=30)
     stats = gate_stats(r["models"], r["initial_gates"])
     assert stats["distinct_patterns"] == len(splits)
     assert stats["mean_pairwise_hamming"] > 0.1
@@ -76,12 +78,14 @@ def test_gates_move_at_their_own_learning_rate(digits, train):
     # gives the variational parameters gate_lr_scale times the step of the dictionary
     model = build_model(_model_cfg(digits))
     layers = [m for m in model.modules() if isinstance(m, FactorizedLinear)]
-    before = [(m.gate_logits.detach().clone(), m.w_a.detach().clone()) for m in layers]
+    # compared with r, which steps at the plain learning rate (the dictionary has its own
+    # multiplier, DICT_LR_SCALE)
+    before = [(m.gate_logits.detach().clone(), m.r.detach().clone()) for m in layers]
     train_local(model, digits.train_x[:200], digits.train_y[:200], dataclasses.replace(train, max_steps=10))
     gate_move = np.mean([float((m.gate_logits.detach() - g).abs().mean()) for m, (g, _) in zip(layers, before)])
-    dict_move = np.mean([float((m.w_a.detach() - a).abs().mean()) for m, (_, a) in zip(layers, before)])
+    r_move = np.mean([float((m.r.detach() - r).abs().mean()) for m, (_, r) in zip(layers, before)])
     assert gate_move > 0.05
-    assert gate_move > 10 * dict_move
+    assert gate_move > 10 * r_move
 
 
 def test_scaled_parameters_get_their_own_optimizer_group_even_from_a_plain_list():
@@ -134,5 +138,7 @@ def test_a_site_with_a_handful_of_samples_keeps_the_shared_network_and_its_floor
         return float(np.mean([m.mode_gates().mean() for m in r["models"][site].modules()
                               if isinstance(m, FactorizedLinear)]))
 
-    assert on(small) >= on(big) - 0.1, (on(small), on(big))
+    # most of the network, in the 1/5 steps that K = 5 factors allow per layer (the large site
+    # may keep all of them on)
+    assert on(small) >= 0.75, (on(small), on(big))
     assert r["accuracy"][small] >= majority_floor(splits)[small]
