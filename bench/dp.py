@@ -158,7 +158,7 @@ def model_specs(device: torch.device, quick: bool) -> list[ModelSpec]:
 
     hidden = "-".join(str(h) for h in DEMO_MODEL["hidden"])
     return [
-        ModelSpec("demo", f"WAFFLe MLP 784-{hidden}-10, K={DEMO_MODEL['n_factors']} (ktfed demo)", mlp("waffle"), images),
+        ModelSpec("demo", f"WAFFLe MLP 784-{hidden}-10, K={ModelConfig(**DEMO_MODEL).n_factors} (ktfed demo)", mlp("waffle"), images),
         ModelSpec("dense-mlp", f"dense MLP 784-{hidden}-10", mlp("dense"), images),
         ModelSpec("transformer", f"transformer d={size['d']} L={size['layers']} ff={size['ff']} heads={size['heads']} "
                   f"seq={size['seq_len']} vocab={size['vocab']}", lambda: _seeded(TinyTransformer, **size), tokens),

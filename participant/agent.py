@@ -167,7 +167,7 @@ class ParticipantAgent:
                 with transport.open_channel(self.settings.coordinator, self.settings.tls,
                                             insecure=self.settings.insecure) as channel:
                     joined = self._session(ParticipantServiceStub(channel))
-                if self.finished:
+                if self.finished or self._stop.is_set():
                     return 0
                 failures = 0 if joined else failures + 1
             except _Unreachable as err:
@@ -238,6 +238,8 @@ class ParticipantAgent:
                     self._secagg_step(assignment.secagg)
         finally:
             stream.cancel()
+        if self._stop.is_set():
+            return True   # this site was asked to stop: the stream ended on our side, not the coordinator's
         log.warning("%s: assignment stream ended without a verdict; the coordinator is going away", self.site)
         return True
 
