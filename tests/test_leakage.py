@@ -12,7 +12,8 @@ from sklearn.metrics import roc_auc_score
 
 from kt_core.leakage import metrics, one_run
 from kt_core.leakage.inversion import analytic_candidates, cross_entropy_grads, invert_gradients
-from kt_core.leakage.scenario import CONDITIONS, attacker_forward, build, local_update, make_splits, shared_names
+from kt_core.leakage.scenario import (CONDITIONS, attacker_forward, build, local_update, make_splits, shared_names,
+                                     warm_up)
 from kt_core.leakage.suite import SuiteSettings, canary_round
 from ktfed.audit_cmd import accountant
 
@@ -89,14 +90,9 @@ def test_a_factorized_update_of_one_image_still_gives_it_away(setting):
     """The documented limit: with a batch of one, each row of the shared dW_b is that image times a
     number, so rescaling recovers it. Factorization hides mixtures of images, not a single one."""
     splits, _, factorized = setting
-    # a model past its first round: at init w_a = 0 (the layer is its seeded base), dW_b is then
-    # zero and gives nothing away, which is no protection once w_a has moved
-    factorized = copy.deepcopy(factorized)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in factorized.named_parameters():
-            if name.endswith("w_a"):
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    # a global model a few rounds in, as the leakage suite attacks: at init w_a = 0 (the layer is
+    # its seeded base), so dW_b is zero and gives nothing away, which is no protection once w_a moved
+    factorized = warm_up(copy.deepcopy(factorized), splits.public, 1, 0.1, 0)
     x, y = splits.sites[0][0][:1], splits.sites[0][1][:1]
     cond = CONDITIONS[2]
     update = local_update(factorized, (x, y), cond, 0.1, torch.Generator().manual_seed(0))
