@@ -47,6 +47,9 @@ class ModelConfig:
     # FactorizedLinear.GATE_INIT / GATE_LR_SCALE for why the defaults are what they are).
     gate_init: float = 3.0
     gate_lr_scale: float = 100.0
+    # WAFFLe: the output layer's bias stays at the site, beside its factor selection
+    # (FactorizedLinear, "Why a private output bias"); ignored by the other adapters
+    private_output_bias: bool = True
     lora_rank: int = 8
     lora_alpha: float = 16.0
     seed: int = 0
@@ -77,6 +80,8 @@ class ModelConfig:
                 continue
             if not _is_pos_number(getattr(self, name)):
                 raise ValueError(f"{name}: must be a finite number > 0, got {getattr(self, name)!r}")
+        if not isinstance(self.private_output_bias, bool):
+            raise ValueError(f"private_output_bias: must be true or false, got {self.private_output_bias!r}")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
             raise ValueError(f"seed: must be an integer between 0 and 2^32 - 1, got {self.seed!r}")
 
@@ -101,11 +106,13 @@ def layer_seed(seed: int, index: int) -> int:
 
 
 def make_adapter(cfg: ModelConfig, in_features: int, out_features: int, seed: int,
-                 base: Tensor | None = None, base_bias: Tensor | None = None) -> Adapter:
+                 base: Tensor | None = None, base_bias: Tensor | None = None, output: bool = False) -> Adapter:
+    """The adapter of cfg's kind for one layer; `output`: the model's last layer."""
     kw = {}
     if cfg.adapter == "waffle":
         kw = dict(n_factors=cfg.n_factors, ibp_alpha=cfg.ibp_alpha, temperature=cfg.temperature,
-                  gate_init=cfg.gate_init, gate_lr_scale=cfg.gate_lr_scale)
+                  gate_init=cfg.gate_init, gate_lr_scale=cfg.gate_lr_scale,
+                  private_bias=output and cfg.private_output_bias)
     elif cfg.adapter in ("lora", "ffa_lora"):
         kw = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha)
     return ADAPTERS[cfg.adapter](in_features, out_features, base=base, base_bias=base_bias, seed=seed, **kw)
@@ -117,7 +124,7 @@ class MLP(nn.Module):
         self.cfg = cfg
         dims = (cfg.input_dim, *cfg.hidden, cfg.num_classes)
         self.layers = nn.ModuleList(
-            make_adapter(cfg, d_in, d_out, layer_seed(cfg.seed, i))
+            make_adapter(cfg, d_in, d_out, layer_seed(cfg.seed, i), output=i == len(dims) - 2)
             for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])))
 
     def forward(self, x: Tensor) -> Tensor:

@@ -52,6 +52,10 @@ class ModelRules:
     adapters: tuple[str, ...] = ("waffle", "lora", "ffa_lora")
     backbone_sha256: tuple[str, ...] = ()   # () = any backbone the run names
     adapter_targets: tuple[str, ...] = ()   # () = any
+    # an image run with WAFFLe must keep the output layer's bias at the site: it holds the site's
+    # label prior, and its gradient names a batch's labels (kt_core.factorized, "Why a private
+    # output bias"); false lets a run share it
+    private_output_bias: bool = True
 
 
 @dataclass(frozen=True)
@@ -242,6 +246,10 @@ def check_join(policy: SitePolicy, config: RunConfig, *, site: str, shared: dict
         out.append(Violation("model.backbone_sha256", f"the run's backbone {backbone_sha256[:16]}... is not listed"))
     if m.adapter_targets and (extra := sorted(set(targets) - set(m.adapter_targets))):
         out.append(Violation("model.adapter_targets", f"the run adapts {extra}, not in {list(m.adapter_targets)}"))
+    if m.private_output_bias and config.task.kind == "image" and kind == "waffle" \
+            and not config.model.private_output_bias:
+        out.append(Violation("model.private_output_bias", "the run shares the output layer's bias (this site's "
+                                                          "label prior); this site keeps it private"))
     out += _egress(policy, shared)
     out += _secagg(policy, config)
     out += _privacy(policy, config, site, history, run_id, epsilon_budget)

@@ -150,7 +150,11 @@ def test_private_state_round_trip():
             layer.gate_logits.uniform_(-3, 3)
     state = private_state(a)
     assert set(state) == {e.name for e in manifest_of(a).private()}
-    assert all(k.rsplit(".", 1)[1] in ("gate_logits", "kuma_log_a", "kuma_log_b") for k in state)
+    # the variational parameters of every layer, and the output layer's bias
+    output_bias = f"layers.{len(a.layers) - 1}.bias"
+    assert output_bias in state
+    assert all(k.rsplit(".", 1)[1] in ("gate_logits", "kuma_log_a", "kuma_log_b") or k == output_bias for k in state)
+    assert output_bias not in private_state(small(seed=1, private_output_bias=False))
     load_private_state(b, state)
     assert all(torch.equal(private_state(b)[k], v) for k, v in state.items())
     with pytest.raises(ValueError, match="layers.0.w_a"):

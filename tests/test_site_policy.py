@@ -88,6 +88,19 @@ def test_backbone_and_adapter_targets():
         ["model.backbone_sha256", "model.adapter_targets"]
 
 
+def _sharing_bias(config):
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, private_output_bias=False))
+
+
+def test_a_run_that_would_share_the_output_bias_is_refused_unless_the_site_allows_it():
+    shares_bias = _sharing_bias(run())
+    assert rules(check_join(SitePolicy(), shares_bias, site="site-a", shared=SHARED)) == ["model.private_output_bias"]
+    allowing = loads("[model]\nprivate_output_bias = false", "p.toml")
+    assert check_join(allowing, shares_bias, site="site-a", shared=SHARED) == []
+    # the rule is about WAFFLe's private bias: a LoRA run has none (model.adapters decides on it)
+    assert check_join(SitePolicy(), _sharing_bias(run(adapter="lora")), site="site-a", shared=SHARED) == []
+
+
 def test_lifetime_epsilon_and_runs_per_day_count_the_sites_history(tmp_path):
     history = RunHistory(tmp_path / "runs.json")
     history.record("run-1", 3.0)
