@@ -141,7 +141,7 @@ def _number(body: dict, key: str) -> float:
 def summary(status: pb.RunStatus, table: RoundTable, settings, workdir: Path, seconds: float,
             baselines: dict[str, dict] | None = None) -> str:
     """What the demo prints after the run; `baselines`: ktfed.demo_baselines' per-site reference
-    points (the navigation demo), shown beside the federated result."""
+    points, shown beside the federated result."""
     lines = [f"run {status.header.run_id} {status.state}: {status.rounds_completed} rounds in {seconds:.1f}s"
              + (f", {status.aborted_attempts} aborted attempt(s) retried" if status.aborted_attempts else "")]
     lines.append("final local test accuracy: " + ", ".join(
@@ -153,9 +153,10 @@ def summary(status: pb.RunStatus, table: RoundTable, settings, workdir: Path, se
     evaluations = _final_evaluations(workdir, table.sites)
     lines += task_for(config).report_final(evaluations)
     if baselines:
-        from ktfed.demo_baselines import report
+        from ktfed.demo_baselines import report, report_accuracy
 
-        lines += report(baselines, evaluations)
+        lines += report(baselines, evaluations) or report_accuracy(
+            baselines, {s: pts[-1][1] for s, pts in table.accuracy.items() if pts})
     dense = dense_bytes_per_update(config) * table.uploads
     if table.uploaded:
         lines.append(f"bytes uploaded: {table.uploaded:,} in {table.uploads} updates of shared factors; "

@@ -28,6 +28,11 @@ def test_image_demo_runs_a_federation_and_prints_the_summary(tmp_path):
     assert (workdir / "accuracy.png").stat().st_size > 0
     assert (workdir / "coordinator" / "coordinator.sqlite3").exists()
     assert "secure aggregation: on in 2 of 2 rounds" in out.stdout
+    # beside each site's federated result: its initial model and the site trained alone, same budget
+    for site in ("site-a", "site-b", "site-c"):
+        assert re.search(rf"^  {site}: initial \d\.\d{{3}}, local-only \d\.\d{{3}}, federated \d\.\d{{3}} "
+                         rf"\([+-]\d\.\d{{3}} from federating\)$", out.stdout, re.M), out.stdout
+    assert (workdir / "baselines" / "site-a" / "privacy-ledger.sqlite3").exists()  # local-only spent its own epsilon
     assert "audit logs (4 producers, hash-chained and signed): verified" in out.stdout
     # under the demo's policy: factorized updates, secure aggregation and record-level DP required
     assert "differential privacy: record-level DP-SGD at every site" in out.stdout
@@ -87,3 +92,15 @@ def test_the_navigation_demos_held_out_level_is_one_no_pretraining_or_site_used(
     from ktfed.launcher import DEMO_HELD_OUT, DEMO_SITE_LEVELS
 
     assert DEMO_HELD_OUT not in DEMO_PRETRAIN.levels and DEMO_HELD_OUT not in DEMO_SITE_LEVELS
+
+
+def test_the_image_demos_comparison_lines_pair_each_site_with_its_baselines():
+    from ktfed.demo_baselines import report, report_accuracy
+
+    baselines = {"site-a": {"backbone": {"test_accuracy": 0.25}, "local_only": {"test_accuracy": 0.8}},
+                 "site-b": {"backbone": {"test_accuracy": 0.1}, "local_only": {"test_accuracy": 0.7}}}
+    lines = report_accuracy(baselines, {"site-a": 0.9, "site-b": 0.65})
+    assert lines[1] == "  site-a: initial 0.250, local-only 0.800, federated 0.900 (+0.100 from federating)"
+    assert lines[2] == "  site-b: initial 0.100, local-only 0.700, federated 0.650 (-0.050 from federating)"
+    assert report(baselines, {}) == []   # no rollouts: the navigation lines are not printed
+    assert report_accuracy(baselines, {"site-a": 0.9}) == lines[:2]   # a site without a final round is left out
