@@ -53,7 +53,9 @@ class RoundTable:
                      + f" {record.seconds:>6.2f}s")
         return "\n".join(lines)
 
-    def plot(self, path: Path, title: str) -> Path | None:
+    def plot(self, path: Path, title: str, alone: dict[str, float] | None = None) -> Path | None:
+        """The per-round panels; `alone`: each site's accuracy when trained alone with the same
+        budget, drawn as a dashed line in the site's colour on the accuracy panel."""
         try:
             import matplotlib
             matplotlib.use("Agg")
@@ -67,7 +69,10 @@ class RoundTable:
         for ax, (series, label) in zip(axes[0], panels):
             for site, points in series.items():
                 if points:
-                    ax.plot([r for r, _ in points], [a for _, a in points], marker="o", label=site)
+                    line, = ax.plot([r for r, _ in points], [a for _, a in points], marker="o", label=site)
+                    if series is self.accuracy and alone and site in alone:
+                        ax.axhline(alone[site], color=line.get_color(), linestyle="--", linewidth=1,
+                                   label=f"{site} alone")
             ax.set_xlabel("round")
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
             ax.set_ylabel(label)
@@ -168,7 +173,9 @@ def summary(status: pb.RunStatus, table: RoundTable, settings, workdir: Path, se
     audit_dirs = [workdir / "coordinator" / "audit"] + sorted((workdir / "sites").glob("*/audit"))
     if all((d / "audit.jsonl").is_file() for d in audit_dirs):
         lines += _audit_lines(workdir, audit_dirs)
-    png = table.plot(workdir / "accuracy.png", f"ktfed demo: {settings.adapter}, {len(table.sites)} sites")
+    alone = {s: b["local_only"]["test_accuracy"] for s, b in (baselines or {}).items()
+             if isinstance((b.get("local_only") or {}).get("test_accuracy"), (int, float))}
+    png = table.plot(workdir / "accuracy.png", f"ktfed demo: {settings.adapter}, {len(table.sites)} sites", alone)
     lines.append(f"coordinator state (SQLite + safetensors): {workdir / 'coordinator'}")
     lines.append(f"site-local state (private factors, never sent): {workdir / 'sites'}")
     lines.append(f"logs: {workdir / 'logs'}" + (f"; accuracy plot: {png}" if png else ""))

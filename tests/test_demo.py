@@ -104,3 +104,17 @@ def test_the_image_demos_comparison_lines_pair_each_site_with_its_baselines():
     assert lines[2] == "  site-b: initial 0.100, local-only 0.700, federated 0.650 (-0.050 from federating)"
     assert report(baselines, {}) == []   # no rollouts: the navigation lines are not printed
     assert report_accuracy(baselines, {"site-a": 0.9}) == lines[:2]   # a site without a final round is left out
+
+
+def test_the_accuracy_plot_draws_each_sites_local_only_reference(tmp_path):
+    pytest.importorskip("matplotlib")
+    from matplotlib.image import imread
+
+    from ktfed.report import RoundTable
+
+    table = RoundTable(["site-a", "site-b"])
+    table.accuracy = {"site-a": [(0, 0.1), (1, 0.5), (2, 0.7)], "site-b": [(0, 0.2), (1, 0.4), (2, 0.6)]}
+    plain = table.plot(tmp_path / "plain.png", "t")
+    with_alone = table.plot(tmp_path / "alone.png", "t", {"site-a": 0.9, "site-b": 0.3})
+    assert imread(plain).shape == imread(with_alone).shape
+    assert (imread(plain) != imread(with_alone)).any()   # the dashed lines (and their legend) are drawn
