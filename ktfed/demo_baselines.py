@@ -8,7 +8,8 @@ first round (its adapters start as the identity), and local-only takes the round
 would have planned (the same epochs, batch size, learning rate, step cap and per-round seed) with
 no aggregation in between. Both are then scored by the task's own final evaluation, the rollouts
 every site runs after the federation (the same unseen seeds), so the three numbers are paired, and
-by its `evaluate` on the site's own test split (`accuracy`, what the image demo's table shows).
+by its `evaluate` on the site's own test split (as `test_<metric>`; `test_accuracy` is what the
+demo's table and plot show per round).
 Under record-level DP the site trained alone spends the same epsilon (its own ledger, in
 `state_dir`), so the comparison holds the privacy budget fixed as well.
 """
@@ -66,9 +67,9 @@ def report(baselines: dict[str, dict], federated: dict[str, dict]) -> list[str]:
 def report_accuracy(baselines: dict[str, dict], federated: dict[str, float]) -> list[str]:
     """Lines per site for a task scored by its test split alone (the image demo): the initial
     model, the site trained alone and federated (`federated`: its last round's accuracy)."""
-    rows = [(site, base.get("backbone", {}).get("test_accuracy"), base.get("local_only", {}).get("test_accuracy"),
-             federated.get(site)) for site, base in baselines.items()]
-    rows = [r for r in rows if all(isinstance(v, (int, float)) for v in r[1:])]
+    start, alone = accuracy_of(baselines, "backbone"), accuracy_of(baselines, "local_only")
+    rows = [(site, start[site], alone[site], federated[site]) for site in baselines
+            if site in start and site in alone and isinstance(federated.get(site), (int, float))]
     if not rows:
         return []
     lines = ["local test accuracy: the initial model, the site trained alone with the same budget "
@@ -77,3 +78,14 @@ def report_accuracy(baselines: dict[str, dict], federated: dict[str, float]) -> 
         lines.append(f"  {site}: initial {start:.3f}, local-only {alone:.3f}, federated {fed:.3f} "
                      f"({fed - alone:+.3f} from federating)")
     return lines
+
+
+def accuracy_of(baselines: dict[str, dict], point: str) -> dict[str, float]:
+    """site -> the test accuracy of one reference point ("backbone" or "local_only"), for the sites
+    that have it."""
+    out = {}
+    for site, base in baselines.items():
+        value = (base.get(point) or {}).get("test_accuracy")
+        if isinstance(value, (int, float)):
+            out[site] = value
+    return out

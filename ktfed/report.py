@@ -157,9 +157,10 @@ def summary(status: pb.RunStatus, table: RoundTable, settings, workdir: Path, se
                      + "; ".join(f"{s} " + " ".join(f"{v:.2f}" for _, v in pts) for s, pts in table.success.items() if pts))
     evaluations = _final_evaluations(workdir, table.sites)
     lines += task_for(config).report_final(evaluations)
-    if baselines:
-        from ktfed.demo_baselines import report, report_accuracy
+    # imported here: the site's training code it runs is heavy, and most of this module is not
+    from ktfed.demo_baselines import accuracy_of, report, report_accuracy
 
+    if baselines:
         lines += report(baselines, evaluations) or report_accuracy(
             baselines, {s: pts[-1][1] for s, pts in table.accuracy.items() if pts})
     dense = dense_bytes_per_update(config) * table.uploads
@@ -173,9 +174,8 @@ def summary(status: pb.RunStatus, table: RoundTable, settings, workdir: Path, se
     audit_dirs = [workdir / "coordinator" / "audit"] + sorted((workdir / "sites").glob("*/audit"))
     if all((d / "audit.jsonl").is_file() for d in audit_dirs):
         lines += _audit_lines(workdir, audit_dirs)
-    alone = {s: b["local_only"]["test_accuracy"] for s, b in (baselines or {}).items()
-             if isinstance((b.get("local_only") or {}).get("test_accuracy"), (int, float))}
-    png = table.plot(workdir / "accuracy.png", f"ktfed demo: {settings.adapter}, {len(table.sites)} sites", alone)
+    png = table.plot(workdir / "accuracy.png", f"ktfed demo: {settings.adapter}, {len(table.sites)} sites",
+                     accuracy_of(baselines or {}, "local_only"))
     lines.append(f"coordinator state (SQLite + safetensors): {workdir / 'coordinator'}")
     lines.append(f"site-local state (private factors, never sent): {workdir / 'sites'}")
     lines.append(f"logs: {workdir / 'logs'}" + (f"; accuracy plot: {png}" if png else ""))
