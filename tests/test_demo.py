@@ -94,6 +94,15 @@ def test_the_navigation_demos_held_out_level_is_one_no_pretraining_or_site_used(
     assert DEMO_HELD_OUT not in DEMO_PRETRAIN.levels and DEMO_HELD_OUT not in DEMO_SITE_LEVELS
 
 
+def test_the_navigation_demos_sites_hold_levels_pretraining_never_used_each_its_own():
+    # what a site ends with is then what adapting taught it, not what the backbone already knew
+    from ktfed.demo_backbone import DEMO_PRETRAIN
+    from ktfed.launcher import DEMO_SITE_LEVELS
+
+    assert not set(DEMO_SITE_LEVELS) & set(DEMO_PRETRAIN.levels)
+    assert len(set(DEMO_SITE_LEVELS)) == len(DEMO_SITE_LEVELS)
+
+
 def test_the_image_demos_comparison_lines_pair_each_site_with_its_baselines():
     from ktfed.demo_baselines import report, report_accuracy
 
