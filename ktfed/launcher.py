@@ -114,11 +114,13 @@ def make_pki(pki_dir: Path, sites: list[str]) -> None:
 
 
 # The demo's navigation task: each site holds one BabyAI level (non-IID) that pretraining never
-# used, so the hosted backbone cannot do it (0.00 success on each site's validation seeds) and what
-# a site ends with is what adapting taught it. On levels pretraining covers (GoToLocal, OpenDoor, the
+# used, so the hosted backbone cannot do it (success 0.00-0.05 on unseen seeds) and what a site
+# ends with is what adapting taught it. On levels pretraining covers (GoToLocal, OpenDoor, the
 # earlier demo's) 100 demonstrations left the backbone where it was (bench/README.md, vln_fed: the
 # next-action accuracy has no headroom there), so with 20 episodes a site landed above or below the
-# backbone by chance. A level that neither pretraining nor any site used measures generalization.
+# backbone by chance. The first three, related skills (go to an object, pick it up), were chosen on
+# validation seeds; a site on UnlockLocal loses under federation beside them (the same table).
+# A level that neither pretraining nor any site used measures generalization.
 DEMO_SITE_LEVELS = ("BabyAI-PickupDist-v0", "BabyAI-PickupLoc-v0", "BabyAI-GoToObjMazeS4-v0",
                     "BabyAI-UnlockLocal-v0", "BabyAI-OpenTwoDoors-v0", "BabyAI-UnlockLocalDist-v0")
 # neither pretraining (DEMO_PRETRAIN.levels) nor any site uses it: a red ball among grey boxes
