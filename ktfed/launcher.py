@@ -218,6 +218,11 @@ max_grad_norm = 1.0
 # lower (0.84-0.88 / 0.66-0.71 / 0.69-0.79), 3 epochs fell back after round 3. On Fashion-MNIST
 # (seed 7) SGD 0.74 / 0.78 / 0.82, Adam 0.76 / 0.80 / 0.84. A round can still dip by a few test
 # images: DP noise at epsilon 8 on ~480 records a site, scored on ~110 test images a site.
+# Tried against the dips and not adopted: the coordinator decaying the learning rate over the
+# rounds (cosine to 0.2x; 2 runs each). Fashion-MNIST rose (final mean 0.809 vs 0.778, no dip
+# over 0.003), but on digits the final mean fell (0.832 vs 0.851) and a site still fell 0.69 -> 0.49
+# in round 2, where the rate has hardly decayed. A private output bias at 1x instead of 30x the
+# rate still dipped (site-a 0.682 -> 0.641, site-c 0.759 -> 0.699 on Fashion-MNIST).
 TRAIN_IMAGE = "epochs = 2\nbatch_size = 64\nlr = 0.05\noptimizer = \"sgd\"\nmax_grad_norm = 1.0"
 # adapters start from zero deltas: Adam with a larger step than full fine-tuning; 2e-3 is
 # bench/vln_fed's federated rate, chosen on its validation seeds for the current backbone (5e-3,
