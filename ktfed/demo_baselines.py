@@ -80,12 +80,12 @@ def report_accuracy(baselines: dict[str, dict], federated: dict[str, float]) -> 
     return lines
 
 
-def accuracy_of(baselines: dict[str, dict], point: str) -> dict[str, float]:
-    """site -> the test accuracy of one reference point ("backbone" or "local_only"), for the sites
-    that have it."""
+def accuracy_of(baselines: dict[str, dict], point: str, metric: str = "test_accuracy") -> dict[str, float]:
+    """site -> one metric ("test_accuracy"; the navigation task's rollouts also "success_rate") of
+    one reference point ("backbone" or "local_only"), for the sites that have it."""
     out = {}
     for site, base in baselines.items():
-        value = (base.get(point) or {}).get("test_accuracy")
+        value = (base.get(point) or {}).get(metric)
         if isinstance(value, (int, float)):
             out[site] = value
     return out

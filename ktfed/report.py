@@ -53,25 +53,27 @@ class RoundTable:
                      + f" {record.seconds:>6.2f}s")
         return "\n".join(lines)
 
-    def plot(self, path: Path, title: str, alone: dict[str, float] | None = None) -> Path | None:
-        """The per-round panels; `alone`: each site's accuracy when trained alone with the same
-        budget, drawn as a dashed line in the site's colour on the accuracy panel."""
+    def plot(self, path: Path, title: str, alone: dict[str, float] | None = None,
+             alone_success: dict[str, float] | None = None) -> Path | None:
+        """The per-round panels; `alone` / `alone_success`: each site's accuracy / success rate when
+        trained alone with the same budget, drawn as a dashed line in the site's colour on the
+        accuracy / success-rate panel."""
         try:
             import matplotlib
             matplotlib.use("Agg")
             import matplotlib.pyplot as plt
         except ImportError:
             return None
-        panels = [(self.accuracy, "local test accuracy")]
+        panels = [(self.accuracy, "local test accuracy", alone or {})]
         if any(self.success.values()):
-            panels.append((self.success, "success rate (rollouts, unseen seeds)"))
+            panels.append((self.success, "success rate (rollouts, unseen seeds)", alone_success or {}))
         fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), squeeze=False)
-        for ax, (series, label) in zip(axes[0], panels):
+        for ax, (series, label, references) in zip(axes[0], panels):
             for site, points in series.items():
                 if points:
                     line, = ax.plot([r for r, _ in points], [a for _, a in points], marker="o", label=site)
-                    if series is self.accuracy and alone and site in alone:
-                        ax.axhline(alone[site], color=line.get_color(), linestyle="--", linewidth=1,
+                    if site in references:
+                        ax.axhline(references[site], color=line.get_color(), linestyle="--", linewidth=1,
                                    label=f"{site} alone")
             ax.set_xlabel("round")
             ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
@@ -175,7 +177,8 @@ def summary(status: pb.RunStatus, table: RoundTable, settings, workdir: Path, se
     if all((d / "audit.jsonl").is_file() for d in audit_dirs):
         lines += _audit_lines(workdir, audit_dirs)
     png = table.plot(workdir / "accuracy.png", f"ktfed demo: {settings.adapter}, {len(table.sites)} sites",
-                     accuracy_of(baselines or {}, "local_only"))
+                     accuracy_of(baselines or {}, "local_only"),
+                     accuracy_of(baselines or {}, "local_only", "success_rate"))
     lines.append(f"coordinator state (SQLite + safetensors): {workdir / 'coordinator'}")
     lines.append(f"site-local state (private factors, never sent): {workdir / 'sites'}")
     lines.append(f"logs: {workdir / 'logs'}" + (f"; accuracy plot: {png}" if png else ""))

@@ -127,3 +127,18 @@ def test_the_accuracy_plot_draws_each_sites_local_only_reference(tmp_path):
     with_alone = table.plot(tmp_path / "alone.png", "t", {"site-a": 0.9, "site-b": 0.3})
     assert imread(plain).shape == imread(with_alone).shape
     assert (imread(plain) != imread(with_alone)).any()   # the dashed lines (and their legend) are drawn
+    # the navigation task's success-rate panel takes its own reference lines
+    table.success = {"site-a": [(0, 0.0), (1, 0.3)], "site-b": [(0, 0.0), (1, 0.2)]}
+    sr_plain = table.plot(tmp_path / "sr.png", "t", {"site-a": 0.9})
+    sr_alone = table.plot(tmp_path / "sr_alone.png", "t", {"site-a": 0.9}, {"site-a": 0.35, "site-b": 0.25})
+    assert imread(sr_plain).shape == imread(sr_alone).shape != imread(plain).shape   # two panels
+    assert (imread(sr_plain) != imread(sr_alone)).any()
+
+
+def test_a_reference_points_metric_is_read_for_the_sites_that_have_it():
+    from ktfed.demo_baselines import accuracy_of
+
+    baselines = {"site-a": {"local_only": {"test_accuracy": 0.7, "success_rate": 0.3}},
+                 "site-b": {"local_only": {"test_accuracy": 0.6}}, "site-c": {}}
+    assert accuracy_of(baselines, "local_only") == {"site-a": 0.7, "site-b": 0.6}
+    assert accuracy_of(baselines, "local_only", "success_rate") == {"site-a": 0.3}
