@@ -67,7 +67,7 @@ def report(baselines: dict[str, dict], federated: dict[str, dict]) -> list[str]:
 def report_accuracy(baselines: dict[str, dict], federated: dict[str, float]) -> list[str]:
     """Lines per site for a task scored by its test split alone (the image demo): the initial
     model, the site trained alone and federated (`federated`: its last round's accuracy)."""
-    start, alone = accuracy_of(baselines, "backbone"), accuracy_of(baselines, "local_only")
+    start, alone = metric_of(baselines, "backbone"), metric_of(baselines, "local_only")
     rows = [(site, start[site], alone[site], federated[site]) for site in baselines
             if site in start and site in alone and isinstance(federated.get(site), (int, float))]
     if not rows:
@@ -80,7 +80,7 @@ def report_accuracy(baselines: dict[str, dict], federated: dict[str, float]) -> 
     return lines
 
 
-def accuracy_of(baselines: dict[str, dict], point: str, metric: str = "test_accuracy") -> dict[str, float]:
+def metric_of(baselines: dict[str, dict], point: str, metric: str = "test_accuracy") -> dict[str, float]:
     """site -> one metric ("test_accuracy"; the navigation task's rollouts also "success_rate") of
     one reference point ("backbone" or "local_only"), for the sites that have it."""
     out = {}

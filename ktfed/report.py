@@ -160,7 +160,7 @@ def summary(status: pb.RunStatus, table: RoundTable, settings, workdir: Path, se
     evaluations = _final_evaluations(workdir, table.sites)
     lines += task_for(config).report_final(evaluations)
     # imported here: the site's training code it runs is heavy, and most of this module is not
-    from ktfed.demo_baselines import accuracy_of, report, report_accuracy
+    from ktfed.demo_baselines import metric_of, report, report_accuracy
 
     if baselines:
         lines += report(baselines, evaluations) or report_accuracy(
@@ -176,9 +176,9 @@ def summary(status: pb.RunStatus, table: RoundTable, settings, workdir: Path, se
     audit_dirs = [workdir / "coordinator" / "audit"] + sorted((workdir / "sites").glob("*/audit"))
     if all((d / "audit.jsonl").is_file() for d in audit_dirs):
         lines += _audit_lines(workdir, audit_dirs)
+    references = baselines or {}
     png = table.plot(workdir / "accuracy.png", f"ktfed demo: {settings.adapter}, {len(table.sites)} sites",
-                     accuracy_of(baselines or {}, "local_only"),
-                     accuracy_of(baselines or {}, "local_only", "success_rate"))
+                     metric_of(references, "local_only"), metric_of(references, "local_only", "success_rate"))
     lines.append(f"coordinator state (SQLite + safetensors): {workdir / 'coordinator'}")
     lines.append(f"site-local state (private factors, never sent): {workdir / 'sites'}")
     lines.append(f"logs: {workdir / 'logs'}" + (f"; accuracy plot: {png}" if png else ""))

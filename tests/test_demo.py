@@ -136,9 +136,9 @@ def test_the_accuracy_plot_draws_each_sites_local_only_reference(tmp_path):
 
 
 def test_a_reference_points_metric_is_read_for_the_sites_that_have_it():
-    from ktfed.demo_baselines import accuracy_of
+    from ktfed.demo_baselines import metric_of
 
     baselines = {"site-a": {"local_only": {"test_accuracy": 0.7, "success_rate": 0.3}},
                  "site-b": {"local_only": {"test_accuracy": 0.6}}, "site-c": {}}
-    assert accuracy_of(baselines, "local_only") == {"site-a": 0.7, "site-b": 0.6}
-    assert accuracy_of(baselines, "local_only", "success_rate") == {"site-a": 0.3}
+    assert metric_of(baselines, "local_only") == {"site-a": 0.7, "site-b": 0.6}
+    assert metric_of(baselines, "local_only", "success_rate") == {"site-a": 0.3}
