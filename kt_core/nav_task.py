@@ -146,6 +146,8 @@ class NavTask(FederatedTask):
                                         vln.rollout_episodes, self._cache(site))
 
     def describe_final(self, result: dict) -> str:
+        if "success_rate" not in result:   # no rollouts configured: the test split's metrics alone
+            return super().describe_final(result)
         held = result["held_out_success_rate"]
         return (f"on unseen seeds: success rate {result['success_rate']:.3f}, SPL {result['spl']:.3f} on its levels; "
                 f"held-out levels: success rate {'n/a' if held is None else f'{held:.3f}'}")
@@ -154,6 +156,8 @@ class NavTask(FederatedTask):
         """Each site's rollouts on unseen seeds after the run (its own levels and the held-out ones)."""
         out = []
         for site, r in evaluations.items():
+            if "success_rate" not in r:
+                continue
             held = r.get("held_out_success_rate")
             out.append(f"  {site}: success rate {r['success_rate']:.2f}, SPL {r['spl']:.2f} on unseen seeds of "
                        f"{', '.join(r['train_levels'])}" + (f"; held-out levels: success rate {held:.2f}"

@@ -66,7 +66,7 @@ def report(baselines: dict[str, dict], federated: dict[str, dict]) -> list[str]:
 
 def report_accuracy(baselines: dict[str, dict], federated: dict[str, float]) -> list[str]:
     """Lines per site for a task scored by its test split alone (the image demo): the initial
-    model, the site trained alone and federated (`federated`: its last round's accuracy)."""
+    model, the site trained alone and federated (`federated`: the test accuracy of the model it keeps)."""
     start, alone = metric_of(baselines, "backbone"), metric_of(baselines, "local_only")
     rows = [(site, start[site], alone[site], federated[site]) for site in baselines
             if site in start and site in alone and isinstance(federated.get(site), (int, float))]

@@ -103,6 +103,17 @@ def _final_evaluations(workdir: Path, sites: list[str]) -> dict[str, dict]:
     return out
 
 
+def kept_model_accuracy(table: RoundTable, evaluations: dict[str, dict]) -> dict[str, float]:
+    """Each site's test accuracy of the model it keeps, from its final evaluation; where a site wrote
+    none, its last round's (that round's local training, before the last aggregation)."""
+    out = {s: pts[-1][1] for s, pts in table.accuracy.items() if pts}
+    for site, evaluation in evaluations.items():
+        value = evaluation.get("test_accuracy")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[site] = float(value)
+    return out
+
+
 def dense_bytes_per_update(config: RunConfig) -> int:
     """What one update of the same model would cost with dense FedAvg (every weight shared)."""
     return task_for(config).dense_update_bytes()
@@ -151,20 +162,21 @@ def summary(status: pb.RunStatus, table: RoundTable, settings, workdir: Path, se
     points, shown beside the federated result."""
     lines = [f"run {status.header.run_id} {status.state}: {status.rounds_completed} rounds in {seconds:.1f}s"
              + (f", {status.aborted_attempts} aborted attempt(s) retried" if status.aborted_attempts else "")]
-    lines.append("final local test accuracy: " + ", ".join(
-        f"{s} {pts[-1][1]:.3f} (round 0: {pts[0][1]:.3f})" for s, pts in table.accuracy.items() if pts))
+    evaluations = _final_evaluations(workdir, table.sites)
+    final = kept_model_accuracy(table, evaluations)
+    lines.append("final local test accuracy of the model each site keeps (the final global state + its private "
+                 "factors): " + ", ".join(f"{s} {final[s]:.3f} (round 0: {pts[0][1]:.3f})"
+                                          for s, pts in table.accuracy.items() if pts and s in final))
     config = load_file(workdir / "run.toml").resolved()
     if any(table.success.values()):
         lines.append("success rate per round (rollouts on unseen seeds of the site's level; round 0: before training): "
                      + "; ".join(f"{s} " + " ".join(f"{v:.2f}" for _, v in pts) for s, pts in table.success.items() if pts))
-    evaluations = _final_evaluations(workdir, table.sites)
     lines += task_for(config).report_final(evaluations)
     # imported here: the site's training code it runs is heavy, and most of this module is not
     from ktfed.demo_baselines import metric_of, report, report_accuracy
 
     if baselines:
-        lines += report(baselines, evaluations) or report_accuracy(
-            baselines, {s: pts[-1][1] for s, pts in table.accuracy.items() if pts})
+        lines += report(baselines, evaluations) or report_accuracy(baselines, final)
     dense = dense_bytes_per_update(config) * table.uploads
     if table.uploaded:
         lines.append(f"bytes uploaded: {table.uploaded:,} in {table.uploads} updates of shared factors; "

@@ -113,7 +113,8 @@ class LocalTrainer:
         """At RunFinished: keep the private factors; with the run's final global state (digest,
         tensors) load it and write the site's adapted model, STATE/adapted-<run>.safetensors
         (kt_core.tasks.save_adapted: what a site distills its student from); then the task's final
-        evaluation, of that model, to STATE/evaluation-<run>.json. Returns the adapted model's
+        evaluation of that model and its metrics on the site's test split (`test_<metric>`) to
+        STATE/evaluation-<run>.json. Returns the adapted model's
         path (None without the final state: no file then, since the last local model is not the
         federation's)."""
         # the run's end closes its last attempt: the privacy engine settles what that one cost
@@ -129,7 +130,10 @@ class LocalTrainer:
                                run_id=self.run_id, round_no=round_no, global_state_digest=digest, reason=reason)
             log.info("%s: adapted model (final global state %s… after round %d + private factors) written to %s",
                      self.site, digest[:16], round_no, path)
-        result = self.task.final_evaluation(self.built, self.data)
+        # the model the site keeps is scored, on its own test split too: the rounds' accuracies are
+        # of each round's local training, before that round's aggregation
+        result = {**self.task.final_evaluation(self.built, self.data),
+                  **{f"test_{k}": v for k, v in self.evaluate().items()}}
         if result:
             self._write_evaluation(state_dir, result, final)
         return path
