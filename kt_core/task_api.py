@@ -60,6 +60,10 @@ class LocalData:
     labels: tuple[str, ...] = ()
     levels: tuple[str, ...] = ()   # named parts of the task this site holds (navigation levels), kept
                                    # with its adapted model
+    # records held back from `train`, by which the site judges at the end of the run whether to keep
+    # the final aggregate or its own last local model (participant.trainer.LocalTrainer.conclude);
+    # None: it keeps the final aggregate
+    validation: Dataset | None = None
 
 
 @dataclass(frozen=True)

@@ -208,7 +208,7 @@ class TaskRunner:
             raise ConfigError(f"{where}: {self.entry}.load_data refused these data: {type(err).__name__}: {err}") from None
         if not isinstance(local, LocalData):
             raise ConfigError(f"task.entry: {self.entry}.load_data returned {type(local).__name__}, not LocalData")
-        for part in ("train", "test"):
+        for part in ("train", "test") + (("validation",) if local.validation is not None else ()):
             n = _length(getattr(local, part))
             if n is None:
                 raise ConfigError(f"task.entry: {self.entry}.load_data: {part} is not a map-style Dataset with a length")
@@ -217,7 +217,7 @@ class TaskRunner:
         log.info("%s: %s %s: %d training and %d test records%s", site, self.cls.name, self.cls.version,
                  len(local.train), len(local.test), f" from {where}" if dataset is not None else "")
         return SiteData(train=local.train, test=local.test, num_samples=len(local.train), levels=tuple(local.levels),
-                        context=context, local=local)
+                        context=context, local=local, validation=local.validation)
 
     # -- training and evaluation ----------------------------------------------------------------
     def train(self, model: nn.Module, data: SiteData, cfg: TrainConfig,
@@ -233,14 +233,15 @@ class TaskRunner:
 
         return train_steps(model, n, batch_loss, cfg, optimizer=optimizer)
 
-    def test_batches(self, data: SiteData, batch_size: int = EVAL_BATCH):
-        dataset = data.test
+    def test_batches(self, data: SiteData, batch_size: int = EVAL_BATCH, part: str = "test"):
+        dataset = getattr(data, part)
         for i in range(0, len(dataset), batch_size):
             yield batch_of(dataset, torch.arange(i, min(i + batch_size, len(dataset))))
 
-    def evaluate(self, model: nn.Module, data: SiteData) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, data: SiteData, part: str = "test") -> dict[str, float]:
+        """The task's metrics on the site's `part` ("test", or "validation" where it holds one)."""
         device = device_of(model)
-        batches = (_to(b, device) for b in self.test_batches(data))
+        batches = (_to(b, device) for b in self.test_batches(data, part=part))
         return self._checked_metrics(_in_eval(model, lambda: self.task.evaluate(model, batches)))
 
     def round_metrics(self, model: nn.Module, data: SiteData) -> dict[str, float]:

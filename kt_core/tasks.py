@@ -41,6 +41,7 @@ class SiteData:
     levels: tuple[str, ...] = ()       # the navigation levels this site holds (none for images)
     context: Any = None                # the task_api.SiteContext the task loaded them in
     local: Any = None                  # the task's own task_api.LocalData
+    validation: Any = None             # held back from train: what the site judges the model it keeps by
 
 
 def task_for(config: RunConfig, site_data: Path | None = None) -> "TaskRunner":
@@ -116,10 +117,12 @@ def state_digest_of(tensors: dict) -> str:
 
 
 def save_adapted(path: str | Path, model: nn.Module, config: RunConfig, *, site: str, levels, run_id: str,
-                 round_no: int, global_state_digest: str, reason: str = "finished") -> dict:
+                 round_no: int, global_state_digest: str, reason: str = "finished",
+                 kept: str = "final global state + private factors") -> dict:
     """Write the site's adapted model atomically (tmp + rename), readable by its owner only:
-    shared and private tensors, with the run config and provenance as safetensors metadata.
-    Returns the metadata."""
+    shared and private tensors, with the run config and provenance as safetensors metadata
+    (`kept`: which of the site's models these tensors are; `global_state_digest` is the run's
+    final state either way). Returns the metadata."""
     from safetensors.torch import save_file
 
     from kt_core.models import private_state, shared_state
@@ -129,7 +132,7 @@ def save_adapted(path: str | Path, model: nn.Module, config: RunConfig, *, site:
             "backbone_sha256": task_for(config).backbone_sha256(),
             "site": site, "site_index": str(config.federation.sites.index(site)),
             "levels": json.dumps(list(levels)), "run_id": run_id, "round": str(int(round_no)),
-            "finished_reason": reason, "global_state_digest": global_state_digest,
+            "finished_reason": reason, "global_state_digest": global_state_digest, "kept": kept,
             "shared_state_digest": state_digest_of(shared), "private_state_digest": state_digest_of(private)}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -222,11 +222,12 @@ max_grad_norm = 1.0
 # rounds (cosine to 0.2x; 2 runs each). Fashion-MNIST rose (final mean 0.809 vs 0.778, no dip
 # over 0.003), but on digits the final mean fell (0.832 vs 0.851) and a site still fell 0.69 -> 0.49
 # in round 2, where the rate has hardly decayed. A private output bias at 1x instead of 30x the
-# rate still dipped (site-a 0.682 -> 0.641, site-c 0.759 -> 0.699 on Fashion-MNIST). Since the
-# demo scores the model a site keeps (the final aggregate), not its last round's local training:
-# under this DP the aggregate is no better than a site alone; bench/README.md, "The image demo
-# under DP", has the runs and what was tried (batch 128 / 256, the gates at x10 / x30, the
-# dictionary at x1, W_b frozen).
+# rate still dipped (site-a 0.682 -> 0.641, site-c 0.759 -> 0.699 on Fashion-MNIST). The demo
+# scores the model a site keeps, not its last round's local training; under this DP the final
+# aggregate alone was no better than a site alone, so a site now keeps its last local model where
+# that does better on its validation part (kt_core/image_task.py). bench/README.md, "The image
+# demo under DP", has the runs and what else was tried (batch 128 / 256, the gates at x10 / x30,
+# the dictionary at x1, W_b frozen).
 TRAIN_IMAGE = "epochs = 2\nbatch_size = 64\nlr = 0.05\noptimizer = \"sgd\"\nmax_grad_norm = 1.0"
 # adapters start from zero deltas: Adam with a larger step than full fine-tuning; 2e-3 is
 # bench/vln_fed's federated rate, chosen on its validation seeds for the current backbone (5e-3,

@@ -114,6 +114,12 @@ def kept_model_accuracy(table: RoundTable, evaluations: dict[str, dict]) -> dict
     return out
 
 
+def _kept(evaluation: dict | None) -> str:
+    model = (evaluation or {}).get("model")
+    return "" if not isinstance(model, str) else ("last local model; " if model.startswith("last local")
+                                                  else "final aggregate; ")
+
+
 def dense_bytes_per_update(config: RunConfig) -> int:
     """What one update of the same model would cost with dense FedAvg (every weight shared)."""
     return task_for(config).dense_update_bytes()
@@ -164,9 +170,10 @@ def summary(status: pb.RunStatus, table: RoundTable, settings, workdir: Path, se
              + (f", {status.aborted_attempts} aborted attempt(s) retried" if status.aborted_attempts else "")]
     evaluations = _final_evaluations(workdir, table.sites)
     final = kept_model_accuracy(table, evaluations)
-    lines.append("final local test accuracy of the model each site keeps (the final global state + its private "
-                 "factors): " + ", ".join(f"{s} {final[s]:.3f} (round 0: {pts[0][1]:.3f})"
-                                          for s, pts in table.accuracy.items() if pts and s in final))
+    lines.append("final local test accuracy of the model each site keeps (the final aggregate with its private "
+                 "factors, or its last local model where that scored higher on its validation part): " + ", ".join(
+                     f"{s} {final[s]:.3f} ({_kept(evaluations.get(s))}round 0: {pts[0][1]:.3f})"
+                     for s, pts in table.accuracy.items() if pts and s in final))
     config = load_file(workdir / "run.toml").resolved()
     if any(table.success.values()):
         lines.append("success rate per round (rollouts on unseen seeds of the site's level; round 0: before training): "

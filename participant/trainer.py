@@ -31,6 +31,10 @@ from security.dp.engine import DPUnsupportedError
 
 log = logging.getLogger(__name__)
 
+# what a site's evaluation-<run>.json and log say it kept at the end of the run
+FINAL_AGGREGATE = "final global state + private factors"
+LAST_LOCAL = "last local model"
+
 __all__ = ["LocalTrainer", "BudgetExceeded", "DPUnsupportedError"]
 
 
@@ -91,8 +95,8 @@ class LocalTrainer:
     def load_global(self, state: dict[str, np.ndarray]) -> None:
         load_shared_state(self.model, {n: torch.from_numpy(np.array(a)) for n, a in state.items()})
 
-    def evaluate(self) -> dict[str, float]:
-        return self.task.evaluate(self.model, self.data)
+    def evaluate(self, part: str = "test") -> dict[str, float]:
+        return self.task.evaluate(self.model, self.data, part)
 
     def round_metrics(self) -> dict[str, float]:
         """The task's costly per-round metrics (the navigation task's rollouts; {} for most)."""
@@ -121,26 +125,46 @@ class LocalTrainer:
         # (and puts the private factors back when that attempt's update never left)
         self.privacy.run_finished(round_no)
         self.save_private()
-        path = None
+        path, kept, choice = None, LAST_LOCAL + " (the final global state was not available)", None
         if final is not None:
             digest, state = final
+            last_local = {n: t.detach().clone() for n, t in shared_state(self.model).items()}
             self.load_global(state)
+            kept, choice = self._choose_kept(state, last_local)
             path = tasks.adapted_path(state_dir, self.run_id)
             tasks.save_adapted(path, self.model, self.config, site=self.site, levels=self.data.levels,
-                               run_id=self.run_id, round_no=round_no, global_state_digest=digest, reason=reason)
-            log.info("%s: adapted model (final global state %s… after round %d + private factors) written to %s",
-                     self.site, digest[:16], round_no, path)
+                               run_id=self.run_id, round_no=round_no, global_state_digest=digest, reason=reason,
+                               kept=kept)
+            log.info("%s: adapted model (%s; final global state %s… after round %d) written to %s",
+                     self.site, kept, digest[:16], round_no, path)
         # the model the site keeps is scored, on its own test split too: the rounds' accuracies are
         # of each round's local training, before that round's aggregation
         result = {**self.task.final_evaluation(self.built, self.data),
                   **{f"test_{k}": v for k, v in self.evaluate().items()}}
         if result:
-            self._write_evaluation(state_dir, result, final)
+            self._write_evaluation(state_dir, {**result, **({"choice": choice} if choice else {})}, final, kept)
         return path
 
-    def _write_evaluation(self, state_dir: Path, result: dict, final) -> None:
-        result["model"] = ("final global state + private factors" if final is not None
-                           else "last local model (the final global state was not available)")
+    def _choose_kept(self, state: dict[str, np.ndarray], last_local: dict[str, torch.Tensor]) -> tuple[str, dict | None]:
+        """With the final global state loaded: keep it, or go back to this site's last local model
+        where that scores higher on the site's validation part (a task that holds none keeps the
+        aggregate; a tie keeps it too). The kept model never leaves the site, so the choice
+        releases nothing to the coordinator."""
+        if self.data.validation is None:
+            return FINAL_AGGREGATE, None
+        aggregate = self.evaluate("validation").get("accuracy")
+        load_shared_state(self.model, last_local)
+        local = self.evaluate("validation").get("accuracy")
+        if aggregate is None or local is None or local <= aggregate:
+            self.load_global(state)
+        kept = LAST_LOCAL if local is not None and aggregate is not None and local > aggregate else FINAL_AGGREGATE
+        log.info("%s: validation accuracy: final aggregate %s, last local model %s: keeps the %s", self.site,
+                 aggregate, local, kept)
+        return kept, {"validation_accuracy": {"final_aggregate": aggregate, "last_local_model": local},
+                      "validation_records": len(self.data.validation), "kept": kept}
+
+    def _write_evaluation(self, state_dir: Path, result: dict, final, kept: str) -> None:
+        result["model"] = kept
         result["global_state_digest"] = final[0] if final is not None else None
         out = Path(state_dir) / f"evaluation-{self.run_id}.json"
         out.write_text(json.dumps(result, indent=2, sort_keys=True))

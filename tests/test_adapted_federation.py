@@ -19,7 +19,8 @@ SITES = ("site-a", "site-b", "site-c")
 
 
 def test_image_sites_write_the_final_global_state_with_their_private_factors(federation):
-    """The same end of run for the image task (fast): the final state is fetched and kept."""
+    """The same end of run for the image task (fast): the final state is fetched; each site keeps it,
+    or its last local model where that scored higher on its validation part, and says which."""
     from tests.conftest import fast_config
 
     federation.start_coordinator(federation.write_config(fast_config(rounds=2, min_sites=3)))
@@ -32,7 +33,14 @@ def test_image_sites_write_the_final_global_state_with_their_private_factors(fed
     run_id, final = status.header.run_id, status.global_state_digest
     for site in SITES:
         loaded = load_adapted(federation.workdir / "sites" / site / f"adapted-{run_id}.safetensors")
-        assert state_digest_of(shared_state(loaded.model)) == final == loaded.global_state_digest
+        evaluation = json.loads((federation.workdir / "sites" / site / f"evaluation-{run_id}.json").read_text())
+        scores = evaluation["choice"]["validation_accuracy"]
+        assert loaded.global_state_digest == final == evaluation["global_state_digest"]
+        assert loaded.meta["kept"] == evaluation["model"] == evaluation["choice"]["kept"]
+        if scores["last_local_model"] > scores["final_aggregate"]:
+            assert loaded.meta["kept"] == "last local model" and state_digest_of(shared_state(loaded.model)) != final
+        else:
+            assert state_digest_of(shared_state(loaded.model)) == final
         assert loaded.site == site and loaded.round == 2 and loaded.config.task.kind == "image"
 
 
