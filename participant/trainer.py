@@ -155,9 +155,10 @@ class LocalTrainer:
         aggregate = self.evaluate("validation").get("accuracy")
         load_shared_state(self.model, last_local)
         local = self.evaluate("validation").get("accuracy")
-        if aggregate is None or local is None or local <= aggregate:
+        keep_local = aggregate is not None and local is not None and local > aggregate
+        if not keep_local:
             self.load_global(state)
-        kept = LAST_LOCAL if local is not None and aggregate is not None and local > aggregate else FINAL_AGGREGATE
+        kept = LAST_LOCAL if keep_local else FINAL_AGGREGATE
         log.info("%s: validation accuracy: final aggregate %s, last local model %s: keeps the %s", self.site,
                  aggregate, local, kept)
         return kept, {"validation_accuracy": {"final_aggregate": aggregate, "last_local_model": local},
