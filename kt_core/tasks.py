@@ -77,6 +77,9 @@ def with_backbone_digest(config: RunConfig, sha256: str) -> RunConfig:
 # frozen backbone is not copied in; it is found again by that digest (the site's backbone cache).
 
 ADAPTED_FORMAT = "ktfed-adapted-model/1"
+# which of a site's models an adapted file holds (its `kept` metadata, the evaluation's `model`)
+KEPT_FINAL_AGGREGATE = "final global state + private factors"
+KEPT_LAST_LOCAL = "last local model"
 _ADAPTED_FIELDS = ("format", "task", "run_config", "backbone_sha256", "site", "site_index", "levels", "run_id",
                    "round", "finished_reason", "global_state_digest", "shared_state_digest", "private_state_digest")
 
@@ -118,7 +121,7 @@ def state_digest_of(tensors: dict) -> str:
 
 def save_adapted(path: str | Path, model: nn.Module, config: RunConfig, *, site: str, levels, run_id: str,
                  round_no: int, global_state_digest: str, reason: str = "finished",
-                 kept: str = "final global state + private factors") -> dict:
+                 kept: str = KEPT_FINAL_AGGREGATE) -> dict:
     """Write the site's adapted model atomically (tmp + rename), readable by its owner only:
     shared and private tensors, with the run config and provenance as safetensors metadata
     (`kept`: which of the site's models these tensors are; `global_state_digest` is the run's

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kt_core.config import RunConfig, load_file
-from kt_core.tasks import task_for
+from kt_core.tasks import KEPT_LAST_LOCAL, task_for
 from kt_core.wire import federation_pb2 as pb
 
 
@@ -116,7 +116,7 @@ def kept_model_accuracy(table: RoundTable, evaluations: dict[str, dict]) -> dict
 
 def _kept(evaluation: dict | None) -> str:
     model = (evaluation or {}).get("model")
-    return "" if not isinstance(model, str) else ("last local model; " if model.startswith("last local")
+    return "" if not isinstance(model, str) else ("last local model; " if model.startswith(KEPT_LAST_LOCAL)
                                                   else "final aggregate; ")
 
 

@@ -31,10 +31,6 @@ from security.dp.engine import DPUnsupportedError
 
 log = logging.getLogger(__name__)
 
-# what a site's evaluation-<run>.json and log say it kept at the end of the run
-FINAL_AGGREGATE = "final global state + private factors"
-LAST_LOCAL = "last local model"
-
 __all__ = ["LocalTrainer", "BudgetExceeded", "DPUnsupportedError"]
 
 
@@ -125,7 +121,7 @@ class LocalTrainer:
         # (and puts the private factors back when that attempt's update never left)
         self.privacy.run_finished(round_no)
         self.save_private()
-        path, kept, choice = None, LAST_LOCAL + " (the final global state was not available)", None
+        path, kept, choice = None, tasks.KEPT_LAST_LOCAL + " (the final global state was not available)", None
         if final is not None:
             digest, state = final
             last_local = {n: t.detach().clone() for n, t in shared_state(self.model).items()}
@@ -151,14 +147,14 @@ class LocalTrainer:
         aggregate; a tie keeps it too). The kept model never leaves the site, so the choice
         releases nothing to the coordinator."""
         if self.data.validation is None:
-            return FINAL_AGGREGATE, None
+            return tasks.KEPT_FINAL_AGGREGATE, None
         aggregate = self.evaluate("validation").get("accuracy")
         load_shared_state(self.model, last_local)
         local = self.evaluate("validation").get("accuracy")
         keep_local = aggregate is not None and local is not None and local > aggregate
         if not keep_local:
             self.load_global(state)
-        kept = LAST_LOCAL if keep_local else FINAL_AGGREGATE
+        kept = tasks.KEPT_LAST_LOCAL if keep_local else tasks.KEPT_FINAL_AGGREGATE
         log.info("%s: validation accuracy: final aggregate %s, last local model %s: keeps the %s", self.site,
                  aggregate, local, kept)
         return kept, {"validation_accuracy": {"final_aggregate": aggregate, "last_local_model": local},
