@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from coordinator.strategy import FedAvg
+from coordinator.strategy import FedAvg, update_norm
 from kt_core import codec
 from kt_core.manifest import manifest_of
 from kt_core.models import ModelConfig, build_model, shared_state
@@ -110,7 +110,9 @@ def cpu_breakdown(v: dict, n_sites: int = N_SITES, repeat: int = 3) -> dict:
         return asm.finish()
 
     received = receive_upload()
-    strategy = FedAvg()
+    # the product's strategy bounds every plain upload (README "One site's pull on the mean"):
+    # add measures the update's norm before folding it in
+    strategy = FedAvg(max_weight=10_000, max_update_norm=100.0)
 
     def fedavg_add():
         strategy.begin(state)
@@ -129,11 +131,13 @@ def cpu_breakdown(v: dict, n_sites: int = N_SITES, repeat: int = 3) -> dict:
         ("participant", "encode + chunk + serialize its upload (to_bytes, SHA-256, protobuf)", upload_wire),
         ("coordinator", "serve one download (chunk + serialize the pre-encoded state)", serve_download),
         ("coordinator", "receive one upload (parse, assemble, SHA-256, finiteness, digest)", receive_upload),
-        ("coordinator", "FedAvg.begin + add of one update (float64 accumulate)", fedavg_add),
+        ("coordinator", "FedAvg.begin + add of one update (its L2 norm, then float64 accumulate)", fedavg_add),
         ("coordinator", "FedAvg.begin + add + finish", fedavg_finish),
         ("coordinator", "encode the new global state (to_bytes, SHA-256), between rounds", lambda: codec.encode(state)),
         ("coordinator", "persist: safetensors write + fsync (approximation of the store's), between rounds",
          lambda: _persist(state)),
+        ("coordinator", "of the add above: the update's L2 norm alone (the bound's check)",
+         lambda: update_norm(received)),
     ]
     rows = [{"side": side, "step": what, "ms": _median_ms(fn, repeat)} for side, what, fn in steps]
     per_site = [rows[2]["ms"], rows[3]["ms"], rows[4]["ms"]]

@@ -74,14 +74,21 @@ class Answers:
             if site_id in attempt.uploads:
                 raise Refusal(Code.ALREADY_EXISTS, f"{site_id} already uploaded for round {attempt.round} (replay)")
             self.audit_received(attempt, site_id, "update", record.update_digest, record.specs, countersignature)
-            e.strategy.add(update, e.strategy.weight(record.num_samples))
+            folded = e.strategy.add(update, e.strategy.weight(record.num_samples))
             attempt.uploads[site_id] = record
             e.sites[site_id].note_privacy(metrics)
             attempt.dropped.discard(site_id)
             attempt.note_metrics(site_id, metrics)
+            attempt.note_fold(site_id, folded)
             e.cond.notify_all()
             log.info("round %d: update from %s (%d samples, %d bytes)", attempt.round, site_id, record.num_samples,
                      record.bytes)
+            if folded.weight < record.num_samples or folded.factor < 1.0:
+                # within the run's bounds an honest site never gets here under SecAgg's rule, so
+                # this is a site that claims too much or did not clip: the operator should know
+                log.warning("round %d: update from %s bounded: weight %d of the %d samples it claims; "
+                            "L2 norm %.6g scaled by %.6g to the run's max_update_norm", attempt.round, site_id,
+                            folded.weight, record.num_samples, folded.norm, folded.factor)
 
     def decline(self, site_id: str, answer: DeclineAnswer) -> Attempt:
         """A selected site will not train this round (e.g. its privacy budget): it is out of this

@@ -59,3 +59,11 @@ class Attempt:
         """A site's reported metrics, kept for the round's record as "<site>/<name>"."""
         for key, value in metrics.items():
             self.metrics[f"{site_id}/{key}"] = float(value)
+
+    def note_fold(self, site_id: str, folded) -> None:
+        """What the coordinator measured and applied to a site's update (coordinator.strategy.Folded),
+        kept beside the site's metrics as "<site>/aggregation.<name>"; written after them, so a site
+        reporting a metric of that name cannot stand in for the coordinator's figure."""
+        self.metrics[f"{site_id}/aggregation.weight"] = float(folded.weight)
+        self.metrics[f"{site_id}/aggregation.update_norm"] = float(folded.norm)
+        self.metrics[f"{site_id}/aggregation.clip_factor"] = float(folded.factor)

@@ -180,10 +180,31 @@ class SecAggRound:
         self.history.append(("unmask", answered, tuple(sorted(self.expected - self.received))))
         result = self.server.finish()
         total, weight = secagg.decode_sum(result.total, self.settings.bits)
+        check_unmasked(total, weight, len(result.survivors), self.weight_scale, self.settings)
         # A site encodes weight_i / scale * update_i: scale the sum back.
         weighted = vector.unflatten(total * float(self.weight_scale), self.shared)
         return SecAggResult(weighted, weight, tuple(result.survivors), tuple(result.dropped),
                             tuple(result.responders))
+
+
+def check_unmasked(total: np.ndarray, weight: int, n: int, max_weight: int, settings: SecAggProtocolSettings) -> None:
+    """Refuse an unmasked sum that n inputs encoded by the rule could not add up to.
+
+    Each honest input carries a count w in 1..max_weight and (w / max_weight) times an update
+    clipped to clip_norm, so the sum of the counts W lies in [n, n * max_weight] and the sum's L2
+    norm is at most W / max_weight * clip_norm (plus the fixed-point rounding): the mean step
+    applied is then never longer than clip_norm, as in a plain upload (README "One site's pull on
+    the mean"). An input that broke the rule cannot be told from the others here, so the attempt
+    aborts (recorded, with this reason) rather than folding in a sum one site inflated."""
+    if not n <= weight <= n * max_weight:
+        raise SecAggError(f"the unmasked counts sum to {weight}, outside [{n}, {n * max_weight}] for {n} inputs "
+                          f"of weight 1..{max_weight}: an input carried a count no site may")
+    bound = weight / max_weight * settings.clip_norm + secagg.error_bound(n, settings.bits) * math.sqrt(total.size)
+    norm = float(np.linalg.norm(total))
+    if not norm <= bound:
+        raise SecAggError(f"the unmasked sum has L2 norm {norm:.6g}, above the {bound:.6g} that {n} inputs "
+                          f"weighing {weight} in all and clipped to secagg.clip_norm {settings.clip_norm:g} can "
+                          "reach: an input was not clipped or weighted by the rule")
 
 
 class SecAggDriver:
@@ -201,7 +222,7 @@ class SecAggDriver:
             verify = {site: x509.load_pem_x509_certificate(e.sessions.certificate(site)).public_key() for site in selected}
         settings = SecAggProtocolSettings.from_section(e.config.secagg)
         return SecAggRound(e.run_id, round_no, tuple(sorted(selected)), settings, e.shared_specs,
-                           e.strategy.secagg_weight_scale(), verify_keys=verify)
+                           e.strategy.max_weight(), verify_keys=verify)
 
     @staticmethod
     def can_rejoin(attempt, site_id: str) -> bool:

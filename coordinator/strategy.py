@@ -17,6 +17,7 @@ arrays.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Mapping, Protocol
 
@@ -60,13 +61,23 @@ class PrivacyRound:
     accountant_version: str
 
 
+@dataclass(frozen=True)
+class Folded:
+    """What `add` did with one update: the weight it counted, the update's L2 norm as received and
+    the factor it was scaled by (1.0 within max_update_norm), for the round's record."""
+
+    weight: int
+    norm: float
+    factor: float
+
+
 class Strategy(Protocol):
     def select(self, connected: Iterable[str], round_no: int) -> frozenset[str]: ...
     def configure(self, round_no: int) -> TrainPlan: ...
     def weight(self, num_samples: int) -> int: ...
-    def secagg_weight_scale(self) -> int: ...
+    def max_weight(self) -> int: ...
     def begin(self, global_state: Mapping[str, np.ndarray]) -> None: ...
-    def add(self, update: Mapping[str, np.ndarray], weight: int) -> None: ...
+    def add(self, update: Mapping[str, np.ndarray], weight: int) -> Folded: ...
     def add_aggregate(self, weighted_sum: Mapping[str, np.ndarray], weight: int) -> None: ...
     def finish(self) -> Mapping[str, np.ndarray]: ...
     def privacy_round(self, round_no: int) -> PrivacyRound | None: ...
@@ -76,7 +87,7 @@ def strategy_for(config: RunConfig) -> Strategy:
     """The run's strategy: FedAvg, wrapped in DPFedAvg under user-level DP."""
     fed = config.federation
     base = FedAvg(fed.server_lr, max_sites=fed.max_sites, train=config.train, seed=fed.seed,
-                  secagg_weight_scale=config.secagg_weight_scale())
+                  max_weight=config.max_weight(), max_update_norm=config.max_update_norm())
     p = config.privacy
     if p.enabled and p.mechanism in ("central", "distributed"):
         return DPFedAvg(base, mechanism=p.mechanism, noise_multiplier=p.user_noise_multiplier, clip_norm=p.update_clip_norm,
@@ -85,17 +96,29 @@ def strategy_for(config: RunConfig) -> Strategy:
 
 
 class FedAvg:
-    """Sample-weighted mean of the updates, applied with a server learning rate (1.0 = FedAvg)."""
+    """Sample-weighted mean of the updates, applied with a server learning rate (1.0 = FedAvg).
+
+    `max_weight` and `max_update_norm` bound what one update can do to the mean (the run's
+    RunConfig.max_weight and max_update_norm; None: unbounded, for plain means in tests and
+    benchmarks): it weighs min(N, max_weight), and an update whose whole L2 norm exceeds
+    max_update_norm is scaled down to it before it is folded in. Secure aggregation applies the
+    same rule at the sites, so the mean is the same with or without masking; here the coordinator
+    applies it, so it holds whatever a site claims or sends."""
 
     def __init__(self, server_lr: float = 1.0, *, max_sites: int | None = None, train=None, seed: int = 0,
-                 secagg_weight_scale: int = 1):
+                 max_weight: int | None = None, max_update_norm: float | None = None):
+        if max_weight is not None and max_weight < 1:
+            raise ValueError("max_weight must be a positive integer")
+        if max_update_norm is not None and not (math.isfinite(max_update_norm) and max_update_norm > 0):
+            raise ValueError("max_update_norm must be a finite number > 0")
         self.server_lr = server_lr
         self.max_sites = max_sites
         self.train = train            # kt_core.config.TrainSettings, for configure()
         self.seed = seed
-        # the run config's rule (RunConfig.secagg_weight_scale), which the sites read too: both
-        # sides of the masked sum must agree on it, so neither decides it alone
-        self._secagg_weight_scale = secagg_weight_scale
+        # the run config's rule, which the sites read too: both sides of a masked sum must agree
+        # on it, so neither decides it alone
+        self._max_weight = max_weight
+        self.max_update_norm = max_update_norm
         self._global: Mapping[str, np.ndarray] = {}
         self._layout: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._sum: dict[str, np.ndarray] | None = None
@@ -112,13 +135,13 @@ class FedAvg:
                          seed=self.seed * SEED_STRIDE + round_no)
 
     def weight(self, num_samples: int) -> int:
-        """An update weighs its sample count."""
-        return num_samples
+        """An update weighs its sample count, at most max_weight."""
+        return num_samples if self._max_weight is None else min(num_samples, self._max_weight)
 
-    def secagg_weight_scale(self) -> int:
-        """Under secure aggregation a site weighs its update by min(N, scale) / scale, carrying
-        min(N, scale) as its hidden count."""
-        return self._secagg_weight_scale
+    def max_weight(self) -> int:
+        """Under secure aggregation a site weighs its update by min(N, M) / M and carries min(N, M)
+        as its hidden count (M = this; 1 where no bound was set)."""
+        return 1 if self._max_weight is None else self._max_weight
 
     def privacy_round(self, round_no: int) -> PrivacyRound | None:
         return None
@@ -143,7 +166,8 @@ class FedAvg:
         if set(tensors) != set(self._sum):
             raise ValueError(f"{what} tensors differ from the global state's")
 
-    def add(self, update: Mapping[str, np.ndarray], weight: int) -> None:
+    def add(self, update: Mapping[str, np.ndarray], weight: int) -> Folded:
+        """Fold one update in with `weight`, clipped to max_update_norm; says what was folded."""
         if weight <= 0:
             raise ValueError("num_samples must be positive")
         self._check(update, "update")
@@ -151,9 +175,14 @@ class FedAvg:
         for name, (_, shape) in layout.items():
             if tuple(shape) != tuple(self._layout[name][1]):
                 raise ValueError(f"update tensor {name!r}: shape {list(shape)}, expected {list(self._layout[name][1])}")
+        norm = update_norm(update)
+        factor = 1.0
+        if self.max_update_norm is not None and norm > self.max_update_norm:
+            factor = self.max_update_norm / norm
         for name in update:
-            _fold(self._sum[name], state_blocks(update, name, BLOCK_ELEMS), float(weight))
+            _fold(self._sum[name], state_blocks(update, name, BLOCK_ELEMS), float(weight) * factor)
         self._weight += weight
+        return Folded(weight, norm, factor)
 
     def add_aggregate(self, weighted_sum: Mapping[str, np.ndarray], weight: int) -> None:
         """Fold in updates that arrive already summed (secure aggregation): sum of weight_i * update_i."""
@@ -178,6 +207,23 @@ class FedAvg:
         if isinstance(self._global, dict):
             return {name: result[name] for name in result}
         return result
+
+
+def update_norm(update: Mapping[str, np.ndarray]) -> float:
+    """The L2 norm of a whole update (every tensor together), read block by block in float64."""
+    total = 0.0
+    tmp = np.empty(BLOCK_ELEMS, dtype=np.float64)
+    for name in update:
+        for block in state_blocks(update, name, BLOCK_ELEMS):
+            if block.size > tmp.size:
+                tmp = np.empty(block.size, dtype=np.float64)
+            part = tmp[:block.size]
+            part[...] = block.reshape(-1)
+            # elementwise, not np.dot: BLAS would spin up its threads beside the server's (15x
+            # slower than the fold on a busy host)
+            np.multiply(part, part, out=part)
+            total += float(part.sum())
+    return math.sqrt(total)
 
 
 def _fold(acc: np.ndarray, blocks: Iterator[np.ndarray], scale: float) -> None:
@@ -258,16 +304,16 @@ class DPFedAvg:
     def weight(self, num_samples: int) -> int:
         return 1
 
-    def secagg_weight_scale(self) -> int:
-        # 1 under user-level DP (RunConfig.secagg_weight_scale): equal weights, as the sensitivity
+    def max_weight(self) -> int:
+        # 1 under user-level DP (RunConfig.max_weight): equal weights, as the sensitivity
         # analysis assumes
-        return self.inner.secagg_weight_scale()
+        return self.inner.max_weight()
 
     def begin(self, global_state: Mapping[str, np.ndarray]) -> None:
         self.inner.begin(global_state)
 
-    def add(self, update: Mapping[str, np.ndarray], weight: int) -> None:
-        self.inner.add(update, weight)
+    def add(self, update: Mapping[str, np.ndarray], weight: int) -> Folded:
+        return self.inner.add(update, weight)
 
     def add_aggregate(self, weighted_sum: Mapping[str, np.ndarray], weight: int) -> None:
         self.inner.add_aggregate(weighted_sum, weight)

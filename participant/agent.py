@@ -284,9 +284,10 @@ class ParticipantAgent:
         model: fetch that state; the trainer loads it, writes the adapted model and evaluates it."""
         final = None
         try:
-            final = self.states.fetch(stub, self.run_id, finished.header.round, "")
+            final = self.states.fetch(stub, self.run_id, finished.header.round, "", completed=finished.header.round)
         except (grpc.RpcError, RuntimeError, ValueError) as err:  # codec.WireError is a ValueError
             detail = f"{err.code().name}: {err.details()}" if isinstance(err, grpc.RpcError) else str(err)
-            log.error("%s: the run's final global state could not be fetched (%s): no adapted model is written, "
-                      "and the final evaluation measures this site's last local model", self.site, detail)
+            log.error("%s: the run's final global state could not be fetched or was refused (%s): no adapted "
+                      "model is written, and the final evaluation measures this site's last local model",
+                      self.site, detail)
         self.trainer.conclude(self.settings.state_dir, final, round_no=finished.header.round, reason=finished.reason)

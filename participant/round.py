@@ -25,9 +25,13 @@ from participant.policy import Violation
 from participant.privacy import BudgetExceeded
 from participant.secagg_update import SecAggSession
 from participant.site_run import ROUND_CODES, SiteRun
+from participant.state_check import StateStepRefused
 from security.egress import EgressRefused
 
 log = logging.getLogger(__name__)
+
+# the decline code of a round whose global state the site refused (participant.state_check)
+STATE_REFUSED = "global_state_refused"
 
 
 class Round:
@@ -52,7 +56,13 @@ class Round:
         if violations:
             self.refuse(violations)
             return None
-        state = self.download()
+        try:
+            state = self.download()
+        except StateStepRefused as err:
+            # the coordinator's state is not one the run's rule could have produced: this site
+            # trains nothing on it and says why (the refusal is logged and audited by the fetch)
+            self.site_run.decline(self.stub, self.assignment, STATE_REFUSED, str(err)[:500])
+            return None
         started = time.perf_counter()  # local compute from here: the framework's overhead is the rest
         try:
             before, result, after = self.train(state)
@@ -83,7 +93,10 @@ class Round:
 
     # -- the steps --------------------------------------------------------------------------------
     def download(self) -> dict[str, np.ndarray]:
-        return self.site_run.states.fetch(self.stub, self.site_run.run_id, self.round, self.assignment.global_state_digest)[1]
+        # round r's task names the state after r - 1 rounds
+        run = self.site_run
+        return run.states.fetch(self.stub, run.run_id, self.round, self.assignment.global_state_digest,
+                                completed=self.round - 1)[1]
 
     def train(self, state: dict[str, np.ndarray]):
         """(accuracy before, training result, accuracy after); raises BudgetExceeded."""

@@ -73,7 +73,7 @@ class SecAggUpdate:
                                    signer=signer, verify_keys=verify_keys)
         # Weighted mean from a sum: encode weight / scale * clip(update) and carry the weight, which
         # the masking hides like the rest of the vector.
-        scale = config.secagg_weight_scale()
+        scale = config.max_weight()
         weight = min(int(num_samples), scale)
         flat = vector.flatten(update, shared)
         norm = float(np.linalg.norm(flat))

@@ -25,6 +25,7 @@ from participant import backbone_cache
 from participant import policy as site_policy
 from participant.audit_trail import NoAudit
 from participant.policy import SitePolicy, Violation
+from participant.state_check import StateStepRefused, StateSteps
 from participant.trainer import LocalTrainer
 from security.egress import EgressGuard
 
@@ -77,11 +78,21 @@ class GlobalStates:
         self.settings, self.audit, self.counters = settings, audit, counters
         self.chunk_bytes = codec.MAX_CHUNK_BYTES
         self.cached: tuple[str, dict[str, np.ndarray]] | None = None
+        # the run's step check (participant.state_check); kept across re-joins of the same run, so a
+        # coordinator cannot reset it by dropping the site's connection
+        self.steps: StateSteps | None = None
 
-    def fetch(self, stub, run_id: str, round_no: int, digest: str) -> tuple[str, dict[str, np.ndarray]]:
-        """(digest, tensors) of a global state. An empty digest asks for the coordinator's current
-        one (after RunFinished, which names none: the run's final state); the reply's header names
-        it, and the tensors are checked against that name as against an assignment's."""
+    def begin_run(self, run_id: str, config: RunConfig) -> None:
+        self.cached = None
+        if self.steps is None or self.steps.run_id != run_id:
+            self.steps = StateSteps(run_id, config)
+
+    def fetch(self, stub, run_id: str, round_no: int, digest: str, completed: int) -> tuple[str, dict[str, np.ndarray]]:
+        """(digest, tensors) of a global state, named as the state after `completed` rounds. An
+        empty digest asks for the coordinator's current one (after RunFinished, which names none:
+        the run's final state); the reply's header names it, and the tensors are checked against
+        that name as against an assignment's, and against the last state taken for how far they
+        moved (StateStepRefused)."""
         if digest and self.cached and self.cached[0] == digest:
             return self.cached
         site = self.settings.site
@@ -99,6 +110,13 @@ class GlobalStates:
         state = assembler.finish()
         self.counters.bytes_downloaded += assembler.bytes_received
         self.audit.boundary(run_id, "receive", round_no, "state", digest, specs)
+        if self.steps is not None and self.steps.run_id == run_id:
+            try:
+                self.steps.accept(completed, state)
+            except StateStepRefused as err:
+                log.error("%s: run %s: global state %s refused: %s", self.settings.site, run_id, digest[:12], err)
+                self.audit.refusal(run_id, round_no, "state", "global state step", str(err)[:1000])
+                raise
         self.cached = (digest, state)
         return self.cached
 
@@ -170,7 +188,7 @@ class SiteRun:
         config = RunConfig.from_json(reply.run_config_json)
         run_id = reply.header.run_id
         states.chunk_bytes = reply.max_chunk_bytes or codec.MAX_CHUNK_BYTES
-        states.cached = None
+        states.begin_run(run_id, config)
         audit.config(run_id, json.loads(reply.run_config_json), policy)
         refused = tuple(join_violations(settings, policy, config, reply))
 

@@ -25,6 +25,9 @@ Coordinator (its store and its start):
                                           rounds >= 1): a kill meanwhile is a crash mid-save
     KTFED_FAULT_PAUSE_IN_RESUME_S=S       Coordinator.resume waits S seconds first: the server
                                           listens and answers health NOT_SERVING meanwhile
+    KTFED_FAULT_SHIFT_STATE=V             a hostile coordinator: the first aggregate it computes
+                                          gets V added to every element (a model of its own in
+                                          place of the sites' mean; the sites must refuse it)
 """
 from __future__ import annotations
 
@@ -38,7 +41,8 @@ from pathlib import Path
 import numpy as np
 
 FAULTS = ("KTFED_FAULT_PAUSE_BEFORE_UPLOAD_S", "KTFED_FAULT_LEAK_PRIVATE", "KTFED_FAULT_EXIT_AFTER_SECAGG_STEP",
-          "KTFED_TEST_EXPORT_SECAGG_INPUT", "KTFED_FAULT_PAUSE_BEFORE_COMMIT_S", "KTFED_FAULT_PAUSE_IN_RESUME_S")
+          "KTFED_TEST_EXPORT_SECAGG_INPUT", "KTFED_FAULT_PAUSE_BEFORE_COMMIT_S", "KTFED_FAULT_PAUSE_IN_RESUME_S",
+          "KTFED_FAULT_SHIFT_STATE")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -137,6 +141,20 @@ def install_coordinator(env) -> None:
             time.sleep(resume_pause)
             return resume(self, *args, **kwargs)
         _wrap(Coordinator, "resume", paused_resume)
+    shift = float(env.get("KTFED_FAULT_SHIFT_STATE", "0") or 0)
+    if shift:
+        from coordinator.strategy import FedAvg
+
+        shifted = []
+
+        def hostile_finish(finish, self):
+            result = finish(self)
+            if shifted:
+                return result
+            shifted.append(True)
+            logging.getLogger("coordinator.strategy").warning("fault injection: adding %g to the aggregate", shift)
+            return {name: (np.asarray(result[name]) + shift).astype(np.asarray(result[name]).dtype) for name in result}
+        _wrap(FedAvg, "finish", hostile_finish)
 
 
 if __name__ == "__main__":

@@ -73,8 +73,10 @@ def _connect(fed, cert_name, pki=None) -> grpc.Channel:
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory, pki_dir):
     fed = LocalFederation(tmp_path_factory.mktemp("bad-input"), pki_dir)
-    config = fed.write_config(fast_config(rounds=50, min_sites=2, timeout=600,
-                                          sites=["site-x", "site-a"], max_chunk_bytes=CHUNK))
+    # the deltas below fill every element with one value (L2 norms in the hundreds): a bound on a
+    # site's pull (README "One site's pull on the mean") that leaves them whole
+    config = fed.write_config(fast_config(rounds=50, min_sites=2, timeout=600, sites=["site-x", "site-a"],
+                                          max_chunk_bytes=CHUNK, extra="[secagg]\nclip_norm = 1e9\n"))
     fed.start_coordinator(config)
     fed.wait_serving()
     yield fed

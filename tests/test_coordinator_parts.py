@@ -114,14 +114,30 @@ def test_fedavg_selects_configures_and_weighs_by_samples():
     plan = strategy.configure(4)
     assert (plan.epochs, plan.batch_size, plan.lr, plan.seed) == (2, 32, 0.05, 3 * 100_003 + 4)
     assert strategy.weight(70) == 70 and strategy.privacy_round(1) is None
-    assert strategy.secagg_weight_scale() == _config().secagg.max_samples_per_site
+    assert strategy.max_weight() == _config().secagg.max_samples_per_site
+    # the same bounds a SecAgg site applies, here applied by the coordinator to plain uploads
+    assert strategy.weight(10 ** 9) == strategy.max_weight()
+    assert strategy.max_update_norm == _config().secagg.clip_norm
+
+
+def test_fedavg_scales_an_update_longer_than_the_bound_to_it_and_says_so():
+    strategy = FedAvg(max_weight=5, max_update_norm=2.0)
+    strategy.begin({"a": np.zeros(3, np.float32), "b": np.zeros((2, 2), np.float32)})
+    long = {"a": np.array([3.0, 0.0, 0.0], np.float32), "b": np.full((2, 2), 2.0, np.float32)}   # norm 5
+    short = {"a": np.array([0.0, 1.0, 0.0], np.float32), "b": np.zeros((2, 2), np.float32)}      # norm 1
+    folded = strategy.add(long, strategy.weight(100)), strategy.add(short, strategy.weight(5))
+    assert [(f.weight, f.norm, f.factor) for f in folded] == [(5, 5.0, pytest.approx(0.4)), (5, 1.0, 1.0)]
+    new = strategy.finish()
+    np.testing.assert_allclose(new["a"], [0.6, 0.5, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(new["b"], np.full((2, 2), 0.4), rtol=1e-6)
 
 
 def test_dpfedavg_weighs_equally_adds_central_noise_and_reports_user_level_epsilon():
     config = _config('[privacy]\nenabled = true\nmechanism = "central"\nupdate_clip_norm = 1.0\n'
                      'user_noise_multiplier = 2.0\n')
     strategy = strategy_for(config)
-    assert isinstance(strategy, DPFedAvg) and strategy.weight(70) == 1 and strategy.secagg_weight_scale() == 1
+    assert isinstance(strategy, DPFedAvg) and strategy.weight(70) == 1 and strategy.max_weight() == 1
+    assert strategy.inner.max_update_norm == 1.0    # the coordinator enforces the sites' clip S
     strategy.begin({"w": np.zeros(20000, np.float32)})
     for _ in range(4):
         strategy.add({"w": np.zeros(20000, np.float32)}, strategy.weight(1000))

@@ -378,10 +378,18 @@ def test_a_revoked_member_loses_its_stream_and_the_round_goes_on_without_it(serv
     assert "site-m" in engine.attempt.dropped
 
 
-def test_the_honest_sites_complete_the_round(server, members):
-    for name in ("site-x", "site-a"):
+def test_the_round_completes_with_a_hostile_update_bounded_to_the_runs_limits(server, members):
+    # site-x claims 2^53 - 1 samples (the most the wire admits) and sends 1e30 in every element
+    # (finite: it passes the wire's checks); site-a sends a zero update for its 10 samples. The mean may move no further than
+    # secagg.clip_norm times site-x's share of the capped weight (README "One site's pull on the mean").
+    config = server.coordinator.current().config
+    cap, clip = config.secagg.max_samples_per_site, config.secagg.clip_norm
+    before = members["site-a"].download()
+    hostile = {n: np.full(a.shape, 1e30, a.dtype) for n, a in before.items()}
+    sent = {"site-x": (hostile, 2 ** 53 - 1), "site-a": (_zero_update(members["site-a"]), 10)}
+    for name, (update, samples) in sent.items():
         m = members[name]
-        receipt = m.stub.Upload(iter(m.upload_messages(_zero_update(m))), timeout=30)
+        receipt = m.stub.Upload(iter(m.upload_messages(update, num_samples=samples)), timeout=30)
         assert receipt.bytes_received > 0
     deadline = time.monotonic() + 30
     while server.coordinator.current().rounds_completed < 1 and time.monotonic() < deadline:
@@ -390,3 +398,10 @@ def test_the_honest_sites_complete_the_round(server, members):
     assert engine.rounds_completed == 1
     uploads = server.store.uploads(engine.run_id)
     assert sorted(u["site_id"] for u in uploads) == ["site-a", "site-x"]
+    after = {n: np.asarray(a, np.float64) for n, a in engine.global_state.items()}
+    moved = np.sqrt(sum(float(((after[n] - before[n].astype(np.float64)) ** 2).sum()) for n in before))
+    share = cap / (cap + 10)
+    assert 0.99 * clip * share < moved <= clip * share * (1 + 1e-4), moved
+    metrics = server.store.rounds(engine.run_id)[0].metrics
+    assert metrics["site-x/aggregation.weight"] == cap and metrics["site-a/aggregation.weight"] == 10
+    assert metrics["site-x/aggregation.clip_factor"] < 1e-20 and metrics["site-a/aggregation.clip_factor"] == 1.0

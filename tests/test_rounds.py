@@ -23,10 +23,15 @@ from participant.agent import backoff_delay
 from tests.conftest import fast_config
 
 
-def running_coordinator(tmp_path, sites=("s1", "s2")):
+# the synthetic updates below fill every element with one value (L2 norms in the hundreds): a
+# bound that leaves them whole, so these tests see the plain weighted mean
+WIDE_BOUND = "[secagg]\nclip_norm = 1e9\n"
+
+
+def running_coordinator(tmp_path, sites=("s1", "s2"), extra: str = WIDE_BOUND):
     """An in-process coordinator with a started two-round run over `sites` (two required); the
     caller stops it with `stop_coordinator`."""
-    config = load_toml(fast_config(rounds=2, min_sites=2, timeout=30, sites=list(sites)))
+    config = load_toml(fast_config(rounds=2, min_sites=2, timeout=30, sites=list(sites), extra=extra))
     config = dataclasses.replace(config, federation=dataclasses.replace(config.federation, gather_timeout_s=0.0))
     coord = Coordinator(Store(tmp_path))
     coord.start_run(config)
@@ -81,6 +86,31 @@ def test_round_completes_with_the_weighted_mean_and_persists(coordinator):
         np.testing.assert_allclose(engine.global_state[name], old + 4.0, atol=1e-6)
     round_no, state, digest = coordinator.store.last_round(engine.run_id)
     assert round_no == 1 and digest == engine.global_digest == t.global_state_digest
+
+
+def test_a_site_that_claims_too_many_samples_or_skips_its_clip_moves_the_mean_no_further(tmp_path):
+    # the run's bounds (RunConfig.max_weight, max_update_norm): weight min(N, 100), norm <= 2
+    coord = running_coordinator(tmp_path, extra="[secagg]\nclip_norm = 2.0\nmax_samples_per_site = 100\n")
+    try:
+        engine = coord.current()
+        before = {n: a.astype(np.float64) for n, a in engine.global_state.items()}
+        elements = sum(a.size for a in before.values())
+        s1, s2 = engine.sessions.connect("s1"), engine.sessions.connect("s2")
+        t1, t2 = _next_assignment(s1), _next_assignment(s2)
+        honest = 1.0 / np.sqrt(elements)                 # norm 1: within the bound, folded whole
+        _upload(engine, "s1", t1, honest, 100)
+        _upload(engine, "s2", t2, 1e6, 2 ** 53 - 1)     # norm ~1e8 and a sample count no site has
+        _next_assignment(s1)
+        hostile = 2.0 / np.sqrt(elements)                # scaled to the bound, weighed as 100
+        for name, old in before.items():
+            np.testing.assert_allclose(engine.global_state[name], old + (honest + hostile) / 2, rtol=1e-5, atol=1e-9)
+        record = coord.store.rounds(engine.run_id)[0]
+        assert record.metrics["s2/aggregation.weight"] == 100
+        assert record.metrics["s2/aggregation.clip_factor"] == pytest.approx(2.0 / (1e6 * np.sqrt(elements)), rel=1e-5)
+        assert record.metrics["s1/aggregation.clip_factor"] == 1.0
+        assert record.metrics["s1/aggregation.update_norm"] == pytest.approx(1.0, rel=1e-5)
+    finally:
+        stop_coordinator(coord)
 
 
 def test_too_few_updates_abort_and_retry_with_a_new_attempt_id(coordinator):

@@ -32,8 +32,10 @@ upload_queue_timeout_s = 1.0
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory, pki_dir):
     fed = LocalFederation(tmp_path_factory.mktemp("limits"), pki_dir)
+    # constant deltas below (L2 norms in the hundreds): a bound on a site's pull that leaves them whole
     text = fast_config(rounds=20, min_sites=2, timeout=600, sites=["site-a", "site-b", "site-c"],
-                       max_chunk_bytes=CHUNK).replace("[federation]\n", "[federation]\n" + LIMITS)
+                       max_chunk_bytes=CHUNK, extra="[secagg]\nclip_norm = 1e9\n"
+                       ).replace("[federation]\n", "[federation]\n" + LIMITS)
     fed.start_coordinator(fed.write_config(text))
     fed.wait_serving()
     yield fed

@@ -154,7 +154,7 @@ def test_a_masked_vector_of_the_wrong_length_is_refused(fed, sites):
 def test_the_round_completes_with_exactly_the_sum_of_the_valid_inputs(fed, sites):
     config = load_toml(CONFIG).resolved()
     specs = shared_specs(initial_state(config)[0])
-    scale = config.secagg_weight_scale()
+    scale = config.max_weight()
     encoded = {}
     for value, (name, site) in zip((0.001, -0.003), sorted(sites.items())):
         update = vector.flatten({n: np.full(a.shape, value, dtype=np.float32) for n, a in site.state.items()}, specs)
@@ -183,5 +183,37 @@ def test_the_round_completes_with_exactly_the_sum_of_the_valid_inputs(fed, sites
 
 
 def _new_state(fed, site):
-    task = next(t.round for t in site.stream if t.HasField("round"))
-    return site.download(task)
+    site.task = next(t.round for t in site.stream if t.HasField("round"))
+    return site.download(site.task)
+
+
+def test_an_input_that_was_not_clipped_aborts_the_attempt_naming_why(fed, sites):
+    # round 2: site-x encodes its update clipped to 40 x secagg.clip_norm instead of clip_norm (the
+    # encoding itself is well-formed, so nothing before the unmasking can tell); the unmasked sum
+    # is then longer than two inputs by the rule can reach, and the attempt aborts, recorded
+    site_a = sites["site-a"]
+    site_a.task = next(t.round for t in site_a.stream if t.HasField("round"))
+    assert site_a.task.header.round == sites["site-x"].task.header.round == 2
+    for site in sites.values():
+        site.client = secagg.SecAggClient(site.name, site.join.header.run_id, 2, list(site.task.roster), SETTINGS,
+                                          bytes.fromhex(site.task.global_state_digest))
+        submit(site, "advertise", site.client.advertise().to_bytes())
+    for site in sites.values():
+        submit(site, "share_keys", site.client.share_keys(next_step(site).payload).to_bytes())
+    length = vector.vector_length(shared_specs(initial_state(load_toml(CONFIG).resolved())[0]))
+    for name, site in sorted(sites.items()):
+        delivery = next_step(site).payload
+        big = 40 * SETTINGS.clip_norm if name == "site-x" else SETTINGS.clip_norm
+        update = np.full(length, big / np.sqrt(length))
+        encoded = secagg.encode_input(update, 1, big, SETTINGS.bits, 2, np.random.default_rng(1))
+        submit(site, "masked_input", site.client.masked_input(delivery, encoded).to_bytes())
+    for step in ("consistency", "unmask"):
+        for site in sites.values():
+            message = next_step(site)
+            reply = site.client.acknowledge(message.payload) if step == "consistency" \
+                else site.client.unmask(message.payload)
+            submit(site, step, reply.to_bytes())
+    row = fed.wait_for(lambda: fed.db().execute("SELECT round, reason FROM aborted_attempts").fetchone(), 60,
+                       "the aborted attempt")
+    assert row[0] == 2 and "an input was not clipped" in row[1], row
+    assert fed.status().rounds_completed == 1

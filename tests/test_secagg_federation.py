@@ -94,7 +94,7 @@ def test_five_sites_two_dropouts_exact_sum_and_nothing_individual_kept(fed5):
         np.add(total, np.load(exports / f"{site}-round1-encoded.npy"), out=total)
     weighted, weight = secagg.decode_sum(total, config.secagg.bits)
     specs = shared_specs(initial_state(config)[0])
-    step = vector.unflatten(weighted * config.secagg_weight_scale() / weight, specs)
+    step = vector.unflatten(weighted * config.max_weight() / weight, specs)
     before, after = _state(fed5, 0), _state(fed5, 1)
     for name in specs:
         np.testing.assert_allclose(after[name], (before[name] + step[name]).astype(before[name].dtype),
