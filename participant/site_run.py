@@ -18,6 +18,7 @@ import numpy as np
 
 from kt_core import codec
 from kt_core.config import ConfigError, RunConfig
+from kt_core.models import shared_state
 from kt_core.tasks import task_for
 from kt_core.wire import convert, transport
 from kt_core.wire import federation_pb2 as pb
@@ -84,8 +85,14 @@ class GlobalStates:
 
     def begin_run(self, run_id: str, config: RunConfig) -> None:
         self.cached = None
-        if self.steps is None or self.steps.run_id != run_id:
-            self.steps = StateSteps(run_id, config)
+        if self.steps is not None and self.steps.run_id != run_id:
+            self.steps = None
+
+    def measure_from(self, run_id: str, config: RunConfig, initial: dict[str, np.ndarray]) -> None:
+        """Check this run's states from `initial`, the round-0 shared state this site built (on a
+        re-join of the same run the check goes on from the last state it took)."""
+        if self.steps is None:
+            self.steps = StateSteps(run_id, config, initial)
 
     def fetch(self, stub, run_id: str, round_no: int, digest: str, completed: int) -> tuple[str, dict[str, np.ndarray]]:
         """(digest, tensors) of a global state, named as the state after `completed` rounds. An
@@ -220,6 +227,9 @@ class SiteRun:
                                "(incompatible software versions)")
         if noisy := site_policy.check_noise(policy, trainer.privacy.noise_multiplier):
             return refusing(noisy)   # nothing trained or sent: the trainer is dropped
+        # before any global state is loaded, the shared tensors are the round-0 model
+        initial = {n: t.detach().numpy().copy() for n, t in shared_state(trainer.model).items()}
+        states.measure_from(run_id, config, initial)
         run_history(settings).record(run_id, config.privacy.budget_for(settings.site, settings.epsilon_budget)
                                      if site_policy.privacy_level(config) == site_policy.RECORD else None)
         roles = {e.name: convert.ROLE_FROM_PB[e.role] for e in reply.manifest}

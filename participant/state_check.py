@@ -11,7 +11,9 @@ from the last one this site accepted than that many rounds of it could be is ref
 (`StateStepRefused`): the round is refused, or at the end of the run the final state is not taken
 and the site's last local model is what it keeps. So a coordinator cannot swap the sites' model for
 one of its own in a round; it can still walk it there one bounded step a round, which no check
-here can tell from honest training.
+here can tell from honest training. The first state is measured from the round-0 model the site
+builds itself from the run's seed, as the coordinator does, so a site that joins late or restarts
+is bounded by the rounds the run has had.
 """
 from __future__ import annotations
 
@@ -67,14 +69,19 @@ def state_distance(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> 
 class StateSteps:
     """The last global state this site accepted in a run, and the check of the next against it."""
 
-    def __init__(self, run_id: str, config: RunConfig):
+    def __init__(self, run_id: str, config: RunConfig, initial: Mapping[str, np.ndarray] | None = None):
+        """`initial`: the round-0 shared state this site built from the run's seed (the coordinator
+        builds the same, coordinator.coordinator.initial_state), so even the first state a site is
+        sent, whichever round it joins at, is measured from there."""
         self.run_id, self.config = run_id, config
         self.last: tuple[int, dict[str, np.ndarray]] | None = None   # (rounds completed, shared tensors)
+        if initial is not None:
+            self.last = (0, {n: np.array(a, copy=True) for n, a in initial.items()})
 
     def accept(self, completed: int, state: Mapping[str, np.ndarray]) -> None:
         """Take `state`, named as the global state after `completed` rounds, or raise
-        StateStepRefused. The first state of a run (or after a restart) is taken as it is: there
-        is nothing to measure it against."""
+        StateStepRefused. Without an initial state the first one is taken as it is: there is
+        nothing to measure it against."""
         shared = dict(state)   # a global state holds the shared tensors only
         if self.last is not None:
             before, previous = self.last
@@ -89,5 +96,6 @@ class StateSteps:
                 raise StateStepRefused(
                     f"the global state after {completed} rounds lies {distance:.6g} (L2) from the one after {before}, "
                     f"more than the {allowed:.6g} that {rounds} round(s) of the run's aggregation can move it "
-                    "(server_lr x clip_norm, README \"One site's pull on the mean\")")
+                    "(server_lr x clip_norm, README \"One site's pull on the mean\"; at round 0: the model this "
+                    "site built from the run's seed, which a task's build must reproduce exactly)")
         self.last = (completed, {n: np.array(a, copy=True) for n, a in shared.items()})

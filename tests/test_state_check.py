@@ -93,3 +93,18 @@ def test_the_bound_counts_secure_aggregations_rounding_and_central_noise():
     assert max_global_step(dp, 100) == pytest.approx(0.5 + 1.5 * 0.5 * (10 + 10))
     assert max_global_step(plain, 100) == plain.secagg.clip_norm
     assert max_global_step(_config(SERVER_LR), 100) == pytest.approx(0.7 * plain.secagg.clip_norm)
+
+
+def test_the_first_state_is_measured_from_the_round_0_model_the_site_built():
+    config = _config(PLAIN, rounds=5)
+    rng = np.random.default_rng(2)
+    initial = _state(rng)
+    StateSteps("run", config, initial).accept(0, initial)          # round 1 names the round-0 model itself
+    other = _state(rng)                                             # a model the site did not build
+    with pytest.raises(StateStepRefused, match="built from the run's seed"):
+        StateSteps("run", config, initial).accept(0, other)
+    # a site joining after 3 rounds: at most 3 rounds' worth from its round-0 model
+    step = {n: a + np.float32(2.5 * config.secagg.clip_norm / np.sqrt(37)) for n, a in initial.items()}
+    StateSteps("run", config, initial).accept(3, step)
+    with pytest.raises(StateStepRefused):
+        StateSteps("run", config, initial).accept(2, step)
