@@ -312,7 +312,8 @@ class SecAggConfig:
     `max_samples_per_site` so the weighted mean is recoverable from the sum, and hides its count
     inside the masked vector. Without secure aggregation the coordinator applies the same two
     bounds to every plain upload itself (RunConfig.max_weight, max_update_norm), so the mean is the
-    same either way and no site can weigh or pull more than they allow. The protocol's own checks (threshold a strict majority, no overflow
+    same either way and no site can weigh or pull more than they allow. The protocol's own checks
+    (threshold a strict majority, no overflow
     in Z_2^32) are made by security.secagg when the run starts and by `ktfed config check`; the
     protocol's part of this section becomes its settings in one place,
     `security.secagg.SecAggProtocolSettings.from_section`.

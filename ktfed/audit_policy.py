@@ -23,7 +23,10 @@ checked by the policy's and the run config's own parsers; what does not parse is
 
 Not judged offline: limits.max_runs_per_day, and privacy.max_epsilon_lifetime beyond one run's own
 budget (the site's run history, STATE/policy-runs.json, is not in its log); coordinator.* (the
-site checks it in a TLS handshake of its own before joining, which no log entry records).
+site checks it in a TLS handshake of its own before joining, which no log entry records);
+limits.max_global_step only in its part that does not grow with the model's size (the log holds no
+tensor count, so SecAgg's rounding and central DP's noise are left out: a lower bound, which can
+miss a run the site refused but never flags one it rightly took).
 """
 from __future__ import annotations
 

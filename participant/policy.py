@@ -22,6 +22,7 @@ from pathlib import Path
 
 from kt_core.config_file import ConfigError, build, check_known, parse_toml, read_text
 from kt_core.config import RunConfig
+from participant.state_check import max_global_step
 
 RECORD, USER = "record", "user"
 ADAPTER_KINDS = ("waffle", "lora", "ffa_lora", "dense")
@@ -88,6 +89,10 @@ class PrivacyRules:
 class LimitRules:
     max_rounds_per_run: int = 0   # 0 = no limit
     max_runs_per_day: int = 0
+    # the longest L2 step one round of the run's aggregation may move the global state
+    # (participant.state_check.max_global_step: server_lr x clip_norm, plus SecAgg rounding and
+    # central DP noise); the site checks every state it is sent against it. 0 = no limit
+    max_global_step: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -257,6 +262,14 @@ def check_join(policy: SitePolicy, config: RunConfig, *, site: str, shared: dict
     if lim.max_rounds_per_run and config.federation.rounds > lim.max_rounds_per_run:
         out.append(Violation("limits.max_rounds_per_run", f"the run asks for {config.federation.rounds} rounds, "
                                                           f"more than {lim.max_rounds_per_run}"))
+    if lim.max_global_step:
+        # the states are float32: 4 bytes an element
+        step = max_global_step(config, sum(shared.values()) // 4)
+        if step > lim.max_global_step:
+            out.append(Violation("limits.max_global_step", f"the run's aggregation can move the global state by "
+                                                           f"{step:.6g} a round (server_lr x clip_norm and what "
+                                                           f"secure aggregation and DP add), more than "
+                                                           f"{lim.max_global_step:g}"))
     if lim.max_runs_per_day and history is not None:
         recent = history.runs_since(time.time() - 86400, excluding=run_id)
         if recent >= lim.max_runs_per_day:

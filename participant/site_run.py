@@ -83,7 +83,7 @@ class GlobalStates:
         # coordinator cannot reset it by dropping the site's connection
         self.steps: StateSteps | None = None
 
-    def begin_run(self, run_id: str, config: RunConfig) -> None:
+    def begin_run(self, run_id: str) -> None:
         self.cached = None
         if self.steps is not None and self.steps.run_id != run_id:
             self.steps = None
@@ -94,7 +94,8 @@ class GlobalStates:
         if self.steps is None:
             self.steps = StateSteps(run_id, config, initial)
 
-    def fetch(self, stub, run_id: str, round_no: int, digest: str, completed: int) -> tuple[str, dict[str, np.ndarray]]:
+    def fetch(self, stub, run_id: str, round_no: int, digest: str, completed: int
+              ) -> tuple[str, dict[str, np.ndarray]]:
         """(digest, tensors) of a global state, named as the state after `completed` rounds. An
         empty digest asks for the coordinator's current one (after RunFinished, which names none:
         the run's final state); the reply's header names it, and the tensors are checked against
@@ -195,7 +196,7 @@ class SiteRun:
         config = RunConfig.from_json(reply.run_config_json)
         run_id = reply.header.run_id
         states.chunk_bytes = reply.max_chunk_bytes or codec.MAX_CHUNK_BYTES
-        states.begin_run(run_id, config)
+        states.begin_run(run_id)
         audit.config(run_id, json.loads(reply.run_config_json), policy)
         refused = tuple(join_violations(settings, policy, config, reply))
 

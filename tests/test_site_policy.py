@@ -61,6 +61,8 @@ BROKEN = [
     ("[privacy]\nmin_noise_multiplier = 2.0", DP, {}, "privacy.min_noise_multiplier"),
     ("[privacy]\nmax_clip_norm = 0.5", DP, {}, "privacy.max_clip_norm"),
     ("[limits]\nmax_rounds_per_run = 2", "", {"rounds": 3}, "limits.max_rounds_per_run"),
+    # one round may move the global state by secagg.clip_norm (100 by default): more than 50
+    ("[limits]\nmax_global_step = 50", "", {}, "limits.max_global_step"),
 ]
 
 
@@ -248,3 +250,14 @@ def test_the_noise_a_site_derives_from_a_target_epsilon_is_held_to_the_policy():
     assert rules(check_noise(policy, 0.68)) == ["privacy.min_noise_multiplier"]
     assert check_noise(policy, 1.2) == [] and check_noise(policy, None) == []
     assert check_noise(SitePolicy(), 0.01) == []
+
+
+def test_max_global_step_counts_the_runs_server_lr_and_what_secure_aggregation_adds():
+    policy = loads("[limits]\nmax_global_step = 120", "p.toml")
+    assert check_join(policy, run("[secagg]\nclip_norm = 100.0\n"), site="site-a", shared=SHARED) == []
+    lowered = run("").federation
+    halved = dataclasses.replace(run(""), federation=dataclasses.replace(lowered, server_lr=0.5))
+    assert check_join(loads("[limits]\nmax_global_step = 60", "p.toml"), halved, site="site-a", shared=SHARED) == []
+    # SecAgg's rounding adds max_samples_per_site x sqrt(elements) / 2^bits: 4 bits leave too much
+    coarse = run("[secagg]\nenabled = true\nthreshold = 2\nbits = 4\n")
+    assert rules(check_join(policy, coarse, site="site-a", shared=SHARED)) == ["limits.max_global_step"]
