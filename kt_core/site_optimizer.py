@@ -73,6 +73,11 @@ class SiteOptimizer:
                 group["lr"] = cfg.lr * scale
         return self.optimizer
 
+    def reset(self) -> None:
+        """Start the next round with a fresh optimizer (after a round whose training diverged: its
+        moments must not carry on)."""
+        self.optimizer, self._kind = None, None
+
     # -- on disk ----------------------------------------------------------------------------------
     def state_tensors(self) -> dict[str, Tensor]:
         """name::key -> tensor for every parameter with optimizer state (empty before any round)."""

@@ -181,7 +181,13 @@ class SitePrivacy:
                                    accountant=p.accountant, params=params)
         x, y = task.dp_records(data)
         before = {name: value.detach().clone() for name, value in model.state_dict().items()}
-        result = self._dp_sgd(model, x, y, cfg)
+        try:
+            result = self._dp_sgd(model, x, y, cfg)
+        except FloatingPointError:
+            # the noisy steps ran, and that they diverged is reported (derived from them): the
+            # round counts as spent, as reserved
+            self._note(rec.ledger.settle(entry, entry.steps))
+            raise
         entry = rec.ledger.settle(entry, result.steps)
         self._note(entry)
         self.unreleased = _Unreleased(entry, model, before)

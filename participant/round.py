@@ -26,12 +26,15 @@ from participant.privacy import BudgetExceeded
 from participant.secagg_update import SecAggSession
 from participant.site_run import ROUND_CODES, SiteRun
 from participant.state_check import StateStepRefused
+from participant.trainer import TrainingDiverged
 from security.egress import EgressRefused
 
 log = logging.getLogger(__name__)
 
 # the decline code of a round whose global state the site refused (participant.state_check)
 STATE_REFUSED = "global_state_refused"
+# ... and of a round whose local training diverged (participant.trainer.TrainingDiverged)
+DIVERGED = "training_diverged"
 
 
 class Round:
@@ -68,6 +71,10 @@ class Round:
             before, result, after = self.train(state)
         except BudgetExceeded as err:
             self.decline(err)
+            return None
+        except TrainingDiverged as err:
+            log.warning("%s: round %d: training diverged, nothing sent: %s", run.site, self.round, err)
+            run.decline(self.stub, assignment, DIVERGED, str(err)[:500])
             return None
         update = self.update(state)
         if not self.guard(update):

@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 __all__ = ["LocalTrainer", "BudgetExceeded", "DPUnsupportedError"]
 
 
+class TrainingDiverged(RuntimeError):
+    """A round's local training diverged: its model was dropped, nothing is sent for it."""
+
+
 class LocalTrainer:
     def __init__(self, site: str, run_id: str, config: RunConfig, state_dir: Path, data_root: Path | None = None,
                  epsilon_budget: float | None = None, *, backbone: Path | None = None, audit=None,
@@ -45,6 +49,8 @@ class LocalTrainer:
         self.model = self.built.model
         self.manifest = manifest_of(self.model)
         self.data = self.task.site_data(self.built, site, data_root=data_root, state_dir=Path(state_dir))
+        # the private tensors as the run's seed built them: what a diverged round goes back to
+        self.initial_private = {n: t.detach().clone() for n, t in private_state(self.model).items()}
         self.private_path = Path(state_dir) / f"private-{run_id}.safetensors"
         if self.private_path.exists():
             try:
@@ -73,8 +79,23 @@ class LocalTrainer:
         cfg = dataclasses.replace(self.config.train, epochs=epochs, batch_size=batch_size, lr=lr,
                                   max_steps=max_steps or None, seed=seed)
         cfg.validate()
-        return self.privacy.train(self.task, self.model, self.data, cfg, round_no=round_no, attempt_id=attempt_id,
-                                  optimizer=self.optimizer.for_round(cfg))
+        before = {name: value.detach().clone() for name, value in self.model.state_dict().items()}
+        try:
+            return self.privacy.train(self.task, self.model, self.data, cfg, round_no=round_no,
+                                      attempt_id=attempt_id, optimizer=self.optimizer.for_round(cfg))
+        except FloatingPointError as err:
+            # the loss went to inf or NaN: the round's model is dropped, so nothing of it is sent.
+            # The private tensors go back to where the run started them, not to before the round:
+            # on a site of a few records under DP the noise had walked them (its private bias,
+            # its selection) so far that the round's very first step diverged, round after round;
+            # the shared ones come from the next global state, and the optimizer starts afresh
+            self.model.load_state_dict(before)
+            load_private_state(self.model, self.initial_private)
+            self.optimizer.reset()
+            self.optimizer_path.unlink(missing_ok=True)   # a restart must not load the moments back
+            self.save_private()
+            raise TrainingDiverged(f"round {round_no}: {err}; the private factors are back to the run's "
+                                   "start") from None
 
     def privacy_metrics(self) -> dict[str, float]:
         return self.privacy.metrics()

@@ -262,6 +262,12 @@ def _restore(model: nn.Module, gsm, undo, public_params: list[nn.Parameter], was
                     delattr(p, attr)
                 except AttributeError:
                     pass
+    # the activations a forward pass left for a backward that never ran (a step whose loss was
+    # not finite raises between the two): the next round's first backward would take them as its own
+    for module in model.modules():
+        for attr in ("activations", "max_batch_len"):
+            if attr in module.__dict__:
+                delattr(module, attr)
     model.train(was_training)
 
 
