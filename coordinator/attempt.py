@@ -65,5 +65,6 @@ class Attempt:
         kept beside the site's metrics as "<site>/aggregation.<name>"; written after them, so a site
         reporting a metric of that name cannot stand in for the coordinator's figure."""
         self.metrics[f"{site_id}/aggregation.weight"] = float(folded.weight)
-        self.metrics[f"{site_id}/aggregation.update_norm"] = float(folded.norm)
+        if folded.norm is not None:
+            self.metrics[f"{site_id}/aggregation.update_norm"] = float(folded.norm)
         self.metrics[f"{site_id}/aggregation.clip_factor"] = float(folded.factor)

@@ -63,11 +63,12 @@ class PrivacyRound:
 
 @dataclass(frozen=True)
 class Folded:
-    """What `add` did with one update: the weight it counted, the update's L2 norm as received and
-    the factor it was scaled by (1.0 within max_update_norm), for the round's record."""
+    """What `add` did with one update: the weight it counted, the update's L2 norm as received
+    (None for an unbounded mean, which does not measure it) and the factor it was scaled by (1.0
+    within max_update_norm), for the round's record."""
 
     weight: int
-    norm: float
+    norm: float | None
     factor: float
 
 
@@ -175,10 +176,13 @@ class FedAvg:
         for name, (_, shape) in layout.items():
             if tuple(shape) != tuple(self._layout[name][1]):
                 raise ValueError(f"update tensor {name!r}: shape {list(shape)}, expected {list(self._layout[name][1])}")
-        norm = update_norm(update)
-        factor = 1.0
-        if self.max_update_norm is not None and norm > self.max_update_norm:
-            factor = self.max_update_norm / norm
+        # the norm pass only where there is a bound to hold it to (an unbounded mean, as the
+        # benchmarks' simulations fold thousands of, needs none)
+        norm, factor = None, 1.0
+        if self.max_update_norm is not None:
+            norm = update_norm(update)
+            if norm > self.max_update_norm:
+                factor = self.max_update_norm / norm
         for name in update:
             _fold(self._sum[name], state_blocks(update, name, BLOCK_ELEMS), float(weight) * factor)
         self._weight += weight

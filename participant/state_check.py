@@ -24,6 +24,7 @@ from typing import Mapping
 import numpy as np
 
 from kt_core.config import RunConfig
+from security.secagg.quantize import error_bound
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def max_global_step(config: RunConfig, numel: int) -> float:
     if secagg.enabled:
         # each of n inputs rounds by < 2^-bits a coordinate; the sum is divided by W >= n and
         # multiplied by max_weight
-        step = secagg.clip_norm + config.max_weight() * math.sqrt(numel) / float(1 << secagg.bits)
+        step = secagg.clip_norm + config.max_weight() * error_bound(1, secagg.bits) * math.sqrt(numel)
     else:
         step = config.max_update_norm()
     if privacy.enabled and privacy.mechanism == "central":

@@ -21,7 +21,7 @@ from kt_core.wire import convert, transport
 from kt_core.wire import federation_pb2 as pb
 from kt_core.wire.federation_pb2_grpc import OperatorServiceStub, ParticipantServiceStub
 from ktfed.launcher import make_pki
-from tests.conftest import LocalFederation, fast_config
+from tests.conftest import WIDE_BOUND, LocalFederation, fast_config
 
 CHUNK = 1024
 
@@ -73,10 +73,9 @@ def _connect(fed, cert_name, pki=None) -> grpc.Channel:
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory, pki_dir):
     fed = LocalFederation(tmp_path_factory.mktemp("bad-input"), pki_dir)
-    # the deltas below fill every element with one value (L2 norms in the hundreds): a bound on a
-    # site's pull (README "One site's pull on the mean") that leaves them whole
+    # constant deltas below: WIDE_BOUND leaves them whole
     config = fed.write_config(fast_config(rounds=50, min_sites=2, timeout=600, sites=["site-x", "site-a"],
-                                          max_chunk_bytes=CHUNK, extra="[secagg]\nclip_norm = 1e9\n"))
+                                          max_chunk_bytes=CHUNK, extra=WIDE_BOUND))
     fed.start_coordinator(config)
     fed.wait_serving()
     yield fed

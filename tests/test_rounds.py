@@ -20,12 +20,7 @@ from kt_core.config import load_toml
 from kt_core.wire import convert
 from kt_core.wire import federation_pb2 as pb
 from participant.agent import backoff_delay
-from tests.conftest import fast_config
-
-
-# the synthetic updates below fill every element with one value (L2 norms in the hundreds): a
-# bound that leaves them whole, so these tests see the plain weighted mean
-WIDE_BOUND = "[secagg]\nclip_norm = 1e9\n"
+from tests.conftest import WIDE_BOUND, fast_config
 
 
 def running_coordinator(tmp_path, sites=("s1", "s2"), extra: str = WIDE_BOUND):

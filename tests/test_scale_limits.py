@@ -18,7 +18,7 @@ from kt_core import codec
 from kt_core.wire import convert
 from kt_core.wire import federation_pb2 as pb
 from kt_core.wire.federation_pb2_grpc import ParticipantServiceStub
-from tests.conftest import LocalFederation, fast_config
+from tests.conftest import WIDE_BOUND, LocalFederation, fast_config
 from tests.test_bad_input import CHUNK, _connect, join_sites, leave_sites
 
 LIMITS = """gather_timeout_s = 0
@@ -32,9 +32,9 @@ upload_queue_timeout_s = 1.0
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory, pki_dir):
     fed = LocalFederation(tmp_path_factory.mktemp("limits"), pki_dir)
-    # constant deltas below (L2 norms in the hundreds): a bound on a site's pull that leaves them whole
+    # constant deltas below: WIDE_BOUND leaves them whole
     text = fast_config(rounds=20, min_sites=2, timeout=600, sites=["site-a", "site-b", "site-c"],
-                       max_chunk_bytes=CHUNK, extra="[secagg]\nclip_norm = 1e9\n"
+                       max_chunk_bytes=CHUNK, extra=WIDE_BOUND
                        ).replace("[federation]\n", "[federation]\n" + LIMITS)
     fed.start_coordinator(fed.write_config(text))
     fed.wait_serving()
