@@ -30,6 +30,11 @@ log = logging.getLogger(__name__)
 
 # A decline with this code: the site's privacy budget cannot take another round of this run.
 BUDGET_DECLINE = "budget_exhausted"
+# the site's policy refuses the run's config (participant.policy.check_join): it declines every
+# round of the run while it stays connected, so asking it again is futile
+RUN_REFUSED_DECLINE = "run_refused"
+# declines that hold for the rest of a site's session: it is left out of the rounds after
+LEAVES_OUT = (BUDGET_DECLINE, RUN_REFUSED_DECLINE)
 
 
 class Answers:
@@ -99,8 +104,8 @@ class Answers:
             self.audit_received(attempt, site_id, "decline", hashlib.sha256(answer.attempt_id).hexdigest(),
                                 countersignature=answer.countersignature)
             attempt.declined[site_id] = f"{answer.code}: {answer.reason}"
-            if answer.code == BUDGET_DECLINE:
-                e.sessions.out_of_budget(site_id)
+            if answer.code in LEAVES_OUT:
+                e.sessions.leave_out(site_id, attempt.declined[site_id])
             attempt.dropped.discard(site_id)
             e.sites[site_id].note_decline(answer.code, answer.reason, answer.epsilon_spent,
                                                         answer.epsilon_budget)

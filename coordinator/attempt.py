@@ -8,9 +8,24 @@ from typing import Mapping, TYPE_CHECKING
 
 from coordinator.errors import Code, Refusal
 from coordinator.store import UploadRecord
+from kt_core.bounded import escape_field
 
 if TYPE_CHECKING:
     from coordinator.secagg_round import SecAggRound
+
+
+# how much of the sites' own decline reasons a run's abort or failure reason quotes: it is stored,
+# audited and shown in `run status`, and 100 sites x 500 characters would swamp all three
+QUOTED_SITES = 5
+QUOTED_CHARS = 160
+
+
+def name_reasons(reasons: Mapping[str, str]) -> str:
+    """"site-a (code: reason); site-b (...)" for the first QUOTED_SITES sites by name, each reason
+    cut to QUOTED_CHARS, with how many more there are."""
+    names = sorted(reasons)
+    text = "; ".join(f"{s} ({escape_field(reasons[s], QUOTED_CHARS)})" for s in names[:QUOTED_SITES])
+    return text + (f"; and {len(names) - QUOTED_SITES} more" if len(names) > QUOTED_SITES else "")
 
 
 @dataclass

@@ -187,8 +187,10 @@ class Coordinator:
 
     def stop(self, reason: str = "stopped") -> None:
         if self.engine is not None:
+            # a run that already finished or failed keeps that verdict in the store
+            running = self.engine.state == "running"
             self.engine.stop(reason)
-            if reason == "stopped":
+            if reason == "stopped" and running:
                 self.store.set_run_state(self.engine.run_id, "stopped")
         if self._thread is not None:
             self._thread.join(timeout=10)

@@ -24,7 +24,7 @@ import numpy as np
 from coordinator import messages
 from coordinator import round_records as records
 from coordinator.answers import Answers
-from coordinator.attempt import Attempt
+from coordinator.attempt import Attempt, name_reasons
 from coordinator.audit_trail import AuditTrail
 from coordinator.errors import Code, Refusal
 from coordinator.run_status import Sites, run_status, site_metrics
@@ -129,6 +129,8 @@ class RoundEngine:
                 break
             if problem is None and len(attempt.uploads) < self.fed.min_sites:
                 problem = f"only {len(attempt.uploads)} update(s), {self.fed.min_sites} required"
+                if attempt.declined:   # the operator's first question: why did the others not send?
+                    problem += f"; declined: {name_reasons(attempt.declined)}"
             if problem is None:
                 self._complete(attempt)
             elif not self._abort(attempt, problem):

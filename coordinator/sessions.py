@@ -4,8 +4,10 @@ enough of them are there for a round (the job of a Flower server's ClientManager
 The round engine owns one `Sessions` (`engine.sessions`) and shares its condition variable with
 it: the servicers connect and disconnect streams and note what a site showed at join, the engine's
 thread waits here for sites and pushes messages through here, and nobody else touches a stream's
-queue. A site that declined for its privacy budget stays connected but is not selected again
-until it reconnects.
+queue. A site that declined for its privacy budget, or refused the whole run under its site
+policy, stays connected but is not selected again until it reconnects (restarted, perhaps with a
+larger budget or another policy); once too few sites are left to complete a round the run fails,
+naming them, rather than retrying rounds that cannot complete.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from coordinator.admission import check_capabilities
+from coordinator.attempt import name_reasons
 from coordinator.errors import Code, Refusal
 
 if TYPE_CHECKING:
@@ -47,7 +50,7 @@ class Sessions:
         self.cond = engine.cond          # one lock for the run: the engine's
         self._open: dict[str, Session] = {}
         self._certificates: dict[str, bytes] = {}   # site -> the PEM it connected with
-        self._out_of_budget: set[str] = set()
+        self._left_out: dict[str, str] = {}   # site -> why it is not selected (the decline's code: reason)
 
     # -- what the servicers call ---------------------------------------------------------------
     def refuse_duplicate(self, site_id: str) -> None:
@@ -82,9 +85,9 @@ class Sessions:
                 old.open = False
                 old.queue.put(None)
             session = Session(site_id) if alive is None else Session(site_id, alive=alive)
-            # a site that comes back (restarted, perhaps with a larger budget) is asked again: a
-            # second budget decline leaves it out again, and a connected one is never re-asked
-            self._out_of_budget.discard(site_id)
+            # a site that comes back (restarted, perhaps with a larger budget or another policy) is
+            # asked again: a second such decline leaves it out again; a connected one is never re-asked
+            self._left_out.pop(site_id, None)
             self._open[site_id] = session
             e.sites[site_id].connected = True
             e.rejoined(site_id)
@@ -145,40 +148,41 @@ class Sessions:
         """End every open assignment stream without a verdict (its site reconnects)."""
         self.broadcast(None)
 
-    def out_of_budget(self, site_id: str) -> None:
-        """The site declined for its privacy budget: not selected again while it stays connected."""
-        self._out_of_budget.add(site_id)
+    def leave_out(self, site_id: str, why: str) -> None:
+        """The site declined for a reason that holds while it stays connected (its privacy budget is
+        spent, its site policy refuses the run): not selected again until it reconnects."""
+        self._left_out[site_id] = why
 
     def selectable(self) -> frozenset[str]:
-        """The connected sites a round may select: not those whose privacy budget is spent."""
-        return frozenset(s for s in self._open if s not in self._out_of_budget)
+        """The connected sites a round may select: not those left out (`leave_out`)."""
+        return frozenset(s for s in self._open if s not in self._left_out)
 
     def cannot_go_on(self) -> str | None:
-        """Why no round of this run can complete any more (too few sites with budget), or None."""
+        """Why no round of this run can complete any more (too few sites not left out), or None."""
         fed = self.engine.fed
-        with_budget = [s for s in fed.sites if s not in self._out_of_budget]
-        if len(with_budget) >= fed.min_sites:
+        taking_part = [s for s in fed.sites if s not in self._left_out]
+        if len(taking_part) >= fed.min_sites:
             return None
-        return (f"too few sites with privacy budget: {', '.join(sorted(self._out_of_budget))} declined for "
-                f"their budget, {len(with_budget)} site(s) left, federation.min_sites = {fed.min_sites}")
+        return (f"too few sites take part: {name_reasons(self._left_out)}; {len(taking_part)} site(s) left, "
+                f"federation.min_sites = {fed.min_sites}")
 
     def wait_for_round(self) -> bool:
         """Wait until enough selectable sites are connected (federation.min_sites, then up to
         gather_timeout_s for the rest); False when the engine stops first, or when too few sites
-        with budget remain for a round ever to complete (the engine then fails the run).
+        taking part remain for a round ever to complete (the engine then fails the run).
         Call locked."""
         e, fed = self.engine, self.engine.fed
         if (why := self.cannot_go_on()) is not None:
             e.fail(why)
             return False
-        with_budget = [s for s in fed.sites if s not in self._out_of_budget]
+        taking_part = [s for s in fed.sites if s not in self._left_out]
         while True:
             while len(self.selectable()) < fed.min_sites and not e.stopped.is_set():
                 self.cond.wait(timeout=0.5)
             # Enough sites to run, but give the others a short window to connect: starting
             # without a site that is seconds away would leave it out of a whole round.
             gather_until = time.monotonic() + fed.gather_timeout_s
-            while (len(self.selectable()) < len(with_budget) and not e.stopped.is_set()
+            while (len(self.selectable()) < len(taking_part) and not e.stopped.is_set()
                    and (left := gather_until - time.monotonic()) > 0):
                 self.cond.wait(timeout=min(left, 0.5))
             if e.stopped.is_set():

@@ -30,6 +30,12 @@ def _is_pos_number(v) -> bool:
 # the most factors (WAFFLe) or the highest rank (LoRA) an adapter may have: far above any useful
 # size, low enough that a config cannot make a site allocate without bound
 MAX_RANK = 4096
+# The run config comes from a coordinator a site need not trust, and a site builds its model from
+# it before anything else: `hidden = [100000000]` asked for a 313 GB tensor. The demo's MLP has
+# 0.2 M parameters; 2^26 (256 MB in float32, a few times that with the optimizer's state) leaves
+# room for any MLP this task is for and none for exhausting a site's memory.
+MAX_PARAMETERS = 1 << 26
+MAX_HIDDEN_LAYERS = 32
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,8 @@ class ModelConfig:
             raise ValueError(f"input_dim: must be a positive integer, got {self.input_dim!r}")
         if not isinstance(self.hidden, tuple) or not all(_is_int(h) and h >= 1 for h in self.hidden):
             raise ValueError(f"hidden: must be a tuple of positive integers, got {self.hidden!r}")
+        if len(self.hidden) > MAX_HIDDEN_LAYERS:
+            raise ValueError(f"hidden: at most {MAX_HIDDEN_LAYERS} layers, got {len(self.hidden)}")
         if not _is_int(self.num_classes) or self.num_classes < 2:
             raise ValueError(f"num_classes: must be an integer >= 2, got {self.num_classes!r}")
         for name in ("n_factors", "lora_rank"):   # bounded: the run config may come from a hostile coordinator
@@ -84,6 +92,19 @@ class ModelConfig:
             raise ValueError(f"private_output_bias: must be true or false, got {self.private_output_bias!r}")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
             raise ValueError(f"seed: must be an integer between 0 and 2^32 - 1, got {self.seed!r}")
+        if (n := self.parameter_count()) > MAX_PARAMETERS:
+            raise ValueError(f"hidden: {list(self.hidden)} with input_dim {self.input_dim} and {self.adapter} adapters "
+                             f"makes a model of {n:,} parameters, more than {MAX_PARAMETERS:,}")
+
+    def parameter_count(self) -> int:
+        """At least the model's tensors' elements (WAFFLe's within a few per cent), from the sizes
+        alone, nothing allocated: every layer's weight (a WAFFLe layer's seeded base) and bias, and
+        its adapter's factors."""
+        dims = (self.input_dim, *self.hidden, self.num_classes)
+        k, r = self.n_factors, self.lora_rank
+        extra = {"waffle": lambda a, b: k * (a + b) + 4 * k + b,   # factors, strengths, gates, sticks, bias
+                 "lora": lambda a, b: r * (a + b), "ffa_lora": lambda a, b: r * (a + b)}.get(self.adapter)
+        return sum(a * b + b + (extra(a, b) if extra else 0) for a, b in zip(dims[:-1], dims[1:]))
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -21,6 +21,9 @@ from kt_core.manifest import Role, manifest_of
 from kt_core.models import kl_terms, sum_terms
 
 OPTIMIZERS = ("sgd", "adam")
+# far above any recipe here (the demos take 2 epochs of batch 32-64) and low enough that a run
+# config cannot keep a site training for days in one round or allocate a batch without bound
+TRAIN_LIMITS = {"epochs": 1000, "batch_size": 1 << 16, "max_steps": 10_000_000}   # epochs: without max_steps
 
 
 @dataclass
@@ -48,10 +51,13 @@ class TrainConfig:
     keep_optimizer_state: bool = True
 
     def validate(self) -> None:
-        def pos_int(name):
+        def pos_int(name, limit: int | None = None):
             v = getattr(self, name)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise ValueError(f"{name}: must be a positive integer, got {v!r}")
+            limit = limit or TRAIN_LIMITS[name]
+            # bounded: a coordinator the site need not trust sets these, and each is a site's compute
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= limit:
+                raise ValueError(f"{name}: must be an integer between 1 and {limit}"
+                                 f"{' (or set max_steps)' if name == 'epochs' else ''}, got {v!r}")
 
         def number(name, lo, lo_open, hi=math.inf):
             v = getattr(self, name)
@@ -61,7 +67,8 @@ class TrainConfig:
                 raise ValueError(f"{name}: must be a finite number {'>' if lo_open else '>='} {lo}"
                                  f"{f' and < {hi}' if hi != math.inf else ''}, got {v!r}")
 
-        pos_int("epochs")
+        # with max_steps set it bounds the work, and "epochs = 10**6" means "as many as it takes"
+        pos_int("epochs", limit=2**62 if self.max_steps is not None else None)
         pos_int("batch_size")
         number("lr", 0, lo_open=True)
         if self.optimizer not in OPTIMIZERS:

@@ -349,6 +349,9 @@ def simulate(config: RunConfig, participants: int, out: Path, *, rounds: int | N
         def run_agent(site: str) -> None:
             try:
                 codes[site] = agents[site].run()
+            except ConfigError as err:   # the site's data or the run's config: the message says it all
+                log.error("%s: virtual participant stopped: %s", site, err)
+                codes[site] = f"{type(err).__name__}: {err}"
             except Exception as err:  # noqa: BLE001 - reported with the result
                 log.exception("%s: virtual participant failed", site)
                 codes[site] = f"{type(err).__name__}: {err}"
@@ -367,13 +370,16 @@ def simulate(config: RunConfig, participants: int, out: Path, *, rounds: int | N
                 for record in engine.status().rounds[shown:]:
                     on_round(record)
                     shown += 1
-            if all(not t.is_alive() for t in threads):
-                raise RuntimeError(f"every virtual participant stopped before the run finished: {codes}")
+            _check_enough_alive(engine, dict(zip(agents, threads)), codes)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the simulation did not finish within {timeout_s:g} s "
                                    f"({engine.rounds_completed} of {engine.fed.rounds} rounds)")
             time.sleep(0.02)
         ended = time.monotonic()
+        if engine.state != "finished":
+            # a site whose run failed waits for the coordinator's next run; there is none here
+            for agent in agents.values():
+                agent.stop()
         for thread in threads:
             thread.join(timeout=30)
         status = engine.status()
@@ -393,6 +399,19 @@ def simulate(config: RunConfig, participants: int, out: Path, *, rounds: int | N
             thread.join(timeout=10)
         restore()
         store.close()
+
+
+def _check_enough_alive(engine, threads: dict[str, threading.Thread], codes: dict) -> None:
+    """Raise when fewer virtual participants are alive than a round needs: a real coordinator waits
+    for sites that may yet start, but a virtual one that stopped (its data did not fit, say) never
+    comes back, so the rounds left could never complete."""
+    alive = sum(t.is_alive() for t in threads.values())
+    if alive >= engine.fed.min_sites or engine.state != "running":
+        return
+    stopped = [f"{site}: {codes.get(site)}" for site, t in threads.items() if not t.is_alive()]
+    raise RuntimeError(f"{len(stopped)} of {len(threads)} virtual participants stopped before the run finished, "
+                       f"{alive} left, federation.min_sites = {engine.fed.min_sites}: " + "; ".join(stopped[:3])
+                       + (f"; and {len(stopped) - 3} more (in the log)" if len(stopped) > 3 else ""))
 
 
 def _share_datasets() -> Callable[[], None]:

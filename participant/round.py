@@ -35,6 +35,9 @@ log = logging.getLogger(__name__)
 STATE_REFUSED = "global_state_refused"
 # ... and of a round whose local training diverged (participant.trainer.TrainingDiverged)
 DIVERGED = "training_diverged"
+# ... and of every round of a run this site's policy refuses as a whole (site_policy.check_join):
+# the coordinator then leaves the site out of the run's later rounds instead of asking again
+RUN_REFUSED = "run_refused"
 
 
 class Round:
@@ -53,9 +56,11 @@ class Round:
         # (a site whose policy refused the run has no trainer: it trains nothing and spends nothing)
         if run.trainer is not None and run.trainer.privacy.next_attempt(self.round, assignment.attempt_id.hex()):
             run.trainer.save_private()
-        violations = run.refused or site_policy.check_assignment(run.policy, run.config, round_no=self.round,
-                                                           secure=assignment.secagg,
-                                                           roster_size=len(assignment.roster))
+        if run.refused:
+            self.refuse(list(run.refused), code=RUN_REFUSED)
+            return None
+        violations = site_policy.check_assignment(run.policy, run.config, round_no=self.round,
+                                                  secure=assignment.secagg, roster_size=len(assignment.roster))
         if violations:
             self.refuse(violations)
             return None
@@ -197,6 +202,6 @@ class Round:
         log.warning("%s: round %d declined: %s", run.site, self.round, err)
         run.decline(self.stub, self.assignment, "budget_exhausted", str(err), err.spent, err.budget, err.would_be)
 
-    def refuse(self, violations: list[Violation]) -> None:
+    def refuse(self, violations: list[Violation], code: str = "site_policy") -> None:
         """Refuse the round because it breaks the site policy: audited rule by rule, then declined."""
-        self.site_run.refuse(self.stub, self.assignment, "assignment", violations)
+        self.site_run.refuse(self.stub, self.assignment, "assignment", violations, code=code)

@@ -156,14 +156,15 @@ class SiteRun:
     def header(self, round_no: int) -> pb.Header:
         return convert.header(self.run_id, round_no, self.site)
 
-    def refuse(self, stub, assignment: pb.RoundAssignment, message: str, violations) -> None:
+    def refuse(self, stub, assignment: pb.RoundAssignment, message: str, violations, code: str = "site_policy") -> None:
         """Refuse a round (at its assignment or at a SecAgg step) that breaks the site policy: each rule
-        logged and audited, then one Decline naming them."""
+        logged and audited, then one Decline naming them (`code` run_refused where the policy refuses
+        the whole run, participant.round)."""
         round_no = assignment.header.round
         for v in violations:
             log.error("%s: round %d declined (%s): %s", self.site, round_no, message, v)
             self.audit.refusal(self.run_id, round_no, message, f"site policy {v.rule}", v.detail)
-        self.decline(stub, assignment, "site_policy", "; ".join(str(v) for v in violations)[:500])
+        self.decline(stub, assignment, code, "; ".join(str(v) for v in violations)[:500])
 
     def decline(self, stub, assignment: pb.RoundAssignment, code: str, reason: str, spent: float = 0.0, budget: float = 0.0,
                 would_be: float = 0.0) -> None:

@@ -3,6 +3,7 @@ import json
 
 import pytest
 import torch
+from hypothesis import given, settings, strategies as st
 
 from kt_core.factorized import FactorizedLinear
 from kt_core.manifest import manifest_of
@@ -172,3 +173,24 @@ def test_adapter_sizes_are_bounded_for_every_task():
             ModelConfig(**{field: MAX_RANK + 1}).validate()
         with pytest.raises(ValueError, match=field):
             AdapterSettings(**{field: MAX_RANK + 1}).validate()
+
+
+@settings(max_examples=40, deadline=None)
+@given(adapter=st.sampled_from(MODES), input_dim=st.integers(1, 40),
+       hidden=st.lists(st.integers(1, 24), max_size=3), classes=st.integers(2, 6), rank=st.integers(1, 6))
+def test_parameter_count_is_never_below_what_the_model_allocates(adapter, input_dim, hidden, classes, rank):
+    cfg = ModelConfig(adapter=adapter, input_dim=input_dim, hidden=tuple(hidden), num_classes=classes,
+                      n_factors=rank, lora_rank=rank)
+    allocated = sum(t.numel() for t in build_model(cfg).state_dict().values())
+    assert allocated <= cfg.parameter_count() <= 1.1 * allocated + 16
+
+
+@pytest.mark.parametrize("hidden, message", [
+    ((100_000_000,), r"makes a model of 8\d,\d{3},\d{3},\d{3} parameters, more than 67,108,864"),
+    ((8192, 8192), "more than 67,108,864"),
+    ((4,) * 33, "hidden: at most 32 layers, got 33"),
+])
+def test_a_run_config_cannot_make_a_site_build_a_model_without_bound(hidden, message):
+    # the site builds its model from the coordinator's run config: refused before anything is allocated
+    with pytest.raises(ValueError, match=message):
+        build_model(ModelConfig(hidden=hidden))

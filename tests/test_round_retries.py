@@ -3,6 +3,7 @@ out, and a second agent of one site."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 
 import pytest
@@ -11,6 +12,7 @@ from ktfed.launcher import _spawn, free_port
 from kt_core.config import FederationSettings
 from tests.conftest import fast_config
 from tests.test_operations import scrape
+from tests.test_site_policy_federation import start_site
 
 TWO = ["site-a", "site-b"]
 PRIVACY = """
@@ -47,19 +49,42 @@ def test_a_site_out_of_budget_ends_the_run_instead_of_others_training_for_nothin
     _site(federation, "site-b")
     status = federation.wait_for(lambda: (s := federation.status()).state.startswith("failed") and s, 120,
                                  "the run to fail")
-    assert status.state.startswith("failed: too few sites with privacy budget: site-a declined")
+    assert status.state.startswith("failed: too few sites take part: site-a (budget_exhausted: ")
     assert status.rounds_completed == 0 and status.aborted_attempts == 1   # not retried over and over
     time.sleep(3)   # no further attempt starts once the run has failed
     db = federation.db()
     assert db.execute("SELECT COUNT(*) FROM aborted_attempts").fetchone()[0] == 1
     assert db.execute("SELECT state FROM runs").fetchone()[0] == "failed"   # a restart does not resume it
-    assert "failed: too few sites with privacy budget" in federation.log()
+    assert "failed: too few sites take part" in federation.log()
+    (reason,) = db.execute("SELECT reason FROM aborted_attempts").fetchone()
+    # site-b's update is not waited for once the decline leaves too few sites for the round
+    assert re.match(r"only [01] update\(s\), 2 required; declined: site-a \(budget_exhausted: privacy budget", reason)
     assert _run_state(scrape(port)).startswith("failed: too few sites")
     audit = federation.workdir / "coordinator" / "audit"
     assert any(b"run_failed" in p.read_bytes() for p in audit.rglob("*") if p.is_file())
     # the sites were told the run ended, and stop
     for site in TWO:
         assert federation.participants[site].wait(60) == 0
+
+
+@pytest.mark.slow   # the same engine path runs fast in process: tests/test_simulate.py
+def test_a_site_whose_policy_refuses_the_run_is_not_asked_again_and_the_run_fails_naming_it(federation):
+    # site-a's policy takes LoRA adapters only, the run is WAFFLe: it refuses the whole run at join.
+    # Retrying the round (10 attempts, a backoff doubling to minutes) could not change that.
+    federation.start_coordinator(federation.write_config(fast_config(rounds=2, min_sites=2, sites=TWO, epochs=1)))
+    federation.wait_serving()
+    start_site(federation, "site-a", "[model]\nadapters = ['lora']\n")
+    _site(federation, "site-b")
+    status = federation.wait_for(lambda: (s := federation.status()).state.startswith("failed") and s, 120,
+                                 "the run to fail")
+    assert status.state.startswith("failed: too few sites take part: site-a (run_refused: site policy model.adapters")
+    assert "federation.min_sites = 2" in status.state
+    assert status.rounds_completed == 0 and status.aborted_attempts == 1
+    db = federation.db()
+    (reason,) = db.execute("SELECT reason FROM aborted_attempts").fetchone()
+    assert re.match(r"only [01] update\(s\), 2 required; declined: site-a \(run_refused: site policy model\.adapters",
+                    reason)
+    assert db.execute("SELECT code FROM declines").fetchall() == [("run_refused",)]
 
 
 def test_retries_are_bounded_and_the_run_fails_when_they_run_out(federation):

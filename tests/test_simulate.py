@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sqlite3
 
 import numpy as np
@@ -153,3 +154,30 @@ delta = 1e-4
         assert p.privacy_status == "ok" and 0 < p.epsilon_spent < 50
     for site in SITES:
         assert (tmp_path / "sim" / "sites" / site / "privacy-ledger.sqlite3").exists()
+
+
+def test_a_simulation_whose_sites_cannot_take_part_stops_at_once_naming_them(tmp_path):
+    # 60 digits over 8 sites by quantity skew: most sites get no training sample. A real coordinator
+    # would wait for them; virtual ones that stopped never come back, so the simulation says so
+    text = fast_config(rounds=2, min_sites=2, epochs=1).replace(
+        '[data]\ndataset = "digits"\n', '[data]\ndataset = "digits"\nmax_train = 60\nmax_test = 40\n').replace(
+        'scheme = "dirichlet"\nalpha = 1.0\nseed = 3', 'scheme = "quantity"\nalpha = 0.1\nseed = 9')
+    with pytest.raises(RuntimeError) as err:
+        simulate(load_toml(text), 8, tmp_path / "sim", timeout_s=120)
+    message = str(err.value)
+    assert "virtual participants stopped before the run finished" in message
+    assert "federation.min_sites = 2" in message
+    assert "data.partition (scheme 'quantity', seed 9) gives this site no training samples of 60 over 8 sites" in message
+
+
+def test_a_simulation_that_every_site_policy_refuses_fails_after_one_attempt(tmp_path):
+    # the virtual sites hold the default site policy, which does not take dense adapters (they
+    # send the whole weight update): each refuses the run, and the coordinator does not ask again
+    with pytest.raises(RuntimeError) as err:
+        simulate(load_toml(fast_config(rounds=2, min_sites=2, epochs=1, adapter="dense")), 3, tmp_path / "sim",
+                 timeout_s=120)
+    message = str(err.value)
+    assert re.search(r"failed: too few sites take part: site-. \(run_refused: site policy model\.adapters", message)
+    db = sqlite3.connect(tmp_path / "sim" / "coordinator" / "coordinator.sqlite3")
+    assert db.execute("SELECT COUNT(*) FROM aborted_attempts").fetchone()[0] == 1
+    assert {c for (c,) in db.execute("SELECT code FROM declines")} == {"run_refused"}

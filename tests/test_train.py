@@ -228,3 +228,11 @@ def test_bad_inputs():
 def test_train_config_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**{field: value}).validate()
+
+
+@pytest.mark.parametrize("field, value", [("epochs", 1001), ("batch_size", 1 << 17), ("max_steps", 10**8),
+                                          ("epochs", 0), ("epochs", True)])
+def test_train_settings_a_coordinator_sends_are_bounded(field, value):
+    with pytest.raises(ValueError, match=f"{field}: must be an integer between 1 and"):
+        TrainConfig(**{field: value}).validate()
+    TrainConfig(epochs=10**6, max_steps=30).validate()   # max_steps bounds the work instead
