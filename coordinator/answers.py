@@ -22,19 +22,16 @@ from coordinator.errors import Code, Refusal
 from coordinator.messages import DeclineAnswer
 from coordinator.store import UploadRecord
 from kt_core.bounded import escape_field
+from kt_core.wire import convert
 
 if TYPE_CHECKING:
     from coordinator.rounds import RoundEngine
 
 log = logging.getLogger(__name__)
 
-# A decline with this code: the site's privacy budget cannot take another round of this run.
-BUDGET_DECLINE = "budget_exhausted"
-# the site's policy refuses the run's config (participant.policy.check_join): it declines every
-# round of the run while it stays connected, so asking it again is futile
-RUN_REFUSED_DECLINE = "run_refused"
-# declines that hold for the rest of a site's session: it is left out of the rounds after
-LEAVES_OUT = (BUDGET_DECLINE, RUN_REFUSED_DECLINE)
+# declines that hold for the rest of a site's session (its budget is spent, its policy refuses the
+# run): asking it again is futile, so it is left out of the rounds after
+LEAVES_OUT = (convert.DECLINE_BUDGET, convert.DECLINE_RUN_REFUSED)
 
 
 class Answers:

@@ -33,7 +33,7 @@ class SiteInfo:
             self.privacy_status = "ok"
 
     def note_decline(self, code: str, reason: str, spent: float, budget: float) -> None:
-        self.privacy_status = code if code == "budget_exhausted" else f"declined:{code}"
+        self.privacy_status = code if code == convert.DECLINE_BUDGET else f"declined:{code}"
         self.decline_reason = reason
         if spent or budget:
             self.epsilon_spent, self.epsilon_budget = spent, budget

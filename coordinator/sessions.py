@@ -157,10 +157,14 @@ class Sessions:
         """The connected sites a round may select: not those left out (`leave_out`)."""
         return frozenset(s for s in self._open if s not in self._left_out)
 
+    def taking_part(self) -> list[str]:
+        """The run's sites, connected or not, that are not left out."""
+        return [s for s in self.engine.fed.sites if s not in self._left_out]
+
     def cannot_go_on(self) -> str | None:
         """Why no round of this run can complete any more (too few sites not left out), or None."""
         fed = self.engine.fed
-        taking_part = [s for s in fed.sites if s not in self._left_out]
+        taking_part = self.taking_part()
         if len(taking_part) >= fed.min_sites:
             return None
         return (f"too few sites take part: {name_reasons(self._left_out)}; {len(taking_part)} site(s) left, "
@@ -175,7 +179,7 @@ class Sessions:
         if (why := self.cannot_go_on()) is not None:
             e.fail(why)
             return False
-        taking_part = [s for s in fed.sites if s not in self._left_out]
+        taking_part = self.taking_part()
         while True:
             while len(self.selectable()) < fed.min_sites and not e.stopped.is_set():
                 self.cond.wait(timeout=0.5)

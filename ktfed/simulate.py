@@ -331,7 +331,7 @@ def simulate(config: RunConfig, participants: int, out: Path, *, rounds: int | N
     coordinator = Coordinator(store)
     agents: dict[str, VirtualParticipant] = {}
     codes: dict[str, int | str] = {}
-    threads: list[threading.Thread] = []
+    threads: dict[str, threading.Thread] = {}
     restore = _share_datasets()
     try:
         try:
@@ -357,9 +357,8 @@ def simulate(config: RunConfig, participants: int, out: Path, *, rounds: int | N
                 codes[site] = f"{type(err).__name__}: {err}"
 
         for site in agents:
-            thread = threading.Thread(target=run_agent, args=(site,), name=f"sim-{site}", daemon=True)
-            thread.start()
-            threads.append(thread)
+            threads[site] = threading.Thread(target=run_agent, args=(site,), name=f"sim-{site}", daemon=True)
+            threads[site].start()
         first_round = None
         shown = 0
         deadline = time.monotonic() + timeout_s
@@ -370,7 +369,7 @@ def simulate(config: RunConfig, participants: int, out: Path, *, rounds: int | N
                 for record in engine.status().rounds[shown:]:
                     on_round(record)
                     shown += 1
-            _check_enough_alive(engine, dict(zip(agents, threads)), codes)
+            _check_enough_alive(engine, threads, codes)
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the simulation did not finish within {timeout_s:g} s "
                                    f"({engine.rounds_completed} of {engine.fed.rounds} rounds)")
@@ -380,7 +379,7 @@ def simulate(config: RunConfig, participants: int, out: Path, *, rounds: int | N
             # a site whose run failed waits for the coordinator's next run; there is none here
             for agent in agents.values():
                 agent.stop()
-        for thread in threads:
+        for thread in threads.values():
             thread.join(timeout=30)
         status = engine.status()
         if on_round is not None:
@@ -395,7 +394,7 @@ def simulate(config: RunConfig, participants: int, out: Path, *, rounds: int | N
         for agent in agents.values():
             agent.stop()
         coordinator.stop("shutdown")
-        for thread in threads:
+        for thread in threads.values():
             thread.join(timeout=10)
         restore()
         store.close()

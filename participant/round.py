@@ -31,13 +31,6 @@ from security.egress import EgressRefused
 
 log = logging.getLogger(__name__)
 
-# the decline code of a round whose global state the site refused (participant.state_check)
-STATE_REFUSED = "global_state_refused"
-# ... and of a round whose local training diverged (participant.trainer.TrainingDiverged)
-DIVERGED = "training_diverged"
-# ... and of every round of a run this site's policy refuses as a whole (site_policy.check_join):
-# the coordinator then leaves the site out of the run's later rounds instead of asking again
-RUN_REFUSED = "run_refused"
 
 
 class Round:
@@ -57,7 +50,7 @@ class Round:
         if run.trainer is not None and run.trainer.privacy.next_attempt(self.round, assignment.attempt_id.hex()):
             run.trainer.save_private()
         if run.refused:
-            self.refuse(list(run.refused), code=RUN_REFUSED)
+            self.refuse(list(run.refused), code=convert.DECLINE_RUN_REFUSED)
             return None
         violations = site_policy.check_assignment(run.policy, run.config, round_no=self.round,
                                                   secure=assignment.secagg, roster_size=len(assignment.roster))
@@ -69,7 +62,7 @@ class Round:
         except StateStepRefused as err:
             # the coordinator's state is not one the run's rule could have produced: this site
             # trains nothing on it and says why (the refusal is logged and audited by the fetch)
-            self.site_run.decline(self.stub, self.assignment, STATE_REFUSED, str(err)[:500])
+            self.site_run.decline(self.stub, self.assignment, convert.DECLINE_STATE_REFUSED, str(err)[:500])
             return None
         started = time.perf_counter()  # local compute from here: the framework's overhead is the rest
         try:
@@ -79,7 +72,7 @@ class Round:
             return None
         except TrainingDiverged as err:
             log.warning("%s: round %d: training diverged, nothing sent: %s", run.site, self.round, err)
-            run.decline(self.stub, assignment, DIVERGED, str(err)[:500])
+            run.decline(self.stub, assignment, convert.DECLINE_DIVERGED, str(err)[:500])
             return None
         update = self.update(state)
         if not self.guard(update):
@@ -200,8 +193,8 @@ class Round:
         run = self.site_run
         run.trainer.privacy.decline(err, round_no=self.round, attempt_id=self.assignment.attempt_id.hex())
         log.warning("%s: round %d declined: %s", run.site, self.round, err)
-        run.decline(self.stub, self.assignment, "budget_exhausted", str(err), err.spent, err.budget, err.would_be)
+        run.decline(self.stub, self.assignment, convert.DECLINE_BUDGET, str(err), err.spent, err.budget, err.would_be)
 
-    def refuse(self, violations: list[Violation], code: str = "site_policy") -> None:
+    def refuse(self, violations: list[Violation], code: str = convert.DECLINE_SITE_POLICY) -> None:
         """Refuse the round because it breaks the site policy: audited rule by rule, then declined."""
         self.site_run.refuse(self.stub, self.assignment, "assignment", violations, code=code)

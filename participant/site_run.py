@@ -156,10 +156,11 @@ class SiteRun:
     def header(self, round_no: int) -> pb.Header:
         return convert.header(self.run_id, round_no, self.site)
 
-    def refuse(self, stub, assignment: pb.RoundAssignment, message: str, violations, code: str = "site_policy") -> None:
+    def refuse(self, stub, assignment: pb.RoundAssignment, message: str, violations,
+               code: str = convert.DECLINE_SITE_POLICY) -> None:
         """Refuse a round (at its assignment or at a SecAgg step) that breaks the site policy: each rule
-        logged and audited, then one Decline naming them (`code` run_refused where the policy refuses
-        the whole run, participant.round)."""
+        logged and audited, then one Decline naming them (`code` DECLINE_RUN_REFUSED where the policy
+        refuses the whole run, participant.round)."""
         round_no = assignment.header.round
         for v in violations:
             log.error("%s: round %d declined (%s): %s", self.site, round_no, message, v)

@@ -13,6 +13,13 @@ from kt_core.wire import federation_pb2 as pb
 
 PROTOCOL_VERSION = pb.PROTOCOL_VERSION_1
 
+# Decline.code: why a site will not train a round. Sites write them, the coordinator acts on some.
+DECLINE_BUDGET = "budget_exhausted"            # its privacy budget cannot take the round
+DECLINE_RUN_REFUSED = "run_refused"            # its site policy refuses the whole run (check_join)
+DECLINE_SITE_POLICY = "site_policy"            # ... or this round of it (roster, round number)
+DECLINE_STATE_REFUSED = "global_state_refused"  # the global state is not one the run's rule allows
+DECLINE_DIVERGED = "training_diverged"         # its local training diverged
+
 
 def header(run_id: str = "", round: int = 0, site_id: str = "") -> pb.Header:
     return pb.Header(protocol_version=PROTOCOL_VERSION, run_id=run_id, round=round,
