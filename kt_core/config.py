@@ -102,6 +102,12 @@ class DataSettings:
         if self.max_train < 0 or self.max_test < 0:
             raise ValueError("max_train: must be >= 0")
         self.partition.validate()
+        # the image task's partition (the only task that reads it): a site cannot hold more classes
+        # than the data set has, and the coordinator can say so before any site builds anything
+        classes = min(DATASET_SHAPES[d][1] for d in (DATASET_SHAPES if self.dataset == "auto" else [self.dataset]))
+        if self.partition.scheme == "shards" and self.partition.classes_per_site > classes:
+            raise ValueError(f"partition.classes_per_site: {self.partition.classes_per_site} exceeds the {classes} "
+                             f"classes of {self.dataset if self.dataset != 'auto' else 'the data sets'}")
 
 
 PRIVACY_MECHANISMS = ("dp_sgd", "central", "distributed")

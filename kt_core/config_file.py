@@ -29,6 +29,18 @@ class ConfigError(ValueError):
     starts the rest with the dotted name of the field."""
 
 
+class RunUnworkable(ConfigError):
+    """A run whose own settings cannot work at this site: its privacy target at this site's
+    record count, a partition that leaves the site no data. Not the site's fault (its files, its
+    installed task): the site declines the run and stays up for the next one (participant.site_run),
+    telling the coordinator `public`, which names the setting but none of the site's own numbers
+    (its record count, its sample rate); the message itself stays in the site's log and audit."""
+
+    def __init__(self, message: str, public: str | None = None):
+        super().__init__(message)
+        self.public = public if public is not None else message
+
+
 def read_text(path: Path | str, what: str = "settings file", max_bytes: int = MAX_CONFIG_BYTES) -> str:
     """The file's text; a ConfigError naming the file when it is missing, unreadable, too large or
     not UTF-8."""

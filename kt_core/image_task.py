@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from kt_core.config_file import ConfigError
+from kt_core.config_file import RunUnworkable
 from kt_core.data import load_dataset, site_split
 from kt_core.factorized import Adapter
 from kt_core.manifest import manifest_of
@@ -73,12 +73,16 @@ class ImageTask(FederatedTask):
         config = self.options
         data = load_dataset(config.data.dataset, root=site.data_root, max_train=config.data.max_train or None,
                             max_test=config.data.max_test or None)
-        train_x, train_y, test_x, test_y = site_split(data, site.sites, site.name, config.data.partition)
-        if len(train_y) == 0:
-            # the site can take no part; the operator needs to know which setting left it empty
-            part = config.data.partition
-            raise ConfigError(f"{site.name}: data.partition (scheme {part.scheme!r}, seed {part.seed}) gives this "
-                              f"site no training samples of {len(data.train_y)} over {len(site.sites)} sites")
+        part = config.data.partition
+        try:
+            train_x, train_y, test_x, test_y = site_split(data, site.sites, site.name, part)
+        except ValueError as err:   # the partition's own rule (e.g. more classes a site than the data has)
+            raise RunUnworkable(f"data.partition.{err}") from None
+        for what, labels, total in (("training", train_y, len(data.train_y)), ("test", test_y, len(data.test_y))):
+            if len(labels) == 0:
+                # the run's partition leaves this site out: it declines the run, naming the setting
+                raise RunUnworkable(f"{site.name}: data.partition (scheme {part.scheme!r}, seed {part.seed}) gives "
+                                    f"this site no {what} samples of {total} over {len(site.sites)} sites")
         keep, val = held_back(len(train_y), site.name, config.data.partition.seed)
         log.info("%s: %d training, %d validation and %d test samples (%s, %s)", site.name, len(keep),
                  0 if val is None else len(val), len(test_y), config.data.dataset, config.data.partition.scheme)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import TensorDataset, default_collate
 
 from kt_core import adapters
-from kt_core.config_file import ConfigError
+from kt_core.config_file import ConfigError, RunUnworkable
 from kt_core.python_task import TaskMismatch, frozen_sha256, load_entry, options_sha256
 from kt_core.task_api import FederatedTask, LocalData, SiteContext
 from kt_core.tasks import SiteData, TaskModel
@@ -212,8 +212,10 @@ class TaskRunner:
             n = _length(getattr(local, part))
             if n is None:
                 raise ConfigError(f"task.entry: {self.entry}.load_data: {part} is not a map-style Dataset with a length")
-            if n == 0:
-                raise ConfigError(f"{where if dataset is not None else site}: no {part} records for this site")
+            if n == 0 and dataset is not None:
+                raise ConfigError(f"{where}: no {part} records for this site")
+            if n == 0:   # the task's own data laid out by the run: the run leaves this site out
+                raise RunUnworkable(f"{site}: {self.entry}.load_data gives no {part} records for this site")
         log.info("%s: %s %s: %d training and %d test records%s", site, self.cls.name, self.cls.version,
                  len(local.train), len(local.test), f" from {where}" if dataset is not None else "")
         return SiteData(train=local.train, test=local.test, num_samples=len(local.train), levels=tuple(local.levels),

@@ -201,7 +201,7 @@ class ParticipantAgent:
             raise _Unreachable(str(err)) from None
         for violation in refused:
             log.error("%s: not joining: %s", self.site, violation)
-            self.audit.refusal(self.run_id, 0, "join", f"site policy {violation.rule}", violation.detail)
+            self.audit.refusal(self.run_id, 0, "join", violation.reason, violation.detail)
         return not refused
 
     # -- one connection -------------------------------------------------------------------------

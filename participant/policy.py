@@ -33,9 +33,16 @@ MAX_POLICY_BYTES = 1 << 20
 class Violation:
     rule: str      # the policy field, dotted: "secagg.required"
     detail: str
+    # "site policy": a rule of the policy file; "run": the run's own settings cannot work at this
+    # site (rule "unworkable", participant.site_run: kt_core.config_file.RunUnworkable)
+    source: str = "site policy"
+
+    @property
+    def reason(self) -> str:
+        return f"{self.source} {self.rule}"
 
     def __str__(self) -> str:
-        return f"site policy {self.rule}: {self.detail}"
+        return f"{self.reason}: {self.detail}"
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kt_core.config import RunConfig
+from kt_core.config_file import RunUnworkable
 from kt_core.factorized import ADAPTERS
 from kt_core.models import kl_divergence
 from kt_core.task_runner import TaskRunner
@@ -44,6 +45,7 @@ from kt_core.tasks import SiteData
 from kt_core.train import TrainConfig, TrainResult, make_optimizer_for
 from participant.audit_trail import NoAudit
 from security.dp import BudgetExceeded, LedgerEntry, PrivacyLedger, RoundSpend, noise_multiplier_for
+from security.dp.accounting import AccountingError
 from security.dp import grad_samplers
 from security.dp.engine import DPSettings, check_model, plan_round, train_dp
 from security.dp.ledger import LEDGER_FILE
@@ -84,7 +86,7 @@ class _Unreleased:
 class SitePrivacy:
     def __init__(self, site: str, run_id: str, config: RunConfig, task: TaskRunner, *, state_dir: Path,
                  num_samples: int, model: nn.Module, local_budget: float | None = None, audit=None):
-        """Checks the run's privacy settings against this site (raises ValueError, naming the
+        """Checks the run's privacy settings against this site (raises RunUnworkable, naming the
         setting, when this site cannot honour them) and opens its ledger for DP-SGD."""
         self.check_offered(config, task)
         self.site, self.run_id, self.config = site, run_id, config
@@ -103,8 +105,8 @@ class SitePrivacy:
         """Refuse, before anything is built, a privacy mechanism the run's task does not offer."""
         p = config.privacy
         if p.enabled and p.mechanism == "dp_sgd" and not task.record_level_dp:
-            raise ValueError(f"privacy.mechanism: record-level DP-SGD is not offered for the {task.kind} task yet; "
-                             "use user-level DP (mechanism central or distributed) or turn privacy off")
+            raise RunUnworkable(f"privacy.mechanism: record-level DP-SGD is not offered for the {task.kind} task "
+                                "yet; use user-level DP (mechanism central or distributed) or turn privacy off")
 
     # -- what the site reads ---------------------------------------------------------------------
     @property
@@ -135,20 +137,32 @@ class SitePrivacy:
     # -- setting up record-level DP -------------------------------------------------------------
     def _open_record_level(self, state_dir: Path, model: nn.Module, local_budget: float | None) -> _RecordLevel:
         p, t, n = self.config.privacy, self.config.train, self.num_samples
+        # what the coordinator is told of a refusal here names the setting, never this site's N
         if p.delta >= 1.0 / n:
-            raise ValueError(f"privacy.delta: {p.delta:g} is not below 1/N = 1/{n} for {self.site}'s {n} "
-                             "training records (delta should be far below 1/N)")
-        check_model(model, p.grad_sample_mode)   # DPUnsupportedError (a ValueError) names the layer
+            raise RunUnworkable(f"privacy.delta: {p.delta:g} is not below 1/N = 1/{n} for {self.site}'s {n} "
+                                "training records (delta should be far below 1/N)",
+                                public=f"privacy.delta: {p.delta:g} is not below 1/N for this site's training records")
+        try:
+            check_model(model, p.grad_sample_mode)   # DPUnsupportedError names the layer
+        except ValueError as err:
+            raise RunUnworkable(f"privacy.grad_sample_mode: {err}") from None
         budget = p.budget_for(self.site, local_budget)
         if budget is None:
-            raise ValueError("privacy.epsilon_budget: no budget for this site")
+            raise RunUnworkable("privacy.epsilon_budget: no budget for this site")
         if p.noise_multiplier is not None:
             sigma = p.noise_multiplier
         else:
             # the whole run at this site's N reaches target_epsilon: every round spends the same
             plan = plan_round(n, t.batch_size, t.epochs, t.max_steps)
-            sigma = noise_multiplier_for(p.target_epsilon, p.delta, plan.sample_rate,
-                                         plan.steps * self.config.federation.rounds, p.accountant)
+            try:
+                sigma = noise_multiplier_for(p.target_epsilon, p.delta, plan.sample_rate,
+                                             plan.steps * self.config.federation.rounds, p.accountant)
+            except AccountingError as err:
+                raise RunUnworkable(
+                    f"privacy.target_epsilon: {err}",
+                    public=f"privacy.target_epsilon: no noise multiplier reaches epsilon {p.target_epsilon:g} at delta "
+                           f"{p.delta:g} over the run's {self.config.federation.rounds} rounds at this site's "
+                           "sample rate") from None
         ledger = PrivacyLedger(state_dir / LEDGER_FILE, self.site)
         spent = ledger.spent(p.delta)
         rec = _RecordLevel(ledger, budget=budget, noise_multiplier=sigma, delta=p.delta, accountant=p.accountant,

@@ -18,6 +18,7 @@ import numpy as np
 
 from kt_core import codec
 from kt_core.config import ConfigError, RunConfig
+from kt_core.config_file import RunUnworkable
 from kt_core.models import shared_state
 from kt_core.tasks import task_for
 from kt_core.wire import convert, transport
@@ -164,7 +165,7 @@ class SiteRun:
         round_no = assignment.header.round
         for v in violations:
             log.error("%s: round %d declined (%s): %s", self.site, round_no, message, v)
-            self.audit.refusal(self.run_id, round_no, message, f"site policy {v.rule}", v.detail)
+            self.audit.refusal(self.run_id, round_no, message, v.reason, v.detail)
         self.decline(stub, assignment, code, "; ".join(str(v) for v in violations)[:500])
 
     def decline(self, stub, assignment: pb.RoundAssignment, code: str, reason: str, spent: float = 0.0, budget: float = 0.0,
@@ -202,10 +203,10 @@ class SiteRun:
         audit.config(run_id, json.loads(reply.run_config_json), policy)
         refused = tuple(join_violations(settings, policy, config, reply))
 
-        def refusing(violations) -> "SiteRun":
-            for violation in violations:
+        def refusing(violations, audited: bool = False) -> "SiteRun":
+            for violation in violations if not audited else ():
                 log.error("%s: run %s: %s", settings.site, run_id, violation)
-                audit.refusal(run_id, reply.header.round, "join", f"site policy {violation.rule}", violation.detail)
+                audit.refusal(run_id, reply.header.round, "join", violation.reason, violation.detail)
             return cls(settings, run_id, config, None, None, audit, states, counters, stopping, policy,
                        tuple(violations))
 
@@ -220,6 +221,13 @@ class SiteRun:
             trainer = LocalTrainer(settings.site, run_id, config, settings.state_dir, settings.data_root,
                                    epsilon_budget=settings.epsilon_budget, backbone=backbone, audit=audit,
                                    site_data=settings.site_data)
+        except RunUnworkable as err:
+            # the run's own settings cannot work here (its privacy target at this site's N, a
+            # partition that leaves the site out): the site refuses this run and stays up for the
+            # next; the coordinator is told which setting, not this site's numbers
+            log.error("%s: run %s: cannot take part: %s", settings.site, run_id, err)
+            audit.refusal(run_id, reply.header.round, "join", "run unworkable", str(err)[:1000])
+            return refusing([Violation("unworkable", err.public[:400], source="run")], audited=True)
         except ConfigError as err:
             # the run's task, its options or this site's data do not fit: nothing is sent, the
             # refusal is in the site's own log, and the agent stops with the error

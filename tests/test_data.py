@@ -8,6 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kt_core.config import ConfigError, load_toml
 from kt_core.data import (FASHION_MNIST_DIR, FASHION_MNIST_FILES, DatasetError, PartitionSpec,
                           fashion_mnist_available, load_dataset, proportion_matrix, read_idx,
                           read_idx_pair, site_indices, site_split, subsample_indices)
@@ -143,6 +144,14 @@ def test_partition_errors_name_what_is_wrong():
 def test_partition_spec_validation_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         PartitionSpec(**{field: value}).validate()
+
+
+@pytest.mark.parametrize("dataset", ["digits", "auto"])
+def test_a_run_whose_shards_hold_more_classes_than_the_data_is_refused_before_any_site_builds(dataset):
+    text = f'[data]\ndataset = "{dataset}"\n[data.partition]\nscheme = "shards"\nclasses_per_site = 11\n'
+    with pytest.raises(ConfigError, match=r"data\.partition\.classes_per_site: 11 exceeds the 10 classes"):
+        load_toml(text)
+    assert load_toml(text.replace("11", "10")).data.partition.classes_per_site == 10
 
 
 def test_site_split_applies_the_same_proportions_to_train_and_test():

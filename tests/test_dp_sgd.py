@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import grpc
 import numpy as np
@@ -16,6 +17,7 @@ import participant.privacy  # noqa: F401  registers the adapters' per-sample gra
 from coordinator import messages
 from coordinator.errors import Refusal
 from kt_core.config import ConfigError, load_toml
+from kt_core.config_file import RunUnworkable
 from kt_core.factorized import ADAPTERS
 from kt_core.models import ModelConfig, build_model, kl_divergence
 from kt_core.wire import convert
@@ -173,9 +175,20 @@ def _dp_config(extra: str):
 
 
 def test_delta_not_below_one_over_n_is_refused_at_the_site(tmp_path):
-    with pytest.raises(ValueError, match=r"privacy.delta: 0.01 is not below 1/N"):
+    with pytest.raises(RunUnworkable, match=r"privacy.delta: 0.01 is not below 1/N = 1/\d+ for site-a's") as err:
         LocalTrainer("site-a", "run-1", _dp_config("noise_multiplier = 1.0\nepsilon_budget = 5.0\ndelta = 0.01"),
                      tmp_path)
+    # what the coordinator is told names the setting, not the site's record count
+    assert err.value.public == "privacy.delta: 0.01 is not below 1/N for this site's training records"
+
+
+def test_a_target_epsilon_no_noise_reaches_is_refused_without_the_sites_sample_rate(tmp_path):
+    with pytest.raises(RunUnworkable, match=r"privacy.target_epsilon: no noise multiplier .* sample rate 0\.\d+") as err:
+        LocalTrainer("site-a", "run-1", _dp_config("target_epsilon = 0.001\ndelta = 1e-5"), tmp_path)
+    assert err.value.public.startswith("privacy.target_epsilon: no noise multiplier reaches epsilon 0.001 at delta "
+                                       "1e-05 over the run's")
+    rate, steps = re.search(r"sample rate ([\d.]+) over (\d+) steps", str(err.value)).groups()
+    assert rate not in err.value.public and f"{steps} steps" not in err.value.public, err.value.public
 
 
 def test_budget_already_spent_at_start_declines_and_the_stricter_budget_wins(tmp_path, caplog):

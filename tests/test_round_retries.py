@@ -3,6 +3,7 @@ out, and a second agent of one site."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import time
 
@@ -85,6 +86,34 @@ def test_a_site_whose_policy_refuses_the_run_is_not_asked_again_and_the_run_fail
     assert re.match(r"only [01] update\(s\), 2 required; declined: site-a \(run_refused: site policy model\.adapters",
                     reason)
     assert db.execute("SELECT code FROM declines").fetchall() == [("run_refused",)]
+
+
+@pytest.mark.slow   # in process, fast: tests/test_simulate.py
+def test_a_run_whose_privacy_target_no_site_can_meet_fails_naming_the_setting_and_the_sites_stay_up(federation):
+    # epsilon 0.01 over the run is out of reach at any noise: each site refuses the run at join,
+    # tells the coordinator which setting (not its sample rate, which would give away its N), and
+    # stays up for the coordinator's next run instead of exiting
+    unreachable = PRIVACY.replace("target_epsilon = 4.0", "target_epsilon = 0.01")
+    federation.start_coordinator(federation.write_config(
+        fast_config(rounds=2, min_sites=2, sites=TWO, epochs=1, extra=unreachable)))
+    federation.wait_serving()
+    for site in TWO:
+        _site(federation, site)
+    status = federation.wait_for(lambda: (s := federation.status()).state.startswith("failed") and s, 120,
+                                 "the run to fail")
+    assert re.match(r"failed: too few sites take part: site-. \(run_refused: run unworkable: privacy\.target_epsilon: "
+                    r"no noise multiplier reaches epsilon 0\.01", status.state), status.state
+    assert status.aborted_attempts == 1
+    reasons = [r for (r,) in federation.db().execute("SELECT reason FROM declines WHERE code = 'run_refused'")]
+    assert reasons and all("sample rate" in r and not re.search(r"rate \d", r) for r in reasons), reasons
+    time.sleep(2)
+    assert all(federation.participants[site].poll() is None for site in TWO), federation.tail_logs()
+    for site in TWO:   # the site's own log and audit keep the whole reason
+        assert "cannot take part: privacy.target_epsilon" in federation.log(site)
+        entries = [json.loads(line) for line in
+                   (federation.workdir / "sites" / site / "audit" / "audit.jsonl").read_text().splitlines()]
+        refusals = [e["body"] for e in entries if e["kind"] == "refusal" and e["body"]["reason"] == "run unworkable"]
+        assert refusals and re.search(r"sample rate \d", refusals[0]["detail"]), refusals
 
 
 def test_retries_are_bounded_and_the_run_fails_when_they_run_out(federation):

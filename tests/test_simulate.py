@@ -156,18 +156,20 @@ delta = 1e-4
         assert (tmp_path / "sim" / "sites" / site / "privacy-ledger.sqlite3").exists()
 
 
-def test_a_simulation_whose_sites_cannot_take_part_stops_at_once_naming_them(tmp_path):
-    # 60 digits over 8 sites by quantity skew: most sites get no training sample. A real coordinator
-    # would wait for them; virtual ones that stopped never come back, so the simulation says so
+def test_a_simulation_whose_partition_leaves_sites_out_fails_at_once_naming_the_setting(tmp_path):
+    # 60 digits over 8 sites by quantity skew: most sites get no training sample. Each such site
+    # refuses the run (run unworkable, naming data.partition), and the run fails once too few are left
     text = fast_config(rounds=2, min_sites=2, epochs=1).replace(
         '[data]\ndataset = "digits"\n', '[data]\ndataset = "digits"\nmax_train = 60\nmax_test = 40\n').replace(
         'scheme = "dirichlet"\nalpha = 1.0\nseed = 3', 'scheme = "quantity"\nalpha = 0.1\nseed = 9')
     with pytest.raises(RuntimeError) as err:
         simulate(load_toml(text), 8, tmp_path / "sim", timeout_s=120)
     message = str(err.value)
-    assert "virtual participants stopped before the run finished" in message
-    assert "federation.min_sites = 2" in message
+    assert "failed: too few sites take part: " in message and "federation.min_sites = 2" in message
+    assert ("(run_refused: run unworkable: site-00") in message
     assert "data.partition (scheme 'quantity', seed 9) gives this site no training samples of 60 over 8 sites" in message
+    db = sqlite3.connect(tmp_path / "sim" / "coordinator" / "coordinator.sqlite3")
+    assert db.execute("SELECT COUNT(*) FROM aborted_attempts").fetchone()[0] == 1
 
 
 def test_a_simulation_that_every_site_policy_refuses_fails_after_one_attempt(tmp_path):
