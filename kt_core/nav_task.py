@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kt_core.config import ConfigError
+from kt_core.config_file import RunUnworkable
 from kt_core.task_api import FederatedTask, LocalData, SiteContext
 
 log = logging.getLogger(__name__)
@@ -96,17 +97,27 @@ class NavTask(FederatedTask):
     def local_data(self, site: SiteContext) -> LocalData:
         from kt_core.vln import finetune
         from kt_core.vln.babyai import get_demos
+        from kt_core.vln.tokenizer import TokenizerError
 
         if self.tokenizer is None:
             raise ValueError("local_data: the backbone (and its tokenizer) is loaded by build_model first")
         vln = self.options.vln
         levels = finetune.assign_levels(vln.levels, len(site.sites))[site.index]
         cache, max_len, memory = self._cache(site), self.max_len, self.memory
-        train = finetune.site_data(site.index, levels, vln.episodes_per_level, cache)
-        train_data = finetune.encode_demos(train, self.tokenizer, max_len, memory)
-        # unseen seeds of the same levels: the per-round accuracy the coordinator shows
-        held = [get_demos(level, finetune.eval_seeds(vln.eval_episodes), cache) for level in levels]
-        test_data = finetune.encode_demos(type(train).concat(held), self.tokenizer, max_len, memory)
+        try:
+            # the rollouts' instructions first: env resets only, before any bot runs
+            finetune.check_rollout_instructions(self.tokenizer, max_len, [*levels, *vln.held_out_levels],
+                                                max(vln.rollout_episodes, vln.round_rollout_episodes))
+            train = finetune.site_data(site.index, levels, vln.episodes_per_level, cache)
+            train_data = finetune.encode_demos(train, self.tokenizer, max_len, memory)
+            # unseen seeds of the same levels: the per-round accuracy the coordinator shows
+            held = [get_demos(level, finetune.eval_seeds(vln.eval_episodes), cache) for level in levels]
+            test_data = finetune.encode_demos(type(train).concat(held), self.tokenizer, max_len, memory)
+        except TokenizerError as err:
+            # a cut instruction is another instruction (kt_core.vln.tokenizer): the run's levels do
+            # not fit this backbone, and this site cannot take part (the instructions come from the
+            # public level generators, not from anything of the site's)
+            raise RunUnworkable(f"vln.levels: {err}") from None
         log.info("%s: levels %s: %d training and %d evaluation steps of demonstrations", site.name,
                  ", ".join(levels), len(train_data), len(test_data))
         return LocalData(train=train_data, test=test_data, levels=tuple(levels))

@@ -4,6 +4,7 @@ BabyAI levels, and only the adapters' shared factors cross the wire."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,29 @@ def test_an_unknown_level_is_refused():
     config = load_toml(vln_config(Path("x")).replace(LEVELS[1], "BabyAI-NoSuchLevel-v0"))
     with pytest.raises(ConfigError, match="vln.levels"):
         check_levels(config)
+
+
+def test_rollout_instructions_longer_than_the_backbone_takes_are_found_before_any_bot_runs():
+    from kt_core.vln.finetune import check_rollout_instructions
+    from kt_core.vln.tokenizer import Tokenizer, TokenizerError
+
+    tok = Tokenizer()
+    check_rollout_instructions(tok, 24, ["BabyAI-GoToLocal-v0", "BabyAI-PickupLoc-v0"], 40)
+    # BossLevel's instructions reach 27 tokens within 20 seeds; the demo backbone takes 24
+    with pytest.raises(TokenizerError, match=r"^BabyAI-BossLevel-v0: instruction has \d+ tokens .* more than max_len=24"):
+        check_rollout_instructions(tok, 24, ["BabyAI-GoToLocal-v0", "BabyAI-BossLevel-v0"], 40)
+    check_rollout_instructions(tok, 24, ["BabyAI-BossLevel-v0"], 0)   # no rollouts: nothing to check
+
+
+def test_a_run_whose_held_out_level_does_not_fit_the_backbone_fails_at_once_naming_it(backbone, tmp_path):
+    # without the check each site would train the whole run and fail in its closing rollouts
+    from ktfed.simulate import simulate
+
+    text = vln_config(backbone).replace(f'held_out_levels = ["{LEVELS[3]}"]',
+                                        'held_out_levels = ["BabyAI-BossLevel-v0"]').replace(
+        "rollout_episodes = 2\n", "rollout_episodes = 40\n")
+    with pytest.raises(RuntimeError) as err:
+        simulate(load_toml(text), 3, tmp_path / "sim", timeout_s=120)
+    message = str(err.value)
+    assert "failed: too few sites take part: " in message
+    assert re.search(r"run_refused: run unworkable: vln\.levels: BabyAI-BossLevel-v0: instruction has \d+ tokens", message)

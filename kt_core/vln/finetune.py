@@ -26,9 +26,9 @@ from torch import Tensor, nn
 
 from kt_core.factorized import Adapter
 from kt_core.train import TrainConfig, TrainResult, device_of, elbo_loss, train_steps
-from kt_core.vln.babyai import NUM_ACTIONS, Demos, Policy, evaluate_policy, get_demos
+from kt_core.vln.babyai import NUM_ACTIONS, Demos, Policy, evaluate_policy, get_demos, missions
 from kt_core.vln.memory import episode_steps, stack_frames
-from kt_core.vln.tokenizer import PAD_ID, Tokenizer
+from kt_core.vln.tokenizer import PAD_ID, Tokenizer, TokenizerError
 
 PRETRAIN_SEED_BASE = 0
 SITE_SEED_BASE, SITE_SEED_STRIDE = 100_000, 10_000
@@ -111,7 +111,10 @@ def encode_demos(demos: Demos, tokenizer: Tokenizer, max_len: int, memory: int =
     """Demonstrations as tensors; `memory` > 0 (the model's cfg.memory) makes each sample carry
     the frames and actions of its episode's previous steps."""
     # a level has few distinct missions: encode each once
-    mission_tokens = torch.from_numpy(tokenizer.encode_batch(demos.missions, max_len))
+    try:
+        mission_tokens = torch.from_numpy(tokenizer.encode_batch(demos.missions, max_len))
+    except TokenizerError as err:
+        raise TokenizerError(f"{demos.level}: {err}") from None
     return DemoTensors(mission_tokens[torch.from_numpy(demos.mission_index)], torch.from_numpy(demos.images),
                        torch.from_numpy(demos.directions), torch.from_numpy(demos.actions),
                        torch.from_numpy(episode_steps(demos.episode)), memory)
@@ -226,6 +229,20 @@ def evaluate_rollouts(model: nn.Module, tokenizer: Tokenizer, level: str, episod
     (validation=True: on the validation block instead, for choosing hyper-parameters)."""
     seeds = validation_seeds(episodes) if validation else eval_seeds(episodes)
     return evaluate_policy(model_policy(model, tokenizer), level, seeds, cache_dir).summary()
+
+
+def check_rollout_instructions(tokenizer: Tokenizer, max_len: int, levels: Sequence[str], episodes: int) -> None:
+    """Every instruction the rollouts on `levels` will be given (the first `episodes` evaluation
+    seeds) fits the backbone's max_len, else TokenizerError naming the level: the rollouts come at
+    the end of a run, and a level whose instruction is refused there (BossLevel's reach 27 tokens,
+    the demo backbone takes 24) would lose the run's evaluation after all its training."""
+    if episodes < 1:
+        return
+    for level in levels:
+        try:
+            tokenizer.encode_batch(sorted(set(missions(level, eval_seeds(episodes)))), max_len)
+        except TokenizerError as err:
+            raise TokenizerError(f"{level}: {err}") from None
 
 
 def site_evaluation(model: nn.Module, tokenizer: Tokenizer, train_levels: Sequence[str],
