@@ -111,12 +111,21 @@ class GlobalStates:
         first = next(responses)
         digest = digest or first.header.global_state_digest
         specs = [convert.spec_from_pb(s) for s in first.header.tensors]
-        if codec.state_digest(specs) != digest:
-            raise RuntimeError("the global state's header does not match the digest the assignment named")
-        assembler = codec.TensorAssembler(specs, max_chunk_bytes=self.chunk_bytes)
-        for message in responses:
-            assembler.add(message.chunk.name, message.chunk.offset, message.chunk.data)
-        state = assembler.finish()
+        try:
+            if codec.state_digest(specs) != digest:
+                raise StateStepRefused("the global state's header does not match the digest the assignment named")
+            if self.steps is not None and self.steps.run_id == run_id:
+                self.steps.check_layout(specs)   # before anything is allocated for them
+            assembler = codec.TensorAssembler(specs, max_chunk_bytes=self.chunk_bytes)
+            for message in responses:
+                assembler.add(message.chunk.name, message.chunk.offset, message.chunk.data)
+            state = assembler.finish()
+        except (StateStepRefused, codec.WireError) as err:
+            # a state this site will not take is a refused round, not the end of the site
+            responses.cancel()
+            log.error("%s: run %s: global state %s refused: %s", site, run_id, digest[:12], err)
+            self.audit.refusal(run_id, round_no, "state", "global state layout", str(err)[:1000])
+            raise StateStepRefused(str(err)) from None
         self.counters.bytes_downloaded += assembler.bytes_received
         self.audit.boundary(run_id, "receive", round_no, "state", digest, specs)
         if self.steps is not None and self.steps.run_id == run_id:

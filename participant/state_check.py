@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import numpy as np
 
+from kt_core.codec import TensorSpec
 from kt_core.config import RunConfig
 from security.secagg.quantize import error_bound
 
@@ -36,7 +37,8 @@ FLOAT32_SLACK = 2.0 ** -23
 
 
 class StateStepRefused(ValueError):
-    """A global state further from the last accepted one than the run's rule allows."""
+    """A global state this site does not take: further from the last accepted one than the run's
+    rule allows, or not laid out as the run's shared tensors (`StateSteps.check_layout`)."""
 
 
 def max_global_step(config: RunConfig, numel: int) -> float:
@@ -53,6 +55,11 @@ def max_global_step(config: RunConfig, numel: int) -> float:
         # the coordinator's noise has std z S / n, at most z S (n >= 1)
         step += privacy.user_noise_multiplier * privacy.update_clip_norm * (math.sqrt(numel) + NOISE_TAIL)
     return config.federation.server_lr * step
+
+
+def _names(names: list[str], most: int = 3) -> str:
+    shown = ", ".join(repr(n[:80]) for n in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def state_distance(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> tuple[float, float]:
@@ -78,6 +85,26 @@ class StateSteps:
         self.last: tuple[int, dict[str, np.ndarray]] | None = None   # (rounds completed, shared tensors)
         if initial is not None:
             self.last = (0, {n: np.array(a, copy=True) for n, a in initial.items()})
+
+    def check_layout(self, specs: Iterable[TensorSpec]) -> None:
+        """The tensors a global state declares are this run's shared tensors, by name, dtype and
+        shape, or StateStepRefused, before a byte of them arrives: a coordinator cannot make the
+        site allocate what its model does not hold (the wire allows 2 GiB a declared tensor, and
+        any number of them), nor slip in or leave out a tensor."""
+        if self.last is None:
+            return
+        expected = {n: (str(a.dtype), tuple(a.shape)) for n, a in self.last[1].items()}
+        declared = {s.name: (s.dtype, tuple(s.shape)) for s in specs}
+        if declared == expected:
+            return
+        problems = [f"{len(extra)} tensor(s) this site's model does not share: {_names(extra)}"
+                    for extra in [sorted(declared.keys() - expected.keys())] if extra]
+        problems += [f"{len(missing)} of its shared tensors missing: {_names(missing)}"
+                     for missing in [sorted(expected.keys() - declared.keys())] if missing]
+        problems += [f"{n!r} declared {declared[n][0]}{list(declared[n][1])}, the model's is "
+                     f"{expected[n][0]}{list(expected[n][1])}"
+                     for n in sorted(declared.keys() & expected.keys()) if declared[n] != expected[n]][:3]
+        raise StateStepRefused("the global state's tensors are not this run's shared tensors: " + "; ".join(problems))
 
     def accept(self, completed: int, state: Mapping[str, np.ndarray]) -> None:
         """Take `state`, named as the global state after `completed` rounds, or raise

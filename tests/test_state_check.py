@@ -10,7 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from coordinator.strategy import strategy_for
+from kt_core import codec
 from kt_core.config import load_toml
+from kt_core.wire import convert
+from kt_core.wire import federation_pb2 as pb
+from participant.audit_trail import NoAudit
 from participant.state_check import StateStepRefused, StateSteps, max_global_step
 from tests.conftest import fast_config
 
@@ -108,3 +112,79 @@ def test_the_first_state_is_measured_from_the_round_0_model_the_site_built():
     StateSteps("run", config, initial).accept(3, step)
     with pytest.raises(StateStepRefused):
         StateSteps("run", config, initial).accept(2, step)
+
+
+# -- what the site downloads: the layout a coordinator declares, before any chunk is read ----------
+
+class _Stream:
+    """A scripted DownloadState reply (the coordinator is the adversary here): counts what the
+    site read of it and whether it hung up."""
+
+    def __init__(self, messages):
+        self.messages, self.read, self.cancelled = list(messages), 0, False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.read == len(self.messages):
+            raise StopIteration
+        self.read += 1
+        return self.messages[self.read - 1]
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def _reply(state, declared=None, chunks=None):
+    """The coordinator's stream for `state`: a header declaring `declared` (default: state's own
+    specs), then `chunks` (default: every tensor in one chunk)."""
+    specs = declared if declared is not None else [codec.spec_of(n, a) for n, a in state.items()]
+    header = pb.StateChunk(header=pb.StateHeader(header=convert.header("run", 1, "s1"),
+                                                  global_state_digest=codec.state_digest(specs),
+                                                  tensors=[convert.spec_to_pb(s) for s in specs]))
+    if chunks is None:
+        chunks = [(n, 0, codec.to_bytes(a)) for n, a in state.items()]
+    body = [pb.StateChunk(chunk=pb.TensorChunk(name=n, offset=o, data=d)) for n, o, d in chunks]
+    return _Stream([header, *body]), codec.state_digest(specs)
+
+
+def _fetch(stream, digest, initial, tmp_path):
+    from participant.site_run import AgentSettings, GlobalStates, SiteCounters
+
+    states = GlobalStates(AgentSettings("s1", "127.0.0.1:1", None, tmp_path), NoAudit(), SiteCounters())
+    states.measure_from("run", _config(PLAIN), initial)
+    stub = type("Stub", (), {"DownloadState": lambda self, request, timeout: stream})()
+    return states.fetch(stub, "run", 1, digest, completed=0)
+
+
+def test_a_state_declaring_other_tensors_than_the_models_is_refused_before_any_chunk_is_read(tmp_path):
+    rng = np.random.default_rng(5)
+    initial = _state(rng)
+    huge = codec.TensorSpec("w_evil", "float32", (1 << 29,), b"\0" * 32, 1 << 31)   # 2 GiB, the wire's most
+    cases = {
+        "does not share: 'w_evil'": [*(codec.spec_of(n, a) for n, a in initial.items()), huge],
+        "shared tensors missing: 'b'": [codec.spec_of("w", initial["w"])],
+        "'w' declared float32[5, 6], the model's is float32[6, 5]":
+            [codec.spec_of("w", initial["w"].T.copy()), codec.spec_of("b", initial["b"])],
+    }
+    for expected, declared in cases.items():
+        stream, digest = _reply(initial, declared=declared)
+        with pytest.raises(StateStepRefused, match="not this run's shared tensors") as err:
+            _fetch(stream, digest, initial, tmp_path)
+        assert expected in str(err.value)
+        assert stream.read == 1 and stream.cancelled    # the header alone: nothing allocated for it
+    stream, digest = _reply(initial)
+    assert set(_fetch(stream, digest, initial, tmp_path)[1]) == {"w", "b"}   # the honest layout is taken
+
+
+def test_a_malformed_state_stream_is_a_refused_state_not_a_crash(tmp_path):
+    initial = _state(np.random.default_rng(6))
+    raw = codec.to_bytes(initial["w"])
+    stream, digest = _reply(initial, chunks=[("w", 8, raw[8:]), ("b", 0, codec.to_bytes(initial["b"]))])
+    with pytest.raises(StateStepRefused, match="at offset 8, expected 0"):
+        _fetch(stream, digest, initial, tmp_path)
+    assert stream.cancelled
+    stream, _ = _reply(initial)
+    with pytest.raises(StateStepRefused, match="does not match the digest the assignment named"):
+        _fetch(stream, "0" * 64, initial, tmp_path)
