@@ -5,10 +5,13 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Iterable
 
 log = logging.getLogger(__name__)
+
+DISK_MARGIN = 256 << 20   # left free after a download
 
 
 class BackboneCacheError(RuntimeError):
@@ -40,6 +43,11 @@ def fetch(cache_dir: Path, sha256: str, size: int,
         log.warning("cached backbone %s does not match its digest: downloading it again", path)
         path.unlink()
     path.parent.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(path.parent).free
+    if size + DISK_MARGIN > free:
+        # the site's disk holds its ledger, audit log and private factors too: never fill it
+        raise BackboneCacheError(f"the backbone's announced {size} bytes do not fit {path.parent} "
+                                 f"({free} bytes free, {DISK_MARGIN} kept spare)")
     tmp = path.with_suffix(".part")
     digest, received = hashlib.sha256(), 0
     try:

@@ -100,6 +100,9 @@ class LimitRules:
     # (participant.state_check.max_global_step: server_lr x clip_norm, plus SecAgg rounding and
     # central DP noise); the site checks every state it is sent against it. 0 = no limit
     max_global_step: float = 0.0
+    # the largest backbone checkpoint this site downloads: the coordinator announces the size, and
+    # the file goes to the site's disk before its digest can be checked at the end. 0 = no limit
+    max_backbone_bytes: int = 8 << 30
 
 
 @dataclass(frozen=True)
@@ -241,10 +244,11 @@ def privacy_level(config: RunConfig) -> str | None:
 
 def check_join(policy: SitePolicy, config: RunConfig, *, site: str, shared: dict[str, int],
                backbone_sha256: str = "", history: "RunHistory | None" = None, run_id: str = "",
-               epsilon_budget: float | None = None) -> list[Violation]:
+               epsilon_budget: float | None = None, backbone_bytes: int = 0) -> list[Violation]:
     """Everything wrong with a run, before the site builds its model. `shared`: the manifest's
     shared tensors -> bytes (what one update holds); `epsilon_budget`: the site's own
-    (--epsilon-budget), which with the run's makes the budget the site enforces."""
+    (--epsilon-budget), which with the run's makes the budget the site enforces; `backbone_bytes`:
+    the size the coordinator announces for the run's backbone."""
     out: list[Violation] = []
     kind, targets = adapter(config)
     m = policy.model
@@ -277,6 +281,9 @@ def check_join(policy: SitePolicy, config: RunConfig, *, site: str, shared: dict
                                                            f"{step:.6g} a round (server_lr x clip_norm and what "
                                                            f"secure aggregation and DP add), more than "
                                                            f"{lim.max_global_step:g}"))
+    if lim.max_backbone_bytes and backbone_bytes > lim.max_backbone_bytes:
+        out.append(Violation("limits.max_backbone_bytes", f"the run's backbone is announced as {backbone_bytes} "
+                                                          f"bytes, more than {lim.max_backbone_bytes}"))
     if lim.max_runs_per_day and history is not None:
         recent = history.runs_since(time.time() - 86400, excluding=run_id)
         if recent >= lim.max_runs_per_day:

@@ -269,7 +269,8 @@ def join_violations(settings: AgentSettings, policy: SitePolicy, config: RunConf
               for e in reply.manifest if convert.ROLE_FROM_PB[e.role] == "shared"}
     return site_policy.check_join(policy, config, site=settings.site, shared=shared,
                                   backbone_sha256=reply.backbone_sha256, history=run_history(settings),
-                                  run_id=reply.header.run_id, epsilon_budget=settings.epsilon_budget)
+                                  run_id=reply.header.run_id, epsilon_budget=settings.epsilon_budget,
+                                  backbone_bytes=reply.backbone_bytes)
 
 
 def fetch_backbone(settings: AgentSettings, stub, reply: pb.JoinReply, config: RunConfig, audit,
@@ -277,7 +278,8 @@ def fetch_backbone(settings: AgentSettings, stub, reply: pb.JoinReply, config: R
     """The run's frozen backbone: from this site's cache when a file with its digest is there,
     else streamed from the coordinator once and checked against the digest the run names."""
     if not reply.backbone_sha256 or reply.backbone_sha256 != task_for(config).backbone_sha256():
-        raise RuntimeError("the coordinator announces a backbone other than the one its run config names")
+        raise RunUnworkable("vln.backbone_sha256: the coordinator announces a backbone other than the one its run "
+                            "config names")
     downloaded = []
 
     def download(offset: int):
@@ -288,8 +290,15 @@ def fetch_backbone(settings: AgentSettings, stub, reply: pb.JoinReply, config: R
             counters.bytes_downloaded += len(chunk.data)
             yield chunk.offset, chunk.data
 
-    path = backbone_cache.fetch(Path(settings.state_dir) / "backbones", reply.backbone_sha256,
-                                reply.backbone_bytes, download)
+    try:
+        path = backbone_cache.fetch(Path(settings.state_dir) / "backbones", reply.backbone_sha256,
+                                    reply.backbone_bytes, download)
+    except backbone_cache.BackboneCacheError as err:
+        # the hosted file is not what the run names, or does not fit here: this run cannot go on at
+        # this site, and the site stays up for the next (where it is free on this disk stays local)
+        raise RunUnworkable(f"vln.backbone: {err}", public=f"vln.backbone: the hosted backbone "
+                            f"{reply.backbone_sha256[:16]}… could not be downloaded and checked here "
+                            "(this site's log says why)") from None
     if downloaded:
         audit.boundary(reply.header.run_id, "receive", reply.header.round, "backbone", reply.backbone_sha256,
                        nbytes=reply.backbone_bytes)

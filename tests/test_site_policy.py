@@ -90,6 +90,19 @@ def test_backbone_and_adapter_targets():
         ["model.backbone_sha256", "model.adapter_targets"]
 
 
+def test_a_backbone_announced_larger_than_the_site_downloads_is_refused_before_any_byte():
+    # the coordinator announces the size; the file goes to the site's disk before its digest is known
+    config = load_toml("[task]\nkind = 'vln'\n")
+    assert SitePolicy().limits.max_backbone_bytes == 8 << 30
+    assert check_join(SitePolicy(), config, site="s", shared={}, backbone_bytes=8 << 30) == []
+    (refused,) = check_join(SitePolicy(), config, site="s", shared={}, backbone_bytes=(8 << 30) + 1)
+    assert refused.rule == "limits.max_backbone_bytes" and "8589934593 bytes" in refused.detail
+    small = loads("[limits]\nmax_backbone_bytes = 1000", "p.toml")
+    assert rules(check_join(small, config, site="s", shared={}, backbone_bytes=1001)) == ["limits.max_backbone_bytes"]
+    unlimited = loads("[limits]\nmax_backbone_bytes = 0", "p.toml")
+    assert check_join(unlimited, config, site="s", shared={}, backbone_bytes=1 << 50) == []
+
+
 def _sharing_bias(config):
     return dataclasses.replace(config, model=dataclasses.replace(config.model, private_output_bias=False))
 
