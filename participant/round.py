@@ -57,6 +57,12 @@ class Round:
         if violations:
             self.refuse(violations)
             return None
+        t = assignment.train
+        try:   # before anything is downloaded for it
+            run.trainer.round_config(t.epochs, t.batch_size, t.lr, t.max_steps, t.seed)
+        except ValueError as err:
+            self.refuse([Violation("train", str(err), source="round")])
+            return None
         try:
             state = self.download()
         except StateStepRefused as err:

@@ -205,10 +205,18 @@ class SiteRun:
         coordinator's factor manifest. A run the policy refuses builds nothing and downloads nothing."""
         audit = audit if audit is not None else NoAudit()
         policy = policy if policy is not None else SitePolicy()
-        config = RunConfig.from_json(reply.run_config_json)
         run_id = reply.header.run_id
         states.chunk_bytes = reply.max_chunk_bytes or codec.MAX_CHUNK_BYTES
         states.begin_run(run_id)
+        try:
+            config = RunConfig.from_json(reply.run_config_json)
+        except ConfigError as err:
+            # a coordinator that sends a run config this release cannot read (or a hostile one):
+            # the site refuses the run, audited, and stays up for the next one
+            log.error("%s: run %s: cannot take part: the run config: %s", settings.site, run_id, err)
+            audit.refusal(run_id, reply.header.round, "join", "run unworkable", f"run config: {err}"[:1000])
+            return cls(settings, run_id, RunConfig(), None, None, audit, states, counters, stopping, policy,
+                       (Violation("unworkable", f"run config: {err}"[:400], source="run"),))
         audit.config(run_id, json.loads(reply.run_config_json), policy)
         refused = tuple(join_violations(settings, policy, config, reply))
 

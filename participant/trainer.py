@@ -24,7 +24,7 @@ from kt_core.config import RunConfig
 from kt_core.manifest import Role, manifest_of
 from kt_core.models import load_private_state, load_shared_state, private_state, shared_state
 from kt_core.site_optimizer import SiteOptimizer
-from kt_core.train import TrainResult
+from kt_core.train import TrainConfig, TrainResult
 from participant.audit_trail import NoAudit
 from participant.privacy import BudgetExceeded, SitePrivacy
 from security.dp.engine import DPUnsupportedError
@@ -72,13 +72,19 @@ class LocalTrainer:
         """The site's privacy ledger (None without DP-SGD): for reading, e.g. by the operator."""
         return self.privacy.ledger
 
+    def round_config(self, epochs: int, batch_size: int, lr: float, max_steps: int, seed: int) -> TrainConfig:
+        """The run's training settings with what the coordinator chose for this round, bounded as
+        the run's own are (ValueError naming the field: a coordinator may send anything here)."""
+        cfg = dataclasses.replace(self.config.train, epochs=epochs, batch_size=batch_size, lr=lr,
+                                  max_steps=max_steps or None, seed=seed)
+        cfg.validate()
+        return cfg
+
     def train(self, epochs: int, batch_size: int, lr: float, max_steps: int, seed: int, *,
               round_no: int = 0, attempt_id: str = "") -> TrainResult:
         """Raises BudgetExceeded, before any training, when the round would pass the site's budget."""
         # The coordinator chooses these per round; everything else comes from the run config.
-        cfg = dataclasses.replace(self.config.train, epochs=epochs, batch_size=batch_size, lr=lr,
-                                  max_steps=max_steps or None, seed=seed)
-        cfg.validate()
+        cfg = self.round_config(epochs, batch_size, lr, max_steps, seed)
         before = {name: value.detach().clone() for name, value in self.model.state_dict().items()}
         try:
             return self.privacy.train(self.task, self.model, self.data, cfg, round_no=round_no,

@@ -28,6 +28,8 @@ Coordinator (its store and its start):
     KTFED_FAULT_SHIFT_STATE=V             a hostile coordinator: the first aggregate it computes
                                           gets V added to every element (a model of its own in
                                           place of the sites' mean; the sites must refuse it)
+    KTFED_FAULT_ROUND_EPOCHS=N            a hostile coordinator: every round assignment asks for
+                                          N local epochs, whatever the run config says
 """
 from __future__ import annotations
 
@@ -42,7 +44,7 @@ import numpy as np
 
 FAULTS = ("KTFED_FAULT_PAUSE_BEFORE_UPLOAD_S", "KTFED_FAULT_LEAK_PRIVATE", "KTFED_FAULT_EXIT_AFTER_SECAGG_STEP",
           "KTFED_TEST_EXPORT_SECAGG_INPUT", "KTFED_FAULT_PAUSE_BEFORE_COMMIT_S", "KTFED_FAULT_PAUSE_IN_RESUME_S",
-          "KTFED_FAULT_SHIFT_STATE")
+          "KTFED_FAULT_SHIFT_STATE", "KTFED_FAULT_ROUND_EPOCHS")
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -155,6 +157,15 @@ def install_coordinator(env) -> None:
             logging.getLogger("coordinator.strategy").warning("fault injection: adding %g to the aggregate", shift)
             return {name: (np.asarray(result[name]) + shift).astype(np.asarray(result[name]).dtype) for name in result}
         _wrap(FedAvg, "finish", hostile_finish)
+    epochs = int(env.get("KTFED_FAULT_ROUND_EPOCHS", "0") or 0)
+    if epochs:
+        from coordinator import messages
+
+        def hostile_assignment(round_assignment, *args, **kwargs):
+            message = round_assignment(*args, **kwargs)
+            message.round.train.epochs = epochs
+            return message
+        _wrap(messages, "round_assignment", hostile_assignment)
 
 
 if __name__ == "__main__":

@@ -59,3 +59,31 @@ def test_a_final_state_the_rule_could_not_have_produced_is_not_taken(federation)
         assert kept["model"].startswith("last local model"), kept
         assert "refused" in federation.log(site)
     assert status.rounds_completed == 1
+
+
+def test_a_round_asking_for_more_local_work_than_any_run_may_is_declined_and_the_sites_stay_up(federation):
+    # 10^6 epochs a round would keep a site training for good: the site checks the round's settings
+    # as it checks the run's, before it downloads anything, declines and waits for the next round
+    text = fast_config(rounds=2, min_sites=2, timeout=20, sites=SITES).replace(
+        "seed = 3\n", "seed = 3\nmax_attempts = 2\nretry_backoff_s = 0.2\n", 1)
+    federation.start_coordinator(federation.write_config(text), env={"KTFED_FAULT_ROUND_EPOCHS": "1000000"})
+    federation.wait_serving()
+    for site in SITES:
+        federation.start_participant(site)
+
+    def declines():
+        return federation.db().execute("SELECT site_id, code, reason FROM declines").fetchall()
+
+    rows = federation.wait_for(lambda: len({r[0] for r in declines()}) == 2 and declines(), 120,
+                               "both sites to decline the round")
+    assert all(code == "site_policy" and reason.startswith("round train: epochs: must be an integer between 1 "
+                                                           "and 1000") for _, code, reason in rows), rows
+    assert all(proc.poll() is None for proc in federation.participants.values()), federation.tail_logs()
+    assert federation.status().rounds_completed == 0
+    for site in SITES:
+        entries = [json.loads(line) for line in (federation.workdir / "sites" / site / "audit" / "audit.jsonl")
+                   .read_text().splitlines()]
+        assert any(e["kind"] == "refusal" and e["body"]["reason"] == "round train" for e in entries), entries
+        received = [e["body"]["message"] for e in entries if e["kind"] == "boundary"
+                    and e["body"]["direction"] == "receive"]
+        assert "assignment" in received and "state" not in received, received   # nothing downloaded

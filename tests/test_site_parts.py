@@ -131,3 +131,32 @@ def test_dp_sgd_without_poisson_sampling_takes_every_record_once_per_epoch(physi
     assert result.steps == 2 * 4                                   # ceil(10 / 3) steps per epoch
     assert sorted(seen[:n]) == list(range(n)) and sorted(seen[n:]) == list(range(n))
     assert not hasattr(model.weight, "grad_sample")
+
+
+class _Refusals(NoAudit):
+    def __init__(self):
+        self.refusals = []
+
+    def refusal(self, run, round_no, message, reason, detail):
+        self.refusals.append((message, reason, detail))
+
+
+@pytest.mark.parametrize("text, named", [
+    ("{not json", "run config JSON"),
+    (json.dumps({"federation": {"rounds": 0}}), "federation.rounds"),
+    (json.dumps({"warp_drive": {}}), "warp_drive"),
+])
+def test_a_run_config_the_site_cannot_read_refuses_the_run_instead_of_stopping_the_site(tmp_path, text, named):
+    import threading
+
+    from participant.site_run import AgentSettings, GlobalStates, SiteCounters, SiteRun
+
+    settings = AgentSettings("site-a", "127.0.0.1:1", None, tmp_path)
+    audit, counters = _Refusals(), SiteCounters()
+    reply = pb.JoinReply(header=pb.Header(run_id="run-1", round=1), run_config_json=text)
+    run = SiteRun.join(settings, None, reply, audit=audit, states=GlobalStates(settings, audit, counters),
+                       counters=counters, stopping=threading.Event())
+    assert run.trainer is None and run.run_id == "run-1"
+    (refused,) = run.refused
+    assert str(refused).startswith("run unworkable: run config: ") and named in str(refused)
+    assert audit.refusals == [("join", "run unworkable", refused.detail)]
