@@ -208,27 +208,34 @@ class SiteRun:
         run_id = reply.header.run_id
         states.chunk_bytes = reply.max_chunk_bytes or codec.MAX_CHUNK_BYTES
         states.begin_run(run_id)
+
+        def declining(config: RunConfig, violations) -> "SiteRun":
+            # a SiteRun without a trainer: it declines every assignment, naming `violations`
+            return cls(settings, run_id, config, None, None, audit, states, counters, stopping, policy,
+                       tuple(violations))
+
+        def refused_run(config: RunConfig, violations) -> "SiteRun":
+            for violation in violations:
+                log.error("%s: run %s: %s", settings.site, run_id, violation)
+                audit.refusal(run_id, reply.header.round, "join", violation.reason, violation.detail)
+            return declining(config, violations)
+
+        def unworkable(config: RunConfig, detail: str, public: str) -> "SiteRun":
+            # the whole reason in the site's log and audit; the coordinator is told `public`
+            log.error("%s: run %s: cannot take part: %s", settings.site, run_id, detail)
+            audit.refusal(run_id, reply.header.round, "join", "run unworkable", detail[:1000])
+            return declining(config, [Violation("unworkable", public[:400], source="run")])
+
         try:
             config = RunConfig.from_json(reply.run_config_json)
         except ConfigError as err:
             # a coordinator that sends a run config this release cannot read (or a hostile one):
-            # the site refuses the run, audited, and stays up for the next one
-            log.error("%s: run %s: cannot take part: the run config: %s", settings.site, run_id, err)
-            audit.refusal(run_id, reply.header.round, "join", "run unworkable", f"run config: {err}"[:1000])
-            return cls(settings, run_id, RunConfig(), None, None, audit, states, counters, stopping, policy,
-                       (Violation("unworkable", f"run config: {err}"[:400], source="run"),))
+            # the site refuses the run and stays up for the next one
+            return unworkable(RunConfig(), f"run config: {err}", f"run config: {err}")
         audit.config(run_id, json.loads(reply.run_config_json), policy)
         refused = tuple(join_violations(settings, policy, config, reply))
-
-        def refusing(violations, audited: bool = False) -> "SiteRun":
-            for violation in violations if not audited else ():
-                log.error("%s: run %s: %s", settings.site, run_id, violation)
-                audit.refusal(run_id, reply.header.round, "join", violation.reason, violation.detail)
-            return cls(settings, run_id, config, None, None, audit, states, counters, stopping, policy,
-                       tuple(violations))
-
         if refused:
-            return refusing(refused)
+            return refused_run(config, refused)
         try:
             # a python task is imported from what this site installed, at the version the run
             # announces, before anything is downloaded or built (TaskMismatch otherwise)
@@ -242,9 +249,7 @@ class SiteRun:
             # the run's own settings cannot work here (its privacy target at this site's N, a
             # partition that leaves the site out): the site refuses this run and stays up for the
             # next; the coordinator is told which setting, not this site's numbers
-            log.error("%s: run %s: cannot take part: %s", settings.site, run_id, err)
-            audit.refusal(run_id, reply.header.round, "join", "run unworkable", str(err)[:1000])
-            return refusing([Violation("unworkable", err.public[:400], source="run")], audited=True)
+            return unworkable(config, str(err), err.public)
         except ConfigError as err:
             # the run's task, its options or this site's data do not fit: nothing is sent, the
             # refusal is in the site's own log, and the agent stops with the error
@@ -254,7 +259,7 @@ class SiteRun:
             raise RuntimeError("the coordinator's factor manifest differs from the model this site builds "
                                "(incompatible software versions)")
         if noisy := site_policy.check_noise(policy, trainer.privacy.noise_multiplier):
-            return refusing(noisy)   # nothing trained or sent: the trainer is dropped
+            return refused_run(config, noisy)   # nothing trained or sent: the trainer is dropped
         # before any global state is loaded, the shared tensors are the round-0 model
         initial = {n: t.detach().numpy().copy() for n, t in shared_state(trainer.model).items()}
         states.measure_from(run_id, config, initial)

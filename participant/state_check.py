@@ -97,13 +97,14 @@ class StateSteps:
         declared = {s.name: (s.dtype, tuple(s.shape)) for s in specs}
         if declared == expected:
             return
-        problems = [f"{len(extra)} tensor(s) this site's model does not share: {_names(extra)}"
-                    for extra in [sorted(declared.keys() - expected.keys())] if extra]
-        problems += [f"{len(missing)} of its shared tensors missing: {_names(missing)}"
-                     for missing in [sorted(expected.keys() - declared.keys())] if missing]
+        problems = []
+        if extra := sorted(declared.keys() - expected.keys()):
+            problems.append(f"{len(extra)} tensor(s) this site's model does not share: {_names(extra)}")
+        if missing := sorted(expected.keys() - declared.keys()):
+            problems.append(f"{len(missing)} of its shared tensors missing: {_names(missing)}")
+        differing = [n for n in sorted(declared.keys() & expected.keys()) if declared[n] != expected[n]]
         problems += [f"{n!r} declared {declared[n][0]}{list(declared[n][1])}, the model's is "
-                     f"{expected[n][0]}{list(expected[n][1])}"
-                     for n in sorted(declared.keys() & expected.keys()) if declared[n] != expected[n]][:3]
+                     f"{expected[n][0]}{list(expected[n][1])}" for n in differing[:3]]
         raise StateStepRefused("the global state's tensors are not this run's shared tensors: " + "; ".join(problems))
 
     def accept(self, completed: int, state: Mapping[str, np.ndarray]) -> None:

@@ -107,14 +107,19 @@ class DemoTensors:
                            steps, parts[0].memory, parts[0].num_actions)
 
 
+def encode_missions(tokenizer: Tokenizer, missions: Sequence[str], max_len: int, level: str) -> np.ndarray:
+    """tokenizer.encode_batch, with a refused instruction's level named (TokenizerError)."""
+    try:
+        return tokenizer.encode_batch(missions, max_len)
+    except TokenizerError as err:
+        raise TokenizerError(f"{level}: {err}") from None
+
+
 def encode_demos(demos: Demos, tokenizer: Tokenizer, max_len: int, memory: int = 0) -> DemoTensors:
     """Demonstrations as tensors; `memory` > 0 (the model's cfg.memory) makes each sample carry
     the frames and actions of its episode's previous steps."""
     # a level has few distinct missions: encode each once
-    try:
-        mission_tokens = torch.from_numpy(tokenizer.encode_batch(demos.missions, max_len))
-    except TokenizerError as err:
-        raise TokenizerError(f"{demos.level}: {err}") from None
+    mission_tokens = torch.from_numpy(encode_missions(tokenizer, demos.missions, max_len, demos.level))
     return DemoTensors(mission_tokens[torch.from_numpy(demos.mission_index)], torch.from_numpy(demos.images),
                        torch.from_numpy(demos.directions), torch.from_numpy(demos.actions),
                        torch.from_numpy(episode_steps(demos.episode)), memory)
@@ -239,10 +244,7 @@ def check_rollout_instructions(tokenizer: Tokenizer, max_len: int, levels: Seque
     if episodes < 1:
         return
     for level in levels:
-        try:
-            tokenizer.encode_batch(sorted(set(missions(level, eval_seeds(episodes)))), max_len)
-        except TokenizerError as err:
-            raise TokenizerError(f"{level}: {err}") from None
+        encode_missions(tokenizer, sorted(set(missions(level, eval_seeds(episodes)))), max_len, level)
 
 
 def site_evaluation(model: nn.Module, tokenizer: Tokenizer, train_levels: Sequence[str],
