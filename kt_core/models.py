@@ -53,6 +53,11 @@ class ModelConfig:
     # FactorizedLinear.GATE_INIT / GATE_LR_SCALE for why the defaults are what they are).
     gate_init: float = 3.0
     gate_lr_scale: float = 100.0
+    # The dictionary's learning-rate multiplier on the seeded base (FactorizedLinear.DICT_LR_SCALE
+    # says why there is one, and why 8 where a site takes a few steps a round); a recipe whose
+    # sites take many steps a round, or train under DP-SGD, where the multiplier scales the noise
+    # as well, takes a smaller one (ktfed.launcher, the image demo's recipe)
+    dict_lr_scale: float = FactorizedLinear.DICT_LR_SCALE
     # WAFFLe: the output layer's bias stays at the site, beside its factor selection
     # (FactorizedLinear, "Why a private output bias"); ignored by the other adapters
     private_output_bias: bool = True
@@ -83,7 +88,7 @@ class ModelConfig:
         if not isinstance(self.gate_init, (int, float)) or isinstance(self.gate_init, bool) \
                 or not math.isfinite(self.gate_init):
             raise ValueError(f"gate_init: must be a finite number, got {self.gate_init!r}")
-        for name in ("ibp_alpha", "temperature", "lora_alpha", "gate_lr_scale"):
+        for name in ("ibp_alpha", "temperature", "lora_alpha", "gate_lr_scale", "dict_lr_scale"):
             if name == "ibp_alpha" and self.ibp_alpha is None:
                 continue
             if not _is_pos_number(getattr(self, name)):
@@ -132,7 +137,7 @@ def make_adapter(cfg: ModelConfig, in_features: int, out_features: int, seed: in
     kw = {}
     if cfg.adapter == "waffle":
         kw = dict(n_factors=cfg.n_factors, ibp_alpha=cfg.ibp_alpha, temperature=cfg.temperature,
-                  gate_init=cfg.gate_init, gate_lr_scale=cfg.gate_lr_scale,
+                  gate_init=cfg.gate_init, gate_lr_scale=cfg.gate_lr_scale, dict_lr_scale=cfg.dict_lr_scale,
                   private_bias=output and cfg.private_output_bias)
     elif cfg.adapter in ("lora", "ffa_lora"):
         kw = dict(rank=cfg.lora_rank, alpha=cfg.lora_alpha)

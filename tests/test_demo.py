@@ -85,6 +85,8 @@ def test_demo_policies_require_secagg_and_dp_for_images_and_take_dense_only_when
         if task == "image":   # the demo's own run config meets its policy
             config = load_toml(demo_config(settings, sites)).resolved()
             assert check_join(policy, config, site="site-a", shared={}) == []
+            # the image recipe's dictionary multiplier (ktfed.launcher, MODEL_IMAGE) is in the config
+            assert config.model.dict_lr_scale == 4.0
 
 
 def test_the_navigation_demos_held_out_level_is_one_no_pretraining_or_site_used():

@@ -64,7 +64,7 @@ def test_waffle_has_at_least_ten_times_fewer_shared_parameters_than_dense():
     ("adapter", "bogus"), ("input_dim", 0), ("hidden", (16, 0)), ("hidden", (16.0,)), ("hidden", "16"),
     ("num_classes", 1), ("n_factors", 0), ("ibp_alpha", 0.0), ("ibp_alpha", float("nan")),
     ("temperature", -1.0), ("lora_rank", 0), ("lora_alpha", float("inf")), ("seed", -1),
-    ("seed", True),
+    ("seed", True), ("dict_lr_scale", 0.0), ("dict_lr_scale", float("nan")), ("dict_lr_scale", "4"),
 ])
 def test_config_validation_names_the_bad_field(field, value):
     with pytest.raises(ValueError, match=field):

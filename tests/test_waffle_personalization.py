@@ -124,6 +124,21 @@ def test_scaled_parameters_get_their_own_optimizer_group_even_from_a_plain_list(
         assert lrs == {1.0: 2, FactorizedLinear.DICT_LR_SCALE: 2, 40.0: 3}
 
 
+def test_the_run_configs_dictionary_multiplier_reaches_every_waffle_layers_optimizer_group():
+    # [model] dict_lr_scale (the image demo's recipe takes 4): w_a and w_b of each layer step at
+    # that multiple of lr, under SGD and Adam, and the default is FactorizedLinear.DICT_LR_SCALE
+    for scale, expected in ((None, FactorizedLinear.DICT_LR_SCALE), (4.0, 4.0), (0.5, 0.5)):
+        kw = {} if scale is None else {"dict_lr_scale": scale}
+        model = build_model(ModelConfig(input_dim=8, hidden=(6,), num_classes=3, **kw))
+        for cfg in (SGD, ADAM):
+            opt = make_optimizer_for(list(model.parameters()), cfg)
+            groups = {id(p): g["lr"] / cfg.lr for g in opt.param_groups for p in g["params"]}
+            dictionary = [m for layer in model.layers for m in (layer.w_a, layer.w_b)]
+            assert all(groups[id(p)] == pytest.approx(expected) for p in dictionary)
+    with pytest.raises(ValueError, match="dict_lr_scale"):
+        FactorizedLinear(6, 4, dict_lr_scale=float("inf"))
+
+
 def _first_step_loss(model_cfg, x, y, kl_weight):
     cfg = TrainConfig(lr=1e-6, batch_size=16, max_steps=1, kl_weight=kl_weight, seed=3)
     return train_local(build_model(model_cfg), x, y, cfg).loss
