@@ -169,7 +169,7 @@ def test_cpu_optimizers_are_fused_and_step_as_the_foreach_ones_do(opt):
     fused = make_optimizer(model, cfg)
     kind = torch.optim.Adam if opt == "adam" else torch.optim.SGD
     extra = {} if opt == "adam" else {"momentum": cfg.momentum}
-    ref = kind(param_groups(list(twin.parameters()), cfg.lr), lr=cfg.lr, foreach=True, **extra)
+    ref = kind(param_groups(list(twin.parameters()), cfg.lr, opt), lr=cfg.lr, foreach=True, **extra)
     # one group per learning rate: the plain one, the dictionary's, the gates' and the private output bias's
     assert all(g["fused"] for g in fused.param_groups) and len(fused.param_groups) == 4
     for _ in range(3):

@@ -117,11 +117,14 @@ def test_scaled_parameters_get_their_own_optimizer_group_even_from_a_plain_list(
 
     layer = copy.deepcopy(FactorizedLinear(6, 4, n_factors=5, gate_lr_scale=40.0))
     assert isinstance(layer.gate_logits, ScaledLRParameter) and layer.kuma_log_b.lr_scale == 40.0
-    for cfg in (SGD, ADAM):
+    sgd_gates = round(40.0 * FactorizedLinear.SGD_PRIVATE_LR_FACTOR, 6)
+    assert layer.kuma_log_b.sgd_lr_scale == pytest.approx(sgd_gates)
+    for cfg, gates in ((SGD, sgd_gates), (ADAM, 40.0)):
         opt = make_optimizer_for(list(layer.parameters()), cfg)
         lrs = {round(g["lr"] / cfg.lr, 6): len(g["params"]) for g in opt.param_groups}
         # r and bias at lr, the dictionary at DICT_LR_SCALE x lr, gates and sticks at 40 x lr
-        assert lrs == {1.0: 2, FactorizedLinear.DICT_LR_SCALE: 2, 40.0: 3}
+        # under Adam and a tenth of that under SGD
+        assert lrs == {1.0: 2, FactorizedLinear.DICT_LR_SCALE: 2, gates: 3}
 
 
 def test_the_run_configs_dictionary_multiplier_reaches_every_waffle_layers_optimizer_group():
@@ -197,7 +200,8 @@ def test_the_output_bias_stays_at_the_site_and_learns_its_own_label_mix(digits):
     layer = FactorizedLinear(6, 4, n_factors=5, private_bias=True)
     assert isinstance(layer.bias, ScaledLRParameter)
     assert layer.bias.lr_scale == FactorizedLinear.PRIVATE_BIAS_LR_SCALE > 1
-    for cfg in (SGD, ADAM):
+    # (a tenth of it under SGD, whose step grows with the gradient: SGD_PRIVATE_LR_FACTOR)
+    for cfg, factor in ((SGD, FactorizedLinear.SGD_PRIVATE_LR_FACTOR), (ADAM, 1.0)):
         opt = make_optimizer_for(list(layer.parameters()), cfg)
         group = next(g for g in opt.param_groups if any(p is layer.bias for p in g["params"]))
-        assert group["lr"] == pytest.approx(cfg.lr * FactorizedLinear.PRIVATE_BIAS_LR_SCALE)
+        assert group["lr"] == pytest.approx(cfg.lr * FactorizedLinear.PRIVATE_BIAS_LR_SCALE * factor)
