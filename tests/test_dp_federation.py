@@ -1,6 +1,7 @@
 """Differential privacy with real processes: the budget hard stop, across a SIGKILL and restart."""
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import sqlite3
@@ -64,6 +65,11 @@ def test_small_budget_site_stops_others_continue_and_it_still_refuses_after_sigk
     fitted = len(entries)
     assert fitted == 2
 
+    # its decline reaches the coordinator before the kill (the site's ledger row is written first:
+    # on a loaded machine the answer can still be on its way)
+    federation.wait_for(lambda: _coordinator_declines(federation) >= 1, 60,
+                        "the coordinator to record site-a's decline")
+
     # SIGKILL the exhausted site and start it again: its ledger is on disk, it still refuses.
     # The others are held (SIGSTOP) meanwhile, so the run cannot finish before the restarted site
     # is back and asked again, however slowly it starts on a loaded machine.
@@ -106,8 +112,7 @@ def test_small_budget_site_stops_others_continue_and_it_still_refuses_after_sigk
     # uploads carry epsilon in their metrics; the coordinator recorded the declines and the DP parameters
     assert "site-b/epsilon" in status.rounds[-1].metrics
     db = federation.db()
-    assert db.execute("SELECT COUNT(*) FROM declines WHERE site_id = 'site-a' "
-                      "AND code = 'budget_exhausted'").fetchone()[0] >= 2   # before the kill and after
+    assert _coordinator_declines(federation) >= 2   # before the kill and after
     (params,) = db.execute("SELECT params_json FROM privacy_params").fetchone()
     assert '"target_epsilon": 8.0' in params
 
@@ -177,3 +182,9 @@ bits = 16
     summary = json.loads(federation.db().execute("SELECT summary_json FROM secagg_rounds WHERE round = 1")
                          .fetchone()[0])
     assert summary["weight_scale"] == 1   # user-level DP weighs sites equally
+
+
+def _coordinator_declines(federation) -> int:
+    with contextlib.closing(federation.db()) as db:
+        return db.execute("SELECT COUNT(*) FROM declines WHERE site_id = 'site-a' "
+                          "AND code = 'budget_exhausted'").fetchone()[0]
