@@ -47,6 +47,12 @@ def _randn(shape, std: float, gen: torch.Generator) -> Tensor:
     return torch.randn(*shape, generator=gen) * std
 
 
+def _multiplier(name: str, value) -> float:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def _check_base(base: Tensor | None, in_features: int, out_features: int) -> Tensor | None:
     if base is None:
         return None
@@ -243,12 +249,8 @@ class FactorizedLinear(Adapter):
             w0 = _seeded_base(in_features, out_features, gen)
         self.register_buffer("w0", w0)
         w_b = _randn((n_factors, in_features), 1.0 / math.sqrt(in_features), gen)
-        if dict_lr_scale is None:
-            dict_scale = self.DICT_LR_SCALE if self.seeded_base else 1.0
-        elif math.isfinite(dict_lr_scale) and dict_lr_scale > 0:
-            dict_scale = float(dict_lr_scale)
-        else:
-            raise ValueError(f"dict_lr_scale must be a finite number > 0, got {dict_lr_scale!r}")
+        default_dict = self.DICT_LR_SCALE if self.seeded_base else 1.0
+        dict_scale = _multiplier("dict_lr_scale", default_dict if dict_lr_scale is None else dict_lr_scale)
         # the update starts at zero: the layer starts as its base
         self.w_a = ScaledLRParameter(torch.zeros(out_features, n_factors), dict_scale)
         self.w_b = ScaledLRParameter(w_b, dict_scale)
@@ -259,9 +261,8 @@ class FactorizedLinear(Adapter):
         self.bias = (ScaledLRParameter(bias, self.PRIVATE_BIAS_LR_SCALE, sgd_lr_scale=self.PRIVATE_BIAS_LR_SCALE * sgd)
                      if self.private_bias else nn.Parameter(bias))
         gate_init = self.GATE_INIT if gate_init is None else gate_init
-        self.gate_lr_scale = float(self.GATE_LR_SCALE if gate_lr_scale is None else gate_lr_scale)
-        if not (math.isfinite(self.gate_lr_scale) and self.gate_lr_scale > 0):
-            raise ValueError(f"gate_lr_scale must be a finite number > 0, got {gate_lr_scale!r}")
+        gate_lr_scale = self.GATE_LR_SCALE if gate_lr_scale is None else gate_lr_scale
+        self.gate_lr_scale = _multiplier("gate_lr_scale", gate_lr_scale)
         if gate_init == "prior":
             k = torch.arange(1, n_factors + 1, dtype=torch.float64)
             pi = (self.ibp_alpha / (self.ibp_alpha + 1.0)) ** k
@@ -278,14 +279,13 @@ class FactorizedLinear(Adapter):
     def _apply(self, fn, *args, **kwargs):
         # a conversion that replaces Parameter objects (e.g. to another tensor type) would drop the
         # ScaledLRParameter mark and with it the learning-rate multiplier: put it back
-        scales = {name: (getattr(p, "lr_scale", None), getattr(p, "sgd_lr_scale", None))
-                  for name in ("w_a", "w_b", "bias", "gate_logits", "kuma_log_a", "kuma_log_b")
-                  for p in (self._parameters[name],)}
+        before = {name: self._parameters[name]
+                  for name in ("w_a", "w_b", "bias", "gate_logits", "kuma_log_a", "kuma_log_b")}
         out = super()._apply(fn, *args, **kwargs)
-        for name, (scale, sgd_scale) in scales.items():
+        for name, old in before.items():
             p = self._parameters[name]
-            if scale is not None and not isinstance(p, ScaledLRParameter):
-                self._parameters[name] = ScaledLRParameter(p.data, scale, p.requires_grad, sgd_scale)
+            if isinstance(old, ScaledLRParameter) and not isinstance(p, ScaledLRParameter):
+                self._parameters[name] = ScaledLRParameter(p.data, old.lr_scale, p.requires_grad, old.sgd_lr_scale)
         return out
 
     def tensor_roles(self) -> dict[str, Role]:
